@@ -1,0 +1,103 @@
+"""Safe output paths and atomic writes.
+
+The host caches by mtime and lists folders while we train, so a half-written file must never appear under
+its final name: everything is written to a hidden temp file in the target folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import OutputError
+
+_FORBIDDEN_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+def validate_output_name(name: str) -> str:
+    """Return `name` if it is a plain file stem, else raise naming the problem.
+
+    We refuse rather than silently rewrite: the stem is what the user types in a prompt
+    (`<lora:NAME:0.8>`, the embedding's trigger word), so changing it behind their back breaks that.
+    """
+    stripped = name.strip()
+    if not stripped:
+        raise OutputError("The output name is empty.", "Give the result a name, e.g. --name my_style.")
+    if stripped in {".", ".."} or "/" in stripped or "\\" in stripped or os.sep in stripped:
+        raise OutputError(
+            f"The output name {name!r} contains a path; it would write outside the output folder.",
+            "Use a plain name without '/', '\\' or '..' and choose the folder with --out.",
+        )
+    bad = sorted(set(_FORBIDDEN_NAME_CHARS.findall(stripped)))
+    if bad:
+        raise OutputError(
+            f"The output name {name!r} contains characters that cannot be used in a file name or prompt: {' '.join(bad)!s}",
+            "Use letters, digits, '-', '_' or '.'.",
+        )
+    if stripped.lower() in _WINDOWS_RESERVED or stripped.startswith("."):
+        raise OutputError(f"The output name {name!r} is reserved or hidden.", "Choose another name.")
+    if len(stripped) > 120:
+        raise OutputError(f"The output name is {len(stripped)} characters long.", "Use at most 120 characters.")
+    return stripped
+
+
+def output_path(folder: Path, name: str, suffix: str, *, overwrite: bool) -> Path:
+    """The final path for an artifact, refusing to replace an existing file unless asked."""
+    target = Path(folder) / f"{validate_output_name(name)}{suffix}"
+    if target.exists() and not overwrite:
+        raise OutputError(
+            f"{target} already exists.",
+            "Pick another name, or pass --overwrite to replace it.",
+        )
+    return target
+
+
+def check_free_space(folder: Path, needed_bytes: int, what: str) -> None:
+    """Fail before training, not after, when the result cannot fit on the disk."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed_bytes:
+        raise OutputError(
+            f"Not enough disk space for {what} in {folder}: needs about {needed_bytes / 2**20:.1f} MiB, "
+            f"{free / 2**20:.1f} MiB free.",
+            "Free some space or choose another output folder.",
+        )
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temp path beside `target`; rename it over `target` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise OutputError(f"Could not write {target}: {error.strerror or error}.",
+                              "Check that the folder is writable and the disk is not full.") from error
+        raise
+
+
+def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp_path)` and move the result to `target` in one rename."""
+    with atomic_path(target) as tmp:
+        write(tmp)
+    return Path(target)
+
+
+def write_text_atomically(target: Path, text: str) -> Path:
+    return write_atomically(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
