@@ -1,0 +1,251 @@
+"""Find the training pictures in a folder, with their captions and repeat counts.
+
+Layouts accepted (both may be mixed):
+- images directly in the folder, each with an optional same-stem caption file (`dog1.png` + `dog1.txt`);
+- kohya-style subfolders named `N_token class` (`10_sks dog`): every image inside is seen N times per
+  epoch, and an image without a caption file is captioned with the folder's `token class` part.
+
+Every image is read once here, hashed (the latent cache keys on content) and fully decoded, so a
+damaged file is reported by name before training starts instead of crashing step 900. Unusable files are
+skipped with a reason; the scan fails only when nothing usable is left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from ..errors import ConfigError, DatasetError
+from .images import decode_rgb, truncated_images_undetectable
+
+logger = logging.getLogger(__name__)
+
+#: Formats Pillow decodes without extra plugins. GIF and multi-page TIFF use their first frame.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+_REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$", re.DOTALL)
+_SKIPPED_SHOWN_IN_ERRORS = 5
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One usable training picture.
+
+    `size` is (width, height) as trained, i.e. after EXIF rotation. `subfolder` is '' for images
+    directly in the scanned folder. `caption_source` is 'file' (its caption file), 'folder' (the
+    subfolder's or default caption) or 'none' (empty caption).
+    """
+
+    path: Path
+    caption: str
+    repeats: int
+    subfolder: str
+    size: Tuple[int, int]
+    sha256: str
+    caption_source: str
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class DatasetScan:
+    """What `scan_dataset` found: usable records in a stable order, plus what it left out and why."""
+
+    folder: Path
+    records: Tuple[ImageRecord, ...]
+    skipped: Tuple[SkippedFile, ...]
+    warnings: Tuple[str, ...]
+
+    @property
+    def images_per_epoch(self) -> int:
+        """Images seen per epoch, repeats included."""
+        return sum(record.repeats for record in self.records)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """A directory whose images share a repeat count and a fallback caption."""
+
+    directory: Path
+    name: str
+    repeats: int
+    caption: str
+
+
+def scan_dataset(folder: Path, *, caption_extension: str = ".txt", default_repeats: int = 1,
+                 default_caption: str = "") -> DatasetScan:
+    """Scan `folder` (see the module docstring for the layout).
+
+    `default_repeats` and `default_caption` apply to images directly in `folder`; `default_caption` is
+    what such an image without a caption file is trained with (e.g. 'sks dog').
+    """
+    folder = _existing_folder(folder)
+    extension = _caption_extension(caption_extension)
+    if isinstance(default_repeats, bool) or not isinstance(default_repeats, int) or default_repeats < 1:
+        raise ConfigError(f"Repeats must be a whole number of at least 1, got {default_repeats!r}.",
+                          "Set repeats to 1 or more.")
+    warnings: List[str] = []
+    skipped: List[SkippedFile] = []
+    groups = [_Group(folder, "", default_repeats, default_caption.strip())]
+    groups += _repeat_subfolders(folder, warnings)
+    candidates = [(group, path) for group in groups for path in _image_files(group, warnings)]
+    if not candidates:
+        raise _no_images_error(folder, groups)
+
+    records: List[ImageRecord] = []
+    for group, path in candidates:
+        record = _scan_image(path, group, extension, skipped, warnings)
+        if record is not None:
+            records.append(record)
+    if not records:
+        raise _nothing_usable_error(folder, skipped)
+    warnings += _content_warnings(records)
+    if truncated_images_undetectable():
+        warnings.append("Pillow was told (by another extension) to accept truncated images, so damaged "
+                        "files may train as partly grey pictures; check the folder if results look odd.")
+    for warning in warnings:
+        logger.warning("%s", warning)
+    return DatasetScan(folder, tuple(records), tuple(skipped), tuple(warnings))
+
+
+def parse_repeat_folder(name: str) -> Optional[Tuple[int, str]]:
+    """('10_sks dog') -> (10, 'sks dog'); None when the name does not follow the `N_caption` pattern."""
+    match = _REPEAT_FOLDER.match(name)
+    if match is None:
+        return None
+    return int(match.group(1)), match.group(2).strip()
+
+
+def read_caption(path: Path) -> str:
+    """A caption file's text: UTF-8 (with or without BOM), lines joined by ', ' (one-tag-per-line files
+    stay separate tags), surrounding whitespace removed. Raises `DatasetError` for non-UTF-8 files."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"Caption file {path} is not UTF-8 text.",
+                           "Re-save it as UTF-8 (most editors offer this in 'Save as').") from error
+    lines = [line.strip() for line in text.splitlines()]
+    return ", ".join(line for line in lines if line)
+
+
+def _existing_folder(folder: Path) -> Path:
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise DatasetError(f"The image folder {folder} does not exist.",
+                           "Check the path (absolute, or relative to where the trainer runs).")
+    if not folder.is_dir():
+        raise DatasetError(f"{folder} is a file, not a folder of images.",
+                           "Give the folder that contains the training images.")
+    return folder
+
+
+def _caption_extension(extension: str) -> str:
+    extension = extension.strip()
+    if not extension or extension in {".", "*"}:
+        raise ConfigError(f"Caption extension {extension!r} is not usable.", "Use e.g. '.txt' or '.caption'.")
+    return extension if extension.startswith(".") else f".{extension}"
+
+
+def _visible_entries(directory: Path) -> List[Path]:
+    """Entries in name order, without hidden ones (`.cache`, macOS `._photo.jpg` resource forks)."""
+    return sorted((entry for entry in directory.iterdir() if not entry.name.startswith(".")),
+                  key=lambda entry: entry.name)
+
+
+def _repeat_subfolders(folder: Path, warnings: List[str]) -> List[_Group]:
+    groups = []
+    for entry in _visible_entries(folder):
+        if not entry.is_dir():
+            continue
+        parsed = parse_repeat_folder(entry.name)
+        if parsed is None:
+            warnings.append(f"Ignoring subfolder {entry}: only subfolders named like '10_sks dog' "
+                            "(repeats_caption) are used.")
+        elif parsed[0] == 0:
+            warnings.append(f"Ignoring subfolder {entry}: its name asks for 0 repeats.")
+        else:
+            groups.append(_Group(entry, entry.name, parsed[0], parsed[1]))
+    return groups
+
+
+def _image_files(group: _Group, warnings: List[str]) -> List[Path]:
+    files = []
+    for entry in _visible_entries(group.directory):
+        if entry.is_dir():
+            if group.name:
+                warnings.append(f"Ignoring {entry}: folders inside '{group.name}' are not searched.")
+        elif entry.suffix.lower() in IMAGE_EXTENSIONS:
+            files.append(entry)
+    return files
+
+
+def _scan_image(path: Path, group: _Group, caption_extension: str, skipped: List[SkippedFile],
+                warnings: List[str]) -> Optional[ImageRecord]:
+    """The record for one image, or None after noting in `skipped` and `warnings` why it is left out."""
+    try:
+        data = path.read_bytes()
+        image = decode_rgb(data, path)
+        caption, source = _caption_for(path, group, caption_extension, warnings)
+    except DatasetError as error:
+        reason = error.problem
+    except OSError as error:
+        reason = f"Cannot read {path} ({error.strerror or error})."
+    else:
+        return ImageRecord(path=path, caption=caption, repeats=group.repeats, subfolder=group.name,
+                           size=image.size, sha256=hashlib.sha256(data).hexdigest(), caption_source=source)
+    skipped.append(SkippedFile(path, reason))
+    warnings.append(f"Skipped: {reason}")
+    return None
+
+
+def _caption_for(path: Path, group: _Group, caption_extension: str, warnings: List[str]) -> Tuple[str, str]:
+    caption_file = path.parent / f"{path.stem}{caption_extension}"
+    if caption_file.is_file():
+        caption = read_caption(caption_file)
+        if caption:
+            return caption, "file"
+        fallback = f"the folder caption {group.caption!r}" if group.caption else "no caption"
+        warnings.append(f"Caption file {caption_file} is empty; the image trains with {fallback}.")
+    return (group.caption, "folder") if group.caption else ("", "none")
+
+
+def _content_warnings(records: List[ImageRecord]) -> List[str]:
+    warnings = []
+    by_hash: Dict[str, List[Path]] = {}
+    for record in records:
+        by_hash.setdefault(record.sha256, []).append(record.path)
+    for paths in by_hash.values():
+        if len(paths) > 1:
+            warnings.append(f"Identical images (trained {len(paths)} times as often): "
+                            + ", ".join(str(path) for path in paths))
+    uncaptioned = sum(record.caption_source == "none" for record in records)
+    if uncaptioned:
+        warnings.append(f"{uncaptioned} of {len(records)} images have no caption file and no folder "
+                        "caption; they train with the instance prompt only.")
+    return warnings
+
+
+def _no_images_error(folder: Path, groups: List[_Group]) -> DatasetError:
+    others = [entry.name for group in groups for entry in _visible_entries(group.directory) if entry.is_file()]
+    found = (f"It holds {len(others)} other file(s), e.g. {', '.join(others[:3])}." if others
+             else "It is empty.")
+    return DatasetError(
+        f"No images in {folder}. {found}",
+        f"Put .png/.jpg/.webp images ({', '.join(IMAGE_EXTENSIONS)}) directly in the folder or in "
+        "subfolders named like '10_sks dog'.",
+    )
+
+
+def _nothing_usable_error(folder: Path, skipped: List[SkippedFile]) -> DatasetError:
+    shown = " ".join(item.reason for item in skipped[:_SKIPPED_SHOWN_IN_ERRORS])
+    more = f" (and {len(skipped) - _SKIPPED_SHOWN_IN_ERRORS} more)" if len(skipped) > _SKIPPED_SHOWN_IN_ERRORS else ""
+    return DatasetError(f"None of the {len(skipped)} images in {folder} can be used. {shown}{more}",
+                        "Replace or re-export the damaged images (PNG or JPEG, at least 64 px a side).")
