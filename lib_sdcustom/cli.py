@@ -1,0 +1,156 @@
+"""`python -m lib_sdcustom`: train from a TOML preset and flags, inspect files.
+
+Flags are generated from the config dataclasses, so every setting of a preset is also a flag, with its
+default shown in --help, and a flag given on the command line overrides the preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import SECTIONS, RunConfig, load_config
+from .errors import TrainingStopped, UserFacingError
+from .events import CancelToken, Event, FileSaved, RunFinished, RunStarted, StepDone, Warning_
+
+logger = logging.getLogger(__name__)
+
+
+def _flag(field: dataclasses.Field) -> str:
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+
+
+def _config_fields() -> list[tuple[str | None, dataclasses.Field, Any]]:
+    """(section or None for top level, field, default) for every setting."""
+    defaults = RunConfig()
+    found: list[tuple[str | None, dataclasses.Field, Any]] = []
+    for field in dataclasses.fields(RunConfig):
+        if field.name in SECTIONS:
+            section = getattr(defaults, field.name)
+            found += [(field.name, inner, getattr(section, inner.name)) for inner in dataclasses.fields(section)]
+        else:
+            found.append((None, field, getattr(defaults, field.name)))
+    return found
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    groups: dict[str | None, Any] = {}
+    for section, field, default in _config_fields():
+        group = groups.setdefault(section, parser.add_argument_group(f"[{section}] settings" if section else "method"))
+        kwargs: dict[str, Any] = {"dest": f"{section or ''}.{field.name}", "default": argparse.SUPPRESS,
+                                  "help": f"{field.metadata['help']} (default: {default!r})"}
+        if isinstance(default, bool):
+            group.add_argument(_flag(field), action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            group.add_argument(_flag(field), type=type(default), choices=field.metadata.get("choices"),
+                               metavar=field.name.upper(), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lib_sdcustom", description="Teach a Stable Diffusion checkpoint a new subject or style.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="Train a LoRA/LyCORIS network on a folder of images.")
+    train.add_argument("--config", type=Path, help="TOML preset; flags given here override it.")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="Continue an interrupted run from its run folder.")
+    train.add_argument("--quiet", action="store_true", help="No progress bar; one line per saved file.")
+    _add_config_arguments(train)
+    inspect = commands.add_parser("inspect", help="Describe a LoRA/LyCORIS file, an embedding or a checkpoint.")
+    inspect.add_argument("file", type=Path)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Preset (or the resumed run's saved config), then the flags actually given."""
+    if args.resume:
+        saved = Path(args.resume) / "config.toml"
+        if not saved.is_file():
+            raise UserFacingError(f"{args.resume} is not a run folder (no config.toml inside).",
+                                  "Pass the run folder printed when the run started or was cancelled.")
+        config = load_config(saved)
+    elif args.config:
+        config = load_config(args.config)
+    else:
+        config = RunConfig()
+    for dest, value in vars(args).items():
+        if "." not in dest:
+            continue
+        section, name = dest.split(".", 1)
+        setattr(getattr(config, section) if section else config, name, value)
+    return config
+
+
+class ProgressPrinter:
+    """Progress bar with loss, it/s and ETA on stderr; saved files and warnings as plain lines."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar = None
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, RunStarted):
+            self._line(event.description)
+            self._line(f"Run folder: {event.run_dir}")
+            if not self.quiet:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=event.total_steps, unit="step", dynamic_ncols=True, file=sys.stderr)
+        elif isinstance(event, StepDone) and self.bar is not None:
+            self.bar.n = event.step
+            self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.1e}", refresh=False)
+            self.bar.refresh()
+        elif isinstance(event, FileSaved) and event.kind != "state":
+            self._line(f"Saved {event.kind}: {event.path}")
+        elif isinstance(event, Warning_):
+            self._line(f"Warning: {event.message}")
+        elif isinstance(event, RunFinished) and self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
+
+
+def _cancel_on_interrupt(cancel: CancelToken) -> None:
+    """First Ctrl+C asks the loop to stop after the current step and save state; the second one aborts."""
+
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        if cancel.cancelled:
+            raise KeyboardInterrupt
+        print("\nStopping after this step and saving state (Ctrl+C again to abort)...", file=sys.stderr)
+        cancel.cancel()
+
+    signal.signal(signal.SIGINT, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "inspect":
+            from .formats.inspect import inspect_file
+
+            print(inspect_file(args.file))
+            return 0
+        from .train import train
+
+        config = config_from_args(args)
+        cancel = CancelToken()
+        _cancel_on_interrupt(cancel)
+        result = train(config, callbacks=[ProgressPrinter(args.quiet)], cancel=cancel, resume=args.resume)
+        for path in result.outputs:
+            print(path)
+        return 0
+    except TrainingStopped as stopped:
+        print(f"\nStopped: {stopped}", file=sys.stderr)
+        return 1
+    except UserFacingError as error:
+        print(f"\nError: {error}", file=sys.stderr)
+        return 2

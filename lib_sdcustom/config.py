@@ -1,0 +1,267 @@
+"""Typed run configuration: one dataclass per concern, validated once, saved and loaded as TOML presets.
+
+The same field list drives the TOML file, the CLI flags (`cli.py` builds argparse from the `option()`
+metadata below) and, later, the tab's widgets, so an option cannot exist in one place and not another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10, as in the A1111 venv
+    import tomli as tomllib
+
+NETWORK_METHODS = ("lora", "locon", "loha", "lokr")
+METHODS = NETWORK_METHODS  # Textual Inversion, DreamBooth and hypernetworks join as they land.
+OPTIMIZERS = ("adamw", "adamw8bit", "lion", "prodigy", "adafactor", "sgd")
+SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+SAVE_PRECISION = ("fp16", "fp32", "bf16")
+
+
+def option(default: Any, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field that also knows its CLI flag, help text and allowed values."""
+    metadata = {"help": help, "flag": flag, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelOptions:
+    base: str = option("", "Base checkpoint: an SD1 .safetensors/.ckpt file or a diffusers folder.", flag="--base")
+    clip_skip: int = option(1, "Use the text encoder's N-th layer from the end (1 = last, 2 = penultimate).")
+
+
+@dataclass
+class DataOptions:
+    data: str = option("", "Folder of training images (same-stem .txt captions; 'N_token class' subfolders give repeats).", flag="--data")
+    caption_extension: str = option(".txt", "Extension of caption files beside the images.")
+    default_caption: str = option("", "Caption for images without a caption file or class subfolder (default: the output name).")
+    repeats: int = option(1, "Repeats per image and epoch for images not in an 'N_...' subfolder.")
+    resolution: int = option(512, "Training resolution (side of the square of equal area).", flag="--resolution")
+    buckets: bool = option(True, "Group images into aspect-ratio buckets instead of square crops.")
+    min_bucket: int = option(256, "Smallest bucket side in pixels.")
+    max_bucket: int = option(1024, "Largest bucket side in pixels.")
+    bucket_step: int = option(64, "Bucket sides are multiples of this.")
+    upscale: bool = option(True, "Allow upscaling small images to reach a bucket (--no-upscale keeps their size).")
+    flip: bool = option(False, "Randomly mirror images left-right (not for subjects with asymmetric details).")
+    random_crop: bool = option(False, "Random instead of centre crop (disables the latent cache).")
+    shuffle_captions: bool = option(False, "Shuffle comma-separated caption tags.")
+    keep_tokens: int = option(0, "Keep the first N caption tags in place when shuffling.")
+    caption_dropout: float = option(0.0, "Probability of training an image with an empty caption.")
+    tag_dropout: float = option(0.0, "Probability of dropping each caption tag.")
+    cache_latents: bool = option(True, "Encode each image once and reuse the latents (disk cache in the run folder).")
+
+
+@dataclass
+class NetworkOptions:
+    rank: int = option(8, "Network rank (dim): capacity of the LoRA/LyCORIS update.", flag="--rank")
+    alpha: float = option(4.0, "Network alpha: the update is scaled by alpha/rank.", flag="--alpha")
+    conv_rank: int = option(0, "Rank for 3x3 convolutions in ResNet blocks (LoCon, LoHa, LoKr; 0 = same as --rank, LoRA ignores it).")
+    conv_alpha: float = option(0.0, "Alpha for convolutions (0 = same as --alpha).")
+    dropout: float = option(0.0, "Dropout on the network's hidden rank activations.")
+    lokr_factor: int = option(-1, "LoKr Kronecker factor (-1 = automatic).")
+    train_text_encoder: bool = option(True, "Also train network modules on the text encoder.")
+    unet_lr: float = option(0.0, "Learning rate for UNet modules (0 = --lr).")
+    text_encoder_lr: float = option(0.0, "Learning rate for text-encoder modules (0 = --lr).")
+
+
+@dataclass
+class OptimizerOptions:
+    lr: float = option(1e-4, "Learning rate.", flag="--lr")
+    optimizer: str = option("adamw", "Optimizer.", choices=OPTIMIZERS)
+    weight_decay: float = option(0.01, "Weight decay.")
+    scheduler: str = option("constant", "Learning-rate schedule after warmup.", choices=SCHEDULERS)
+    warmup_steps: int = option(0, "Linear warmup steps.")
+    restarts: int = option(1, "Number of cycles for cosine_with_restarts.")
+    power: float = option(1.0, "Power of the polynomial schedule.")
+    max_grad_norm: float = option(1.0, "Clip gradients to this norm (0 = no clipping).")
+
+
+@dataclass
+class TrainingOptions:
+    steps: int = option(1000, "Number of optimizer steps.", flag="--steps")
+    batch_size: int = option(1, "Images per step.", flag="--batch-size")
+    gradient_accumulation: int = option(1, "Accumulate gradients over N batches per optimizer step.")
+    mixed_precision: str = option("no", "Mixed precision (fp16 needs a CUDA GPU; bf16 works on recent GPUs and CPU).", choices=MIXED_PRECISION)
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
+    seed: int = option(42, "Random seed; the same seed and data give the same result.", flag="--seed")
+    noise_offset: float = option(0.0, "Noise offset (0.05-0.1 helps very dark or bright images).")
+    min_snr_gamma: float = option(0.0, "Min-SNR loss weighting gamma (5 is common; 0 = off).")
+    save_state_every: int = option(100, "Save resumable state every N steps (0 = only at the end or on cancel).")
+    save_every: int = option(0, "Also export an intermediate result every N steps (0 = off).")
+    sample_every: int = option(0, "Render preview images every N steps (0 = only at the end).")
+    sample_prompt: str = option("", "Prompt for preview images (default: the output name or first caption).")
+    sample_steps: int = option(20, "Sampler steps for previews.")
+
+
+@dataclass
+class OutputOptions:
+    name: str = option("", "Output name: the file stem and the word used in prompts.", flag="--name")
+    out: str = option("", "Output folder; the result lands as OUT/NAME.safetensors.", flag="--out")
+    overwrite: bool = option(False, "Replace an existing output of the same name.", flag="--overwrite")
+    save_precision: str = option("fp16", "Precision of the saved weights.", choices=SAVE_PRECISION)
+    run_dir: str = option("", "Folder for resumable state, caches and logs (default: OUT/../sdcustom-runs/NAME).")
+
+
+@dataclass
+class RunConfig:
+    method: str = option("lora", "Training method.", flag="--method", choices=METHODS)
+    model: ModelOptions = field(default_factory=ModelOptions)
+    data: DataOptions = field(default_factory=DataOptions)
+    network: NetworkOptions = field(default_factory=NetworkOptions)
+    optimizer: OptimizerOptions = field(default_factory=OptimizerOptions)
+    training: TrainingOptions = field(default_factory=TrainingOptions)
+    output: OutputOptions = field(default_factory=OutputOptions)
+
+    # ----- derived values (one place for the defaulting rules) -----
+    @property
+    def run_path(self) -> Path:
+        if self.output.run_dir:
+            return Path(self.output.run_dir)
+        return Path(self.output.out).resolve().parent / "sdcustom-runs" / self.output.name
+
+    @property
+    def unet_lr(self) -> float:
+        return self.network.unet_lr or self.optimizer.lr
+
+    @property
+    def text_encoder_lr(self) -> float:
+        return self.network.text_encoder_lr or self.optimizer.lr
+
+    def validate(self) -> "RunConfig":
+        """Check every value once, before any model is loaded; raise ConfigError naming the option."""
+        _validate(self)
+        return self
+
+
+SECTIONS = ("model", "data", "network", "optimizer", "training", "output")
+
+
+def _require(condition: bool, problem: str, fix: str) -> None:
+    if not condition:
+        raise ConfigError(problem, fix)
+
+
+def _validate(config: RunConfig) -> None:
+    _require(config.method in METHODS, f"Unknown method {config.method!r}.", f"Use one of: {', '.join(METHODS)}.")
+    _require(bool(config.model.base), "No base model given.", "Pass --base PATH to an SD1 checkpoint or diffusers folder.")
+    _require(bool(config.data.data), "No training images given.", "Pass --data FOLDER with your images.")
+    _require(bool(config.output.name), "No output name given.", "Pass --name NAME (the word you will use in prompts).")
+    _require(bool(config.output.out), "No output folder given.", "Pass --out FOLDER (e.g. models/Lora).")
+    opt = config.optimizer
+    _require(opt.optimizer in OPTIMIZERS, f"Unknown optimizer {opt.optimizer!r}.", f"Use one of: {', '.join(OPTIMIZERS)}.")
+    _require(opt.scheduler in SCHEDULERS, f"Unknown scheduler {opt.scheduler!r}.", f"Use one of: {', '.join(SCHEDULERS)}.")
+    for name, value in (("--lr", opt.lr), ("--unet-lr", config.network.unet_lr), ("--text-encoder-lr", config.network.text_encoder_lr)):
+        _require(math.isfinite(value) and value >= 0, f"{name} is {value}.", "Use a positive learning rate such as 1e-4.")
+    _require(opt.lr > 0, "--lr is 0.", "Use a positive learning rate such as 1e-4.")
+    _require(opt.warmup_steps >= 0 and opt.restarts >= 1, "Warmup must be >= 0 and restarts >= 1.", "Fix --warmup-steps / --restarts.")
+    _require(opt.max_grad_norm >= 0, f"--max-grad-norm is {opt.max_grad_norm}.", "Use 0 (off) or a positive norm such as 1.0.")
+    net = config.network
+    if config.method in NETWORK_METHODS:
+        _require(net.rank >= 1, f"--rank is {net.rank}; a network needs rank 1 or more.", "Use e.g. --rank 8 (4-32 is typical).")
+        _require(net.rank <= 1024, f"--rank is {net.rank}.", "Use a rank of at most 1024 (4-128 is typical).")
+        _require(net.alpha > 0, f"--alpha is {net.alpha}.", "Use a positive alpha, e.g. half the rank.")
+        _require(net.conv_rank >= 0 and net.conv_alpha >= 0, "--conv-rank and --conv-alpha must be >= 0.", "Use 0 for 'same as rank/alpha'.")
+        _require(0 <= net.dropout < 1, f"--dropout is {net.dropout}.", "Use a value in [0, 1).")
+    data = config.data
+    _require(64 <= data.resolution <= 4096 and data.resolution % 8 == 0, f"--resolution is {data.resolution}.",
+             "Use a multiple of 8 between 64 and 4096 (512 for SD1).")
+    _require(data.bucket_step % 8 == 0 and data.bucket_step > 0, f"--bucket-step is {data.bucket_step}.", "Use a multiple of 8 such as 64.")
+    _require(data.min_bucket <= data.resolution <= data.max_bucket, "The resolution must lie between --min-bucket and --max-bucket.",
+             "Adjust --min-bucket / --max-bucket.")
+    _require(data.repeats >= 1, f"--repeats is {data.repeats}.", "Use 1 or more.")
+    for name, value in (("--caption-dropout", data.caption_dropout), ("--tag-dropout", data.tag_dropout)):
+        _require(0 <= value < 1, f"{name} is {value}.", "Use a probability in [0, 1).")
+    train = config.training
+    _require(train.steps >= 1, f"--steps is {train.steps}.", "Train for at least 1 step (hundreds are typical).")
+    _require(train.batch_size >= 1 and train.gradient_accumulation >= 1, "Batch size and accumulation must be >= 1.",
+             "Fix --batch-size / --gradient-accumulation.")
+    _require(train.mixed_precision in MIXED_PRECISION, f"Unknown mixed precision {train.mixed_precision!r}.",
+             f"Use one of: {', '.join(MIXED_PRECISION)}.")
+    _require(train.noise_offset >= 0 and train.min_snr_gamma >= 0, "Noise offset and min-SNR gamma must be >= 0.", "Use 0 to turn them off.")
+    for name in ("save_state_every", "save_every", "sample_every"):
+        _require(getattr(train, name) >= 0, f"--{name.replace('_', '-')} is negative.", "Use 0 (off) or a step count.")
+    _require(config.output.save_precision in SAVE_PRECISION, f"Unknown save precision {config.output.save_precision!r}.",
+             f"Use one of: {', '.join(SAVE_PRECISION)}.")
+
+
+# ----- TOML presets -----
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(values: dict[str, Any], *, source: str = "config") -> RunConfig:
+    """Build a RunConfig from nested dicts, refusing unknown keys so a typo is not silently ignored."""
+    config = RunConfig()
+    for key, value in values.items():
+        if key == "method":
+            config.method = str(value)
+        elif key in SECTIONS and isinstance(value, dict):
+            _fill_section(getattr(config, key), value, f"{source} [{key}]")
+        else:
+            raise ConfigError(f"Unknown setting {key!r} in {source}.",
+                              f"Top-level keys are 'method' and the sections {', '.join(SECTIONS)}.")
+    return config
+
+
+def _fill_section(section: Any, values: dict[str, Any], where: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"Unknown setting {key!r} in {where}.", f"Known settings: {', '.join(fields)}.")
+        setattr(section, key, _coerce(value, getattr(section, key), f"{where} {key}"))
+
+
+def _coerce(value: Any, current: Any, where: str) -> Any:
+    expected = type(current)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}.", "Write true or false.")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{where} must be a {expected.__name__}, got {value!r}.", f"Write a {expected.__name__}.")
+    return value
+
+
+def load_config(path: Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist.", "Check the path given to --config.")
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}.", "Fix the file or save a new preset.") from error
+    return config_from_dict(values, source=str(path))
+
+
+def dumps_toml(config: RunConfig) -> str:
+    """Serialize to TOML. Our values are flat scalars, so a tiny writer beats another dependency."""
+    data = config_to_dict(config)
+    lines = [f"method = {_toml_value(data['method'])}"]
+    for section in SECTIONS:
+        lines += ["", f"[{section}]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in data[section].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")

@@ -1,0 +1,107 @@
+"""Typed events the training loop emits, and the cancel flag it obeys.
+
+The CLI's progress bar, the tab, the API and the logs are all just callbacks over these events, so the
+loop never knows who is watching.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Union
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    total_steps: int
+    description: str  # the step arithmetic and what is trained, for the user to check
+    run_dir: Path
+
+
+@dataclass(frozen=True)
+class StepDone:
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    steps_per_second: float
+    eta_seconds: float
+
+
+@dataclass(frozen=True)
+class FileSaved:
+    path: Path
+    kind: str  # "result", "intermediate", "state", "preview"
+
+
+@dataclass(frozen=True)
+class SamplesRendered:
+    step: int
+    prompt: str
+    images: list = field(default_factory=list)  # PIL images
+
+
+@dataclass(frozen=True)
+class Warning_:
+    message: str
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    step: int
+    outputs: tuple[Path, ...]
+    stopped_early: bool = False
+    reason: str = ""
+
+
+Event = Union[RunStarted, StepDone, FileSaved, SamplesRendered, Warning_, RunFinished]
+Callback = Callable[[Event], None]
+
+
+class EventBus:
+    """Fans events out to callbacks; a failing watcher is logged, never allowed to kill training."""
+
+    def __init__(self, callbacks: Iterable[Callback] = ()) -> None:
+        self._callbacks = list(callbacks)
+
+    def emit(self, event: Event) -> None:
+        for callback in self._callbacks:
+            try:
+                callback(event)
+            except Exception:  # a broken progress display must not lose an hour of training
+                logger.exception("event callback %r failed on %s", callback, type(event).__name__)
+
+    def warn(self, message: str) -> None:
+        logger.warning(message)
+        self.emit(Warning_(message))
+
+
+class CancelToken:
+    """Set from another thread (a Cancel button, SIGINT, the host's Interrupt); read once per step."""
+
+    def __init__(self, probe: Callable[[], bool] | None = None) -> None:
+        self._event = threading.Event()
+        self._probe = probe  # e.g. lambda: shared.state.interrupted inside the host
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set() or bool(self._probe and self._probe())
+
+
+def describe(event: Any) -> str:
+    """One line of text for logs and the plain CLI output."""
+    if isinstance(event, StepDone):
+        return (f"step {event.step}/{event.total_steps} loss {event.loss:.4f} lr {event.lr:.2e} "
+                f"{event.steps_per_second:.2f} it/s eta {event.eta_seconds:.0f}s")
+    if isinstance(event, FileSaved):
+        return f"saved {event.kind}: {event.path}"
+    if isinstance(event, Warning_):
+        return f"warning: {event.message}"
+    return repr(event)

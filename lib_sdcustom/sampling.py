@@ -1,0 +1,66 @@
+"""Text-to-image sampling from a ModelBundle, for previews (and later class images).
+
+We run our own small DDIM loop instead of a diffusers pipeline: pipelines import half of transformers
+and fail to import beside the host's transformers 4.30.2, while the scheduler classes work everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .methods.text_conditioning import encode_tokens, tokenize
+from .models.bundle import ModelBundle
+
+
+def _scheduler_for_sampling(bundle: ModelBundle, steps: int):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(bundle.noise_scheduler.config, clip_sample=False, set_alpha_to_one=False,
+                                          steps_offset=1, prediction_type=bundle.prediction_type)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def latents_to_images(bundle: ModelBundle, latents: torch.Tensor) -> list[Image.Image]:
+    vae = bundle.vae
+    decoded = vae.decode(latents.to(vae.device, vae.dtype) / bundle.vae_scaling_factor).sample
+    array = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(item)) for item in array]
+
+
+@torch.no_grad()
+def generate(bundle: ModelBundle, prompts: list[str], *, seed: int, steps: int = 20, guidance: float = 7.0,
+             width: int = 512, height: int = 512, negative_prompt: str = "", clip_skip: int = 1,
+             progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
+    """One image per prompt; image i uses noise from seed + i, so a batch equals the same prompts one by one."""
+    unet = bundle.unet
+    device, dtype = unet.device, unet.dtype
+    scheduler = _scheduler_for_sampling(bundle, steps)
+    conditioning = encode_tokens(bundle.text_encoder, tokenize(bundle.tokenizer, prompts), clip_skip)
+    unconditional = encode_tokens(bundle.text_encoder, tokenize(bundle.tokenizer, [negative_prompt] * len(prompts)), clip_skip)
+    context = torch.cat([unconditional, conditioning]).to(device, dtype)
+    channels = unet.config.in_channels
+    noise = [torch.randn((1, channels, height // 8, width // 8), generator=torch.Generator().manual_seed(seed + i))
+             for i in range(len(prompts))]
+    latents = torch.cat(noise).to(device, dtype) * scheduler.init_noise_sigma
+    for number, timestep in enumerate(scheduler.timesteps):
+        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep)
+        uncond_out, cond_out = unet(model_input, timestep, context).sample.chunk(2)
+        guided = uncond_out + guidance * (cond_out - uncond_out)
+        latents = scheduler.step(guided, timestep, latents).prev_sample
+        if progress:
+            progress(number + 1, steps)
+    return latents_to_images(bundle, latents)
+
+
+def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    width, height = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid

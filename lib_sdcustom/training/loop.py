@@ -1,0 +1,210 @@
+"""The one training loop every method runs through.
+
+Determinism is designed in rather than hoped for: the noise, timesteps and dropout of micro-batch `k`
+come from generators seeded with (seed, k), and the batches come from a source indexed by `k`. So a run
+resumed from saved weights + optimizer + scheduler continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from ..errors import TrainingStopped
+from ..events import CancelToken, EventBus, FileSaved, StepDone
+from ..methods.base import Method
+from ..models.bundle import ModelBundle
+from . import objectives
+from .state import SavedState, save_state
+
+
+@dataclass
+class Batch:
+    """One micro-batch: latents already multiplied by the VAE scaling factor, and their captions.
+
+    `weights` scales each sample's loss (1 for ordinary images; prior-preservation images carry the
+    prior weight).
+    """
+
+    latents: torch.Tensor
+    captions: list[str]
+    weights: torch.Tensor | None = None
+
+
+class BatchSource(Protocol):
+    def batch(self, index: int) -> Batch:
+        """The micro-batch at global position `index`; the same index always gives the same batch."""
+
+
+@dataclass
+class LoopSettings:
+    total_steps: int
+    gradient_accumulation: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    seed: int = 42
+    noise_offset: float = 0.0
+    min_snr_gamma: float = 0.0
+    gradient_checkpointing: bool = False
+    save_state_every: int = 0
+    save_every: int = 0
+    sample_every: int = 0
+
+
+@dataclass
+class LoopHooks:
+    """Periodic work the loop triggers but does not know how to do."""
+
+    export_intermediate: Callable[[int], list[Path]] | None = None
+    render_samples: Callable[[int], None] | None = None
+
+
+@dataclass
+class LoopResult:
+    step: int
+    last_loss: float
+    losses: list[float] = field(default_factory=list)
+
+
+def _mixed_seed(seed: int, index: int, salt: int) -> int:
+    return (seed * 1_000_003 + index * 7_919 + salt) % (2**63 - 1)
+
+
+def _weight_dtype(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+class TrainingLoop:
+    def __init__(self, method: Method, bundle: ModelBundle, source: BatchSource, settings: LoopSettings, *,
+                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 run_dir: Path, bus: EventBus, cancel: CancelToken, accelerator, hooks: LoopHooks | None = None) -> None:
+        self.method = method
+        self.bundle = bundle
+        self.source = source
+        self.settings = settings
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.run_dir = Path(run_dir)
+        self.bus = bus
+        self.cancel = cancel
+        self.accelerator = accelerator
+        self.hooks = hooks or LoopHooks()
+        self.alphas_cumprod = bundle.noise_scheduler.alphas_cumprod.float().cpu()
+        self.num_timesteps = int(bundle.noise_scheduler.config.num_train_timesteps)
+        self.step = 0
+        self.last_state: Path | None = None
+
+    # ----- state -----
+    def resume_from(self, saved: SavedState) -> None:
+        self.method.load_trainable_state(saved.trainable)
+        self.optimizer.load_state_dict(saved.optimizer)
+        self.scheduler.load_state_dict(saved.scheduler)
+        self.step = saved.step
+        self.last_state = saved.folder
+
+    def save_state(self) -> Path:
+        if self.accelerator.is_main_process:
+            self.last_state = save_state(self.run_dir, step=self.step, trainable=self.method.trainable_state(),
+                                         optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
+            self.bus.emit(FileSaved(self.last_state, "state"))
+        return self.last_state
+
+    # ----- one micro-batch -----
+    def _micro_batch_loss(self, index: int) -> torch.Tensor:
+        settings = self.settings
+        batch = self.source.batch(index)
+        device = self.accelerator.device
+        generator = torch.Generator().manual_seed(_mixed_seed(settings.seed, index, 1))
+        torch.manual_seed(_mixed_seed(settings.seed, index, 2))  # module dropout inside the network
+        latents = batch.latents.to(device, _weight_dtype(settings.mixed_precision))
+        noise = objectives.sample_noise(latents, generator, settings.noise_offset)
+        timesteps = objectives.sample_timesteps(latents.shape[0], self.num_timesteps, generator)
+        noisy = objectives.add_noise(latents, noise, timesteps, self.alphas_cumprod)
+        with self.accelerator.autocast():
+            conditioning = self.method.encode_captions(batch.captions)
+            prediction = self.bundle.unet(noisy, timesteps.to(device), conditioning.to(noisy.dtype)).sample
+        target = objectives.training_target(self.bundle.prediction_type, latents, noise, timesteps, self.alphas_cumprod)
+        per_sample = objectives.per_sample_mse(prediction, target)
+        weights = batch.weights
+        if settings.min_snr_gamma:
+            snr_weights = objectives.min_snr_weights(timesteps, self.alphas_cumprod, settings.min_snr_gamma,
+                                                     self.bundle.prediction_type)
+            weights = snr_weights if weights is None else weights * snr_weights
+        return objectives.weighted_loss(per_sample, weights)
+
+    def _trainable_params(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _synchronise_gradients(self) -> None:
+        """Average gradients across processes ourselves, so every method works under `accelerate launch`
+        without having to be a single DDP-wrapped module."""
+        if self.accelerator.num_processes == 1:
+            return
+        for param in self._trainable_params():
+            if param.grad is not None:
+                param.grad = self.accelerator.reduce(param.grad, reduction="mean")
+
+    def _optimizer_step(self) -> float:
+        accumulation = self.settings.gradient_accumulation
+        total = 0.0
+        for micro in range(accumulation):
+            loss = self._micro_batch_loss(self.step * accumulation + micro)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingStopped(
+                    f"The loss became {value} at step {self.step + 1}; training stopped and nothing was exported from this point."
+                    + (f" The last good state is {self.last_state}." if self.last_state else ""),
+                    "Lower the learning rate, turn off fp16 (use bf16 or no mixed precision), or check the images.",
+                )
+            self.accelerator.backward(loss / accumulation)
+            total += value
+        self._synchronise_gradients()
+        if self.settings.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self._trainable_params(), self.settings.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / accumulation
+
+    # ----- the loop -----
+    def run(self) -> LoopResult:
+        settings = self.settings
+        losses: list[float] = []
+        started, first_step = time.perf_counter(), self.step
+        loss = float("nan")
+        self.method.set_training(True)
+        while self.step < settings.total_steps:
+            if self.cancel.cancelled:
+                state = self.save_state()
+                raise TrainingStopped(f"Training was cancelled at step {self.step}/{settings.total_steps}.",
+                                      f"Resume it with --resume {self.run_dir}" + (f" (state saved in {state})." if state else "."))
+            loss = self._optimizer_step()
+            self.step += 1
+            losses.append(loss)
+            elapsed = time.perf_counter() - started
+            rate = (self.step - first_step) / elapsed if elapsed > 0 else 0.0
+            self.bus.emit(StepDone(step=self.step, total_steps=settings.total_steps, loss=loss,
+                                   lr=float(self.optimizer.param_groups[-1]["lr"]), steps_per_second=rate,
+                                   eta_seconds=(settings.total_steps - self.step) / rate if rate else 0.0))
+            self._periodic_work()
+        return LoopResult(step=self.step, last_loss=loss, losses=losses)
+
+    def _periodic_work(self) -> None:
+        settings, step = self.settings, self.step
+        final = step == settings.total_steps
+        if settings.save_state_every and step % settings.save_state_every == 0 or final:
+            self.save_state()
+        if settings.save_every and step % settings.save_every == 0 and not final and self.hooks.export_intermediate:
+            if self.accelerator.is_main_process:
+                for path in self.hooks.export_intermediate(step):
+                    self.bus.emit(FileSaved(path, "intermediate"))
+        if settings.sample_every and step % settings.sample_every == 0 and not final and self.hooks.render_samples:
+            if self.accelerator.is_main_process:
+                self.method.set_training(False)
+                self.hooks.render_samples(step)
+                self.method.set_training(True)

@@ -1,0 +1,74 @@
+"""The diffusion training objective as small pure functions: noise, targets and loss weights.
+
+Kept free of models and state so each rule can be checked against a hand computation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise like `latents`, plus the 'noise offset' term that lets a model learn overall brightness.
+
+    The offset adds one random value per (sample, channel), as in the crosslabs write-up kohya follows.
+    """
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+    if noise_offset:
+        per_channel = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, dtype=torch.float32)
+        noise = noise + noise_offset * per_channel.to(latents.device, latents.dtype)
+    return noise
+
+
+def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, num_train_timesteps, (batch,), generator=generator, dtype=torch.long)
+
+
+def _gather(values: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    out = values.to(like.device)[timesteps.to(like.device)].to(like.dtype)
+    return out.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps."""
+    alpha = _gather(alphas_cumprod, timesteps, latents)
+    return alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+
+
+def training_target(prediction_type: str, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                    alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """What the UNet should output: eps, or v = sqrt(a_t) eps - sqrt(1 - a_t) x_0."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        alpha = _gather(alphas_cumprod, timesteps, latents)
+        return alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
+
+
+def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    alpha = alphas_cumprod[timesteps.cpu()].float()
+    return alpha / (1 - alpha)
+
+
+def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023).
+
+    For an epsilon target the weight is min(SNR, gamma) / SNR; a v target already carries a factor of
+    SNR + 1, so there it is min(SNR, gamma) / (SNR + 1).
+    """
+    ratio = snr(timesteps, alphas_cumprod)
+    clipped = torch.clamp(ratio, max=gamma)
+    denominator = ratio + 1 if prediction_type == "v_prediction" else ratio
+    return clipped / denominator
+
+
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per sample, computed in fp32 whatever the autocast dtype."""
+    return ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
+
+
+def weighted_loss(per_sample: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    if weights is None:
+        return per_sample.mean()
+    return (per_sample * weights.to(per_sample.device)).mean()

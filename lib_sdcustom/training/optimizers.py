@@ -1,0 +1,49 @@
+"""Optimizer factory. Optional optimizers are imported only when chosen, and a missing package is a
+clear message with the install command, never a silent fallback to AdamW."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+
+_OPTIONAL = {
+    "adamw8bit": ("bitsandbytes", "bitsandbytes"),
+    "lion": ("lion_pytorch", "lion-pytorch"),
+    "prodigy": ("prodigyopt", "prodigyopt"),
+}
+
+
+def _import_optional(optimizer: str) -> Any:
+    module, package = _OPTIONAL[optimizer]
+    try:
+        return importlib.import_module(module)
+    except Exception as error:  # bitsandbytes raises RuntimeError/OSError without a usable CUDA
+        raise ConfigError(
+            f"The {optimizer} optimizer needs the '{package}' package, which could not be imported ({error}).",
+            f"Install it with 'pip install {package}', or choose --optimizer adamw.",
+        ) from error
+
+
+def build_optimizer(name: str, param_groups: list[dict[str, Any]], *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """`param_groups` carry their own 'lr' (e.g. UNet and text-encoder rates); `lr` is the default."""
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, weight_decay=weight_decay, momentum=0.9)
+    if name == "adamw8bit":
+        bnb = _import_optional(name)
+        return bnb.optim.AdamW8bit(param_groups, lr=lr, weight_decay=weight_decay)
+    if name == "lion":
+        return _import_optional(name).Lion(param_groups, lr=lr, weight_decay=weight_decay)
+    if name == "prodigy":
+        # Prodigy estimates the step size itself; users pass lr=1.0 as its multiplier.
+        return _import_optional(name).Prodigy(param_groups, lr=lr, weight_decay=weight_decay)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(param_groups, lr=lr, weight_decay=weight_decay, relative_step=False, scale_parameter=False, warmup_init=False)
+    raise ConfigError(f"Unknown optimizer {name!r}.", "Use adamw, adamw8bit, lion, prodigy, adafactor or sgd.")
