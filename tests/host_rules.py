@@ -1,0 +1,107 @@
+"""For tests only: how A1111 1.10.1 maps a LoRA module name onto one of its own model's modules.
+
+A port of `extensions-builtin/Lora/networks.py`: `convert_diffusers_name_to_compvis(key, is_sd2)` and the
+lookup order of `load_network` (HOST.md section 3b, 'Key parsing', rules 1-4). The host drops unmatched
+keys silently (debug log only), so tests that assert coverage through these rules are the only warning
+that a key we write would be ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import AbstractSet, Callable
+
+_RESNET_SUFFIX = {
+    "conv1": "in_layers_2",
+    "conv2": "out_layers_3",
+    "norm1": "in_layers_0",
+    "norm2": "out_layers_0",
+    "time_emb_proj": "emb_layers_1",
+    "conv_shortcut": "skip_connection",
+}
+_QKV_PROJ = re.compile(r"(.*)_([qkv]_proj)$")
+
+
+def _block_suffix(block_kind: str, rest: str) -> str:
+    """Attention suffixes pass through; a resnet suffix is renamed only when it is exactly a known leaf."""
+    return _RESNET_SUFFIX.get(rest, rest) if block_kind == "resnets" else rest
+
+
+def _open_clip_layer(rest: str) -> str:
+    """HF CLIP layer names inside an open_clip resblock (SD2 TE, SDXL TE2); first replacement that applies."""
+    if "mlp_fc1" in rest:
+        return rest.replace("mlp_fc1", "mlp_c_fc")
+    if "mlp_fc2" in rest:
+        return rest.replace("mlp_fc2", "mlp_c_proj")
+    return rest.replace("self_attn", "attn")
+
+
+def _numbers(match: re.Match) -> list:
+    # The host turns every group that starts with digits into an int.
+    return [int(g) if re.match(r"\d+", g) else g for g in match.groups()]
+
+
+def _rules(is_sd2: bool) -> list[tuple[str, Callable[[list], str]]]:
+    def text_encoder(m: list) -> str:
+        layer, rest = m
+        if is_sd2:
+            return f"model_transformer_resblocks_{layer}_{_open_clip_layer(rest)}"
+        return f"transformer_text_model_encoder_layers_{layer}_{rest}"
+
+    return [
+        (r"lora_unet_conv_in(.*)", lambda m: f"diffusion_model_input_blocks_0_0{m[0]}"),
+        (r"lora_unet_conv_out(.*)", lambda m: f"diffusion_model_out_2{m[0]}"),
+        (r"lora_unet_time_embedding_linear_(\d+)(.*)", lambda m: f"diffusion_model_time_embed_{2 * m[0] - 2}{m[1]}"),
+        (r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+         lambda m: f"diffusion_model_input_blocks_{1 + 3 * m[0] + m[2]}_{1 if m[1] == 'attentions' else 0}_"
+                   f"{_block_suffix(m[1], m[3])}"),
+        (r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)",
+         lambda m: f"diffusion_model_middle_block_{1 if m[0] == 'attentions' else 2 * m[1]}_"
+                   f"{_block_suffix(m[0], m[2])}"),
+        (r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+         lambda m: f"diffusion_model_output_blocks_{3 * m[0] + m[2]}_{1 if m[1] == 'attentions' else 0}_"
+                   f"{_block_suffix(m[1], m[3])}"),
+        (r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", lambda m: f"diffusion_model_input_blocks_{3 + 3 * m[0]}_0_op"),
+        (r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv",
+         lambda m: f"diffusion_model_output_blocks_{2 + 3 * m[0]}_{2 if m[0] > 0 else 1}_conv"),
+        (r"lora_te_text_model_encoder_layers_(\d+)_(.+)", text_encoder),
+        (r"lora_te2_text_model_encoder_layers_(\d+)_(.+)",
+         lambda m: f"1_model_transformer_resblocks_{m[0]}_{_open_clip_layer(m[1])}"),
+    ]
+
+
+def convert_diffusers_name_to_compvis(key: str, is_sd2: bool) -> str:
+    """The host's converter: the first rule whose regex matches at the start of `key` wins; else `key`."""
+    for pattern, build in _rules(is_sd2):
+        match = re.match(pattern, key)
+        if match:
+            return build(_numbers(match))
+    return key
+
+
+def host_target_for(lora_module_name: str, network_layer_mapping_names: AbstractSet[str],
+                    is_sd2: bool | None = None) -> str | None:
+    """The `network_layer_mapping` name of the module the host patches for `lora_module_name`, or None.
+
+    `is_sd2` defaults to the host's own test: an SD2 text encoder registers the module name
+    'model_transformer_resblocks'. For rule 2 (an MHA text encoder), the returned name is the parent MHA
+    module; the host keeps the `..._q_proj` key itself so it knows which slice of `in_proj_weight` to patch.
+    """
+    names = network_layer_mapping_names
+    if is_sd2 is None:
+        is_sd2 = "model_transformer_resblocks" in names
+    key = convert_diffusers_name_to_compvis(lora_module_name, is_sd2)
+    if key in names:  # rule 1
+        return key
+    qkv = _QKV_PROJ.match(key)
+    if qkv and qkv.group(1) in names:  # rule 2
+        return qkv.group(1)
+    if "lora_unet" in lora_module_name:  # rule 3: LDM-named UNet keys (kohya SDXL)
+        key = lora_module_name.replace("lora_unet", "diffusion_model")
+        return key if key in names else None
+    if "lora_te1_text_model" in lora_module_name:  # rule 4: SDXL TE1, then SD1 fallback
+        for replacement in ("0_transformer_text_model", "transformer_text_model"):
+            key = lora_module_name.replace("lora_te1_text_model", replacement)
+            if key in names:
+                return key
+    return None
