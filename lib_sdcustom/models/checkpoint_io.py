@@ -1,0 +1,115 @@
+"""Reading base-model weights from disk: single files safely, diffusers folders locally.
+
+A `.ckpt` is a pickle and may run code when unpickled, so it is read only through torch's weights-only
+unpickler; anything else in it is refused with a way out (convert to `.safetensors`). Diffusers folders are
+read with `from_pretrained(<local folder>)` only, never a hub id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
+DIFFUSERS_PARTS = ("unet", "vae", "text_encoder", "tokenizer")
+_FORMAT_FIX = "Use a .safetensors or .ckpt checkpoint, or a diffusers model folder (with model_index.json)."
+
+
+def read_checkpoint(path: Path) -> Dict[str, Any]:
+    """The flat state dict of a single-file checkpoint (a top-level 'state_dict' is unwrapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"The model file {path} does not exist.",
+                             "Check the path, or pick a checkpoint from the list.")
+    suffix = path.suffix.lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        state = _read_safetensors(path)
+    elif suffix in PICKLE_SUFFIXES:
+        state = _read_pickle_weights_only(path)
+    else:
+        raise ModelLoadError(f"{path} is not a model file this trainer reads ('{path.suffix}').", _FORMAT_FIX)
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return state
+
+
+def _read_safetensors(path: Path) -> Dict[str, Any]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as error:  # the safetensors error class moved between versions; any failure is a bad file
+        raise ModelLoadError(f"{path} could not be read as safetensors: {error}",
+                             "The file is damaged or incomplete; download it again.") from error
+
+
+def _read_pickle_weights_only(path: Path) -> Dict[str, Any]:
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ModelLoadError(
+            f"{path} was refused: it is not a plain weights file (it carries pickled Python objects, which "
+            "could run code when loaded, or it is damaged).",
+            "Convert it to .safetensors with a tool you trust (for example the WebUI's checkpoint merger with "
+            "safetensors output), or use the .safetensors release of the model.",
+        ) from error
+    except (OSError, RuntimeError, EOFError) as error:
+        raise ModelLoadError(f"{path} could not be read: {error}",
+                             "The file is damaged or incomplete; download it again.") from error
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{path} does not hold a state dict (it holds a {type(state).__name__}).",
+                             _FORMAT_FIX)
+    return state
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "model_index.json").is_file()
+
+
+@dataclass
+class DiffusersParts:
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    scheduler_config: Dict[str, Any]
+    tokenizer_dir: Optional[Path]
+
+
+def load_diffusers_folder(folder: Path, dtype: torch.dtype) -> DiffusersParts:
+    """UNet, VAE and text encoder of a local diffusers SD model; raises ModelLoadError for missing parts."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = Path(folder).resolve()
+    missing = [part for part in DIFFUSERS_PARTS if not (folder / part).is_dir()]
+    if missing:
+        raise ModelLoadError(f"The diffusers model folder {folder} lacks {', '.join(missing)}/.",
+                             "Use a complete diffusers Stable Diffusion folder (unet, vae, text_encoder, "
+                             "tokenizer, model_index.json).")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), local_files_only=True, torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(str(folder / "vae"), local_files_only=True, torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ModelLoadError(f"Could not load the diffusers model in {folder}: {error}",
+                             "Check that every part holds its config.json and weights.") from error
+    scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler_config: Dict[str, Any] = {}
+    if scheduler_path.is_file():
+        try:
+            scheduler_config = json.loads(scheduler_path.read_text(encoding="utf-8"))
+        except ValueError as error:
+            raise ModelLoadError(f"Could not read {scheduler_path}: {error}", "Fix or remove the file.") from error
+    return DiffusersParts(unet=unet, vae=vae, text_encoder=text_encoder.to(dtype),
+                          scheduler_config=scheduler_config, tokenizer_dir=folder / "tokenizer")

@@ -1,0 +1,205 @@
+"""A base model on disk -> a `ModelBundle`, outside the host.
+
+Modules are built from the checkpoint's own config with empty (meta) parameters and then take the file's
+tensors directly (`load_state_dict(strict=True, assign=True)`): no random initialisation of a full-size
+model, no second copy of the weights, and every tensor the modules need must come from the file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+
+import torch
+
+from ..errors import ModelLoadError
+from ..hashing import legacy_model_hash, sha256_file
+from . import ldm_keys
+from .bundle import BaseIdentity, ModelBundle
+from .checkpoint_io import is_diffusers_folder, load_diffusers_folder, read_checkpoint
+from .detect import detect_diffusers_family, detect_family
+from .ldm_config import (SD1_V1_INFERENCE, STOCK_CONFIG_NAME, ModelConfigs, configs_for_checkpoint, configs_from_ldm,
+                         yaml_beside)
+from .tokenizer import load_clip_tokenizer
+
+logger = logging.getLogger(__name__)
+
+_SHOWN_KEYS = 3
+
+
+def load_bundle(path: Union[str, Path], *, dtype: torch.dtype = torch.float32) -> ModelBundle:
+    """Load an SD1 single-file checkpoint (`.safetensors`, `.ckpt`) or a diffusers model folder."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"The base model {path} does not exist.",
+                             "Check the path, or pick a checkpoint from the list.")
+    if path.is_dir():
+        if not is_diffusers_folder(path):
+            raise ModelLoadError(f"The folder {path} is not a diffusers model (it has no model_index.json).",
+                                 "Pick a checkpoint file, or a diffusers model folder.")
+        return _load_diffusers(path, dtype)
+    return _load_single_file(path, dtype)
+
+
+def _load_single_file(path: Path, dtype: torch.dtype) -> ModelBundle:
+    state = read_checkpoint(path)
+    family = detect_family(state, path)
+    configs, ldm = configs_for_checkpoint(path)
+    tensors = {key: value for key, value in state.items() if torch.is_tensor(value)}
+    if len(tensors) != len(state):
+        logger.debug("%s: ignoring %d non-tensor entries", path, len(state) - len(tensors))
+    parts = ldm_keys.split_ldm_state_dict(tensors)
+    del state, tensors
+
+    def mismatch(detail: str) -> ModelLoadError:
+        return _mismatch_error(path, configs, detail)
+
+    unet_layout = ldm_keys.UNetLayout.from_diffusers_config(configs.unet)
+    vae_layout = ldm_keys.VAELayout.from_diffusers_config(configs.vae)
+    unet_sd = _mapped_or_fail(ldm_keys.unet_to_diffusers(parts.unet, unet_layout), ldm_keys.UNET_PREFIX, mismatch)
+    vae_sd = _mapped_or_fail(ldm_keys.vae_to_diffusers(parts.vae, vae_layout), ldm_keys.VAE_PREFIX, mismatch)
+    unet, vae, text_encoder = _build_modules(configs, unet_sd, vae_sd, parts.text_encoder, dtype, mismatch)
+    logger.info("Loaded %s (%s, config: %s)", path, family.value, configs.source)
+    return ModelBundle(
+        family=family,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=load_clip_tokenizer(_tokenizer_dir(configs.text_encoder_dir)),
+        noise_scheduler=_ddpm(configs.scheduler),
+        prediction_type=configs.prediction_type,
+        clip_skip=1,
+        identity=BaseIdentity(name=path.stem, path=path.resolve(), sha256=sha256_file(path),
+                              legacy_hash=legacy_model_hash(path)),
+        ldm_config=ldm,
+        ldm_extras=parts.extras,
+    )
+
+
+def _mismatch_error(path: Path, configs: ModelConfigs, detail: str) -> ModelLoadError:
+    if configs.from_yaml:
+        return ModelLoadError(f"{path} does not match its model config {configs.source}: {detail}",
+                              "Use the YAML that was published with this checkpoint, or remove the YAML if the "
+                              "checkpoint is a standard SD1 model.")
+    return ModelLoadError(
+        f"{path} does not fit {STOCK_CONFIG_NAME} (it is not a standard-size SD1 model): {detail}",
+        f"Put the model's LDM config beside it as {yaml_beside(path).name} (NAME.yaml next to NAME"
+        f"{path.suffix}), as the WebUI also expects.",
+    )
+
+
+def _key_list(keys: List[str]) -> str:
+    shown = ", ".join(sorted(keys)[:_SHOWN_KEYS])
+    return shown + (f" and {len(keys) - _SHOWN_KEYS} more" if len(keys) > _SHOWN_KEYS else "")
+
+
+def _mapped_or_fail(converted: ldm_keys.Converted, prefix: str,
+                    mismatch: Callable[[str], ModelLoadError]) -> Dict[str, Any]:
+    if converted.unmapped:
+        raise mismatch(f"it has tensors the config does not describe: "
+                       f"{_key_list([prefix + key for key in converted.unmapped])}")
+    return converted.state_dict
+
+
+def _build_modules(configs: ModelConfigs, unet_sd: Dict[str, Any], vae_sd: Dict[str, Any],
+                   text_sd: Dict[str, Any], dtype: torch.dtype, mismatch: Callable[[str], ModelLoadError]):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = _assign("UNet", lambda: UNet2DConditionModel(**configs.unet), unet_sd, dtype, mismatch)
+    vae = _assign("VAE", lambda: AutoencoderKL(**configs.vae), vae_sd, dtype, mismatch)
+
+    def text_encoder_factory() -> torch.nn.Module:
+        return CLIPTextModel(CLIPTextConfig.from_dict(dict(configs.text_encoder)))
+
+    text_encoder = _assign("text encoder", text_encoder_factory, text_sd, dtype, mismatch, canonical_text=True)
+    return _finish(unet, vae, text_encoder)
+
+
+def _assign(what: str, factory: Callable[[], torch.nn.Module], state: Mapping[str, Any], dtype: torch.dtype,
+            mismatch: Callable[[str], ModelLoadError], canonical_text: bool = False) -> torch.nn.Module:
+    """Build a module with meta parameters and hand it the file's tensors (cast to `dtype`)."""
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            module = factory()
+    except (ValueError, TypeError) as error:
+        raise mismatch(f"its config cannot build the {what} ({error})") from error
+    if canonical_text:
+        state = ldm_keys.text_encoder_load_keys(module, state)
+    weights = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
+    # Persistent buffers the module derives itself (transformers 4's `position_ids`) are not file data.
+    expected = module.state_dict()
+    for name, buffer in module.named_buffers():
+        if name in expected and name not in weights:
+            weights[name] = buffer
+    try:
+        module.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as error:
+        raise mismatch(f"{what}: {_short_load_error(module, weights)}") from error
+    return module
+
+
+def _short_load_error(module: torch.nn.Module, weights: Mapping[str, Any]) -> str:
+    """The first few missing, unexpected or mis-shaped keys, instead of torch's page-long message."""
+    expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
+    wrong = [f"{key} {tuple(weights[key].shape)} vs {shape}" for key, shape in expected.items()
+             if key in weights and tuple(weights[key].shape) != shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {_key_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_key_list(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shape (file vs config) {_key_list(wrong)}")
+    return "; ".join(problems) or "the tensors do not fit the model"
+
+
+def _finish(unet: Any, vae: Any, text_encoder: Any):
+    """Frozen, eval-mode modules with SDPA attention; each method unfreezes what it trains."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    return unet, vae, text_encoder
+
+
+def _tokenizer_dir(text_encoder_dir: Optional[Path]) -> Optional[Path]:
+    if text_encoder_dir is not None and (text_encoder_dir / "vocab.json").is_file() \
+            and (text_encoder_dir / "merges.txt").is_file():
+        return text_encoder_dir
+    return None
+
+
+def _ddpm(scheduler: Mapping[str, Any]) -> Any:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**scheduler)
+
+
+def _load_diffusers(folder: Path, dtype: torch.dtype) -> ModelBundle:
+    family = detect_diffusers_family(folder)
+    parts = load_diffusers_folder(folder, dtype)
+    stock = configs_from_ldm(SD1_V1_INFERENCE, source=STOCK_CONFIG_NAME).scheduler
+    # The folder's scheduler may be PNDM/DDIM/...; only the training schedule is taken from it.
+    scheduler = {key: parts.scheduler_config.get(key, default) for key, default in stock.items()}
+    scheduler["clip_sample"] = False
+    unet, vae, text_encoder = _finish(parts.unet, parts.vae, parts.text_encoder)
+    logger.info("Loaded diffusers model %s (%s)", folder, family.value)
+    return ModelBundle(
+        family=family,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=load_clip_tokenizer(parts.tokenizer_dir),
+        noise_scheduler=_ddpm(scheduler),
+        prediction_type=scheduler["prediction_type"],
+        clip_skip=1,
+        identity=BaseIdentity(name=folder.name, path=folder.resolve()),
+    )
