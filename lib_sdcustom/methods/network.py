@@ -1,0 +1,64 @@
+"""The network method: LoRA, LoCon, LoHa and LoKr trained on a frozen base, exported in kohya format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..networks.algorithms import ALGORITHMS
+from ..networks.lycoris_backend import attach_network
+from ..run_context import RunContext
+from .base import Method
+from .network_export import export_network
+from .text_conditioning import encode_tokens, tokenize
+
+
+class NetworkMethod(Method):
+    """Only the network's modules learn; the UNet, VAE and text encoder stay bit-identical."""
+
+    def __init__(self, context: RunContext) -> None:
+        super().__init__(context.bundle)
+        bundle, config = context.bundle, context.config
+        self.context = context
+        self.name = config.method
+        self.config = config
+        self.algorithm = ALGORITHMS[config.method]
+        self.train_text_encoder = config.network.train_text_encoder
+        for model in (bundle.unet, bundle.text_encoder, bundle.vae):
+            model.requires_grad_(False)
+        self.attached = attach_network(bundle.unet, bundle.text_encoder, self.algorithm, config.network,
+                                       train_text_encoder=self.train_text_encoder)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.attached.param_groups(unet_lr=self.config.unet_lr, text_encoder_lr=self.config.text_encoder_lr)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return self.attached.state_dict()
+
+    def load_trainable_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.attached.load_state_dict(tensors)
+
+    def encode_captions(self, captions: list[str]) -> torch.Tensor:
+        input_ids = tokenize(self.bundle.tokenizer, captions)
+        if self.train_text_encoder:
+            return encode_tokens(self.bundle.text_encoder, input_ids, self.config.model.clip_skip)
+        with torch.no_grad():
+            return encode_tokens(self.bundle.text_encoder, input_ids, self.config.model.clip_skip)
+
+    def set_training(self, training: bool) -> None:
+        self.attached.network.train(training)
+
+    def export(self, target: Path, *, step: int, preview: Any | None = None) -> list[Path]:
+        return export_network(self, target, step=step, preview=preview)
+
+    def describe(self) -> str:
+        te = len(self.attached.text_encoder_modules)
+        unet = len(self.attached.unet_modules)
+        params = sum(p.numel() for group in self.param_groups() for p in group["params"])
+        return (f"{self.algorithm.name} ({self.algorithm.summary}), rank {self.config.network.rank}, alpha {self.config.network.alpha}: "
+                f"{unet} UNet modules, {te} text-encoder modules, {params:,} trainable parameters")
+
+    def close(self) -> None:
+        self.attached.detach()

@@ -1,0 +1,115 @@
+"""Attach a LyCORIS network to a diffusers UNet and a CLIP text encoder, with kohya module names.
+
+LyCORIS's kohya front end names each module from its path in the model it is given, which yields the
+kohya SD1 names (`lora_unet_down_blocks_0_...`, `lora_te_text_model_encoder_...`) for diffusers and
+transformers modules. Two wrinkles are handled here:
+- its target lists are class attributes shared by every network in the process, so we set them for the
+  duration of one construction and put them back;
+- transformers 5 dropped the `text_model` level of `CLIPTextModel`, which would drop `text_model_` from
+  the text-encoder names, so the encoder is presented through a view that always has it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..config import NetworkOptions
+from .algorithms import TEXT_ENCODER_BLOCKS, NetworkAlgorithm
+
+_PRESET_LOCK = threading.Lock()
+_PRESET_FIELDS = ("ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "TEXT_ENCODER_TARGET_REPLACE_MODULE",
+                  "TEXT_ENCODER_TARGET_REPLACE_NAME", "MODULE_ALGO_MAP", "NAME_ALGO_MAP", "TARGET_EXCLUDE_NAME")
+
+
+class TextModelView(nn.Module):
+    """Presents a CLIP text encoder so that its module paths start with `text_model.` in every transformers version."""
+
+    def __init__(self, text_encoder: nn.Module) -> None:
+        super().__init__()
+        self.text_model = getattr(text_encoder, "text_model", text_encoder)
+
+
+@contextlib.contextmanager
+def kohya_targets(algorithm: NetworkAlgorithm) -> Iterator[type]:
+    from lycoris.kohya import LycorisNetworkKohya
+
+    # LyCORIS logs every module it creates at INFO on stdout, and sets that level when imported.
+    logging.getLogger("LyCORIS").setLevel(logging.WARNING)
+    with _PRESET_LOCK:
+        saved = {name: getattr(LycorisNetworkKohya, name) for name in _PRESET_FIELDS}
+        LycorisNetworkKohya.apply_preset({
+            "enable_conv": algorithm.trains_convolutions,
+            "unet_target_module": list(algorithm.unet_blocks),
+            "unet_target_name": [],
+            "text_encoder_target_module": list(TEXT_ENCODER_BLOCKS),
+            "text_encoder_target_name": [],
+            "module_algo_map": {},
+            "name_algo_map": {},
+            "exclude_name": [],
+        })
+        try:
+            yield LycorisNetworkKohya
+        finally:
+            for name, value in saved.items():
+                setattr(LycorisNetworkKohya, name, value)
+
+
+@dataclass
+class AttachedNetwork:
+    """A network wired into the models' forward passes; `detach()` restores them exactly."""
+
+    network: nn.Module
+    algorithm: NetworkAlgorithm
+
+    @property
+    def unet_modules(self) -> list[nn.Module]:
+        return list(self.network.unet_loras)
+
+    @property
+    def text_encoder_modules(self) -> list[nn.Module]:
+        return list(self.network.text_encoder_loras)
+
+    def param_groups(self, *, unet_lr: float, text_encoder_lr: float) -> list[dict[str, Any]]:
+        groups = []
+        for modules, lr, label in ((self.text_encoder_modules, text_encoder_lr, "text_encoder"), (self.unet_modules, unet_lr, "unet")):
+            params = [p for module in modules for p in module.parameters() if p.requires_grad]
+            if params:
+                groups.append({"params": params, "lr": lr, "name": label})
+        return groups
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """kohya-named tensors (weights and `alpha`), detached copies on the CPU."""
+        return {key: value.detach().cpu().clone() for key, value in self.network.state_dict().items()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.network.load_state_dict(tensors, strict=True)
+
+    def detach(self) -> None:
+        for module in self.network.loras:
+            module.restore()
+
+
+def attach_network(unet: nn.Module, text_encoder: nn.Module, algorithm: NetworkAlgorithm, options: NetworkOptions, *,
+                   train_text_encoder: bool) -> AttachedNetwork:
+    """Build the LyCORIS modules for `algorithm` and hook them into `unet` (and the text encoder)."""
+    conv_rank = (options.conv_rank or options.rank) if algorithm.trains_convolutions else 0
+    conv_alpha = options.conv_alpha or options.alpha
+    text_view = TextModelView(text_encoder)
+    with kohya_targets(algorithm) as network_class:
+        network = network_class(
+            text_view if train_text_encoder else None, unet,
+            multiplier=1.0, lora_dim=options.rank, alpha=options.alpha,
+            conv_lora_dim=conv_rank, conv_alpha=conv_alpha,
+            dropout=options.dropout, network_module=algorithm.lycoris_algo,
+            factor=options.lokr_factor, warn_on_unmatched=False,
+        )
+    network.apply_to(text_view if train_text_encoder else None, unet, train_text_encoder, True)
+    network.requires_grad_(True)
+    return AttachedNetwork(network=network, algorithm=algorithm)

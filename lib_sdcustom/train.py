@@ -1,0 +1,209 @@
+"""`train()`: from a validated config to a file in the output folder.
+
+The order matters for the user: everything that can be checked cheaply (options, output name, the image
+folder, free disk) is checked before the base model is loaded, so a mistake costs seconds, not a load.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .config import NETWORK_METHODS, RunConfig, dumps_toml
+from .data.captions import CaptionOptions
+from .data.dataset import TrainingOptions, TrainingSet
+from .data.scan import scan_dataset
+from .errors import ConfigError, ModelLoadError, TrainingStopped
+from .events import Callback, CancelToken, EventBus, FileSaved, RunFinished, RunStarted, SamplesRendered
+from .files import check_free_space, output_path, write_text_atomically
+from .methods.base import Method
+from .models.bundle import ModelBundle, ModelFamily
+from .run_context import RunContext
+from .training.batches import LatentBatchSource
+from .training.loop import LoopHooks, LoopSettings, TrainingLoop
+from .training.optimizers import build_optimizer
+from .training.schedules import build_scheduler
+from .training.state import latest_state, load_state
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_FAMILIES = (ModelFamily.SD1,)
+RESULT_SUFFIX = ".safetensors"
+
+
+@dataclass
+class TrainResult:
+    outputs: list[Path]
+    steps: int
+    last_loss: float
+    losses: list[float]
+    run_dir: Path
+
+
+def _accelerator(config: RunConfig):
+    from accelerate import Accelerator
+
+    precision = config.training.mixed_precision
+    use_cpu = not torch.cuda.is_available()
+    if use_cpu and precision == "fp16":
+        raise ConfigError("fp16 mixed precision needs a CUDA GPU, and none is available.",
+                          "Use --mixed-precision no (or bf16) on the CPU.")
+    return Accelerator(mixed_precision=precision, cpu=use_cpu)
+
+
+def _training_set(config: RunConfig, trigger_phrase: str) -> tuple[TrainingSet, list[str]]:
+    data = config.data
+    scan = scan_dataset(Path(data.data), caption_extension=data.caption_extension, default_repeats=data.repeats,
+                        default_caption=trigger_phrase)
+    warnings = list(scan.warnings) + [f"Skipped {item.path.name}: {item.reason}" for item in scan.skipped]
+    options = TrainingOptions(
+        resolution=data.resolution, buckets=data.buckets, min_bucket_side=data.min_bucket, max_bucket_side=data.max_bucket,
+        bucket_step=data.bucket_step, no_upscale=not data.upscale, batch_size=config.training.batch_size,
+        flip=data.flip, random_crop=data.random_crop, seed=config.training.seed,
+        captions=CaptionOptions(shuffle=data.shuffle_captions, keep_tokens=data.keep_tokens,
+                                caption_dropout=data.caption_dropout, tag_dropout=data.tag_dropout),
+    )
+    return TrainingSet(scan, options), warnings
+
+
+def _describe_run(config: RunConfig, training_set: TrainingSet, method: Method) -> str:
+    per_epoch = training_set.steps_per_epoch()
+    images = len(training_set.records)
+    seen = sum(record.repeats for record in training_set.records)
+    micro = config.training.steps * config.training.gradient_accumulation
+    epochs = micro / per_epoch
+    accumulation = (f" x accumulation {config.training.gradient_accumulation}"
+                    if config.training.gradient_accumulation > 1 else "")
+    return (f"{images} images ({seen} with repeats) / batch {config.training.batch_size} = {per_epoch} batches per epoch; "
+            f"{config.training.steps} steps{accumulation} = {epochs:.1f} epochs.\nTraining {method.describe()}.")
+
+
+def _build_method(context: RunContext) -> Method:
+    if context.config.method in NETWORK_METHODS:
+        from .methods.network import NetworkMethod
+
+        return NetworkMethod(context)
+    raise ConfigError(f"Method {context.config.method!r} is not available yet.", f"Use one of: {', '.join(NETWORK_METHODS)}.")
+
+
+def _place_models(bundle: ModelBundle, accelerator, mixed_precision: str) -> None:
+    """Frozen weights in the compute dtype to save memory; trainable weights stay fp32 (the method owns them)."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+    for model in (bundle.unet, bundle.text_encoder, bundle.vae):
+        model.to(accelerator.device, dtype=dtype)
+    bundle.vae.to(dtype=torch.float32)  # the VAE overflows in fp16; it only encodes, once per image
+
+
+def _check_family(bundle: ModelBundle) -> None:
+    if bundle.family not in SUPPORTED_FAMILIES:
+        raise ModelLoadError(f"{bundle.identity.name} is an {bundle.family.value.upper()} model; this version trains SD1.x models only.",
+                             "Pick an SD1.x checkpoint (SD 1.4/1.5 or a model fine-tuned from them).")
+
+
+def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: CancelToken | None = None,
+          resume: Path | None = None, bundle: ModelBundle | None = None) -> TrainResult:
+    """Train `config.method` and export the result. `bundle` lets a host pass the model it has loaded."""
+    config.validate()
+    bus = EventBus(callbacks)
+    cancel = cancel or CancelToken()
+    run_dir = Path(resume) if resume else config.run_path
+    saved_folder = latest_state(run_dir) if resume else None
+    if resume and saved_folder is None:
+        raise ConfigError(f"{run_dir} holds no saved state to resume from.", "Start the run again without --resume.")
+    target = output_path(Path(config.output.out), config.output.name, RESULT_SUFFIX, overwrite=config.output.overwrite)
+    check_free_space(target.parent, 256 * 2**20, "the result and its state")
+    trigger_phrase = config.data.default_caption or config.output.name
+    training_set, warnings = _training_set(config, trigger_phrase)
+    for warning in warnings:
+        bus.warn(warning)
+
+    accelerator = _accelerator(config)
+    if bundle is None:
+        from .models.loader import load_bundle
+
+        bundle = load_bundle(Path(config.model.base))
+    _check_family(bundle)
+    _place_models(bundle, accelerator, config.training.mixed_precision)
+    if config.training.gradient_checkpointing:
+        bundle.unet.enable_gradient_checkpointing()
+        bundle.text_encoder.gradient_checkpointing_enable()
+    bundle.unet.train(config.training.gradient_checkpointing)  # diffusers checkpoints only in train mode
+    bundle.text_encoder.train(config.training.gradient_checkpointing)
+    bundle.vae.eval()
+
+    source = LatentBatchSource.create(training_set, bundle, run_dir=run_dir, use_cache=config.data.cache_latents, bus=bus)
+    context = RunContext(config=config, bundle=bundle, training_set=training_set, data_folder=Path(config.data.data),
+                         run_dir=run_dir, trigger_phrase=trigger_phrase, num_processes=accelerator.num_processes,
+                         latents_cached=source.cached)
+    method = _build_method(context)
+    try:
+        optimizer = build_optimizer(config.optimizer.optimizer, method.param_groups(), lr=config.optimizer.lr,
+                                    weight_decay=config.optimizer.weight_decay)
+        scheduler = build_scheduler(optimizer, config.optimizer.scheduler, config.training.steps,
+                                    warmup_steps=config.optimizer.warmup_steps, restarts=config.optimizer.restarts,
+                                    power=config.optimizer.power)
+        optimizer = accelerator.prepare(optimizer)
+        settings = LoopSettings(
+            total_steps=config.training.steps, gradient_accumulation=config.training.gradient_accumulation,
+            max_grad_norm=config.optimizer.max_grad_norm, mixed_precision=config.training.mixed_precision,
+            seed=config.training.seed, noise_offset=config.training.noise_offset, min_snr_gamma=config.training.min_snr_gamma,
+            gradient_checkpointing=config.training.gradient_checkpointing, save_state_every=config.training.save_state_every,
+            save_every=config.training.save_every, sample_every=config.training.sample_every)
+        previews = PreviewRenderer(context, bus)
+        hooks = LoopHooks(export_intermediate=lambda step: method.export(_intermediate_path(target, step), step=step),
+                          render_samples=previews.render)
+        loop = TrainingLoop(method, bundle, source, settings, optimizer=optimizer, scheduler=scheduler, run_dir=run_dir,
+                            bus=bus, cancel=cancel, accelerator=accelerator, hooks=hooks)
+        if saved_folder is not None:
+            loop.resume_from(load_state(saved_folder))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(run_dir / "config.toml", dumps_toml(config))
+        bus.emit(RunStarted(total_steps=config.training.steps, description=_describe_run(config, training_set, method), run_dir=run_dir))
+        try:
+            result = loop.run()
+        except TrainingStopped as stopped:
+            bus.emit(RunFinished(step=loop.step, outputs=(), stopped_early=True, reason=str(stopped)))
+            raise
+        method.set_training(False)
+        preview = previews.render(result.step) if accelerator.is_main_process else None
+        outputs = method.export(target, step=result.step, preview=preview) if accelerator.is_main_process else []
+        for path in outputs:
+            bus.emit(FileSaved(path, "result" if path == target else "sidecar"))
+        bus.emit(RunFinished(step=result.step, outputs=tuple(outputs)))
+        return TrainResult(outputs=outputs, steps=result.step, last_loss=result.last_loss, losses=result.losses, run_dir=run_dir)
+    finally:
+        method.close()
+
+
+def _intermediate_path(target: Path, step: int) -> Path:
+    """Intermediate results go to a sub-folder named after the result, as `NAME-step00000100.safetensors`."""
+    return target.parent / f"{target.stem}-steps" / f"{target.stem}-step{step:08d}{target.suffix}"
+
+
+class PreviewRenderer:
+    """Renders preview images with a fixed seed so successive previews are comparable."""
+
+    def __init__(self, context: RunContext, bus: EventBus) -> None:
+        self.context = context
+        self.bus = bus
+        config = context.config
+        self.prompt = config.training.sample_prompt or context.trigger_phrase
+        self.steps = config.training.sample_steps
+
+    def render(self, step: int):
+        from .sampling import generate
+
+        size = min(self.context.config.data.resolution, 512)
+        image = generate(self.context.bundle, [self.prompt], seed=self.context.config.training.seed, steps=self.steps,
+                         width=size, height=size, clip_skip=self.context.config.model.clip_skip)[0]
+        folder = self.context.run_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step{step:08d}.png"
+        image.save(path)
+        self.bus.emit(SamplesRendered(step=step, prompt=self.prompt, images=[image]))
+        self.bus.emit(FileSaved(path, "preview"))
+        return image

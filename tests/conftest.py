@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny SD1 checkpoint written in the LDM layout (so tests go through the real
+loading path) and small generated image folders. Nothing here touches the network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib_sdcustom.bench.fixtures import write_sample_images
+
+# Two cores, shared: one intra-op thread is faster for tiny tensors than two fighting threads.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from lib_sdcustom.models.tiny import write_tiny_sd1
+
+    return write_tiny_sd1(tmp_path_factory.mktemp("tiny_model"), name="tiny", seed=0)
+
+
+write_images = write_sample_images
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return write_images(tmp_path / "images")
