@@ -13,7 +13,7 @@ from typing import Iterable
 
 import torch
 
-from .config import NETWORK_METHODS, RunConfig, dumps_toml
+from .config import RunConfig, dumps_toml
 from .data.captions import CaptionOptions
 from .data.dataset import TrainingOptions, TrainingSet
 from .data.scan import scan_dataset
@@ -21,6 +21,7 @@ from .errors import ConfigError, ModelLoadError, TrainingStopped
 from .events import Callback, CancelToken, EventBus, FileSaved, RunFinished, RunStarted, SamplesRendered
 from .files import check_free_space, output_path, write_text_atomically
 from .methods.base import Method
+from .methods.registry import method_class
 from .models.bundle import ModelBundle, ModelFamily
 from .run_context import RunContext
 from .training.batches import LatentBatchSource
@@ -32,7 +33,6 @@ from .training.state import latest_state, load_state
 logger = logging.getLogger(__name__)
 
 SUPPORTED_FAMILIES = (ModelFamily.SD1,)
-RESULT_SUFFIX = ".safetensors"
 
 
 @dataclass
@@ -82,14 +82,6 @@ def _describe_run(config: RunConfig, training_set: TrainingSet, method: Method) 
             f"{config.training.steps} steps{accumulation} = {epochs:.1f} epochs.\nTraining {method.describe()}.")
 
 
-def _build_method(context: RunContext) -> Method:
-    if context.config.method in NETWORK_METHODS:
-        from .methods.network import NetworkMethod
-
-        return NetworkMethod(context)
-    raise ConfigError(f"Method {context.config.method!r} is not available yet.", f"Use one of: {', '.join(NETWORK_METHODS)}.")
-
-
 def _place_models(bundle: ModelBundle, accelerator, mixed_precision: str) -> None:
     """Frozen weights in the compute dtype to save memory; trainable weights stay fp32 (the method owns them)."""
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
@@ -114,9 +106,10 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
     saved_folder = latest_state(run_dir) if resume else None
     if resume and saved_folder is None:
         raise ConfigError(f"{run_dir} holds no saved state to resume from.", "Start the run again without --resume.")
-    target = output_path(Path(config.output.out), config.output.name, RESULT_SUFFIX, overwrite=config.output.overwrite)
-    check_free_space(target.parent, 256 * 2**20, "the result and its state")
-    trigger_phrase = config.data.default_caption or config.output.name
+    method_type = method_class(config.method)
+    target = output_path(Path(config.output.out), config.output.name, method_type.result_suffix(config),
+                         overwrite=config.output.overwrite)
+    trigger_phrase = method_type.default_caption(config)
     training_set, warnings = _training_set(config, trigger_phrase)
     for warning in warnings:
         bus.warn(warning)
@@ -139,13 +132,16 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
     context = RunContext(config=config, bundle=bundle, training_set=training_set, data_folder=Path(config.data.data),
                          run_dir=run_dir, trigger_phrase=trigger_phrase, num_processes=accelerator.num_processes,
                          latents_cached=source.cached)
-    method = _build_method(context)
+    method = method_type(context)
     try:
-        optimizer = build_optimizer(config.optimizer.optimizer, method.param_groups(), lr=config.optimizer.lr,
+        check_free_space(target.parent, method.required_disk_bytes(), f"the {config.method} result")
+        source = method.build_source(source)
+        optimizer = build_optimizer(config.optimizer.optimizer, method.param_groups(), lr=config.lr,
                                     weight_decay=config.optimizer.weight_decay)
         scheduler = build_scheduler(optimizer, config.optimizer.scheduler, config.training.steps,
                                     warmup_steps=config.optimizer.warmup_steps, restarts=config.optimizer.restarts,
-                                    power=config.optimizer.power)
+                                    power=config.optimizer.power,
+                                    stop_groups_at={"text_encoder": round(config.text_encoder_fraction * config.training.steps)})
         optimizer = accelerator.prepare(optimizer)
         settings = LoopSettings(
             total_steps=config.training.steps, gradient_accumulation=config.training.gradient_accumulation,

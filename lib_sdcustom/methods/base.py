@@ -9,18 +9,44 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..models.bundle import ModelBundle
+from ..config import RunConfig
+
+if TYPE_CHECKING:
+    from ..run_context import RunContext
+    from ..training.loop import BatchSource
 
 
 class Method(abc.ABC):
     name: str = ""
 
-    def __init__(self, bundle: ModelBundle) -> None:
-        self.bundle = bundle
+    def __init__(self, context: "RunContext") -> None:
+        self.context = context
+        self.config = context.config
+        self.bundle = context.bundle
+
+    # ----- facts known before the model is loaded (checked early, so mistakes cost seconds) -----
+    @classmethod
+    def result_suffix(cls, config: RunConfig) -> str:
+        """Extension of the exported file; the output path is checked before any model loads."""
+        return ".safetensors"
+
+    @classmethod
+    def default_caption(cls, config: RunConfig) -> str:
+        """Caption for images without a caption file: by default the output name, the word users will type."""
+        return config.data.default_caption or config.output.name
+
+    # ----- hooks with sensible defaults -----
+    def build_source(self, source: "BatchSource") -> "BatchSource":
+        """Wrap the image batches, e.g. to add class images or turn captions into prompt templates."""
+        return source
+
+    def required_disk_bytes(self) -> int:
+        """Free space needed in the output folder, checked before training starts."""
+        return 256 * 2**20
 
     @abc.abstractmethod
     def param_groups(self) -> list[dict[str, Any]]:

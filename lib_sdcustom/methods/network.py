@@ -19,13 +19,11 @@ class NetworkMethod(Method):
     """Only the network's modules learn; the UNet, VAE and text encoder stay bit-identical."""
 
     def __init__(self, context: RunContext) -> None:
-        super().__init__(context.bundle)
+        super().__init__(context)
         bundle, config = context.bundle, context.config
-        self.context = context
         self.name = config.method
-        self.config = config
         self.algorithm = ALGORITHMS[config.method]
-        self.train_text_encoder = config.network.train_text_encoder
+        self.train_text_encoder = config.text_encoder_fraction > 0
         for model in (bundle.unet, bundle.text_encoder, bundle.vae):
             model.requires_grad_(False)
         self.attached = attach_network(bundle.unet, bundle.text_encoder, self.algorithm, config.network,
