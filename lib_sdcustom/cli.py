@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(train)
     inspect = commands.add_parser("inspect", help="Describe a LoRA/LyCORIS file, an embedding or a checkpoint.")
     inspect.add_argument("file", type=Path)
+    demo = commands.add_parser("demo", help="Run the whole pipeline on a small bundled default, no downloads (about a minute on a CPU).")
+    demo.add_argument("--out", type=Path, default=Path("sdcustom-demo"), help="Folder for the demo's files (default: %(default)s).")
+    demo.add_argument("--steps", type=int, default=60, help="Training steps (default: %(default)s).")
+    demo.add_argument("--quiet", action="store_true", help="No progress bar.")
     return parser
 
 
@@ -138,6 +142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .formats.inspect import inspect_file
 
             print(inspect_file(args.file))
+            return 0
+        if args.command == "demo":
+            from .demo import run_demo
+
+            result = run_demo(args.out, steps=args.steps, callbacks=[ProgressPrinter(args.quiet)])
+            print(f"Base model (random weights, SD1 layout): {result.base}\nTraining images: {result.images}\n"
+                  f"LoRA: {result.lora}\nBefore/after samples (top row before, bottom after): {result.grid}")
             return 0
         from .train import train
 
