@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -71,15 +71,17 @@ def _training_set(config: RunConfig, trigger_phrase: str) -> tuple[TrainingSet, 
 
 
 def _describe_run(config: RunConfig, training_set: TrainingSet, method: Method) -> str:
+    """The step arithmetic, in the 'images x repeats x epochs / batch = steps' form users know from kohya."""
     per_epoch = training_set.steps_per_epoch()
     images = len(training_set.records)
-    seen = sum(record.repeats for record in training_set.records)
-    micro = config.training.steps * config.training.gradient_accumulation
-    epochs = micro / per_epoch
-    accumulation = (f" x accumulation {config.training.gradient_accumulation}"
-                    if config.training.gradient_accumulation > 1 else "")
-    return (f"{images} images ({seen} with repeats) / batch {config.training.batch_size} = {per_epoch} batches per epoch; "
-            f"{config.training.steps} steps{accumulation} = {epochs:.1f} epochs.\nTraining {method.describe()}.")
+    repeats = {record.repeats for record in training_set.records}
+    seen = f"{images} images x {repeats.pop()} repeats" if len(repeats) == 1 else \
+        f"{images} images ({sum(r.repeats for r in training_set.records)} with repeats)"
+    training = config.training
+    epochs = training.steps * training.gradient_accumulation / per_epoch
+    accumulation = f" x accumulation {training.gradient_accumulation}" if training.gradient_accumulation > 1 else ""
+    return (f"{seen} x {epochs:.3g} epochs / batch {training.batch_size}{accumulation} = {training.steps} steps "
+            f"({per_epoch} batches per epoch).\nTraining {method.describe()}.")
 
 
 def _place_models(bundle: ModelBundle, accelerator, mixed_precision: str) -> None:
@@ -130,7 +132,7 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
 
     source = LatentBatchSource.create(training_set, bundle, run_dir=run_dir, use_cache=config.data.cache_latents, bus=bus)
     context = RunContext(config=config, bundle=bundle, training_set=training_set, data_folder=Path(config.data.data),
-                         run_dir=run_dir, trigger_phrase=trigger_phrase, num_processes=accelerator.num_processes,
+                         run_dir=run_dir, trigger_phrase=method_type.trigger_phrase(config), num_processes=accelerator.num_processes,
                          latents_cached=source.cached)
     method = method_type(context)
     try:
@@ -149,8 +151,8 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
             seed=config.training.seed, noise_offset=config.training.noise_offset, min_snr_gamma=config.training.min_snr_gamma,
             gradient_checkpointing=config.training.gradient_checkpointing, save_state_every=config.training.save_state_every,
             save_every=config.training.save_every, sample_every=config.training.sample_every)
-        previews = PreviewRenderer(context, bus)
-        hooks = LoopHooks(export_intermediate=lambda step: method.export(_intermediate_path(target, step), step=step),
+        previews = PreviewRenderer(context, bus, encode=method.encode_captions)
+        hooks = LoopHooks(export_intermediate=lambda step: method.export(method.intermediate_path(target, step), step=step),
                           render_samples=previews.render)
         loop = TrainingLoop(method, bundle, source, settings, optimizer=optimizer, scheduler=scheduler, run_dir=run_dir,
                             bus=bus, cancel=cancel, accelerator=accelerator, hooks=hooks)
@@ -175,17 +177,14 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
         method.close()
 
 
-def _intermediate_path(target: Path, step: int) -> Path:
-    """Intermediate results go to a sub-folder named after the result, as `NAME-step00000100.safetensors`."""
-    return target.parent / f"{target.stem}-steps" / f"{target.stem}-step{step:08d}{target.suffix}"
-
-
 class PreviewRenderer:
-    """Renders preview images with a fixed seed so successive previews are comparable."""
+    """Renders preview images with a fixed seed so successive previews are comparable, conditioned by the
+    method's own `encode` (e.g. a Textual Inversion word expands to its learned vectors)."""
 
-    def __init__(self, context: RunContext, bus: EventBus) -> None:
+    def __init__(self, context: RunContext, bus: EventBus, encode: Callable[[list[str]], torch.Tensor]) -> None:
         self.context = context
         self.bus = bus
+        self.encode = encode
         config = context.config
         self.prompt = config.training.sample_prompt or context.trigger_phrase
         self.steps = config.training.sample_steps
@@ -195,7 +194,7 @@ class PreviewRenderer:
 
         size = min(self.context.config.data.resolution, 512)
         image = generate(self.context.bundle, [self.prompt], seed=self.context.config.training.seed, steps=self.steps,
-                         width=size, height=size, clip_skip=self.context.config.model.clip_skip)[0]
+                         width=size, height=size, encode=self.encode)[0]
         folder = self.context.run_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step{step:08d}.png"

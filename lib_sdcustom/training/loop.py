@@ -152,8 +152,10 @@ class TrainingLoop:
     def _optimizer_step(self) -> float:
         accumulation = self.settings.gradient_accumulation
         total = 0.0
+        processes, rank = self.accelerator.num_processes, self.accelerator.process_index
         for micro in range(accumulation):
-            loss = self._micro_batch_loss(self.step * accumulation + micro)
+            # Under `accelerate launch` each process takes its own share of the micro-batches.
+            loss = self._micro_batch_loss((self.step * accumulation + micro) * processes + rank)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise TrainingStopped(
@@ -167,6 +169,7 @@ class TrainingLoop:
         if self.settings.max_grad_norm:
             self.accelerator.clip_grad_norm_(self._trainable_params(), self.settings.max_grad_norm)
         self.optimizer.step()
+        self.method.after_optimizer_step(self.step + 1)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total / accumulation

@@ -1,0 +1,43 @@
+"""Every optimizer the config offers builds and steps; a missing optional package is a clear message."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from lib_sdcustom.config import OPTIMIZERS
+from lib_sdcustom.errors import ConfigError
+from lib_sdcustom.training.optimizers import build_optimizer
+from lib_sdcustom.training.schedules import build_scheduler
+
+OPTIONAL_PACKAGE = {"adamw8bit": "bitsandbytes", "lion": "lion_pytorch", "prodigy": "prodigyopt"}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_optimizer_steps_or_explains_what_is_missing(name: str) -> None:
+    weight = torch.nn.Parameter(torch.ones(4, 4))
+    package = OPTIONAL_PACKAGE.get(name)
+    if package and importlib.util.find_spec(package) is None:
+        with pytest.raises(ConfigError, match=f"pip install"):
+            build_optimizer(name, [{"params": [weight], "lr": 0.1}], lr=0.1, weight_decay=0.0)
+        return
+    if name == "adamw8bit":
+        pytest.skip("bitsandbytes is installed; its 8-bit optimizer needs a GPU")
+    optimizer = build_optimizer(name, [{"params": [weight], "lr": 0.1}], lr=0.1, weight_decay=0.0)
+    (weight ** 2).sum().backward()
+    optimizer.step()
+    assert not torch.equal(weight.detach(), torch.ones(4, 4))
+
+
+def test_a_group_can_stop_learning_part_way() -> None:
+    a, b = torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1))
+    optimizer = torch.optim.SGD([{"params": [a], "name": "text_encoder"}, {"params": [b], "name": "unet"}], lr=1.0)
+    scheduler = build_scheduler(optimizer, "constant", 10, stop_groups_at={"text_encoder": 3})
+    rates = []
+    for _ in range(5):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert rates == [[1.0, 1.0]] * 3 + [[0.0, 1.0]] * 2
