@@ -127,7 +127,7 @@ class OptimizerOptions:
 
 @dataclass
 class TrainingOptions:
-    steps: int = option(1000, "Number of optimizer steps.", flag="--steps")
+    steps: int = option(1000, "Number of optimizer steps (Textual Inversion: 1,000-3,000 are typical).", flag="--steps")
     batch_size: int = option(1, "Images per step.", flag="--batch-size")
     gradient_accumulation: int = option(1, "Accumulate gradients over N batches per optimizer step.")
     mixed_precision: str = option("no", "Mixed precision (fp16 needs a CUDA GPU; bf16 works on recent GPUs and CPU).", choices=MIXED_PRECISION)
@@ -256,6 +256,9 @@ def _validate(config: RunConfig) -> None:
 def _validate_method_sections(config: RunConfig) -> None:
     if config.method == "textual_inversion":
         ti = config.textual_inversion
+        _require(not any(char.isspace() for char in config.output.name),
+                 f"The trigger word {config.output.name!r} (--name) contains a space; Textual Inversion needs one word.",
+                 "Join the parts into one made-up word, e.g. 'sks-dog' or 'my_style'.")
         _require(1 <= ti.vectors <= 75, f"--vectors is {ti.vectors}; the host fits 1 to 75 vectors in a prompt chunk.",
                  "Use 1-8 vectors (more vectors hold more detail but leave less room in the prompt).")
         _require(ti.max_norm >= 0, f"--max-norm is {ti.max_norm}.", "Use 0 (off) or a positive norm.")

@@ -35,13 +35,18 @@ def latents_to_images(bundle: ModelBundle, latents: torch.Tensor) -> list[Image.
 @torch.no_grad()
 def generate(bundle: ModelBundle, prompts: list[str], *, seed: int, steps: int = 20, guidance: float = 7.0,
              width: int = 512, height: int = 512, negative_prompt: str = "", clip_skip: int = 1,
-             progress: Callable[[int, int], None] | None = None) -> list[Image.Image]:
-    """One image per prompt; image i uses noise from seed + i, so a batch equals the same prompts one by one."""
+             progress: Callable[[int, int], None] | None = None,
+             encode: Callable[[list[str]], torch.Tensor] | None = None) -> list[Image.Image]:
+    """One image per prompt; image i uses noise from seed + i, so a batch equals the same prompts one by one.
+
+    `encode` turns prompts into conditioning (default: the bundle's tokenizer and text encoder with
+    `clip_skip`); a training method passes its own, so previews see what it trains."""
     unet = bundle.unet
     device, dtype = unet.device, unet.dtype
     scheduler = _scheduler_for_sampling(bundle, steps)
-    conditioning = encode_tokens(bundle.text_encoder, tokenize(bundle.tokenizer, prompts), clip_skip)
-    unconditional = encode_tokens(bundle.text_encoder, tokenize(bundle.tokenizer, [negative_prompt] * len(prompts)), clip_skip)
+    encode = encode or (lambda texts: encode_tokens(bundle.text_encoder, tokenize(bundle.tokenizer, texts), clip_skip))
+    conditioning = encode(prompts)
+    unconditional = encode([negative_prompt] * len(prompts))
     context = torch.cat([unconditional, conditioning]).to(device, dtype)
     channels = unet.config.in_channels
     noise = [torch.randn((1, channels, height // 8, width // 8), generator=torch.Generator().manual_seed(seed + i))

@@ -187,7 +187,7 @@ def test_diffusers_reads_the_file_as_an_independent_consumer(tmp_path: Path) -> 
     tensors = {**small_lora(), f"{conv}.lora_down.weight": torch.randn(4, 32, 3, 3),
                f"{conv}.lora_up.weight": torch.randn(32, 4, 1, 1), f"{conv}.alpha": torch.tensor(2.0)}
     path = write_network_file(tmp_path / "n.safetensors", tensors, SD1_META, dtype=torch.float16)
-    state_dict, alphas = loader.lora_state_dict(str(path))
+    state_dict, alphas = loader.lora_state_dict(str(path.parent), weight_name=path.name)
     assert len(state_dict) == 6
     assert state_dict["unet.down_blocks.0.resnets.0.conv1.lora.down.weight"].shape == (4, 32, 3, 3)
     assert alphas["unet.down_blocks.0.resnets.0.conv1.alpha"] == 2.0

@@ -110,7 +110,7 @@ def test_cli_lora_loads_in_diffusers_with_the_trainers_outputs(tiny_checkpoint, 
     pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
                                    scheduler=base.noise_scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.load_lora_weights(str(lora_file))
+    pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
     with safe_open(str(lora_file), "pt") as handle:
         modules_in_file = {key.split(".")[0] for key in handle.keys()}
     from peft.tuners.lora import LoraLayer

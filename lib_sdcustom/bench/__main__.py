@@ -1,11 +1,11 @@
-"""`python -m lib_sdcustom.bench lora`: print benchmark figures."""
+"""`python -m lib_sdcustom.bench lora|dreambooth`: print benchmark figures."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import lora
+from . import dreambooth, lora
 
 
 def main() -> int:
@@ -15,9 +15,17 @@ def main() -> int:
     lora_parser.add_argument("--steps", type=int, default=30)
     one = commands.add_parser("lora-one", help=argparse.SUPPRESS)
     one.add_argument("settings")
+    dreambooth_parser = commands.add_parser("dreambooth", help="DreamBooth steps/s and peak memory, prior preservation and "
+                                                               "gradient checkpointing on/off.")
+    dreambooth_parser.add_argument("--steps", type=int, default=20)
+    commands.add_parser("dreambooth-one", help=argparse.SUPPRESS).add_argument("settings")
     args = parser.parse_args()
     if args.command == "lora-one":
         lora.child_main(args.settings)
+    elif args.command == "dreambooth-one":
+        dreambooth.child_main(args.settings)
+    elif args.command == "dreambooth":
+        sys.stdout.write(dreambooth.report(dreambooth.run(args.steps)) + "\n")
     else:
         sys.stdout.write(lora.report(lora.run(args.steps)) + "\n")
     return 0

@@ -39,10 +39,21 @@ class Method(abc.ABC):
         """Caption for images without a caption file: by default the output name, the word users will type."""
         return config.data.default_caption or config.output.name
 
+    @classmethod
+    def trigger_phrase(cls, config: RunConfig) -> str:
+        """What to type to use the result: the preview prompt and a network's activation text. Usually the
+        default caption; DreamBooth captions images with '' but is triggered by its instance prompt."""
+        return cls.default_caption(config)
+
     # ----- hooks with sensible defaults -----
     def build_source(self, source: "BatchSource") -> "BatchSource":
         """Wrap the image batches, e.g. to add class images or turn captions into prompt templates."""
         return source
+
+    def intermediate_path(self, target: Path, step: int) -> Path:
+        """Where the intermediate result of `step` goes: a sub-folder named after the result, as
+        `NAME-step00000100.safetensors`."""
+        return target.parent / f"{target.stem}-steps" / f"{target.stem}-step{step:08d}{target.suffix}"
 
     def required_disk_bytes(self) -> int:
         """Free space needed in the output folder, checked before training starts."""
@@ -71,6 +82,9 @@ class Method(abc.ABC):
     def describe(self) -> str:
         """One line about what is trained, for the start-of-run summary."""
         return self.name
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after each optimizer step (`step` = steps done), e.g. to update an EMA of the weights."""
 
     def set_training(self, training: bool) -> None:
         """Switch trainable parts between train and eval mode (dropout), e.g. around preview sampling."""

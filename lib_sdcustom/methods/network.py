@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
-from ..networks.algorithms import ALGORITHMS
+from ..networks.algorithms import algorithm_for
 from ..networks.lycoris_backend import attach_network
 from ..run_context import RunContext
 from .base import Method
 from .network_export import export_network
-from .text_conditioning import encode_tokens, tokenize
+from .text_conditioning import encode_captions
 
 
 class NetworkMethod(Method):
@@ -22,7 +22,7 @@ class NetworkMethod(Method):
         super().__init__(context)
         bundle, config = context.bundle, context.config
         self.name = config.method
-        self.algorithm = ALGORITHMS[config.method]
+        self.algorithm = algorithm_for(config.method)
         self.train_text_encoder = config.text_encoder_fraction > 0
         for model in (bundle.unet, bundle.text_encoder, bundle.vae):
             model.requires_grad_(False)
@@ -39,11 +39,7 @@ class NetworkMethod(Method):
         self.attached.load_state_dict(tensors)
 
     def encode_captions(self, captions: list[str]) -> torch.Tensor:
-        input_ids = tokenize(self.bundle.tokenizer, captions)
-        if self.train_text_encoder:
-            return encode_tokens(self.bundle.text_encoder, input_ids, self.config.model.clip_skip)
-        with torch.no_grad():
-            return encode_tokens(self.bundle.text_encoder, input_ids, self.config.model.clip_skip)
+        return encode_captions(self.bundle, captions, self.config.model.clip_skip, trainable=self.train_text_encoder)
 
     def set_training(self, training: bool) -> None:
         self.attached.network.train(training)

@@ -11,7 +11,7 @@ import torch
 from ..formats.network_file import write_network_file
 from ..formats.network_metadata import BucketStat, DatasetDir, NetworkTrainingFacts, build_network_metadata, tag_frequency
 from ..formats.sidecars import sd_version_for, write_sidecars
-from ..networks.algorithms import ALGORITHMS
+from ..networks.algorithms import algorithm_for
 from ..run_context import RunContext
 
 SAVE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
@@ -30,8 +30,8 @@ def network_facts(context: RunContext, *, step: int) -> NetworkTrainingFacts:
         dirs[key] = DatasetDir(n_repeats=record.repeats, img_count=(previous.img_count if previous else 0) + 1)
         captions.setdefault(key, []).append(record.caption)
     network = config.network
-    algorithm_name = config.method
-    conv = (network.conv_rank or network.rank) if ALGORITHMS[algorithm_name].trains_convolutions else 0
+    algorithm = algorithm_for(config.method)
+    conv = (network.conv_rank or network.rank) if algorithm.trains_convolutions else 0
     batches_per_epoch = data.steps_per_epoch()
     micro_batches = step * config.training.gradient_accumulation
     return NetworkTrainingFacts(
@@ -41,7 +41,7 @@ def network_facts(context: RunContext, *, step: int) -> NetworkTrainingFacts:
         network_dim=network.rank,
         network_alpha=network.alpha,
         v_prediction=bundle.prediction_type == "v_prediction",
-        algo=algorithm_name,
+        algo=algorithm.name,
         conv_dim=conv or None,
         conv_alpha=(network.conv_alpha or network.alpha) if conv else None,
         network_dropout=network.dropout,

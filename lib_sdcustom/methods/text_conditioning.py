@@ -22,3 +22,10 @@ def encode_tokens(text_encoder: nn.Module, input_ids: torch.Tensor, clip_skip: i
         return output[0]
     hidden = output.hidden_states[-clip_skip]
     return TextModelView(text_encoder).text_model.final_layer_norm(hidden)
+
+
+def encode_captions(bundle, captions: list[str], clip_skip: int, *, trainable: bool) -> torch.Tensor:
+    """Conditioning for `captions`; a graph through the text encoder is built only when it is `trainable`."""
+    input_ids = tokenize(bundle.tokenizer, captions)
+    with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+        return encode_tokens(bundle.text_encoder, input_ids, clip_skip)

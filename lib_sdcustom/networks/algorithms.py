@@ -37,3 +37,11 @@ ALGORITHMS: dict[str, NetworkAlgorithm] = {
         NetworkAlgorithm("lokr", "lokr", True, "lycoris.kohya", "Kronecker product update"),
     )
 }
+
+#: Methods that train a network under another name: DreamBooth-LoRA is a LoRA trained on DreamBooth batches.
+_METHOD_ALGORITHM = {"dreambooth_lora": "lora"}
+
+
+def algorithm_for(method: str) -> NetworkAlgorithm:
+    """The network algorithm a training method trains."""
+    return ALGORITHMS[_METHOD_ALGORITHM.get(method, method)]
