@@ -1,0 +1,148 @@
+"""Single-file LDM `.safetensors` checkpoints that the host loads with its stock SD1 config (HOST.md 3d).
+
+The file holds exactly the base checkpoint's keys and shapes:
+- the trained components (the UNet, and the text encoder when it was trained) come from the trainer, under
+  the LDM names the loader read them from, in the save precision (fp16 by default, fp32 on request);
+- every other tensor (VAE, a frozen text encoder, `alphas_cumprod`, `position_ids`, any `model_ema.*`) is
+  copied from the base file unchanged, dtype and bits. Memory is not a faithful source for them: the trainer
+  casts frozen modules to its compute dtype under mixed precision, and the host keeps fp16 copies.
+  A base that is a diffusers folder has no file to copy from; then every tensor comes from the modules, in
+  the save precision.
+So the host sees its usual set of keys (a missing one would silently load as zeros there), a legacy text
+encoder layout stays legacy, and a non-standard base keeps working with its `NAME.yaml`, written beside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+from ..files import write_atomically, write_text_atomically
+from ..models import ldm_keys
+from ..models.bundle import ModelBundle
+from ..models.checkpoint_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, read_checkpoint
+from ..models.ldm_config import yaml_beside
+from ..models.saver import bundle_to_ldm_state_dict
+from .safetensors_io import load_tensors, read_header
+
+_BASE_FILE_SUFFIXES = (SAFETENSORS_SUFFIX,) + PICKLE_SUFFIXES
+#: A frozen tensor is stored in at most this many bytes per element (fp32), for estimates made before training.
+_MAX_STORED_BYTES = 4
+
+
+@dataclass(frozen=True)
+class TrainedWeights:
+    """State dicts of the trained modules; None for a component that was not trained."""
+
+    unet: Optional[Mapping[str, torch.Tensor]] = None  # diffusers UNet2DConditionModel layout
+    text_encoder: Optional[Mapping[str, torch.Tensor]] = None  # CLIPTextModel, either transformers layout
+
+
+def base_checkpoint_file(bundle: ModelBundle) -> Optional[Path]:
+    """The single file the bundle was loaded from, or None (a diffusers folder, or the file is gone)."""
+    path = bundle.identity.path
+    if path is None or not Path(path).is_file() or Path(path).suffix.lower() not in _BASE_FILE_SUFFIXES:
+        return None
+    return Path(path)
+
+
+def _trained_ldm(bundle: ModelBundle, trained: TrainedWeights) -> dict[str, torch.Tensor]:
+    """Trained tensors under full LDM keys (text encoder in the canonical `text_model.` layout)."""
+    out: dict[str, torch.Tensor] = {}
+    if trained.unet is not None:
+        converted = ldm_keys.unet_to_ldm(trained.unet, ldm_keys.UNetLayout.from_diffusers_config(bundle.unet.config))
+        if converted.unmapped:
+            raise ValueError(f"UNet weights with no checkpoint name: {', '.join(sorted(converted.unmapped)[:5])}")
+        out.update((ldm_keys.UNET_PREFIX + key, value) for key, value in converted.state_dict.items())
+    if trained.text_encoder is not None:
+        out.update((ldm_keys.TEXT_ENCODER_PREFIX + key, value)
+                   for key, value in ldm_keys.canonical_text_encoder_keys(trained.text_encoder).items()
+                   if key != ldm_keys.POSITION_IDS_KEY)
+    return out
+
+
+def _canonical_key(key: str) -> str:
+    """A base-file key as `_trained_ldm` names it (legacy `cond_stage_model.transformer.encoder...` renamed)."""
+    if key.startswith(ldm_keys.TEXT_ENCODER_PREFIX):
+        return ldm_keys.TEXT_ENCODER_PREFIX + ldm_keys.canonical_text_key(key[len(ldm_keys.TEXT_ENCODER_PREFIX):])
+    return key
+
+
+def _stored(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    tensor = tensor.detach()
+    return (tensor.to("cpu", dtype) if tensor.is_floating_point() else tensor.to("cpu")).contiguous()
+
+
+def checkpoint_state_dict(bundle: ModelBundle, trained: TrainedWeights, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of the checkpoint to write (see the module docstring for where each comes from)."""
+    replacements = {key: _stored(value, dtype) for key, value in _trained_ldm(bundle, trained).items()}
+    base_file = base_checkpoint_file(bundle)
+    if base_file is None:
+        state = bundle_to_ldm_state_dict(bundle, unet_sd=trained.unet, text_encoder_sd=trained.text_encoder)
+        return {key: _stored(value, dtype) for key, value in state.items()}
+    shapes, frozen = _read_base(base_file, lambda key: _canonical_key(key) not in replacements)
+    out: dict[str, torch.Tensor] = {}
+    for key, shape in shapes.items():
+        replacement = replacements.pop(_canonical_key(key), None)
+        if replacement is None:
+            out[key] = frozen[key]
+        elif tuple(replacement.shape) != shape:
+            raise ValueError(f"{key}: trained shape {tuple(replacement.shape)} differs from the base's {shape}")
+        else:
+            out[key] = replacement
+    if replacements:
+        raise ValueError(f"{base_file} changed since it was loaded: it lacks {len(replacements)} trained tensors, "
+                         f"e.g. {sorted(replacements)[0]}")
+    return out
+
+
+def _read_base(path: Path, wanted: Callable[[str], bool]) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor]]:
+    """Every tensor key of the base file with its shape, and the `wanted` tensors (a .safetensors base is
+    read selectively, so the base's copy of the trained weights never enters memory)."""
+    if path.suffix.lower() == SAFETENSORS_SUFFIX:
+        header = read_header(path)
+        return ({key: info.shape for key, info in header.tensors.items()},
+                load_tensors(path, [key for key in header.tensors if wanted(key)]))
+    # A .ckpt may hold non-tensor entries (e.g. 'global_step'); safetensors holds tensors only.
+    tensors = {key: value for key, value in read_checkpoint(path).items() if torch.is_tensor(value)}
+    return ({key: tuple(value.shape) for key, value in tensors.items()},
+            {key: value.contiguous() for key, value in tensors.items() if wanted(key)})
+
+
+def estimated_checkpoint_bytes(bundle: ModelBundle, trained: TrainedWeights, dtype: torch.dtype) -> int:
+    """An upper bound of the file size, known before training: trained tensors in `dtype`, frozen module
+    tensors at fp32 (the widest a base stores them), extra tensors at their stored size."""
+    trained_keys = set(_trained_ldm(bundle, trained))
+    item = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for key, value in bundle_to_ldm_state_dict(bundle).items():
+        if _canonical_key(key) in trained_keys:
+            total += value.numel() * item
+        elif key in bundle.ldm_extras or not value.is_floating_point():
+            total += value.numel() * value.element_size()
+        else:
+            total += value.numel() * max(value.element_size(), _MAX_STORED_BYTES)
+    return total + 2**20  # the JSON header: ~100 bytes per key plus metadata
+
+
+def write_checkpoint(target: Path, bundle: ModelBundle, trained: TrainedWeights, *, dtype: torch.dtype,
+                     metadata: Mapping[str, str], preview: Any | None = None) -> list[Path]:
+    """Write `target` atomically, plus `NAME.yaml` beside it when the base came with its own LDM config (the
+    host reads it instead of guessing) and `NAME.png` when a preview image is given. Returns the paths."""
+    from safetensors.torch import save_file
+
+    bad = [key for key, value in metadata.items() if not isinstance(key, str) or not isinstance(value, str)]
+    if bad:
+        raise TypeError(f"safetensors metadata must be str -> str; not: {', '.join(map(str, bad))}")
+    state = checkpoint_state_dict(bundle, trained, dtype)
+    written = [write_atomically(Path(target), lambda tmp: save_file(state, str(tmp), metadata=dict(metadata)))]
+    if bundle.ldm_config is not None:
+        import yaml
+
+        written.append(write_text_atomically(yaml_beside(target), yaml.safe_dump(bundle.ldm_config, sort_keys=False)))
+    if preview is not None:
+        written.append(write_atomically(Path(target).with_suffix(".png"), lambda tmp: preview.save(tmp, format="PNG")))
+    return written
