@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from .config import SECTIONS, RunConfig, load_config
 from .errors import TrainingStopped, UserFacingError
-from .events import CancelToken, Event, FileSaved, RunFinished, RunStarted, StepDone, Warning_
+from .events import CancelToken, Event, FileSaved, PhaseProgress, RunFinished, RunStarted, StepDone, Warning_
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,9 @@ class ProgressPrinter:
             self.bar.n = event.step
             self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.1e}", refresh=False)
             self.bar.refresh()
+        elif isinstance(event, PhaseProgress):
+            if event.done == event.total or event.done * 10 // event.total != (event.done - 1) * 10 // event.total:
+                self._line(f"{event.phase}: {event.done}/{event.total}")
         elif isinstance(event, FileSaved) and event.kind != "state":
             self._line(f"Saved {event.kind}: {event.path}")
         elif isinstance(event, Warning_):

@@ -23,6 +23,15 @@ class RunStarted:
 
 
 @dataclass(frozen=True)
+class PhaseProgress:
+    """Work before or after the training steps, e.g. generating class images or filling the latent cache."""
+
+    phase: str
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
 class StepDone:
     step: int
     total_steps: int
@@ -58,7 +67,7 @@ class RunFinished:
     reason: str = ""
 
 
-Event = Union[RunStarted, StepDone, FileSaved, SamplesRendered, Warning_, RunFinished]
+Event = Union[RunStarted, PhaseProgress, StepDone, FileSaved, SamplesRendered, Warning_, RunFinished]
 Callback = Callable[[Event], None]
 
 
@@ -100,6 +109,8 @@ def describe(event: Any) -> str:
     if isinstance(event, StepDone):
         return (f"step {event.step}/{event.total_steps} loss {event.loss:.4f} lr {event.lr:.2e} "
                 f"{event.steps_per_second:.2f} it/s eta {event.eta_seconds:.0f}s")
+    if isinstance(event, PhaseProgress):
+        return f"{event.phase}: {event.done}/{event.total}"
     if isinstance(event, FileSaved):
         return f"saved {event.kind}: {event.path}"
     if isinstance(event, Warning_):

@@ -81,6 +81,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    tmp.chmod(0o666 & ~_current_umask())  # mkstemp makes 0600; outputs must be readable like any new file
     try:
         yield tmp
         os.replace(tmp, target)
@@ -90,6 +91,12 @@ def atomic_path(target: Path) -> Iterator[Path]:
             raise OutputError(f"Could not write {target}: {error.strerror or error}.",
                               "Check that the folder is writable and the disk is not full.") from error
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .data.dataset import TrainingSet
+from .events import CancelToken, EventBus
 from .models.bundle import ModelBundle
 
 
@@ -25,3 +26,5 @@ class RunContext:
     num_processes: int = 1
     latents_cached: bool = False
     started_at: float = field(default_factory=time.time)
+    bus: EventBus = field(default_factory=EventBus)  # methods warn and report progress through it
+    cancel: CancelToken = field(default_factory=CancelToken)

@@ -48,6 +48,11 @@ def _accelerator(config: RunConfig):
     from accelerate import Accelerator
 
     precision = config.training.mixed_precision
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one global state per process; a host that trains twice (say, bf16 then no mixed
+    # precision) must start from a clean one or accelerate refuses the second setting.
+    AcceleratorState._reset_state()
     use_cpu = not torch.cuda.is_available()
     if use_cpu and precision == "fp16":
         raise ConfigError("fp16 mixed precision needs a CUDA GPU, and none is available.",
@@ -133,7 +138,7 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
     source = LatentBatchSource.create(training_set, bundle, run_dir=run_dir, use_cache=config.data.cache_latents, bus=bus)
     context = RunContext(config=config, bundle=bundle, training_set=training_set, data_folder=Path(config.data.data),
                          run_dir=run_dir, trigger_phrase=method_type.trigger_phrase(config), num_processes=accelerator.num_processes,
-                         latents_cached=source.cached)
+                         latents_cached=source.cached, bus=bus, cancel=cancel)
     method = method_type(context)
     try:
         check_free_space(target.parent, method.required_disk_bytes(), f"the {config.method} result")

@@ -14,7 +14,6 @@ weighted mean equal to  mean(instance losses) + prior_weight * mean(class losses
 
 from __future__ import annotations
 
-import logging
 import random
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +26,8 @@ from ..data.class_images import ClassImageRecipe, prepare_class_images
 from ..data.latent_cache import LatentCache
 from ..data.prompt_templates import fill_template
 from ..data.scan import ImageRecord
+from ..errors import TrainingStopped
+from ..events import PhaseProgress
 from ..files import check_free_space
 from ..formats.checkpoint_file import TrainedWeights, estimated_checkpoint_bytes, write_checkpoint
 from ..run_context import RunContext
@@ -38,7 +39,6 @@ from .network import NetworkMethod
 from .network_export import SAVE_DTYPES
 from .text_conditioning import encode_captions
 
-logger = logging.getLogger(__name__)
 
 CLASS_IMAGES_FOLDER = "class_images"
 CLASS_IMAGE_BATCH = 4
@@ -129,6 +129,12 @@ class _DreamBoothBatchesMixin:
         prior = self._class_prior(source) if db.prior_preservation else None
         return DreamBoothBatches(source, instance_prompt=db.instance_prompt, name=self.config.output.name, prior=prior)
 
+    def _class_image_progress(self, done: int, total: int) -> None:
+        self.context.bus.emit(PhaseProgress("Generating class images", done, total))
+        if self.context.cancel.cancelled:
+            raise TrainingStopped(f"Cancelled while generating class images ({done}/{total} done).",
+                                  "Start the run again; the class images made so far are kept and reused.")
+
     def _class_prior(self, source: BatchSource) -> ClassPrior:
         if not isinstance(source, LatentBatchSource):
             raise TypeError("prior preservation needs the run's LatentBatchSource (its encoder and latent cache)")
@@ -141,7 +147,7 @@ class _DreamBoothBatchesMixin:
         self.set_training(False)  # type: ignore[attr-defined]  # sample from the base as it is (no dropout)
         images = prepare_class_images(class_folder(config, self.context.run_dir), recipe, db.num_class_images, bundle=bundle,
                                       seed=config.training.seed, batch_size=CLASS_IMAGE_BATCH,
-                                      progress=lambda done, total: logger.info("Class images: %d/%d generated", done, total))
+                                      progress=self._class_image_progress)
         cache = source.cache or LatentCache(None, "in-memory, this run only")
         latent_scale = 2 ** (len(bundle.vae.config.block_out_channels) - 1)
         return ClassPrior(list(images.records), prompt=db.class_prompt, weight=db.prior_weight, cache=cache,
@@ -178,8 +184,8 @@ class DreamBoothMethod(_DreamBoothBatchesMixin, Method):
                     if config.dreambooth.ema else None)
         if config.training.save_every:
             saves = (config.training.steps - 1) // config.training.save_every
-            logger.warning("Saving a checkpoint every %d steps writes %d intermediate checkpoints of about %.0f MiB each "
-                           "beside the result.", config.training.save_every, saves, self._checkpoint_bytes() / 2**20)
+            context.bus.warn(f"Saving a checkpoint every {config.training.save_every} steps writes {saves} intermediate "
+                             f"checkpoints of about {self._checkpoint_bytes() / 2**20:.0f} MiB each beside the result.")
 
     # ----- training -----
     def param_groups(self) -> list[dict[str, Any]]:

@@ -148,9 +148,9 @@ class TextualInversionMethod(Method):
         missing = [record for record in self.context.training_set.records
                    if record.caption and not self._trigger_pattern.search(record.caption)]
         if missing:
-            logger.warning("%d of %d captions do not contain the trigger word '%s'; it is put in front of them "
-                           "(e.g. '%s, %s').", len(missing), len(self.context.training_set.records), self.trigger,
-                           self.trigger, missing[0].caption)
+            self.context.bus.warn(f"{len(missing)} of {len(self.context.training_set.records)} captions do not contain the "
+                                  f"trigger word '{self.trigger}'; it is put in front of them "
+                                  f"(e.g. '{self.trigger}, {missing[0].caption}').")
 
 
 def trigger_pattern(trigger: str) -> re.Pattern:

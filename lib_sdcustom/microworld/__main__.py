@@ -1,0 +1,128 @@
+"""Command line for the micro-world: `python -m lib_sdcustom.microworld COMMAND ...`.
+
+  samples OUT_DIR [--n N] [--seed S] [--concept NAME]   pretraining (or concept) images with .txt captions
+  train-judge OUT.safetensors [--steps N] [--seed S]    train the judge, report its accuracy, save it
+  eval-judge [PATH]                                     accuracy of a saved judge (default: the shipped one)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from PIL import Image
+
+from ..errors import OutputError, UserFacingError
+from ..files import output_path, write_atomically, write_text_atomically
+from .world import CONCEPTS, IMAGE_SIZE, concept_examples, pretraining_examples
+
+logger = logging.getLogger(__name__)
+
+
+def _grid(images: Sequence[Image.Image], columns: int = 16) -> Image.Image:
+    rows = (len(images) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * IMAGE_SIZE, max(rows, 1) * IMAGE_SIZE), (255, 255, 255))
+    for index, image in enumerate(images):
+        sheet.paste(image, ((index % columns) * IMAGE_SIZE, (index // columns) * IMAGE_SIZE))
+    return sheet
+
+
+def _save_png(image: Image.Image, target: Path) -> None:
+    write_atomically(target, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def write_samples(folder: Path, pairs: Iterable[Tuple[Image.Image, str]], *, overwrite: bool) -> int:
+    """Write `0000.png` + `0000.txt` per pair (a training-folder layout) and a `grid.png` of them all."""
+    images: List[Image.Image] = []
+    for index, (image, caption) in enumerate(pairs):
+        stem = f"{index:04d}"
+        _save_png(image, output_path(folder, stem, ".png", overwrite=overwrite))
+        write_text_atomically(output_path(folder, stem, ".txt", overwrite=overwrite), caption + "\n")
+        images.append(image)
+    _save_png(_grid(images), output_path(folder, "grid", ".png", overwrite=overwrite))
+    return len(images)
+
+
+def _format_report(report: Dict[str, Dict[str, float]]) -> str:
+    columns = list(next(iter(report.values())))
+    lines = ["condition    " + " ".join(f"{name:>10}" for name in columns)]
+    lines += [f"{condition:<12} " + " ".join(f"{scores[name]:>10.3f}" for name in columns)
+              for condition, scores in report.items()]
+    return "\n".join(lines)
+
+
+def _samples(args: argparse.Namespace) -> None:
+    if args.concept:
+        pairs = concept_examples(args.concept, args.seed, args.n)
+    else:
+        pairs = pretraining_examples(args.seed, args.n)
+    count = write_samples(Path(args.out_dir), pairs, overwrite=args.overwrite)
+    logger.info("Wrote %d images with captions and grid.png to %s", count, args.out_dir)
+
+
+def _train_judge(args: argparse.Namespace) -> None:
+    from .judge import robustness_report, train_judge  # torch only for the commands that need it
+
+    target = Path(args.out)
+    if target.suffix != ".safetensors":
+        raise OutputError(f"The judge file {target} must end in .safetensors.", "Name it e.g. judge.safetensors.")
+    output_path(target.parent, target.stem, ".safetensors", overwrite=args.overwrite)
+    output_path(target.parent, target.stem, ".json", overwrite=args.overwrite)
+    judge = train_judge(args.seed, args.steps)
+    report = robustness_report(judge, n=args.eval_n)
+    logger.info("Accuracy on %d unseen images:\n%s", args.eval_n, _format_report(report))
+    weights, labels = judge.save(target, info={"seed": args.seed, "steps": args.steps, "accuracy": report})
+    logger.info("Saved %s and %s", weights, labels)
+
+
+def _eval_judge(args: argparse.Namespace) -> None:
+    from .judge import load_judge, robustness_report
+
+    report = robustness_report(load_judge(Path(args.path) if args.path else None), n=args.eval_n)
+    logger.info("Accuracy on %d unseen images:\n%s", args.eval_n, _format_report(report))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lib_sdcustom.microworld", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    samples = commands.add_parser("samples", help="write generated images with captions")
+    samples.add_argument("out_dir")
+    samples.add_argument("--n", type=int, default=64)
+    samples.add_argument("--seed", type=int, default=0)
+    samples.add_argument("--concept", choices=sorted(CONCEPTS), help="a held-out concept instead of pretraining data")
+    samples.add_argument("--overwrite", action="store_true")
+    samples.set_defaults(run=_samples)
+
+    train = commands.add_parser("train-judge", help="train the attribute judge and save it")
+    train.add_argument("out", help="weights file, e.g. judge.safetensors (a .json is written beside it)")
+    train.add_argument("--steps", type=int, default=1000)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--eval-n", type=int, default=1000)
+    train.add_argument("--overwrite", action="store_true")
+    train.set_defaults(run=_train_judge)
+
+    evaluate = commands.add_parser("eval-judge", help="report a saved judge's accuracy")
+    evaluate.add_argument("path", nargs="?", help="judge .safetensors (default: the one shipped in the package)")
+    evaluate.add_argument("--eval-n", type=int, default=1000)
+    evaluate.set_defaults(run=_eval_judge)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except UserFacingError as error:
+        logger.error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
