@@ -3,6 +3,7 @@ loading path) and small generated image folders. Nothing here touches the networ
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,13 @@ write_images = write_sample_images
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return write_images(tmp_path / "images")
+
+
+def model_digest(bundle) -> str:
+    """sha256 over every tensor of the UNet, text encoder and VAE: proof a base was left untouched."""
+    hasher = hashlib.sha256()
+    for model in (bundle.unet, bundle.text_encoder, bundle.vae):
+        for key, value in sorted(model.state_dict().items()):
+            hasher.update(key.encode())
+            hasher.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return hasher.hexdigest()

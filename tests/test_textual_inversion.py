@@ -3,7 +3,6 @@ independent loader, learning, the base left untouched, and bad input refused bef
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import pickle
@@ -15,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import write_images
+from conftest import model_digest, write_images
 from lib_sdcustom.cli import main
 from lib_sdcustom.config import RunConfig
 from lib_sdcustom.errors import TrainingStopped
@@ -192,15 +191,6 @@ def test_pt_file_is_the_hosts_own_dict_and_passes_its_safe_unpickler(tiny_checkp
             expected = method.encode_captions([PROMPT])
         # No token given: diffusers takes it from the dict's `name`, which is the stem.
         torch.testing.assert_close(diffusers_encoding(tiny_checkpoint, path, PROMPT, token=None), expected, atol=1e-5, rtol=0)
-
-
-def model_digest(bundle) -> str:
-    hasher = hashlib.sha256()
-    for model in (bundle.unet, bundle.text_encoder, bundle.vae):
-        for key, value in sorted(model.state_dict().items()):
-            hasher.update(key.encode())
-            hasher.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return hasher.hexdigest()
 
 
 @torch.no_grad()

@@ -3,7 +3,6 @@ name mapping, resume, and the base model left untouched."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import model_digest
 from host_rules import host_target_for
 from lib_sdcustom.cli import main
 from lib_sdcustom.config import RunConfig
@@ -170,19 +170,10 @@ def test_every_written_module_maps_to_a_host_module(trained_files, tiny_checkpoi
 
 def test_base_model_is_left_bit_identical(tiny_checkpoint, image_folder, tmp_path):
     bundle = load_bundle(tiny_checkpoint)
-
-    def digest() -> str:
-        hasher = hashlib.sha256()
-        for model in (bundle.unet, bundle.text_encoder, bundle.vae):
-            for key, value in sorted(model.state_dict().items()):
-                hasher.update(key.encode())
-                hasher.update(value.detach().cpu().contiguous().numpy().tobytes())
-        return hasher.hexdigest()
-
-    before = digest()
+    before = model_digest(bundle)
     reference = model_outputs(bundle)
     train(make_config(tiny_checkpoint, image_folder, tmp_path / "out", steps=3), bundle=bundle)
-    assert digest() == before
+    assert model_digest(bundle) == before
     bundle.unet.eval()
     torch.testing.assert_close(model_outputs(bundle), reference, atol=0, rtol=0)
 

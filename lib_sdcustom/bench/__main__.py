@@ -1,4 +1,4 @@
-"""`python -m lib_sdcustom.bench lora|dreambooth`: print benchmark figures."""
+"""`python -m lib_sdcustom.bench lora|dreambooth`: print benchmark figures (numbers and ratios, no pass/fail)."""
 
 from __future__ import annotations
 
@@ -7,27 +7,25 @@ import sys
 
 from . import dreambooth, lora
 
+SCENARIOS = {
+    "lora": (lora, "LoRA steps/s and peak memory, batch 1 and 4, latent cache on/off.", 30),
+    "dreambooth": (dreambooth, "DreamBooth steps/s and peak memory, prior preservation and gradient checkpointing on/off.", 20),
+}
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m lib_sdcustom.bench")
     commands = parser.add_subparsers(dest="command", required=True)
-    lora_parser = commands.add_parser("lora", help="LoRA steps/s and peak memory, batch 1 and 4, latent cache on/off.")
-    lora_parser.add_argument("--steps", type=int, default=30)
-    one = commands.add_parser("lora-one", help=argparse.SUPPRESS)
-    one.add_argument("settings")
-    dreambooth_parser = commands.add_parser("dreambooth", help="DreamBooth steps/s and peak memory, prior preservation and "
-                                                               "gradient checkpointing on/off.")
-    dreambooth_parser.add_argument("--steps", type=int, default=20)
-    commands.add_parser("dreambooth-one", help=argparse.SUPPRESS).add_argument("settings")
+    for name, (module, help_text, default_steps) in SCENARIOS.items():
+        commands.add_parser(name, help=help_text).add_argument("--steps", type=int, default=default_steps)
+        commands.add_parser(module.CHILD_COMMAND, help=argparse.SUPPRESS).add_argument("settings")
     args = parser.parse_args()
-    if args.command == "lora-one":
-        lora.child_main(args.settings)
-    elif args.command == "dreambooth-one":
-        dreambooth.child_main(args.settings)
-    elif args.command == "dreambooth":
-        sys.stdout.write(dreambooth.report(dreambooth.run(args.steps)) + "\n")
+    children = {module.CHILD_COMMAND: module for module, _, _ in SCENARIOS.values()}
+    if args.command in children:
+        children[args.command].child(args.settings)
     else:
-        sys.stdout.write(lora.report(lora.run(args.steps)) + "\n")
+        module = SCENARIOS[args.command][0]
+        sys.stdout.write(module.report(module.run(args.steps)) + "\n")
     return 0
 
 

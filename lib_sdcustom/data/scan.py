@@ -229,7 +229,7 @@ def _content_warnings(records: List[ImageRecord]) -> List[str]:
     uncaptioned = sum(record.caption_source == "none" for record in records)
     if uncaptioned:
         warnings.append(f"{uncaptioned} of {len(records)} images have no caption file and no folder "
-                        "caption; they train with the instance prompt only.")
+                        "caption; their [filewords] is empty (LoRA trains them with the output name).")
     return warnings
 
 
