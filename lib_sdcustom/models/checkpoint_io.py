@@ -7,6 +7,7 @@ read with `from_pretrained(<local folder>)` only, never a hub id.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pickle
@@ -54,9 +55,33 @@ def _read_safetensors(path: Path) -> Dict[str, Any]:
                              "The file is damaged or incomplete; download it again.") from error
 
 
+class _LightningModelCheckpoint:
+    """Inert stand-in for the one class original SD `.ckpt` files pickle besides tensors.
+
+    The official SD 1.x checkpoints store pytorch_lightning's `ModelCheckpoint` callback (the class, as a
+    key of their 'callbacks' entry). The host's restricted unpickler allows exactly that name; we allow it
+    the same way, as this harmless empty class, so those files load without Lightning and without
+    trusting any other pickled object.
+    """
+
+    def __setstate__(self, state: Any) -> None:  # a pickled instance's state is dropped, never executed
+        del state
+
+
+_LightningModelCheckpoint.__module__ = "pytorch_lightning.callbacks.model_checkpoint"
+_LightningModelCheckpoint.__name__ = _LightningModelCheckpoint.__qualname__ = "ModelCheckpoint"
+
+
+def _allowing_lightning_callback():
+    """torch >= 2.5 can allow extra names in its weights-only unpickler; older torch refuses them."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    return safe_globals([_LightningModelCheckpoint]) if safe_globals else contextlib.nullcontext()
+
+
 def _read_pickle_weights_only(path: Path) -> Dict[str, Any]:
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with _allowing_lightning_callback():
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise ModelLoadError(
             f"{path} was refused: it is not a plain weights file (it carries pickled Python objects, which "
