@@ -15,11 +15,6 @@ from typing import Any
 
 from .errors import ConfigError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10, as in the A1111 venv
-    import tomli as tomllib
-
 NETWORK_METHODS = ("lora", "locon", "loha", "lokr")
 METHODS = NETWORK_METHODS + ("textual_inversion", "dreambooth", "dreambooth_lora")
 #: Learning rates that work for each method when --lr is not given (kohya / A1111 / diffusers practice).
@@ -318,7 +313,18 @@ def _coerce(value: Any, current: Any, where: str) -> Any:
     return value
 
 
+def _toml_module():
+    """tomllib, or tomli on Python 3.10 (the A1111 venv); imported late so that a missing tomli costs only
+    preset loading, not the import of the whole extension."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    return tomllib
+
+
 def load_config(path: Path) -> RunConfig:
+    tomllib = _toml_module()
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist.", "Check the path given to --config.")

@@ -57,8 +57,8 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> ModelBundle:
 
     unet_layout = ldm_keys.UNetLayout.from_diffusers_config(configs.unet)
     vae_layout = ldm_keys.VAELayout.from_diffusers_config(configs.vae)
-    unet_sd = _mapped_or_fail(ldm_keys.unet_to_diffusers(parts.unet, unet_layout), ldm_keys.UNET_PREFIX, mismatch)
-    vae_sd = _mapped_or_fail(ldm_keys.vae_to_diffusers(parts.vae, vae_layout), ldm_keys.VAE_PREFIX, mismatch)
+    unet_sd = mapped_or_fail(ldm_keys.unet_to_diffusers(parts.unet, unet_layout), ldm_keys.UNET_PREFIX, mismatch)
+    vae_sd = mapped_or_fail(ldm_keys.vae_to_diffusers(parts.vae, vae_layout), ldm_keys.VAE_PREFIX, mismatch)
     unet, vae, text_encoder = _build_modules(configs, unet_sd, vae_sd, parts.text_encoder, dtype, mismatch)
     logger.info("Loaded %s (%s, config: %s)", path, family.value, configs.source)
     return ModelBundle(
@@ -67,7 +67,7 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> ModelBundle:
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=load_clip_tokenizer(_tokenizer_dir(configs.text_encoder_dir)),
-        noise_scheduler=_ddpm(configs.scheduler),
+        noise_scheduler=training_scheduler(configs.scheduler),
         prediction_type=configs.prediction_type,
         clip_skip=1,
         identity=BaseIdentity(name=path.stem, path=path.resolve(), sha256=sha256_file(path),
@@ -94,7 +94,7 @@ def _key_list(keys: List[str]) -> str:
     return shown + (f" and {len(keys) - _SHOWN_KEYS} more" if len(keys) > _SHOWN_KEYS else "")
 
 
-def _mapped_or_fail(converted: ldm_keys.Converted, prefix: str,
+def mapped_or_fail(converted: ldm_keys.Converted, prefix: str,
                     mismatch: Callable[[str], ModelLoadError]) -> Dict[str, Any]:
     if converted.unmapped:
         raise mismatch(f"it has tensors the config does not describe: "
@@ -107,17 +107,17 @@ def _build_modules(configs: ModelConfigs, unet_sd: Dict[str, Any], vae_sd: Dict[
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet = _assign("UNet", lambda: UNet2DConditionModel(**configs.unet), unet_sd, dtype, mismatch)
-    vae = _assign("VAE", lambda: AutoencoderKL(**configs.vae), vae_sd, dtype, mismatch)
+    unet = build_with_weights("UNet", lambda: UNet2DConditionModel(**configs.unet), unet_sd, dtype, mismatch)
+    vae = build_with_weights("VAE", lambda: AutoencoderKL(**configs.vae), vae_sd, dtype, mismatch)
 
     def text_encoder_factory() -> torch.nn.Module:
         return CLIPTextModel(CLIPTextConfig.from_dict(dict(configs.text_encoder)))
 
-    text_encoder = _assign("text encoder", text_encoder_factory, text_sd, dtype, mismatch, canonical_text=True)
-    return _finish(unet, vae, text_encoder)
+    text_encoder = build_with_weights("text encoder", text_encoder_factory, text_sd, dtype, mismatch, canonical_text=True)
+    return finish_modules(unet, vae, text_encoder)
 
 
-def _assign(what: str, factory: Callable[[], torch.nn.Module], state: Mapping[str, Any], dtype: torch.dtype,
+def build_with_weights(what: str, factory: Callable[[], torch.nn.Module], state: Mapping[str, Any], dtype: torch.dtype,
             mismatch: Callable[[str], ModelLoadError], canonical_text: bool = False) -> torch.nn.Module:
     """Build a module with meta parameters and hand it the file's tensors (cast to `dtype`)."""
     from accelerate import init_empty_weights
@@ -159,7 +159,7 @@ def _short_load_error(module: torch.nn.Module, weights: Mapping[str, Any]) -> st
     return "; ".join(problems) or "the tensors do not fit the model"
 
 
-def _finish(unet: Any, vae: Any, text_encoder: Any):
+def finish_modules(unet: Any, vae: Any, text_encoder: Any):
     """Frozen, eval-mode modules with SDPA attention; each method unfreezes what it trains."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -177,7 +177,7 @@ def _tokenizer_dir(text_encoder_dir: Optional[Path]) -> Optional[Path]:
     return None
 
 
-def _ddpm(scheduler: Mapping[str, Any]) -> Any:
+def training_scheduler(scheduler: Mapping[str, Any]) -> Any:
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(**scheduler)
@@ -190,7 +190,7 @@ def _load_diffusers(folder: Path, dtype: torch.dtype) -> ModelBundle:
     # The folder's scheduler may be PNDM/DDIM/...; only the training schedule is taken from it.
     scheduler = {key: parts.scheduler_config.get(key, default) for key, default in stock.items()}
     scheduler["clip_sample"] = False
-    unet, vae, text_encoder = _finish(parts.unet, parts.vae, parts.text_encoder)
+    unet, vae, text_encoder = finish_modules(parts.unet, parts.vae, parts.text_encoder)
     logger.info("Loaded diffusers model %s (%s)", folder, family.value)
     return ModelBundle(
         family=family,
@@ -198,7 +198,7 @@ def _load_diffusers(folder: Path, dtype: torch.dtype) -> ModelBundle:
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=load_clip_tokenizer(parts.tokenizer_dir),
-        noise_scheduler=_ddpm(scheduler),
+        noise_scheduler=training_scheduler(scheduler),
         prediction_type=scheduler["prediction_type"],
         clip_skip=1,
         identity=BaseIdentity(name=folder.name, path=folder.resolve()),

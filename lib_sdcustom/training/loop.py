@@ -184,8 +184,9 @@ class TrainingLoop:
         while self.step < settings.total_steps:
             if self.cancel.cancelled:
                 state = self.save_state()
-                raise TrainingStopped(f"Training was cancelled at step {self.step}/{settings.total_steps}.",
-                                      f"Resume it with --resume {self.run_dir}" + (f" (state saved in {state})." if state else "."))
+                raise TrainingStopped(f"Training was cancelled at step {self.step}/{settings.total_steps}; its state is saved"
+                                      + (f" in {state}." if state else "."),
+                                      f"Resume from the run folder {self.run_dir} (CLI: --resume {self.run_dir}).")
             loss = self._optimizer_step()
             self.step += 1
             losses.append(loss)

@@ -1,0 +1,217 @@
+"""What the tab, the run manager and the API need from whoever hosts them, and a host over plain folders.
+
+The WebUI adapter (`host_a1111.py`) and `StandaloneHost` below implement the same small interface, so the
+tab and the API are written once and tested without the WebUI: the tab gets a `HostFacts` dataclass and
+never reaches for the host's globals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+from .config import RunConfig
+from .errors import ConfigError
+from .events import Event
+from .models.bundle import ModelBundle
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+class OutputKind(str, enum.Enum):
+    """The host folder (and refresh) a result belongs to."""
+
+    LORA = "lora"
+    EMBEDDING = "embedding"
+    CHECKPOINT = "checkpoint"
+    HYPERNETWORK = "hypernetwork"
+
+
+def output_kind(method: str) -> OutputKind:
+    if method == "textual_inversion":
+        return OutputKind.EMBEDDING
+    if method == "dreambooth":
+        return OutputKind.CHECKPOINT
+    if method == "hypernetwork":
+        return OutputKind.HYPERNETWORK
+    return OutputKind.LORA
+
+
+def trained_in_place(method: str) -> frozenset:
+    """Base components a method changes in place: a host must hand these over as copies, never shared.
+
+    Network methods hook the frozen base (nothing changes); Textual Inversion grows and trains the token
+    embedding; DreamBooth trains the UNet (and maybe the text encoder) itself.
+    """
+    if method == "dreambooth":
+        return frozenset({"unet", "text_encoder"})
+    if method == "textual_inversion":
+        return frozenset({"text_encoder"})
+    return frozenset()
+
+
+def prompt_snippet(method: str, name: str, weight: float = 0.8) -> str:
+    """What the user types in txt2img to use the result."""
+    kind = output_kind(method)
+    if kind is OutputKind.LORA:
+        return f"<lora:{name}:{weight:g}>"
+    if kind is OutputKind.HYPERNETWORK:
+        return f"<hypernet:{name}:1>"
+    if kind is OutputKind.EMBEDDING:
+        return name
+    return f"Select the checkpoint '{name}' at the top of txt2img."
+
+
+@dataclass
+class HostFacts:
+    """Everything the tab shows or defaults from its host; built by the host, injected into the tab."""
+
+    name: str  # "AUTOMATIC1111" or "standalone", shown in the tab
+    output_dirs: Dict[OutputKind, Path]
+    presets_dir: Path
+    checkpoints: List[str] = field(default_factory=list)  # standalone: the base models to pick from
+    default_clip_skip: int = 1
+    preview_every: int = 0
+    queue_note: str = ""  # e.g. "Generation waits while a training runs."
+    train_js: Optional[str] = None  # JS function run in the browser before the Train callback
+    after_train_js: Optional[str] = None  # JS run after it (refresh the extra-networks cards)
+    allowed_roots: List[Path] = field(default_factory=list)  # where API requests may point
+    missing_requirements: List[str] = field(default_factory=list)
+    gradio_css: str = ""  # standalone: the style sheet the host would otherwise load
+
+
+class Host:
+    """The interface; defaults are the plain-folder behaviour, the WebUI adapter overrides what differs."""
+
+    def facts(self) -> HostFacts:
+        raise NotImplementedError
+
+    def prepare(self, config: RunConfig, checkpoint: str = "") -> None:
+        """Fill what the host decides: the base model and the output folder for the method."""
+        raise NotImplementedError
+
+    def model_label(self) -> str:
+        """The model a run trains on when the host decides it (the WebUI's loaded checkpoint); '' if the user picks."""
+        return ""
+
+    def base_parameters(self, checkpoint: str = "") -> Optional[int]:
+        """Parameter count of the base a run would train (for the memory estimate); None if unknown."""
+        return None
+
+    def check_fit(self, config: RunConfig) -> None:
+        """Raise ModelLoadError when the method cannot train the chosen or loaded model (cheap, no load)."""
+
+    def bundle_for(self, config: RunConfig) -> Optional[ModelBundle]:
+        """The model to train on; None lets `train()` load `config.model.base` itself."""
+        return None
+
+    @contextlib.contextmanager
+    def session(self, config: RunConfig) -> Iterator[None]:
+        """Host state around one run (progress fields, model parking); restored however the run ends."""
+        yield
+
+    def on_event(self, event: Event) -> None:
+        """Mirror training events in the host's own progress display."""
+
+    def cancel_requested(self) -> bool:
+        """The host's own Interrupt button."""
+        return False
+
+    def refresh(self, kind: OutputKind, outputs: Sequence[Path]) -> None:
+        """Make the host list new files without a restart."""
+
+    def exclusive(self, work: Callable[[], Any]) -> Any:
+        """Run `work` holding the host's GPU queue (for runs started outside a queued UI call)."""
+        return work()
+
+    def wrap_tab_call(self, function: Callable[..., list], extra_outputs: list) -> Callable[..., list]:
+        """Wrap the Train button's callback in the host's GPU queue call."""
+        return function
+
+
+def _header_state(path: Path) -> Dict[str, Any]:
+    """Keys and shapes of a .safetensors file without reading its tensors (family checks are by keys)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: SimpleNamespace(shape=tuple(handle.get_slice(key).get_shape())) for key in handle.keys()}
+
+
+class StandaloneHost(Host):
+    """Plain folders under one models directory, the WebUI's layout: Stable-diffusion/, Lora/, embeddings/ ..."""
+
+    FOLDERS = {OutputKind.LORA: "Lora", OutputKind.EMBEDDING: "embeddings", OutputKind.CHECKPOINT: "Stable-diffusion",
+               OutputKind.HYPERNETWORK: "hypernetworks"}
+
+    def __init__(self, models_dir: Path, *, data_roots: Sequence[Path] = ()) -> None:
+        self.models_dir = Path(models_dir).resolve()
+        self.data_roots = [Path(root).resolve() for root in data_roots]
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.models_dir / self.FOLDERS[OutputKind.CHECKPOINT]
+
+    def checkpoints(self) -> List[str]:
+        folder = self.checkpoint_dir
+        if not folder.is_dir():
+            return []
+        return sorted(str(path.relative_to(folder)) for path in folder.rglob("*")
+                      if path.suffix.lower() in CHECKPOINT_SUFFIXES and path.is_file())
+
+    def facts(self) -> HostFacts:
+        from .deps import missing_runtime
+
+        return HostFacts(
+            name="standalone",
+            output_dirs={kind: self.models_dir / folder for kind, folder in self.FOLDERS.items()},
+            presets_dir=self.models_dir / "sdcustom-presets",
+            checkpoints=self.checkpoints(),
+            allowed_roots=[self.models_dir, *self.data_roots],
+            missing_requirements=missing_runtime(),
+        )
+
+    def prepare(self, config: RunConfig, checkpoint: str = "") -> None:
+        if checkpoint:
+            path = (self.checkpoint_dir / checkpoint).resolve()
+            if self.checkpoint_dir.resolve() not in path.parents:
+                raise ConfigError(f"The checkpoint {checkpoint!r} is not in {self.checkpoint_dir}.",
+                                  "Pick a checkpoint from the list.")
+            config.model.base = str(path)
+        if not config.model.base:
+            raise ConfigError(f"No base checkpoint chosen (none found in {self.checkpoint_dir}).",
+                              f"Put an SD1 .safetensors checkpoint into {self.checkpoint_dir} and pick it.")
+        if not config.output.out:
+            config.output.out = str(self.facts().output_dirs[output_kind(config.method)])
+
+    def base_parameters(self, checkpoint: str = "") -> Optional[int]:
+        path = self.checkpoint_dir / checkpoint
+        if not checkpoint or path.suffix.lower() != ".safetensors" or not path.is_file():
+            return None
+        total = 0
+        for value in _header_state(path).values():
+            count = 1
+            for size in value.shape:
+                count *= size
+            total += count
+        return total
+
+    def check_fit(self, config: RunConfig) -> None:
+        from .models.detect import detect_family
+
+        path = Path(config.model.base)
+        if path.suffix.lower() != ".safetensors" or not path.is_file():
+            return  # train() checks other kinds after loading, still before writing anything
+        try:
+            state = _header_state(path)
+        except Exception as error:  # a damaged file: the loader reports it with its own words
+            logger.debug("header read of %s failed: %s", path, error)
+            return
+        detect_family(state, path)  # raises ModelLoadError for SD2/SDXL/inpainting/non-models
+

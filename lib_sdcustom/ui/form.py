@@ -1,0 +1,122 @@
+"""The tab's option widgets, generated from the config dataclasses, and form values -> `RunConfig`.
+
+Options come from the same `option()` metadata the CLI and the TOML presets use (help text, choices), so a
+new setting appears in the tab without UI code; only the few inputs the tab lays out itself are listed here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from ..config import NETWORK_METHODS, SECTIONS, RunConfig, config_from_dict
+from ..errors import ConfigError
+
+#: Inputs the tab lays out itself (or the host decides), not in the option accordions.
+MAIN_FIELDS = {("model", "base"), ("data", "data"), ("output", "name"), ("output", "out"), ("output", "run_dir")}
+SECTION_TITLES = {
+    "model": "Model", "data": "Images and captions", "network": "Network (LoRA / LyCORIS)",
+    "textual_inversion": "Textual Inversion", "dreambooth": "DreamBooth", "optimizer": "Optimizer",
+    "training": "Training", "output": "Output",
+}
+#: Sections that only mean something for some methods; the others always show.
+SECTION_METHODS = {
+    "network": NETWORK_METHODS + ("dreambooth_lora",),
+    "textual_inversion": ("textual_inversion",),
+    "dreambooth": ("dreambooth", "dreambooth_lora"),
+}
+METHOD_LABELS = {"lora": "LoRA", "locon": "LoCon (LyCORIS)", "loha": "LoHa (LyCORIS)", "lokr": "LoKr (LyCORIS)",
+                 "textual_inversion": "Textual Inversion", "dreambooth": "DreamBooth (full fine-tune)",
+                 "dreambooth_lora": "DreamBooth-LoRA"}
+
+
+@dataclass(frozen=True)
+class OptionField:
+    section: str
+    name: str
+    kind: type
+    default: Any
+    help: str
+    choices: Optional[Tuple[str, ...]]
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    @property
+    def label(self) -> str:
+        return self.name.replace("_", " ").capitalize()
+
+    def coerce(self, value: Any) -> Any:
+        """Widget value -> the field's type (gradio hands numbers back as floats, blanks as None)."""
+        if value is None or value == "":
+            return self.default if self.kind is not str else ""
+        if self.kind is bool:
+            return bool(value)
+        if self.kind is int:
+            return int(round(float(value)))
+        if self.kind is float:
+            return float(value)
+        return str(value)
+
+
+def option_fields() -> List[OptionField]:
+    defaults = RunConfig()
+    found = []
+    for section in SECTIONS:
+        values = getattr(defaults, section)
+        for field in dataclasses.fields(values):
+            if (section, field.name) in MAIN_FIELDS:
+                continue
+            default = getattr(values, field.name)
+            found.append(OptionField(section, field.name, type(default), default, field.metadata.get("help", ""),
+                                     field.metadata.get("choices")))
+    return found
+
+
+def section_visible(section: str, method: str) -> bool:
+    return method in SECTION_METHODS.get(section, (method,))
+
+
+def uses_token(method: str) -> bool:
+    """Textual Inversion's trigger is the embedding's name; every other method learns a token phrase."""
+    return method != "textual_inversion"
+
+
+def apply_subject(config: RunConfig, token: str, subject_class: str) -> None:
+    """The token ('sks') and class ('dog') -> captions and prompts of the method, unless set explicitly."""
+    token, subject_class = (token or "").strip(), (subject_class or "").strip()
+    if not uses_token(config.method):
+        if subject_class and not config.textual_inversion.init_text:
+            config.textual_inversion.init_text = subject_class
+        return
+    if not token:
+        raise ConfigError("No token given.", "Type the rare word that will stand for your subject, e.g. 'sks', "
+                                             "and its class, e.g. 'dog'.")
+    phrase = f"{token} {subject_class}".strip()
+    if not config.data.default_caption:
+        config.data.default_caption = phrase
+    if config.method in SECTION_METHODS["dreambooth"]:
+        dreambooth = config.dreambooth
+        dreambooth.instance_prompt = dreambooth.instance_prompt or f"a photo of {phrase}"
+        if subject_class and not dreambooth.class_prompt:
+            dreambooth.class_prompt = f"a photo of a {subject_class}"
+
+
+def config_from_form(method: str, folder: str, name: str, token: str, subject_class: str,
+                     fields: Sequence[OptionField], values: Sequence[Any], *, subject: bool = True) -> RunConfig:
+    """`subject=False` keeps the token out of the settings (a preset must not freeze one subject's captions)."""
+    nested: Dict[str, Any] = {"method": method, "data": {"data": (folder or "").strip()},
+                              "output": {"name": (name or "").strip()}}
+    for field, value in zip(fields, values):
+        nested.setdefault(field.section, {})[field.name] = field.coerce(value)
+    config = config_from_dict(nested, source="the form")
+    if subject:
+        apply_subject(config, token, subject_class)
+    return config
+
+
+def form_values(config: RunConfig, fields: Sequence[OptionField]) -> List[Any]:
+    """A config (a loaded preset) -> widget values in `fields` order."""
+    return [getattr(getattr(config, field.section), field.name) for field in fields]

@@ -1,0 +1,13 @@
+"""Entry file the WebUI executes at start (HOST.md 1.1): the Customize tab, its settings and its API routes.
+
+Only registration lives here; the behaviour is in the `lib_sdcustom` package next to this folder (importable
+now, while the WebUI has the extension root on sys.path), behind its one host adapter, `host_a1111`.
+"""
+
+from modules import script_callbacks
+
+from lib_sdcustom import host_a1111
+
+script_callbacks.on_ui_tabs(host_a1111.ui_tabs)
+script_callbacks.on_ui_settings(host_a1111.register_settings)
+script_callbacks.on_app_started(host_a1111.app_started)

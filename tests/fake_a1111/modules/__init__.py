@@ -1,0 +1,1 @@
+"""Fake `modules` package of the WebUI, for tests only (see ../README.md)."""
