@@ -213,5 +213,8 @@ class StandaloneHost(Host):
         except Exception as error:  # a damaged file: the loader reports it with its own words
             logger.debug("header read of %s failed: %s", path, error)
             return
-        detect_family(state, path)  # raises ModelLoadError for SD2/SDXL/inpainting/non-models
+        from .train import require_trainable_family
+
+        # detect_family raises for inpainting and non-models; SD2/SDXL load but cannot be trained yet.
+        require_trainable_family(detect_family(state, path), path.name)
 

@@ -97,9 +97,10 @@ def _place_models(bundle: ModelBundle, accelerator, mixed_precision: str) -> Non
     bundle.vae.to(dtype=torch.float32)  # the VAE overflows in fp16; it only encodes, once per image
 
 
-def _check_family(bundle: ModelBundle) -> None:
-    if bundle.family not in SUPPORTED_FAMILIES:
-        raise ModelLoadError(f"{bundle.identity.name} is an {bundle.family.value.upper()} model; this version trains SD1.x models only.",
+def require_trainable_family(family: ModelFamily, name: str) -> None:
+    """SD2 and SDXL models load, but no method trains them yet; say so before any work is done."""
+    if family not in SUPPORTED_FAMILIES:
+        raise ModelLoadError(f"{name} is an {family.value.upper()} model; this version trains SD1.x models only.",
                              "Pick an SD1.x checkpoint (SD 1.4/1.5 or a model fine-tuned from them).")
 
 
@@ -126,7 +127,7 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
         from .models.loader import load_bundle
 
         bundle = load_bundle(Path(config.model.base))
-    _check_family(bundle)
+    require_trainable_family(bundle.family, bundle.identity.name)
     _place_models(bundle, accelerator, config.training.mixed_precision)
     if config.training.gradient_checkpointing:
         bundle.unet.enable_gradient_checkpointing()

@@ -108,7 +108,7 @@ def test_bad_yaml_is_reported_with_its_path(tmp_path, text, message):
     (lambda p: p["unet_config"]["params"].pop("model_channels"), "model_channels"),
     (lambda p: p["first_stage_config"]["params"]["ddconfig"].update(attn_resolutions=[32]), "attn_resolutions"),
     (lambda p: p.update(parameterization="x0"), "parameterization"),
-    (lambda p: p["cond_stage_config"].update(target="ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"),
+    (lambda p: p["cond_stage_config"].update(target="ldm.modules.encoders.modules.FrozenT5Embedder"),
      "FrozenCLIPEmbedder"),
 ])
 def test_unsupported_yaml_contents_are_named(edit, message):

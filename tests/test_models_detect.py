@@ -1,4 +1,5 @@
-"""Family detection from key sets: SD1 loads; every other kind of file gets a message saying what it is."""
+"""Family detection from key sets: plain SD1, SD2 and SDXL load; every other kind of file gets a message saying
+what it is."""
 
 from __future__ import annotations
 
@@ -39,22 +40,28 @@ def sd2_keys():
 def sdxl_keys(in_channels=4):
     return {
         "model.diffusion_model.input_blocks.0.0.weight": meta(320, in_channels, 3, 3),
+        "first_stage_model.encoder.conv_in.weight": meta(128, 3, 3, 3),
         "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": meta(49408, 768),
         "conditioner.embedders.1.model.ln_final.weight": meta(1280),
         "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": meta(1280),
     }
 
 
-def test_sd1_is_accepted():
-    assert detect.detect_family(sd1_keys(), PATH) is ModelFamily.SD1
+@pytest.mark.parametrize("keys, family", [(sd1_keys(), ModelFamily.SD1), (sd2_keys(), ModelFamily.SD2),
+                                          (sdxl_keys(), ModelFamily.SDXL)])
+def test_plain_base_models_are_accepted(keys, family):
+    assert detect.detect_family(keys, PATH) is family
 
 
 @pytest.mark.parametrize("keys, kind, message", [
-    (sd2_keys(), detect.SD2, "SD2.x checkpoint; SD2 is not supported yet"),
-    (sdxl_keys(), detect.SDXL, "SDXL checkpoint; SDXL is not supported yet"),
-    (sdxl_keys(in_channels=9), detect.SDXL, "SDXL checkpoint"),
+    (sdxl_keys(in_channels=9), detect.SDXL, "SDXL inpainting checkpoint"),
+    ({**sd2_keys(), "model.diffusion_model.input_blocks.0.0.weight": meta(320, 9, 3, 3)}, detect.SD2,
+     "SD2 inpainting checkpoint"),
+    ({**sd2_keys(), "embedder.model.ln_final.weight": meta(1024)}, detect.UNCLIP, "unCLIP"),
     ({"conditioner.embedders.0.model.ln_final.weight": meta(1280),
       "model.diffusion_model.input_blocks.0.0.weight": meta(384, 4, 3, 3)}, detect.SDXL_REFINER, "SDXL refiner"),
+    ({"conditioner.embedders.0.model.ln_final.weight": meta(1024),
+      "model.diffusion_model.input_blocks.0.0.weight": meta(320, 4, 3, 3)}, detect.SD2_TURBO, "SD2-Turbo"),
     ({"model.diffusion_model.x_embedder.proj.weight": meta(1536, 16, 2, 2)}, detect.SD3, "Stable Diffusion 3"),
     (sd1_keys(in_channels=9), detect.SD1, "inpainting checkpoint (9 UNet input channels)"),
     (sd1_keys(in_channels=8), detect.SD1, "takes 8 input channels"),
@@ -89,6 +96,11 @@ def test_incomplete_sd1_names_the_missing_parts():
     del keys["first_stage_model.encoder.conv_in.weight"]
     with pytest.raises(ModelLoadError, match="incomplete SD1 checkpoint: it has no VAE"):
         detect.detect_family(keys, PATH)
+    keys = sdxl_keys()
+    del keys["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"]
+    with pytest.raises(ModelLoadError, match=r"incomplete SDXL checkpoint: it has no first text encoder "
+                                             r"\('conditioner.embedders.0.transformer.\*'\)"):
+        detect.detect_family(keys, PATH)
 
 
 def _diffusers_folder(root: Path, *, text_act="quick_gelu", in_channels=4, linear=False, second_te=False):
@@ -105,8 +117,10 @@ def _diffusers_folder(root: Path, *, text_act="quick_gelu", in_channels=4, linea
 
 def test_diffusers_folder_families(tmp_path):
     assert detect.detect_diffusers_family(_diffusers_folder(tmp_path / "sd1")) is ModelFamily.SD1
-    cases = [(dict(second_te=True), "SDXL"), (dict(text_act="gelu", linear=True), "SD2"),
-             (dict(in_channels=9), "inpainting")]
+    assert detect.detect_diffusers_family(_diffusers_folder(tmp_path / "sdxl", second_te=True)) is ModelFamily.SDXL
+    assert detect.detect_diffusers_family(_diffusers_folder(tmp_path / "sd2", text_act="gelu", linear=True)) \
+        is ModelFamily.SD2
+    cases = [(dict(in_channels=9), "SD1 inpainting"), (dict(second_te=True, in_channels=9), "SDXL inpainting")]
     for index, (options, message) in enumerate(cases):
         with pytest.raises(ModelLoadError, match=message):
             detect.detect_diffusers_family(_diffusers_folder(tmp_path / str(index), **options))

@@ -34,12 +34,21 @@ class BaseIdentity:
 
 @dataclass
 class ModelBundle:
-    """UNet, VAE, text encoder and tokenizer of one base, plus the facts training and export need.
+    """UNet, VAE, text encoder(s) and tokenizer(s) of one base, plus the facts training and export need.
 
     `ldm_config` keeps the original LDM YAML (as a dict) when there was one, so exports of non-standard
     models can write it beside their checkpoint. `ldm_extras` keeps the checkpoint's tensors that no
-    diffusers module owns (`alphas_cumprod`, EMA copies, `position_ids`, ...) so that a checkpoint written
-    back holds the same key set as the one read.
+    diffusers module owns (`alphas_cumprod`, EMA copies, `position_ids`, SD2's unused last text block, ...)
+    so that a checkpoint written back holds the same key set as the one read.
+
+    Text encoders per family, and what the host conditions on:
+    - SD1: `text_encoder` (CLIP ViT-L) -> last hidden state (or `clip_skip`).
+    - SD2: `text_encoder` holds the OpenCLIP ViT-H blocks the model runs (all but the last), so its
+      `last_hidden_state` (after the final layer norm) is SD2's conditioning; `tokenizer` pads with id 0.
+    - SDXL: `text_encoder` (CLIP-L) and `text_encoder_2` (OpenCLIP bigG, `CLIPTextModelWithProjection`);
+      the context is both encoders' penultimate hidden states (`hidden_states[-2]`, no final norm)
+      concatenated, 768 + 1280 wide, and `text_embeds` of `text_encoder_2` is the pooled vector the UNet
+      takes with the size/crop `time_ids`; `tokenizer` pads with the end token, `tokenizer_2` with id 0.
     """
 
     family: ModelFamily
@@ -53,7 +62,14 @@ class ModelBundle:
     identity: BaseIdentity = field(default_factory=lambda: BaseIdentity(name="unknown"))
     ldm_config: dict | None = None
     ldm_extras: dict[str, Any] = field(default_factory=dict)
+    text_encoder_2: Any = None  # SDXL: transformers.CLIPTextModelWithProjection (OpenCLIP bigG)
+    tokenizer_2: Any = None  # SDXL: transformers.CLIPTokenizer padding with id 0, as open_clip does
 
     @property
     def vae_scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
+
+    @property
+    def text_encoders(self) -> tuple:
+        """Every text encoder of the base, in checkpoint order (one for SD1/SD2, two for SDXL)."""
+        return tuple(encoder for encoder in (self.text_encoder, self.text_encoder_2) if encoder is not None)

@@ -45,6 +45,24 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
     return state
 
 
+def read_metadata(path: Path) -> Dict[str, str]:
+    """The `__metadata__` strings of a `.safetensors` file (empty for other files and unreadable headers).
+
+    Only decides things the weights cannot (SD2's prediction type without a YAML), so a damaged header is
+    left for `read_checkpoint` to report.
+    """
+    path = Path(path)
+    if path.suffix.lower() != SAFETENSORS_SUFFIX:
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception:  # noqa: BLE001 - the safetensors error class moved between versions; see the docstring
+        return {}
+
+
 def _read_safetensors(path: Path) -> Dict[str, Any]:
     from safetensors.torch import load_file
 
@@ -102,6 +120,9 @@ def is_diffusers_folder(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / "model_index.json").is_file()
 
 
+SDXL_DIFFUSERS_PARTS = ("text_encoder_2", "tokenizer_2")
+
+
 @dataclass
 class DiffusersParts:
     unet: Any
@@ -109,23 +130,32 @@ class DiffusersParts:
     text_encoder: Any
     scheduler_config: Dict[str, Any]
     tokenizer_dir: Optional[Path]
+    text_encoder_2: Any = None  # SDXL's CLIPTextModelWithProjection
+    tokenizer_2_dir: Optional[Path] = None
 
 
-def load_diffusers_folder(folder: Path, dtype: torch.dtype) -> DiffusersParts:
-    """UNet, VAE and text encoder of a local diffusers SD model; raises ModelLoadError for missing parts."""
+def load_diffusers_folder(folder: Path, dtype: torch.dtype, *, second_text_encoder: bool = False) -> DiffusersParts:
+    """UNet, VAE and text encoder(s) of a local diffusers SD model; raises ModelLoadError for missing parts.
+
+    `second_text_encoder` (SDXL) also loads `text_encoder_2` as a `CLIPTextModelWithProjection`.
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     folder = Path(folder).resolve()
-    missing = [part for part in DIFFUSERS_PARTS if not (folder / part).is_dir()]
+    wanted = DIFFUSERS_PARTS + (SDXL_DIFFUSERS_PARTS if second_text_encoder else ())
+    missing = [part for part in wanted if not (folder / part).is_dir()]
     if missing:
         raise ModelLoadError(f"The diffusers model folder {folder} lacks {', '.join(missing)}/.",
-                             "Use a complete diffusers Stable Diffusion folder (unet, vae, text_encoder, "
-                             "tokenizer, model_index.json).")
+                             f"Use a complete diffusers Stable Diffusion folder ({', '.join(wanted)}, "
+                             "model_index.json).")
     try:
         unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), local_files_only=True, torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(str(folder / "vae"), local_files_only=True, torch_dtype=dtype)
         text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True)
+        text_encoder_2 = (CLIPTextModelWithProjection.from_pretrained(str(folder / "text_encoder_2"),
+                                                                      local_files_only=True).to(dtype)
+                          if second_text_encoder else None)
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(f"Could not load the diffusers model in {folder}: {error}",
                              "Check that every part holds its config.json and weights.") from error
@@ -137,4 +167,6 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype) -> DiffusersParts:
         except ValueError as error:
             raise ModelLoadError(f"Could not read {scheduler_path}: {error}", "Fix or remove the file.") from error
     return DiffusersParts(unet=unet, vae=vae, text_encoder=text_encoder.to(dtype),
-                          scheduler_config=scheduler_config, tokenizer_dir=folder / "tokenizer")
+                          scheduler_config=scheduler_config, tokenizer_dir=folder / "tokenizer",
+                          text_encoder_2=text_encoder_2,
+                          tokenizer_2_dir=folder / "tokenizer_2" if second_text_encoder else None)

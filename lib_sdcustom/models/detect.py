@@ -14,15 +14,17 @@ from typing import Any, Mapping
 
 from ..errors import ModelLoadError
 from .bundle import ModelFamily
-from .ldm_keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX
+from .ldm_keys import TEXT_ENCODER_PREFIX, TEXT_SLOTS, UNET_PREFIX, VAE_PREFIX
 
 logger = logging.getLogger(__name__)
 
-# Kinds of file; only SD1 loads today.
+# Kinds of file; plain (4-channel) SD1, SD2 and SDXL base models load.
 SD1 = "sd1"
 SD2 = "sd2"
 SDXL = "sdxl"
 SDXL_REFINER = "sdxl_refiner"
+SD2_TURBO = "sd2_turbo"
+UNCLIP = "unclip"
 SD3 = "sd3"
 LORA = "lora"
 EMBEDDING = "embedding"
@@ -33,7 +35,12 @@ UNKNOWN = "unknown"
 _SD3_KEY = UNET_PREFIX + "x_embedder.proj.weight"
 _SDXL_PREFIX = "conditioner.embedders.1.model."
 _SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."
+_REFINER_LN_FINAL = _SDXL_REFINER_PREFIX + "ln_final.weight"
 _SD2_PREFIX = "cond_stage_model.model."
+_UNCLIP_KEY = "embedder.model.ln_final.weight"
+_FAMILIES = {SD1: ModelFamily.SD1, SD2: ModelFamily.SD2, SDXL: ModelFamily.SDXL}
+_PART_NAMES = {ModelFamily.SD1: ("text encoder",), ModelFamily.SD2: ("text encoder",),
+               ModelFamily.SDXL: ("first text encoder", "second text encoder")}
 _UNET_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
 _LORA_MARKERS = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".hada_w1_a", ".lokr_w1", ".oft_",
                  ".lora.down.", ".lora.up.", ".dora_scale")
@@ -41,7 +48,8 @@ _LORA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_"
 _EMBEDDING_KEYS = {"string_to_param", "string_to_token", "emb_params", "clip_l", "clip_g"}
 _HYPERNETWORK_WIDTHS = {320, 640, 768, 1024, 1280}
 
-_NOT_SUPPORTED_FIX = "Pick an SD1.x base checkpoint (such as v1-5-pruned-emaonly.safetensors) for now."
+_NOT_SUPPORTED_FIX = ("Pick an SD1.x, SD2.x or SDXL base checkpoint (such as v1-5-pruned-emaonly.safetensors or "
+                      "sd_xl_base_1.0.safetensors).")
 
 
 def _in_channels(state: Mapping[str, Any]) -> int:
@@ -58,7 +66,11 @@ def classify(state: Mapping[str, Any]) -> str:
     if any(key.startswith(_SDXL_PREFIX) for key in names):
         return SDXL
     if any(key.startswith(_SDXL_REFINER_PREFIX) for key in names):
-        return SDXL_REFINER
+        # The host loads SD2-Turbo's layout (a 1024-wide tower at embedders.0) as SD2 after renaming its keys.
+        ln_final = state.get(_REFINER_LN_FINAL)
+        return SD2_TURBO if tuple(getattr(ln_final, "shape", ())) == (1024,) else SDXL_REFINER
+    if _UNCLIP_KEY in state:
+        return UNCLIP
     if any(key.startswith(_SD2_PREFIX) for key in names):
         return SD2
     if _UNET_IN_KEY in state or any(key.startswith(TEXT_ENCODER_PREFIX) for key in names):
@@ -77,35 +89,44 @@ def classify(state: Mapping[str, Any]) -> str:
 
 
 def _describe(kind: str, in_channels: int) -> str:
-    if kind == SDXL:
-        return "an SDXL checkpoint; SDXL is not supported yet"
-    if kind == SDXL_REFINER:
-        return "an SDXL refiner checkpoint; SDXL is not supported yet"
-    if kind == SD3:
-        return "a Stable Diffusion 3 checkpoint, which is not supported"
-    if kind == SD2:
-        return "an SD2.x checkpoint; SD2 is not supported yet"
-    if in_channels == 9:
-        return "an inpainting checkpoint (9 UNet input channels); inpainting models are not supported"
-    return f"a checkpoint whose UNet takes {in_channels} input channels (an edit or depth model), not supported"
+    family = {SD1: "SD1", SD2: "SD2", SDXL: "SDXL"}.get(kind)
+    if family and in_channels == 9:
+        return f"an {family} inpainting checkpoint (9 UNet input channels); inpainting models are not supported"
+    if family:
+        return (f"an {family} checkpoint whose UNet takes {in_channels} input channels (an edit or depth model), "
+                "not supported")
+    return {
+        SDXL_REFINER: "an SDXL refiner checkpoint; only SDXL base models are supported",
+        SD2_TURBO: "an SD2-Turbo checkpoint (its text encoder is stored where SDXL's refiner keeps it), "
+                   "not supported yet",
+        UNCLIP: "an SD2 unCLIP (image variation) checkpoint, not supported",
+        SD3: "a Stable Diffusion 3 checkpoint, which is not supported",
+    }[kind]
+
+
+def _missing_parts(state: Mapping[str, Any], family: ModelFamily) -> list:
+    parts = [("UNet", UNET_PREFIX), ("VAE", VAE_PREFIX)]
+    parts += [(name, slot.prefix) for name, slot in zip(_PART_NAMES[family], TEXT_SLOTS[family])]
+    return [f"{name} ('{prefix}*')" for name, prefix in parts
+            if not any(isinstance(key, str) and key.startswith(prefix) for key in state)]
 
 
 def detect_family(state: Mapping[str, Any], path: Path) -> ModelFamily:
-    """The family of a single-file checkpoint; anything but a plain SD1 model raises ModelLoadError."""
+    """The family of a single-file checkpoint; anything but a plain SD1, SD2 or SDXL base model raises
+    ModelLoadError saying what the file is."""
     kind = classify(state)
     in_channels = _in_channels(state)
     logger.debug("%s looks like %s (UNet input channels %d)", path, kind, in_channels)
-    if kind == SD1 and in_channels == 4:
-        parts = {"UNet": UNET_PREFIX, "VAE": VAE_PREFIX, "text encoder": TEXT_ENCODER_PREFIX}
-        missing = [f"{name} ('{prefix}*')" for name, prefix in parts.items()
-                   if not any(isinstance(key, str) and key.startswith(prefix) for key in state)]
+    if kind in _FAMILIES and in_channels == 4:
+        family = _FAMILIES[kind]
+        missing = _missing_parts(state, family)
         if missing:
-            raise ModelLoadError(f"{path} is an incomplete SD1 checkpoint: it has no {' and no '.join(missing)} "
-                                 "weights.",
-                                 "Pick a full checkpoint (UNet, VAE and text encoder in one file), or bake the "
+            raise ModelLoadError(f"{path} is an incomplete {family.value.upper()} checkpoint: it has no "
+                                 f"{' and no '.join(missing)} weights.",
+                                 "Pick a full checkpoint (UNet, VAE and text encoders in one file), or bake the "
                                  "missing part in with the WebUI's checkpoint merger.")
-        return ModelFamily.SD1
-    if kind in (SD1, SD2, SDXL, SDXL_REFINER, SD3):
+        return family
+    if kind in (SD1, SD2, SDXL, SDXL_REFINER, SD2_TURBO, UNCLIP, SD3):
         raise ModelLoadError(f"{path} is {_describe(kind, in_channels)}.", _NOT_SUPPORTED_FIX)
     what = {
         LORA: "a LoRA/LyCORIS network, not a base model",
@@ -114,8 +135,8 @@ def detect_family(state: Mapping[str, Any], path: Path) -> ModelFamily:
         VAE: "a stand-alone VAE, not a full checkpoint",
     }.get(kind, "not a Stable Diffusion checkpoint (none of its keys is a UNet, VAE or text-encoder key)")
     raise ModelLoadError(f"{path} is {what}.",
-                         "Choose a Stable Diffusion 1.x checkpoint (.safetensors) or a diffusers model folder "
-                         "as the base model.")
+                         "Choose a Stable Diffusion 1.x, 2.x or SDXL checkpoint (.safetensors) or a diffusers "
+                         "model folder as the base model.")
 
 
 def detect_diffusers_family(folder: Path) -> ModelFamily:
@@ -137,6 +158,6 @@ def detect_diffusers_family(folder: Path) -> ModelFamily:
     else:
         kind = SD1
     in_channels = int(unet.get("in_channels", 4))
-    if kind == SD1 and in_channels == 4:
-        return ModelFamily.SD1
+    if in_channels == 4:
+        return _FAMILIES[kind]
     raise ModelLoadError(f"{folder} is {_describe(kind, in_channels)}.", _NOT_SUPPORTED_FIX)

@@ -8,21 +8,33 @@ attend. Computing it (instead of listing SD1.5's keys) is what lets 2-level test
 3-level UNet use the same code.
 
 Text-encoder keys are kept in their *canonical* form `text_model.*` (the layout of transformers 4.x modules
-and of every HF checkpoint). transformers 5 dropped the `text_model` wrapper from `CLIPTextModel`, so use
-`text_encoder_state_dict` / `text_encoder_load_keys` when talking to a live module.
+and of every HF checkpoint; `CLIPTextModelWithProjection` adds a top-level `text_projection.weight`).
+transformers 5 dropped the `text_model` wrapper from `CLIPTextModel`, so use `text_encoder_state_dict` /
+`text_encoder_load_keys` when talking to a live module.
+
+Where the text encoders sit depends on the family (`TEXT_SLOTS`): SD1 one transformers CLIP under
+`cond_stage_model.transformer.`, SD2 one open_clip tower under `cond_stage_model.model.`, SDXL a transformers
+CLIP-L under `conditioner.embedders.0.transformer.` and an open_clip bigG under `conditioner.embedders.1.model.`
+(open_clip names are translated by `open_clip_keys`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from .bundle import ModelFamily
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+SD2_TEXT_ENCODER_PREFIX = "cond_stage_model.model."
+SDXL_TEXT_ENCODER_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_TEXT_ENCODER_2_PREFIX = "conditioner.embedders.1.model."
 CANONICAL_TEXT_ROOT = "text_model."
+PROJECTION_ROOT = "text_projection."  # CLIPTextModelWithProjection's only module outside `text_model`
 POSITION_IDS_KEY = "text_model.embeddings.position_ids"
 # Old SD1 checkpoints store the CLIP tower one level up; the host renames these on load, and so do we.
 _LEGACY_TEXT_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
@@ -57,16 +69,19 @@ PrefixPairs = List[Tuple[str, str]]  # (ldm module path, diffusers module path)
 
 @dataclass(frozen=True)
 class UNetLayout:
-    """The shape facts that decide UNet key names: one flag per resolution level, res blocks per level."""
+    """The shape facts that decide UNet key names: one flag per resolution level, res blocks per level, and
+    whether SDXL's size/crop embedding (`label_emb`, diffusers `add_embedding`) is there."""
 
     attention_levels: Tuple[bool, ...]
     layers_per_block: int
+    label_emb: bool = False
 
     @classmethod
     def from_diffusers_config(cls, config: Mapping[str, Any]) -> "UNetLayout":
         return cls(
             attention_levels=tuple("CrossAttn" in kind for kind in config["down_block_types"]),
             layers_per_block=int(config["layers_per_block"]),
+            label_emb=config.get("addition_embed_type") == "text_time",
         )
 
 
@@ -95,6 +110,8 @@ def unet_prefix_pairs(layout: UNetLayout) -> PrefixPairs:
         ("out.0", "conv_norm_out"),
         ("out.2", "conv_out"),
     ]
+    if layout.label_emb:  # sgm's `label_emb = Sequential(Sequential(Linear, SiLU, Linear))`
+        pairs += [("label_emb.0.0", "add_embedding.linear_1"), ("label_emb.0.2", "add_embedding.linear_2")]
     for level in range(levels):
         for j in range(layout.layers_per_block):
             block = 1 + level * per_level + j
@@ -231,7 +248,7 @@ def canonical_text_key(ldm_key: str) -> str:
 
 def canonical_text_encoder_keys(sd: Mapping[str, Any]) -> Dict[str, Any]:
     """A text-encoder state dict from any transformers version -> canonical `text_model.*` keys."""
-    return {key if key.startswith(CANONICAL_TEXT_ROOT) else CANONICAL_TEXT_ROOT + key: value
+    return {key if key.startswith((CANONICAL_TEXT_ROOT, PROJECTION_ROOT)) else CANONICAL_TEXT_ROOT + key: value
             for key, value in sd.items()}
 
 
@@ -280,44 +297,72 @@ def text_encoder_module_paths(text_encoder: torch.nn.Module) -> Dict[str, str]:
             for name in _linear_or_conv_names(root)}
 
 
+@dataclass(frozen=True)
+class TextSlot:
+    """Where one text encoder sits in a checkpoint, and whether its keys are open_clip's or transformers'."""
+
+    prefix: str
+    open_clip: bool
+
+
+TEXT_SLOTS: Dict[ModelFamily, Tuple[TextSlot, ...]] = {
+    ModelFamily.SD1: (TextSlot(TEXT_ENCODER_PREFIX, open_clip=False),),
+    ModelFamily.SD2: (TextSlot(SD2_TEXT_ENCODER_PREFIX, open_clip=True),),
+    ModelFamily.SDXL: (TextSlot(SDXL_TEXT_ENCODER_PREFIX, open_clip=False),
+                       TextSlot(SDXL_TEXT_ENCODER_2_PREFIX, open_clip=True)),
+}
+
+
 @dataclass
 class LdmParts:
-    """A single-file checkpoint split by owner, prefixes removed; text-encoder keys canonical.
+    """A single-file checkpoint split by owner, prefixes removed.
 
-    `extras` keeps, under their original keys, the tensors no module owns (`alphas_cumprod`, `model_ema.*`,
-    `position_ids`, ...). `position_ids` goes there too: transformers 4 keeps it as a persistent buffer and 5
-    does not, so treating it as file data keeps both versions' round trips exact.
+    Text-encoder keys are in their slot's names: canonical transformers keys, or open_clip keys (SD2's
+    encoder, SDXL's second) for `open_clip_keys` to translate. `extras` keeps, under their original keys,
+    the tensors no module owns (`alphas_cumprod`, `model_ema.*`, `position_ids`, ...). `position_ids` goes
+    there too: transformers 4 keeps it as a persistent buffer and 5 does not, so treating it as file data
+    keeps both versions' round trips exact.
     """
 
     unet: Dict[str, Any]
     vae: Dict[str, Any]
     text_encoder: Dict[str, Any]
     extras: Dict[str, Any]
+    text_encoder_2: Dict[str, Any] = field(default_factory=dict)
 
 
-def split_ldm_state_dict(state: Mapping[str, Any]) -> LdmParts:
+def split_ldm_state_dict(state: Mapping[str, Any], family: ModelFamily = ModelFamily.SD1) -> LdmParts:
     parts = LdmParts({}, {}, {}, {})
+    slots = TEXT_SLOTS[family]
+    targets = (parts.text_encoder, parts.text_encoder_2)
     for key, value in state.items():
         if key.startswith(UNET_PREFIX):
             parts.unet[key[len(UNET_PREFIX):]] = value
-        elif key.startswith(VAE_PREFIX):
+            continue
+        if key.startswith(VAE_PREFIX):
             parts.vae[key[len(VAE_PREFIX):]] = value
-        elif key.startswith(TEXT_ENCODER_PREFIX):
-            canonical = canonical_text_key(key[len(TEXT_ENCODER_PREFIX):])
-            if canonical == POSITION_IDS_KEY:
-                parts.extras[key] = value
-            else:
-                parts.text_encoder[canonical] = value
-        else:
+            continue
+        index = next((i for i, slot in enumerate(slots) if key.startswith(slot.prefix)), None)
+        if index is None:
             parts.extras[key] = value
+            continue
+        inner = key[len(slots[index].prefix):]
+        canonical = inner if slots[index].open_clip else canonical_text_key(inner)
+        if canonical == POSITION_IDS_KEY:
+            parts.extras[key] = value
+        else:
+            targets[index][canonical] = value
     return parts
 
 
 def join_ldm_state_dict(unet: Mapping[str, Any], vae: Mapping[str, Any], text_encoder: Mapping[str, Any],
-                        extras: Mapping[str, Any]) -> Dict[str, Any]:
-    """Inverse of `split_ldm_state_dict`: LDM-named component dicts (TE canonical) plus extras -> one dict."""
+                        extras: Mapping[str, Any], *, family: ModelFamily = ModelFamily.SD1,
+                        text_encoder_2: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Inverse of `split_ldm_state_dict`: LDM-named component dicts (text encoders in their slot's names)
+    plus extras -> one dict."""
     out: Dict[str, Any] = {UNET_PREFIX + key: value for key, value in unet.items()}
     out.update((VAE_PREFIX + key, value) for key, value in vae.items())
-    out.update((TEXT_ENCODER_PREFIX + key, value) for key, value in text_encoder.items() if key != POSITION_IDS_KEY)
+    for slot, state in zip(TEXT_SLOTS[family], (text_encoder, text_encoder_2 or {})):
+        out.update((slot.prefix + key, value) for key, value in state.items() if key != POSITION_IDS_KEY)
     out.update(extras)
     return out

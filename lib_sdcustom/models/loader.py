@@ -3,6 +3,10 @@
 Modules are built from the checkpoint's own config with empty (meta) parameters and then take the file's
 tensors directly (`load_state_dict(strict=True, assign=True)`): no random initialisation of a full-size
 model, no second copy of the weights, and every tensor the modules need must come from the file.
+
+SD1, SD2 and SDXL load the same way; the family (from the keys) picks where the text encoders sit, and the
+config (YAML or stock) their shapes. open_clip towers (SD2, SDXL's second encoder) are translated by
+`open_clip_keys`; their tensors that no module owns are kept in `ldm_extras`.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ import torch
 from ..errors import ModelLoadError
 from ..hashing import legacy_model_hash, sha256_file
 from . import ldm_keys
-from .bundle import BaseIdentity, ModelBundle
-from .checkpoint_io import is_diffusers_folder, load_diffusers_folder, read_checkpoint
+from .bundle import BaseIdentity, ModelBundle, ModelFamily
+from .checkpoint_io import is_diffusers_folder, load_diffusers_folder, read_checkpoint, read_metadata
 from .detect import detect_diffusers_family, detect_family
 from .ldm_config import (SD1_V1_INFERENCE, STOCK_CONFIG_NAME, ModelConfigs, configs_for_checkpoint, configs_from_ldm,
                          yaml_beside)
-from .tokenizer import load_clip_tokenizer
+from .open_clip_keys import open_clip_to_transformers
+from .tokenizer import load_clip_tokenizer, load_open_clip_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +34,7 @@ _SHOWN_KEYS = 3
 
 
 def load_bundle(path: Union[str, Path], *, dtype: torch.dtype = torch.float32) -> ModelBundle:
-    """Load an SD1 single-file checkpoint (`.safetensors`, `.ckpt`) or a diffusers model folder."""
+    """Load an SD1, SD2 or SDXL single-file checkpoint (`.safetensors`, `.ckpt`) or a diffusers model folder."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelLoadError(f"The base model {path} does not exist.",
@@ -45,11 +50,15 @@ def load_bundle(path: Union[str, Path], *, dtype: torch.dtype = torch.float32) -
 def _load_single_file(path: Path, dtype: torch.dtype) -> ModelBundle:
     state = read_checkpoint(path)
     family = detect_family(state, path)
-    configs, ldm = configs_for_checkpoint(path)
+    configs, ldm = configs_for_checkpoint(path, family, read_metadata(path))
+    if configs.family is not family:
+        raise ModelLoadError(f"{path} is an {_family_name(family)} checkpoint, but its model config {configs.source} "
+                             f"describes an {_family_name(configs.family)} model.",
+                             "Use the YAML that was published with this checkpoint, or remove it.")
     tensors = {key: value for key, value in state.items() if torch.is_tensor(value)}
     if len(tensors) != len(state):
         logger.debug("%s: ignoring %d non-tensor entries", path, len(state) - len(tensors))
-    parts = ldm_keys.split_ldm_state_dict(tensors)
+    parts = ldm_keys.split_ldm_state_dict(tensors, family)
     del state, tensors
 
     def mismatch(detail: str) -> ModelLoadError:
@@ -59,14 +68,17 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> ModelBundle:
     vae_layout = ldm_keys.VAELayout.from_diffusers_config(configs.vae)
     unet_sd = mapped_or_fail(ldm_keys.unet_to_diffusers(parts.unet, unet_layout), ldm_keys.UNET_PREFIX, mismatch)
     vae_sd = mapped_or_fail(ldm_keys.vae_to_diffusers(parts.vae, vae_layout), ldm_keys.VAE_PREFIX, mismatch)
-    unet, vae, text_encoder = _build_modules(configs, unet_sd, vae_sd, parts.text_encoder, dtype, mismatch)
+    text_sds = text_encoder_weights(parts, configs, mismatch)
+    unet, vae, *text_encoders = _build_modules(configs, unet_sd, vae_sd, text_sds, dtype, mismatch)
+    tokenizers = _tokenizers(family, [_tokenizer_dir(folder)
+                                      for folder in (configs.text_encoder_dir, configs.text_encoder_2_dir)])
     logger.info("Loaded %s (%s, config: %s)", path, family.value, configs.source)
     return ModelBundle(
         family=family,
         unet=unet,
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=load_clip_tokenizer(_tokenizer_dir(configs.text_encoder_dir)),
+        text_encoder=text_encoders[0],
+        tokenizer=tokenizers[0],
         noise_scheduler=training_scheduler(configs.scheduler),
         prediction_type=configs.prediction_type,
         clip_skip=1,
@@ -74,16 +86,23 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> ModelBundle:
                               legacy_hash=legacy_model_hash(path)),
         ldm_config=ldm,
         ldm_extras=parts.extras,
+        text_encoder_2=text_encoders[1] if len(text_encoders) > 1 else None,
+        tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None,
     )
+
+
+def _family_name(family: ModelFamily) -> str:
+    return family.value.upper()
 
 
 def _mismatch_error(path: Path, configs: ModelConfigs, detail: str) -> ModelLoadError:
     if configs.from_yaml:
         return ModelLoadError(f"{path} does not match its model config {configs.source}: {detail}",
                               "Use the YAML that was published with this checkpoint, or remove the YAML if the "
-                              "checkpoint is a standard SD1 model.")
+                              "checkpoint is a standard model of its family.")
     return ModelLoadError(
-        f"{path} does not fit {STOCK_CONFIG_NAME} (it is not a standard-size SD1 model): {detail}",
+        f"{path} does not fit {configs.source} (it is not a standard-size {_family_name(configs.family)} model): "
+        f"{detail}",
         f"Put the model's LDM config beside it as {yaml_beside(path).name} (NAME.yaml next to NAME"
         f"{path.suffix}), as the WebUI also expects.",
     )
@@ -102,19 +121,48 @@ def mapped_or_fail(converted: ldm_keys.Converted, prefix: str,
     return converted.state_dict
 
 
+def text_encoder_weights(parts: ldm_keys.LdmParts, configs: ModelConfigs,
+                         mismatch: Callable[[str], ModelLoadError]) -> List[Dict[str, Any]]:
+    """Each text encoder's tensors in canonical transformers keys, in checkpoint order.
+
+    open_clip towers are translated; their tensors that the module does not own (SD2's last block and
+    projection, `logit_scale`) move to `parts.extras` under their checkpoint keys.
+    """
+    out: List[Dict[str, Any]] = []
+    for slot, raw in zip(ldm_keys.TEXT_SLOTS[configs.family], (parts.text_encoder, parts.text_encoder_2)):
+        if not slot.open_clip:
+            out.append(raw)
+            continue
+        split = open_clip_to_transformers(raw, configs.open_clip)
+        if split.unmapped:
+            raise mismatch(f"it has tensors the config does not describe: "
+                           f"{_key_list([slot.prefix + key for key in split.unmapped])}")
+        parts.extras.update((slot.prefix + key, value) for key, value in split.extras.items())
+        out.append(split.state_dict)
+    return out
+
+
+def text_encoder_factory(config: Mapping[str, Any]) -> Callable[[], torch.nn.Module]:
+    """Builds the transformers text model a CLIPTextConfig dict names (SDXL's second encoder has a projection)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if "CLIPTextModelWithProjection" in config.get("architectures", ()) \
+        else CLIPTextModel
+    return lambda: cls(CLIPTextConfig.from_dict(dict(config)))
+
+
 def _build_modules(configs: ModelConfigs, unet_sd: Dict[str, Any], vae_sd: Dict[str, Any],
-                   text_sd: Dict[str, Any], dtype: torch.dtype, mismatch: Callable[[str], ModelLoadError]):
+                   text_sds: List[Dict[str, Any]], dtype: torch.dtype, mismatch: Callable[[str], ModelLoadError]):
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     unet = build_with_weights("UNet", lambda: UNet2DConditionModel(**configs.unet), unet_sd, dtype, mismatch)
     vae = build_with_weights("VAE", lambda: AutoencoderKL(**configs.vae), vae_sd, dtype, mismatch)
-
-    def text_encoder_factory() -> torch.nn.Module:
-        return CLIPTextModel(CLIPTextConfig.from_dict(dict(configs.text_encoder)))
-
-    text_encoder = build_with_weights("text encoder", text_encoder_factory, text_sd, dtype, mismatch, canonical_text=True)
-    return finish_modules(unet, vae, text_encoder)
+    text_configs = [configs.text_encoder] + ([configs.text_encoder_2] if configs.text_encoder_2 else [])
+    names = ["text encoder"] if len(text_configs) == 1 else ["first text encoder", "second text encoder"]
+    text_encoders = [build_with_weights(name, text_encoder_factory(config), state, dtype, mismatch,
+                                        canonical_text=True)
+                     for name, config, state in zip(names, text_configs, text_sds)]
+    return finish_modules(unet, vae, *text_encoders)
 
 
 def build_with_weights(what: str, factory: Callable[[], torch.nn.Module], state: Mapping[str, Any], dtype: torch.dtype,
@@ -159,15 +207,16 @@ def _short_load_error(module: torch.nn.Module, weights: Mapping[str, Any]) -> st
     return "; ".join(problems) or "the tensors do not fit the model"
 
 
-def finish_modules(unet: Any, vae: Any, text_encoder: Any):
-    """Frozen, eval-mode modules with SDPA attention; each method unfreezes what it trains."""
+def finish_modules(unet: Any, vae: Any, text_encoder: Any, *more_text_encoders: Any):
+    """Frozen, eval-mode modules with SDPA attention; each method unfreezes what it trains. Returns them all."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     unet.set_attn_processor(AttnProcessor2_0())
-    for module in (unet, vae, text_encoder):
+    modules = (unet, vae, text_encoder, *more_text_encoders)
+    for module in modules:
         module.requires_grad_(False)
         module.eval()
-    return unet, vae, text_encoder
+    return modules
 
 
 def _tokenizer_dir(text_encoder_dir: Optional[Path]) -> Optional[Path]:
@@ -183,23 +232,34 @@ def training_scheduler(scheduler: Mapping[str, Any]) -> Any:
     return DDPMScheduler(**scheduler)
 
 
+def _tokenizers(family: ModelFamily, folders: List[Optional[Path]]) -> List[Any]:
+    """One tokenizer per text encoder (a None folder: the bundled files): CLIP's for transformers slots,
+    open_clip's (padding with id 0) for open_clip ones."""
+    return [(load_open_clip_tokenizer if slot.open_clip else load_clip_tokenizer)(folder)
+            for slot, folder in zip(ldm_keys.TEXT_SLOTS[family], folders)]
+
+
 def _load_diffusers(folder: Path, dtype: torch.dtype) -> ModelBundle:
     family = detect_diffusers_family(folder)
-    parts = load_diffusers_folder(folder, dtype)
+    parts = load_diffusers_folder(folder, dtype, second_text_encoder=family is ModelFamily.SDXL)
     stock = configs_from_ldm(SD1_V1_INFERENCE, source=STOCK_CONFIG_NAME).scheduler
     # The folder's scheduler may be PNDM/DDIM/...; only the training schedule is taken from it.
     scheduler = {key: parts.scheduler_config.get(key, default) for key, default in stock.items()}
     scheduler["clip_sample"] = False
-    unet, vae, text_encoder = finish_modules(parts.unet, parts.vae, parts.text_encoder)
+    encoders = [parts.text_encoder] + ([parts.text_encoder_2] if parts.text_encoder_2 is not None else [])
+    unet, vae, *text_encoders = finish_modules(parts.unet, parts.vae, *encoders)
+    tokenizers = _tokenizers(family, [parts.tokenizer_dir, parts.tokenizer_2_dir])
     logger.info("Loaded diffusers model %s (%s)", folder, family.value)
     return ModelBundle(
         family=family,
         unet=unet,
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=load_clip_tokenizer(parts.tokenizer_dir),
+        text_encoder=text_encoders[0],
+        tokenizer=tokenizers[0],
         noise_scheduler=training_scheduler(scheduler),
         prediction_type=scheduler["prediction_type"],
         clip_skip=1,
         identity=BaseIdentity(name=folder.name, path=folder.resolve()),
+        text_encoder_2=text_encoders[1] if len(text_encoders) > 1 else None,
+        tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None,
     )

@@ -7,28 +7,55 @@ the checkpoint writer decides what to store.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 from . import ldm_keys
-from .bundle import ModelBundle
+from .bundle import ModelBundle, ModelFamily
+from .open_clip_keys import transformers_to_open_clip
+
+
+def ldm_state_dict(family: ModelFamily, unet_sd: Mapping[str, Any], unet_layout: ldm_keys.UNetLayout,
+                   vae_sd: Mapping[str, Any], vae_layout: ldm_keys.VAELayout,
+                   text_encoder_sds: Sequence[Mapping[str, Any]], extras: Mapping[str, Any]) -> Dict[str, Any]:
+    """diffusers / transformers state dicts of one model -> its single-file checkpoint dict.
+
+    `text_encoder_sds` are in checkpoint order (SDXL: CLIP-L, then bigG), keys in either transformers layout;
+    open_clip slots (SD2, SDXL's second) are written in open_clip names with q/k/v fused again.
+    """
+    unet = ldm_keys.unet_to_ldm(unet_sd, unet_layout)
+    vae = ldm_keys.vae_to_ldm(vae_sd, vae_layout)
+    converted = [("UNet", unet), ("VAE", vae)]
+    texts = []
+    for slot, state in zip(ldm_keys.TEXT_SLOTS[family], text_encoder_sds):
+        canonical = ldm_keys.canonical_text_encoder_keys(state)
+        if slot.open_clip:
+            result = transformers_to_open_clip(canonical)
+            converted.append((f"Text encoder ({slot.prefix})", result))
+            canonical = result.state_dict
+        texts.append(canonical)
+    for what, result in converted:
+        if result.unmapped:
+            raise ValueError(f"{what} weights have keys with no checkpoint name: "
+                             f"{', '.join(sorted(result.unmapped)[:5])}")
+    return ldm_keys.join_ldm_state_dict(unet.state_dict, vae.state_dict, texts[0], extras, family=family,
+                                        text_encoder_2=texts[1] if len(texts) > 1 else None)
 
 
 def bundle_to_ldm_state_dict(bundle: ModelBundle, *, unet_sd: Optional[Mapping[str, Any]] = None,
                              text_encoder_sd: Optional[Mapping[str, Any]] = None,
-                             vae_sd: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+                             vae_sd: Optional[Mapping[str, Any]] = None,
+                             text_encoder_2_sd: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """LDM keys for every module tensor plus `bundle.ldm_extras`.
 
-    `unet_sd` / `text_encoder_sd` / `vae_sd` replace the modules' own state dicts (for example weights with
-    a LoRA merged in); text-encoder keys may come in either transformers layout.
+    `unet_sd` / `text_encoder_sd` / `vae_sd` / `text_encoder_2_sd` replace the modules' own state dicts (for
+    example weights with a LoRA merged in); text-encoder keys may come in either transformers layout.
     """
-    unet_layout = ldm_keys.UNetLayout.from_diffusers_config(bundle.unet.config)
-    vae_layout = ldm_keys.VAELayout.from_diffusers_config(bundle.vae.config)
-    unet = ldm_keys.unet_to_ldm(bundle.unet.state_dict() if unet_sd is None else unet_sd, unet_layout)
-    vae = ldm_keys.vae_to_ldm(bundle.vae.state_dict() if vae_sd is None else vae_sd, vae_layout)
-    text = (ldm_keys.text_encoder_state_dict(bundle.text_encoder) if text_encoder_sd is None
-            else ldm_keys.canonical_text_encoder_keys(text_encoder_sd))
-    for what, converted in (("UNet", unet), ("VAE", vae)):
-        if converted.unmapped:
-            raise ValueError(f"{what} weights have keys with no checkpoint name: "
-                             f"{', '.join(sorted(converted.unmapped)[:5])}")
-    return ldm_keys.join_ldm_state_dict(unet.state_dict, vae.state_dict, text, bundle.ldm_extras)
+    replacements = (text_encoder_sd, text_encoder_2_sd)
+    text_sds = [ldm_keys.text_encoder_state_dict(encoder) if replacement is None else replacement
+                for encoder, replacement in zip(bundle.text_encoders, replacements)]
+    return ldm_state_dict(bundle.family,
+                          bundle.unet.state_dict() if unet_sd is None else unet_sd,
+                          ldm_keys.UNetLayout.from_diffusers_config(bundle.unet.config),
+                          bundle.vae.state_dict() if vae_sd is None else vae_sd,
+                          ldm_keys.VAELayout.from_diffusers_config(bundle.vae.config),
+                          text_sds, bundle.ldm_extras)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import ModelLoadError
 
@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+EOS_TOKEN = "<|endoftext|>"
+OPEN_CLIP_PAD_ID = 0  # '!' in CLIP's vocabulary; what open_clip pads with
 
 
 def bundled_tokenizer_dir() -> Path:
@@ -26,10 +28,11 @@ def bundled_tokenizer_dir() -> Path:
     return Path(__file__).resolve().parent / "clip_tokenizer"
 
 
-def load_clip_tokenizer(directory: Optional[Path] = None) -> "CLIPTokenizer":
+def load_clip_tokenizer(directory: Optional[Path] = None, **overrides: Any) -> "CLIPTokenizer":
     """Load a transformers `CLIPTokenizer` from a local folder (the bundled files when `directory` is None).
 
     Only local files are read (`local_files_only=True`): a folder path must never turn into a hub lookup.
+    `overrides` go to `from_pretrained` (special tokens).
     """
     from transformers import CLIPTokenizer
 
@@ -42,10 +45,24 @@ def load_clip_tokenizer(directory: Optional[Path] = None) -> "CLIPTokenizer":
             "or reinstall the extension to restore the bundled files.",
         )
     logger.debug("Loading CLIP tokenizer from %s", folder)
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, **overrides)
     # transformers 4.x's Python CLIPTokenizer cleans text with ftfy; without it, it falls back to a BERT
     # basic tokenizer that strips accents and splits CJK text, so ids no longer match the WebUI's.
     if hasattr(tokenizer, "fix_text") and tokenizer.fix_text is None:
         logger.warning("ftfy is not installed, so prompts with accents or CJK text tokenize differently from "
                        "the WebUI. Install it with: pip install ftfy")
+    return tokenizer
+
+
+def load_open_clip_tokenizer(directory: Optional[Path] = None) -> "CLIPTokenizer":
+    """The tokenizer of an OpenCLIP text encoder (SD2, SDXL's second): CLIP's vocabulary, padded with id 0.
+
+    open_clip pads with 0 (the id of '!'), and the host does too for these encoders (`id_pad = 0` in its
+    open_clip hijacks); SD1's tokenizer pads with the end token. diffusers' SD2 and SDXL `tokenizer_2` folders
+    get id 0 by declaring `pad_token: "!"`, which also makes every '!' in a prompt a special token, so
+    "wow!!" no longer tokenizes as open_clip does (huggingface/diffusers#4153). Here the pad token stays the
+    end token while loading (so '!' is ordinary text) and only the padding id is set to 0 afterwards.
+    """
+    tokenizer = load_clip_tokenizer(directory, pad_token=EOS_TOKEN)
+    tokenizer.pad_token_id = OPEN_CLIP_PAD_ID
     return tokenizer
