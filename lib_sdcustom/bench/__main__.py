@@ -1,11 +1,14 @@
-"""`python -m lib_sdcustom.bench lora|dreambooth`: print benchmark figures (numbers and ratios, no pass/fail)."""
+"""`python -m lib_sdcustom.bench lora|dreambooth|quality`: print benchmark figures (numbers and ratios, no pass/fail).
+
+`quality` trains every method on the bundled micro-world model and writes its table and figures (see
+`bench/quality.py`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import dreambooth, lora
+from . import dreambooth, lora, quality
 
 SCENARIOS = {
     "lora": (lora, "LoRA steps/s and peak memory, batch 1 and 4, latent cache on/off.", 30),
@@ -19,7 +22,11 @@ def main() -> int:
     for name, (module, help_text, default_steps) in SCENARIOS.items():
         commands.add_parser(name, help=help_text).add_argument("--steps", type=int, default=default_steps)
         commands.add_parser(module.CHILD_COMMAND, help=argparse.SUPPRESS).add_argument("settings")
+    quality.add_arguments(commands.add_parser("quality", help="Customization quality of every method on the micro-world "
+                                                                "model: JSON, Markdown table and PNG grids."))
     args = parser.parse_args()
+    if args.command == "quality":
+        return quality.main(args)
     children = {module.CHILD_COMMAND: module for module, _, _ in SCENARIOS.values()}
     if args.command in children:
         children[args.command].child(args.settings)

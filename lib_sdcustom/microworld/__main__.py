@@ -3,6 +3,8 @@
   samples OUT_DIR [--n N] [--seed S] [--concept NAME]   pretraining (or concept) images with .txt captions
   train-judge OUT.safetensors [--steps N] [--seed S]    train the judge, report its accuracy, save it
   eval-judge [PATH]                                     accuracy of a saved judge (default: the shipped one)
+  pretrain OUT_DIR [--minutes M] [--seed S]             pretrain the micro base model (VAE, then text encoder + UNet)
+  eval-model [CHECKPOINT]                               judge a micro model's samples (default: the shipped one)
 """
 
 from __future__ import annotations
@@ -85,6 +87,47 @@ def _eval_judge(args: argparse.Namespace) -> None:
     logger.info("Accuracy on %d unseen images:\n%s", args.eval_n, _format_report(report))
 
 
+def _pretrain(args: argparse.Namespace) -> None:
+    from .pretrain import PretrainSettings, pretrain, write_pretrained
+
+    folder = Path(args.out_dir)
+    for suffix in (".safetensors", ".yaml", ".quality.json", ".quality.png"):
+        output_path(folder, args.name, suffix, overwrite=args.overwrite)
+    settings = PretrainSettings(seed=args.seed, minutes=args.minutes, vae_steps=args.vae_steps,
+                                unet_steps=args.unet_steps, pool_size=args.pool_size)
+    result = pretrain(settings)
+    checkpoint = write_pretrained(result, folder, settings, name=args.name)
+    logger.info("Saved %s (%.1f MB) with its .yaml and text-encoder folder", checkpoint, checkpoint.stat().st_size / 1e6)
+    if args.eval_samples:
+        _evaluate(checkpoint, args.eval_samples)
+
+
+def _evaluate(checkpoint: Path, per_caption: int) -> None:
+    """Judge the model as written to disk (fp16 weights, loaded like any user checkpoint)."""
+    import json
+
+    from ..models.loader import load_bundle
+    from .quality import quality_grid, reconstruction_accuracy, sample_quality
+
+    bundle = load_bundle(checkpoint)
+    reconstruction = reconstruction_accuracy(bundle.vae)
+    logger.info("VAE reconstructions (every split, held-out concepts included): %s",
+                ", ".join(f"{name} {value:.3f}" for name, value in reconstruction.items()))
+    report, images = sample_quality(bundle, per_caption=per_caption)
+    logger.info("Samples: %s", report.summary())
+    stem = checkpoint.with_suffix("")
+    write_text_atomically(Path(f"{stem}.quality.json"), json.dumps(
+        {"checkpoint": checkpoint.name, "reconstruction": reconstruction, "samples": report.to_dict()}, indent=1) + "\n")
+    _save_png(quality_grid(images, per_caption), Path(f"{stem}.quality.png"))
+    logger.info("Wrote %s.quality.json and %s.quality.png", stem, stem)
+
+
+def _eval_model(args: argparse.Namespace) -> None:
+    from .model import shipped_checkpoint
+
+    _evaluate(Path(args.checkpoint) if args.checkpoint else shipped_checkpoint(), args.samples)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lib_sdcustom.microworld", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,6 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("path", nargs="?", help="judge .safetensors (default: the one shipped in the package)")
     evaluate.add_argument("--eval-n", type=int, default=1000)
     evaluate.set_defaults(run=_eval_judge)
+
+    pre = commands.add_parser("pretrain", help="pretrain the micro-world base model on the CPU")
+    pre.add_argument("out_dir")
+    pre.add_argument("--minutes", type=float, default=40.0, help="time budget of the training phases (default 40)")
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--vae-steps", type=int, default=0, help="exact VAE steps instead of its share of the budget")
+    pre.add_argument("--unet-steps", type=int, default=0, help="exact UNet steps instead of the rest of the budget")
+    pre.add_argument("--pool-size", type=int, default=40000, help="rendered pictures for the UNet phase")
+    pre.add_argument("--name", default="microworld", help="file stem of the checkpoint")
+    pre.add_argument("--eval-samples", type=int, default=2,
+                     help="samples per caption combination for the final check (0 = skip it)")
+    pre.add_argument("--overwrite", action="store_true")
+    pre.set_defaults(run=_pretrain)
+
+    model = commands.add_parser("eval-model", help="judge a micro model's samples of every caption combination")
+    model.add_argument("checkpoint", nargs="?", help="micro model .safetensors (default: the shipped one)")
+    model.add_argument("--samples", type=int, default=2, help="samples per caption combination")
+    model.set_defaults(run=_eval_model)
     return parser
 
 

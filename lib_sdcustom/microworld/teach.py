@@ -1,0 +1,135 @@
+"""Teaching the micro model a held-out concept: instance folders, prompts, and sampling from a trained result.
+
+Shared by the demo, the quality benchmark and the tests, so all three train on the same kind of data and
+judge the same way. Captions follow the world's own style with the identifier in place of the subject
+('a sks shape on a gray background'); Textual Inversion, which cannot bind an existing word, uses one
+made-up word for the whole concept instead ('a skstoken on a gray background'). Trained results are read
+back from the exported file, the way a consumer of the file would use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from PIL import Image
+
+from ..config import RunConfig
+from .judge import Judge
+from .quality import GUIDANCE, SAMPLE_STEPS
+from .world import IMAGE_SIZE, Concept, concept_scenes, render
+
+IDENTIFIER = "sks"
+TI_TRIGGER = "skstoken"
+INSTANCE_IMAGES = 5
+INSTANCE_SEED = 7
+
+Sampler = Callable[[List[str], int], List[Image.Image]]
+
+
+@dataclass(frozen=True)
+class Prompts:
+    word: str  # what stands for the concept in a prompt: 'sks shape', or the Textual Inversion word
+    class_noun: str
+
+    def caption(self, background: str) -> str:
+        return f"a {self.word} on a {background} background"
+
+    @property
+    def subject(self) -> str:
+        return f"a {self.word}"
+
+    @property
+    def on_blue(self) -> str:
+        return self.caption("blue")
+
+    @property
+    def class_prompt(self) -> str:
+        return f"a {self.class_noun}"
+
+
+def prompts_for(concept: Concept, method: str) -> Prompts:
+    word = TI_TRIGGER if method == "textual_inversion" else f"{IDENTIFIER} {concept.class_noun}"
+    return Prompts(word, concept.class_noun)
+
+
+def instance_images(concept: Concept, n: int = INSTANCE_IMAGES, seed: int = INSTANCE_SEED) -> List[Image.Image]:
+    return [render(scene) for scene in concept_scenes(concept.name, seed, n)]
+
+
+def write_instances(folder: Path, concept: Concept, prompts: Prompts, *, n: int = INSTANCE_IMAGES,
+                    seed: int = INSTANCE_SEED) -> Path:
+    """`n` pictures of the concept, each with a same-stem .txt caption naming the identifier."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, scene in enumerate(concept_scenes(concept.name, seed, n)):
+        render(scene).save(folder / f"{index:02d}.png")
+        (folder / f"{index:02d}.txt").write_text(prompts.caption(scene.background) + "\n", encoding="utf-8")
+    return folder
+
+
+def base_run_config(method: str, base: Path, images: Path, *, name: str, out: Path, run_dir: Path) -> RunConfig:
+    """A run on the micro model's 64x64 pictures; callers set steps and learning rates."""
+    config = RunConfig(method=method)
+    config.model.base = str(base)
+    config.data.data = str(images)
+    config.data.resolution, config.data.min_bucket, config.data.max_bucket = IMAGE_SIZE, IMAGE_SIZE, IMAGE_SIZE
+    config.output.name, config.output.out, config.output.run_dir = name, str(out), str(run_dir)
+    config.training.save_state_every, config.training.sample_steps = 0, SAMPLE_STEPS
+    return config
+
+
+def sampler(bundle, encode: Optional[Callable[[List[str]], torch.Tensor]] = None) -> Sampler:
+    """Prompts -> images with the benchmark's sampler settings; image i uses noise seed + i."""
+    from ..sampling import generate
+
+    def sample(prompts: List[str], seed: int) -> List[Image.Image]:
+        return generate(bundle, prompts, seed=seed, steps=SAMPLE_STEPS, guidance=GUIDANCE, width=IMAGE_SIZE,
+                        height=IMAGE_SIZE, encode=encode)
+
+    return sample
+
+
+def _embedding_encoder(bundle, path: Path, trigger: str) -> Callable[[List[str]], torch.Tensor]:
+    """Prompts with the trigger word expanded to the file's vectors, as the host applies an embedding."""
+    from ..formats.embedding_file import embedding_vectors, read_embedding
+    from ..methods.text_conditioning import encode_tokens, tokenize
+    from ..methods.textual_inversion import PLACEHOLDER, NewTokenRows, _tokenizer_with_placeholders, trigger_pattern
+
+    vectors = embedding_vectors(read_embedding(path)).float()
+    tokenizer, first_id = _tokenizer_with_placeholders(bundle.tokenizer, vectors.shape[0])
+    NewTokenRows(bundle.text_encoder.get_input_embeddings(), first_id, vectors)
+    expansion = " ".join(PLACEHOLDER.format(i) for i in range(vectors.shape[0]))
+    pattern = trigger_pattern(trigger)
+    return lambda prompts: encode_tokens(bundle.text_encoder,
+                                         tokenize(tokenizer, [pattern.sub(expansion, p) for p in prompts]))
+
+
+def trained_sampler(config: RunConfig, result: Path, bundle=None) -> Sampler:
+    """Sample from what a run exported: a checkpoint is loaded, a network file attached to the base (or to
+    `bundle`, a freshly loaded base), an embedding hooked into its text encoder."""
+    from ..models.loader import load_bundle
+
+    if config.method == "dreambooth":
+        return sampler(load_bundle(result))
+    bundle = bundle if bundle is not None else load_bundle(Path(config.model.base))
+    if config.method == "textual_inversion":
+        return sampler(bundle, _embedding_encoder(bundle, result, config.output.name))
+    from safetensors.torch import load_file
+
+    from ..networks.algorithms import algorithm_for
+    from ..networks.lycoris_backend import attach_network
+
+    tensors = load_file(str(result))
+    attached = attach_network(bundle.unet, bundle.text_encoder, algorithm_for(config.method), config.network,
+                              train_text_encoder=any(key.startswith("lora_te") for key in tensors))
+    attached.load_state_dict(tensors)
+    return sampler(bundle)
+
+
+def subject_hits(judge: Judge, images: Sequence[Image.Image], concept: Concept) -> List[bool]:
+    """Per image: does the judge report every target attribute of the concept?"""
+    predicted = judge.predict(images)
+    return [all(predicted[name][i] == value for name, value in concept.target.items()) for i in range(len(images))]
