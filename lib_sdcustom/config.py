@@ -127,11 +127,18 @@ class TrainingOptions:
     gradient_accumulation: int = option(1, "Accumulate gradients over N batches per optimizer step.")
     mixed_precision: str = option("no", "Mixed precision (fp16 needs a CUDA GPU; bf16 works on recent GPUs and CPU).", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
+    fp8_base: bool = option(False, "Store the frozen base's UNet and text-encoder layers as 8-bit floats (float8_e4m3fn, "
+                                   "widened layer by layer when used): about half the memory of fp16 weights, slightly "
+                                   "less exact. Not for DreamBooth, which trains the UNet itself.")
     train_text_encoder: float = option(-1.0, "Train the text encoder for this fraction of the steps (0 = frozen, 1 = the whole run; "
                                              "-1 = the method's default: networks 1, DreamBooth 0).", flag="--train-text-encoder")
     seed: int = option(42, "Random seed; the same seed and data give the same result.", flag="--seed")
     noise_offset: float = option(0.0, "Noise offset (0.05-0.1 helps very dark or bright images).")
     min_snr_gamma: float = option(0.0, "Min-SNR loss weighting gamma (5 is common; 0 = off).")
+    zero_terminal_snr: bool = option(False, "Rescale the noise schedule to zero terminal SNR (v-prediction models only; "
+                                            "the model then needs a trailing-timestep sampler).")
+    cache_text_encoder_outputs: bool = option(False, "Encode each caption once and reuse it while the text encoders are "
+                                                     "frozen (saves their compute every step, mostly for SDXL).")
     save_state_every: int = option(100, "Save resumable state every N steps (0 = only at the end or on cancel).")
     save_every: int = option(0, "Also export an intermediate result every N steps (0 = off).")
     sample_every: int = option(0, "Render preview images every N steps (0 = only at the end).")
@@ -241,6 +248,9 @@ def _validate(config: RunConfig) -> None:
              "Fix --batch-size / --gradient-accumulation.")
     _require(train.mixed_precision in MIXED_PRECISION, f"Unknown mixed precision {train.mixed_precision!r}.",
              f"Use one of: {', '.join(MIXED_PRECISION)}.")
+    _require(not (train.fp8_base and config.method == "dreambooth"),
+             "fp8 base storage is on, but DreamBooth trains the UNet's own weights, which cannot be 8-bit.",
+             "Turn fp8_base off, or use DreamBooth-LoRA (method dreambooth_lora), which keeps the base frozen.")
     _require(train.noise_offset >= 0 and train.min_snr_gamma >= 0, "Noise offset and min-SNR gamma must be >= 0.", "Use 0 to turn them off.")
     for name in ("save_state_every", "save_every", "sample_every"):
         _require(getattr(train, name) >= 0, f"--{name.replace('_', '-')} is negative.", "Use 0 (off) or a step count.")

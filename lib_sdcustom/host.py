@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 from .config import RunConfig
 from .errors import ConfigError
 from .events import Event
-from .models.bundle import ModelBundle
+from .models.bundle import ModelBundle, ModelFamily
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,10 @@ class Host:
         """Parameter count of the base a run would train (for the memory estimate); None if unknown."""
         return None
 
+    def model_kind(self, checkpoint: str = "") -> Optional[ModelKind]:
+        """Family and prediction type of the base a run would train (for the plan and estimate); None if unknown."""
+        return None
+
     def check_fit(self, config: RunConfig) -> None:
         """Raise ModelLoadError when the method cannot train the chosen or loaded model (cheap, no load)."""
 
@@ -134,6 +138,15 @@ class Host:
     def wrap_tab_call(self, function: Callable[..., list], extra_outputs: list) -> Callable[..., list]:
         """Wrap the Train button's callback in the host's GPU queue call."""
         return function
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What is known of a base before loading it: the family, and the prediction type where a YAML, the file's
+    metadata or the host's loaded model tells it (None: not known without loading)."""
+
+    family: ModelFamily
+    prediction_type: Optional[str] = None
 
 
 def _header_state(path: Path) -> Dict[str, Any]:
@@ -202,19 +215,42 @@ class StandaloneHost(Host):
             total += count
         return total
 
-    def check_fit(self, config: RunConfig) -> None:
+    def model_kind(self, checkpoint: str = "") -> Optional[ModelKind]:
+        from .errors import UserFacingError
+        from .models.checkpoint_io import read_metadata
+        from .models.ldm_config import configs_for_checkpoint
+
+        if not checkpoint:
+            return None
+        path = self.checkpoint_dir / checkpoint
+        try:
+            family = self._family_of(path)
+        except UserFacingError:  # not a model we train: the Train button says why
+            return None
+        if family is None:
+            return None
+        try:  # the YAML beside it or the file's metadata; an SD2 file with neither cannot tell
+            prediction_type: Optional[str] = configs_for_checkpoint(path, family, read_metadata(path))[0].prediction_type
+        except UserFacingError:
+            prediction_type = None
+        return ModelKind(family, prediction_type)
+
+    @staticmethod
+    def _family_of(path: Path) -> Optional[ModelFamily]:
+        """The family from a .safetensors header's keys (None for other files, read after loading)."""
         from .models.detect import detect_family
 
-        path = Path(config.model.base)
         if path.suffix.lower() != ".safetensors" or not path.is_file():
-            return  # train() checks other kinds after loading, still before writing anything
+            return None
         try:
             state = _header_state(path)
         except Exception as error:  # a damaged file: the loader reports it with its own words
             logger.debug("header read of %s failed: %s", path, error)
-            return
-        from .train import require_trainable_family
+            return None
+        return detect_family(state, path)  # raises for inpainting models and files that are no model
 
-        # detect_family raises for inpainting and non-models; SD2/SDXL load but cannot be trained yet.
-        require_trainable_family(detect_family(state, path), path.name)
+    def check_fit(self, config: RunConfig) -> None:
+        # Inpainting models and files that are no model fail here, from the header alone; other file kinds
+        # are checked by train() after loading, still before anything is written.
+        self._family_of(Path(config.model.base))
 

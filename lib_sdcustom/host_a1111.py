@@ -17,12 +17,12 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from .config import RunConfig
 from .errors import ConfigError, ModelLoadError
 from .events import Event, RunFinished, RunStarted, SamplesRendered, StepDone
-from .host import Host, HostFacts, OutputKind, output_kind, trained_in_place
+from .host import Host, HostFacts, ModelKind, OutputKind, output_kind, trained_in_place
 from .models.bundle import BaseIdentity, ModelBundle, ModelFamily
 
 logger = logging.getLogger(__name__)
@@ -53,21 +53,30 @@ def _family(sd_model: Any) -> ModelFamily:
     return ModelFamily.SD1
 
 
-def _ldm_config(sd_model: Any):
-    """The YAML the host built this model from (its `used_config`), else the stock SD1 config."""
+def _prediction_type(sd_model: Any) -> str:
+    """What the host's model predicts: its `parameterization` (ldm's YAML setting, or SDXL's VScaling denoiser)."""
+    return "v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon"
+
+
+def _ldm_config(sd_model: Any, family: ModelFamily, prediction_type: str):
+    """The YAML the host built this model from (its `used_config`), else the family's stock config."""
     import copy
 
-    from .models.ldm_config import SD1_V1_INFERENCE, STOCK_CONFIG_NAME, configs_from_ldm, read_ldm_yaml
+    from .models.ldm_config import PREDICTION_METADATA_KEY, configs_from_ldm, read_ldm_yaml, stock_config
 
     used = getattr(sd_model, "used_config", None)
     if used and Path(used).is_file():
         ldm = read_ldm_yaml(Path(used))
         return configs_from_ldm(ldm, source=str(used), yaml_dir=Path(used).parent), ldm
-    return configs_from_ldm(copy.deepcopy(SD1_V1_INFERENCE), source=STOCK_CONFIG_NAME), None
+    declared = {PREDICTION_METADATA_KEY: "v" if prediction_type == "v_prediction" else "epsilon"}
+    filename = getattr(getattr(sd_model, "sd_checkpoint_info", None), "filename", None) or "loaded model"
+    # SDXL's stock config is the noise-predicting one; the host's own parameterization decides below.
+    stock, name = stock_config(family, Path(filename), declared if family is ModelFamily.SD2 else {})
+    return configs_from_ldm(copy.deepcopy(stock), source=name), None
 
 
 def _without_wrappers(state: Dict[str, Any]) -> Dict[str, Any]:
-    """The host wraps the token embedding (`EmbeddingsWithFixes`); its weight then sits under `.wrapped.`."""
+    """The host wraps token embeddings (`EmbeddingsWithFixes`); their weights then sit under `.wrapped.`."""
     return {key.replace(".wrapped.", "."): value for key, value in state.items()}
 
 
@@ -102,65 +111,125 @@ def restore_network_backups(sd_model: Any) -> int:
     return restored
 
 
+def _embedder(module: Any) -> Any:
+    """The ldm/sgm embedder inside the host's `...WithCustomWords` hijack wrapper (itself when not hijacked)."""
+    return getattr(module, "wrapped", module)
+
+
+def _text_modules(sd_model: Any, family: ModelFamily) -> List[Any]:
+    """The host's text-encoder modules in checkpoint order (HOST.md 2.1): transformers CLIP or open_clip."""
+    if family is ModelFamily.SDXL:
+        first, second = (_embedder(embedder) for embedder in sd_model.conditioner.embedders[:2])
+        return [first.transformer, second.model]
+    embedder = _embedder(sd_model.cond_stage_model)
+    return [embedder.model if family is ModelFamily.SD2 else embedder.transformer]
+
+
+def _host_ldm_state(sd_model: Any, family: ModelFamily, copy: frozenset) -> Dict[str, Any]:
+    """The loaded model's tensors under checkpoint keys, as a file of the same model holds them.
+
+    "text_encoder" in `copy` covers every text encoder of the family (SDXL's Textual Inversion grows both).
+    """
+    from .models import ldm_keys
+
+    state = {ldm_keys.UNET_PREFIX + key: value
+             for key, value in _tensors(sd_model.model.diffusion_model, "unet" in copy).items()}
+    state.update((ldm_keys.VAE_PREFIX + key, value) for key, value in _tensors(sd_model.first_stage_model, "vae" in copy).items())
+    for slot, module in zip(ldm_keys.TEXT_SLOTS[family], _text_modules(sd_model, family)):
+        text = _without_wrappers(_tensors(module, "text_encoder" in copy))
+        state.update((slot.prefix + key, value) for key, value in text.items())
+    return state
+
+
 def bundle_from_loaded_model(sd_model: Any, *, copy: frozenset = frozenset(), clip_skip: int = 1) -> ModelBundle:
-    """Diffusers/transformers modules over the host's in-memory SD1 model (see the module docstring)."""
+    """Diffusers/transformers modules over the host's in-memory SD1, SD2 or SDXL model (see the module docstring).
+
+    The host's weights are arranged as a checkpoint file holds them and then take the file loader's path
+    (split, open_clip translation, module building), so both give the same modules; open_clip's fused
+    q/k/v and projection become views of the host's tensors unless they are copied.
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
 
     from .models import ldm_keys
-    from .models.loader import build_with_weights, finish_modules, mapped_or_fail, training_scheduler  # shared with the file loader
+    from .models.loader import (build_with_weights, finish_modules, mapped_or_fail, text_encoder_factory,
+                                text_encoder_weights, training_scheduler)
 
-    configs, ldm = _ldm_config(sd_model)
+    family = _family(sd_model)
+    prediction_type = _prediction_type(sd_model)
+    configs, ldm = _ldm_config(sd_model, family, prediction_type)
 
     def mismatch(detail: str) -> ModelLoadError:
         return ModelLoadError(f"The loaded model does not match its config {configs.source}: {detail}",
                               "Reload the checkpoint in the WebUI; if it persists, report it with the model's name.")
 
-    unet_ldm = _tensors(sd_model.model.diffusion_model, "unet" in copy)
-    vae_ldm = _tensors(sd_model.first_stage_model, "vae" in copy)
-    transformer = sd_model.cond_stage_model.wrapped.transformer
-    text_sd = ldm_keys.canonical_text_encoder_keys(_without_wrappers(_tensors(transformer, "text_encoder" in copy)))
-    text_sd.pop(ldm_keys.POSITION_IDS_KEY, None)  # a derived buffer the new module makes itself
-
-    unet_sd = mapped_or_fail(ldm_keys.unet_to_diffusers(unet_ldm, ldm_keys.UNetLayout.from_diffusers_config(configs.unet)),
-                              ldm_keys.UNET_PREFIX, mismatch)
-    vae_sd = mapped_or_fail(ldm_keys.vae_to_diffusers(vae_ldm, ldm_keys.VAELayout.from_diffusers_config(configs.vae)),
-                             ldm_keys.VAE_PREFIX, mismatch)
+    if configs.family is not family:
+        raise mismatch(f"the config describes an {configs.family.value.upper()} model, the WebUI loaded an "
+                       f"{family.value.upper()} one")
+    parts = ldm_keys.split_ldm_state_dict(_host_ldm_state(sd_model, family, copy), family)
+    unet_sd = mapped_or_fail(ldm_keys.unet_to_diffusers(parts.unet, ldm_keys.UNetLayout.from_diffusers_config(configs.unet)),
+                             ldm_keys.UNET_PREFIX, mismatch)
+    vae_sd = mapped_or_fail(ldm_keys.vae_to_diffusers(parts.vae, ldm_keys.VAELayout.from_diffusers_config(configs.vae)),
+                            ldm_keys.VAE_PREFIX, mismatch)
+    text_sds = text_encoder_weights(parts, configs, mismatch, views="text_encoder" not in copy)
     unet = build_with_weights("UNet", lambda: UNet2DConditionModel(**configs.unet), unet_sd, _dtype_of(unet_sd), mismatch)
     vae = build_with_weights("VAE", lambda: AutoencoderKL(**configs.vae), vae_sd, _dtype_of(vae_sd), mismatch)
-    text_encoder = build_with_weights("text encoder", lambda: CLIPTextModel(transformer.config), text_sd, _dtype_of(text_sd),
-                           mismatch, canonical_text=True)
-    unet, vae, text_encoder = finish_modules(unet, vae, text_encoder)
+    live = _text_modules(sd_model, family)
+    text_configs = [configs.text_encoder, configs.text_encoder_2]
+    text_encoders = [
+        build_with_weights(f"text encoder {index + 1}",
+                           text_encoder_factory(text_configs[index]) if slot.open_clip else _clip_factory(live[index]),
+                           state, _dtype_of(state), mismatch, canonical_text=True)
+        for index, (slot, state) in enumerate(zip(ldm_keys.TEXT_SLOTS[family], text_sds))]
+    unet, vae, *text_encoders = finish_modules(unet, vae, *text_encoders)
     info = getattr(sd_model, "sd_checkpoint_info", None)
     filename = getattr(info, "filename", None)
     identity = BaseIdentity(name=getattr(info, "name_for_extra", None) or (Path(filename).stem if filename else "loaded model"),
                             path=Path(filename) if filename else None, sha256=getattr(info, "sha256", None),
                             legacy_hash=getattr(info, "hash", None))
-    tokenizer = sd_model.cond_stage_model.wrapped.tokenizer
+    tokenizers = _tokenizers(sd_model, family, own="text_encoder" in copy)
     return ModelBundle(
-        family=_family(sd_model),
+        family=family,
         unet=unet,
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=_tokenizer(tokenizer, own="text_encoder" in copy),
-        noise_scheduler=training_scheduler(configs.scheduler),
-        prediction_type="v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon",
+        text_encoder=text_encoders[0],
+        tokenizer=tokenizers[0],
+        noise_scheduler=training_scheduler({**configs.scheduler, "prediction_type": prediction_type}),
+        prediction_type=prediction_type,
         clip_skip=clip_skip,
         identity=identity,
         ldm_config=ldm,
-        ldm_extras=_extras(sd_model),
+        ldm_extras={**parts.extras, **_extras(sd_model, family)},
+        text_encoder_2=text_encoders[1] if len(text_encoders) > 1 else None,
+        tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None,
     )
 
 
-def _tokenizer(tokenizer: Any, own: bool) -> Any:
-    """Textual Inversion adds tokens: it gets its own tokenizer so the host's stays as it was."""
+def _clip_factory(live: Any) -> Callable[[], Any]:
+    """A transformers CLIP text model of the host's own config (SD1's encoder, SDXL's first)."""
+    from transformers import CLIPTextModel
+
+    return lambda: CLIPTextModel(live.config)
+
+
+def _tokenizers(sd_model: Any, family: ModelFamily, own: bool) -> List[Any]:
+    """The host's CLIP tokenizer (copied when Textual Inversion adds tokens, so the host's stays as it was);
+    open_clip slots get the bundled tokenizer of the same vocabulary that pads with id 0, as open_clip does."""
     import copy
 
-    return copy.deepcopy(tokenizer) if own else tokenizer
+    from .models.tokenizer import load_open_clip_tokenizer
+
+    if family is ModelFamily.SD2:
+        return [load_open_clip_tokenizer()]
+    first = _embedder(sd_model.conditioner.embedders[0] if family is ModelFamily.SDXL else sd_model.cond_stage_model).tokenizer
+    first = copy.deepcopy(first) if own else first
+    return [first, load_open_clip_tokenizer()] if family is ModelFamily.SDXL else [first]
 
 
-def _extras(sd_model: Any) -> Dict[str, Any]:
-    """The schedule the checkpoint carried (the host may have replaced `alphas_cumprod` for a sampler option)."""
+def _extras(sd_model: Any, family: ModelFamily) -> Dict[str, Any]:
+    """The schedule an SD1/SD2 checkpoint carried (the host may have replaced `alphas_cumprod` for a sampler
+    option); SDXL files hold none (sgm computes it), so none is added."""
+    if family is ModelFamily.SDXL:
+        return {}
     alphas = getattr(sd_model, "alphas_cumprod_original", None)
     if alphas is None:
         alphas = getattr(sd_model, "alphas_cumprod", None)
@@ -212,6 +281,12 @@ class A1111Host(Host):
         model = self._model(required=False)
         return sum(parameter.numel() for parameter in model.parameters()) if model is not None else None
 
+    def model_kind(self, checkpoint: str = "") -> Optional[ModelKind]:
+        model = self._model(required=False)
+        if model is None:
+            return None
+        return ModelKind(_family(model), _prediction_type(model))
+
     def _model(self, required: bool = True) -> Any:
         """`shared.sd_model` loads a model on first access; only a run may trigger that, not the UI."""
         from modules import sd_models, shared
@@ -220,7 +295,7 @@ class A1111Host(Host):
             return getattr(getattr(sd_models, "model_data", None), "sd_model", None)
         model = shared.sd_model
         if model is None:
-            raise ModelLoadError("No checkpoint is loaded in the WebUI.", "Pick an SD1 checkpoint at the top of the page and try again.")
+            raise ModelLoadError("No checkpoint is loaded in the WebUI.", "Pick a checkpoint at the top of the page and try again.")
         return model
 
     def prepare(self, config: RunConfig, checkpoint: str = "") -> None:
@@ -238,18 +313,23 @@ class A1111Host(Host):
             config.output.out = str(folder)
 
     def check_fit(self, config: RunConfig) -> None:
-        from .train import SUPPORTED_FAMILIES
-
         model = self._model()
-        family = _family(model)
-        if family not in SUPPORTED_FAMILIES or getattr(model, "is_sd3", False):
-            raise ModelLoadError(f"The loaded checkpoint ({self.model_label() or 'unknown'}) is an "
-                                 f"{'SD3' if getattr(model, 'is_sd3', False) else family.value.upper()} model; "
-                                 f"{config.method} trains SD1.x models only in this version.",
-                                 "Load an SD1.x checkpoint (SD 1.5 or a model fine-tuned from it) at the top of the page.")
+        label = self.model_label() or "The loaded checkpoint"
+        if getattr(model, "is_sd3", False):
+            raise ModelLoadError(f"{label} is an SD3 model; {config.method} trains SD1.x, SD2.x and SDXL models.",
+                                 "Load an SD1.x, SD2.x or SDXL checkpoint at the top of the page.")
         if int(getattr(model, "latent_channels", 4)) != 4 or getattr(model, "is_sdxl_inpaint", False):
             raise ModelLoadError("The loaded checkpoint is not a plain text-to-image model (inpainting or edit model).",
-                                 "Load a plain SD1.x checkpoint at the top of the page.")
+                                 "Load a plain text-to-image checkpoint at the top of the page.")
+        family = _family(model)
+        if family is ModelFamily.SDXL and not hasattr(_embedder(model.conditioner.embedders[0]), "transformer"):
+            raise ModelLoadError(f"{label} is an SDXL refiner (one OpenCLIP text encoder); refiners are not trained here.",
+                                 "Load an SDXL base model (or a fine-tune of it) at the top of the page.")
+        if config.training.fp8_base:
+            raise ConfigError("fp8 base storage is on, but inside the WebUI the trainer shares the loaded model's "
+                              "weights instead of holding its own copy: an fp8 copy would add memory, not save it.",
+                              "Turn fp8_base off here (bf16 and gradient checkpointing save memory in the WebUI), or "
+                              "use fp8 with the command line trainer.")
 
     def bundle_for(self, config: RunConfig) -> Optional[ModelBundle]:
         model = self._model()

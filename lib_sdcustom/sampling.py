@@ -12,15 +12,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .methods.text_conditioning import encode_tokens, tokenize
+from .methods.text_conditioning import encode_prompts
 from .models.bundle import ModelBundle
+from .training.conditioning import Conditioning, SizeConditioning, as_conditioning
 
 
-def _scheduler_for_sampling(bundle: ModelBundle, steps: int):
+def _scheduler_for_sampling(bundle: ModelBundle, steps: int, zero_terminal_snr: bool = False):
+    """DDIM on the training schedule. A model trained with zero terminal SNR starts from pure noise, which
+    needs the rescaled schedule and 'trailing' timesteps that include t = T (Lin et al. 2023)."""
     from diffusers import DDIMScheduler
 
+    extra = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if zero_terminal_snr else {}
     scheduler = DDIMScheduler.from_config(bundle.noise_scheduler.config, clip_sample=False, set_alpha_to_one=False,
-                                          steps_offset=1, prediction_type=bundle.prediction_type)
+                                          steps_offset=1, prediction_type=bundle.prediction_type, **extra)
     scheduler.set_timesteps(steps)
     return scheduler
 
@@ -36,25 +40,28 @@ def latents_to_images(bundle: ModelBundle, latents: torch.Tensor) -> list[Image.
 def generate(bundle: ModelBundle, prompts: list[str], *, seed: int, steps: int = 20, guidance: float = 7.0,
              width: int = 512, height: int = 512, negative_prompt: str = "", clip_skip: int = 1,
              progress: Callable[[int, int], None] | None = None,
-             encode: Callable[[list[str]], torch.Tensor] | None = None) -> list[Image.Image]:
+             encode: Callable[[list[str]], Conditioning | torch.Tensor] | None = None,
+             zero_terminal_snr: bool = False) -> list[Image.Image]:
     """One image per prompt; image i uses noise from seed + i, so a batch equals the same prompts one by one.
 
-    `encode` turns prompts into conditioning (default: the bundle's tokenizer and text encoder with
-    `clip_skip`); a training method passes its own, so previews see what it trains."""
+    `encode` turns prompts into conditioning (default: the bundle's tokenizers and text encoders the host's
+    way, with `clip_skip`); a training method passes its own, so previews see what it trains. A plain tensor
+    from `encode` is SD1/SD2 context. SDXL is told each image is an uncropped `height` x `width` picture."""
     unet = bundle.unet
     device, dtype = unet.device, unet.dtype
-    scheduler = _scheduler_for_sampling(bundle, steps)
-    encode = encode or (lambda texts: encode_tokens(bundle.text_encoder, tokenize(bundle.tokenizer, texts), clip_skip))
-    conditioning = encode(prompts)
-    unconditional = encode([negative_prompt] * len(prompts))
-    context = torch.cat([unconditional, conditioning]).to(device, dtype)
+    scheduler = _scheduler_for_sampling(bundle, steps, zero_terminal_snr)
+    encode = encode or (lambda texts: encode_prompts(bundle, texts, clip_skip))
+    conditioning = as_conditioning(encode(prompts))
+    unconditional = as_conditioning(encode([negative_prompt] * len(prompts)))
+    unet_kwargs = Conditioning.cat([unconditional, conditioning]).to(device, dtype).unet_kwargs(
+        [SizeConditioning.uncropped(height, width)] * (2 * len(prompts)))
     channels = unet.config.in_channels
     noise = [torch.randn((1, channels, height // 8, width // 8), generator=torch.Generator().manual_seed(seed + i))
              for i in range(len(prompts))]
     latents = torch.cat(noise).to(device, dtype) * scheduler.init_noise_sigma
     for number, timestep in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep)
-        uncond_out, cond_out = unet(model_input, timestep, context).sample.chunk(2)
+        uncond_out, cond_out = unet(model_input, timestep, **unet_kwargs).sample.chunk(2)
         guided = uncond_out + guidance * (cond_out - uncond_out)
         latents = scheduler.step(guided, timestep, latents).prev_sample
         if progress:

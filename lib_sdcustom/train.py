@@ -17,23 +17,23 @@ from .config import RunConfig, dumps_toml
 from .data.captions import CaptionOptions
 from .data.dataset import TrainingOptions, TrainingSet
 from .data.scan import scan_dataset
-from .errors import ConfigError, ModelLoadError, TrainingStopped
+from .errors import ConfigError, TrainingStopped
 from .events import Callback, CancelToken, EventBus, FileSaved, RunFinished, RunStarted, SamplesRendered
+from .family_defaults import apply_family_defaults, native_resolution
 from .files import check_free_space, output_path, write_text_atomically
 from .methods.base import Method
 from .methods.registry import method_class
-from .models.bundle import ModelBundle, ModelFamily
+from .models.bundle import ModelBundle
+from .models.fp8 import store_frozen_base_in_fp8
 from .run_context import RunContext
 from .training.batches import LatentBatchSource
+from .training.conditioning import Conditioning
 from .training.loop import LoopHooks, LoopSettings, TrainingLoop
 from .training.optimizers import build_optimizer
 from .training.schedules import build_scheduler
 from .training.state import latest_state, load_state
 
 logger = logging.getLogger(__name__)
-
-SUPPORTED_FAMILIES = (ModelFamily.SD1,)
-
 
 @dataclass
 class TrainResult:
@@ -65,14 +65,18 @@ def _training_set(config: RunConfig, trigger_phrase: str) -> tuple[TrainingSet, 
     scan = scan_dataset(Path(data.data), caption_extension=data.caption_extension, default_repeats=data.repeats,
                         default_caption=trigger_phrase)
     warnings = list(scan.warnings) + [f"Skipped {item.path.name}: {item.reason}" for item in scan.skipped]
-    options = TrainingOptions(
+    return TrainingSet(scan, _training_options(config)), warnings
+
+
+def _training_options(config: RunConfig) -> TrainingOptions:
+    data = config.data
+    return TrainingOptions(
         resolution=data.resolution, buckets=data.buckets, min_bucket_side=data.min_bucket, max_bucket_side=data.max_bucket,
         bucket_step=data.bucket_step, no_upscale=not data.upscale, batch_size=config.training.batch_size,
         flip=data.flip, random_crop=data.random_crop, seed=config.training.seed,
         captions=CaptionOptions(shuffle=data.shuffle_captions, keep_tokens=data.keep_tokens,
                                 caption_dropout=data.caption_dropout, tag_dropout=data.tag_dropout),
     )
-    return TrainingSet(scan, options), warnings
 
 
 def _describe_run(config: RunConfig, training_set: TrainingSet, method: Method) -> str:
@@ -92,16 +96,9 @@ def _describe_run(config: RunConfig, training_set: TrainingSet, method: Method) 
 def _place_models(bundle: ModelBundle, accelerator, mixed_precision: str) -> None:
     """Frozen weights in the compute dtype to save memory; trainable weights stay fp32 (the method owns them)."""
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-    for model in (bundle.unet, bundle.text_encoder, bundle.vae):
+    for model in (bundle.unet, *bundle.text_encoders, bundle.vae):
         model.to(accelerator.device, dtype=dtype)
     bundle.vae.to(dtype=torch.float32)  # the VAE overflows in fp16; it only encodes, once per image
-
-
-def require_trainable_family(family: ModelFamily, name: str) -> None:
-    """SD2 and SDXL models load, but no method trains them yet; say so before any work is done."""
-    if family not in SUPPORTED_FAMILIES:
-        raise ModelLoadError(f"{name} is an {family.value.upper()} model; this version trains SD1.x models only.",
-                             "Pick an SD1.x checkpoint (SD 1.4/1.5 or a model fine-tuned from them).")
 
 
 def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: CancelToken | None = None,
@@ -127,13 +124,19 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
         from .models.loader import load_bundle
 
         bundle = load_bundle(Path(config.model.base))
-    require_trainable_family(bundle.family, bundle.identity.name)
+    config, notes = apply_family_defaults(config, bundle)
+    if config.data.resolution != training_set.options.resolution:
+        training_set = TrainingSet(training_set.scan, _training_options(config))
     _place_models(bundle, accelerator, config.training.mixed_precision)
+    if config.training.fp8_base:
+        store_frozen_base_in_fp8(bundle, accelerator.device)
     if config.training.gradient_checkpointing:
         bundle.unet.enable_gradient_checkpointing()
-        bundle.text_encoder.gradient_checkpointing_enable()
+        for encoder in bundle.text_encoders:
+            encoder.gradient_checkpointing_enable()
     bundle.unet.train(config.training.gradient_checkpointing)  # diffusers checkpoints only in train mode
-    bundle.text_encoder.train(config.training.gradient_checkpointing)
+    for encoder in bundle.text_encoders:
+        encoder.train(config.training.gradient_checkpointing)
     bundle.vae.eval()
 
     source = LatentBatchSource.create(training_set, bundle, run_dir=run_dir, use_cache=config.data.cache_latents, bus=bus)
@@ -143,6 +146,9 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
     method = method_type(context)
     try:
         check_free_space(target.parent, method.required_disk_bytes(), f"the {config.method} result")
+        if config.training.cache_text_encoder_outputs and not method.frozen_text_conditioning():
+            bus.warn(f"Text-encoder outputs are not cached: {config.method} trains the text encoder or its tokens "
+                     "in this run, so a caption's conditioning changes every step (train_text_encoder = 0 allows it).")
         source = method.build_source(source)
         optimizer = build_optimizer(config.optimizer.optimizer, method.param_groups(), lr=config.lr,
                                     weight_decay=config.optimizer.weight_decay)
@@ -155,6 +161,8 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
             total_steps=config.training.steps, gradient_accumulation=config.training.gradient_accumulation,
             max_grad_norm=config.optimizer.max_grad_norm, mixed_precision=config.training.mixed_precision,
             seed=config.training.seed, noise_offset=config.training.noise_offset, min_snr_gamma=config.training.min_snr_gamma,
+            zero_terminal_snr=config.training.zero_terminal_snr,
+            cache_text_encoder_outputs=config.training.cache_text_encoder_outputs,
             gradient_checkpointing=config.training.gradient_checkpointing, save_state_every=config.training.save_state_every,
             save_every=config.training.save_every, sample_every=config.training.sample_every)
         previews = PreviewRenderer(context, bus, encode=method.encode_captions)
@@ -166,7 +174,8 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
             loop.resume_from(load_state(saved_folder))
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomically(run_dir / "config.toml", dumps_toml(config))
-        bus.emit(RunStarted(total_steps=config.training.steps, description=_describe_run(config, training_set, method), run_dir=run_dir))
+        bus.emit(RunStarted(total_steps=config.training.steps, description="\n".join([_describe_run(config, training_set, method), *notes]),
+                             run_dir=run_dir))
         try:
             result = loop.run()
         except TrainingStopped as stopped:
@@ -187,7 +196,7 @@ class PreviewRenderer:
     """Renders preview images with a fixed seed so successive previews are comparable, conditioned by the
     method's own `encode` (e.g. a Textual Inversion word expands to its learned vectors)."""
 
-    def __init__(self, context: RunContext, bus: EventBus, encode: Callable[[list[str]], torch.Tensor]) -> None:
+    def __init__(self, context: RunContext, bus: EventBus, encode: Callable[[list[str]], Conditioning]) -> None:
         self.context = context
         self.bus = bus
         self.encode = encode
@@ -198,9 +207,11 @@ class PreviewRenderer:
     def render(self, step: int):
         from .sampling import generate
 
-        size = min(self.context.config.data.resolution, 512)
+        bundle = self.context.bundle  # at most the family's own size: SDXL previews at 512 px look broken
+        size = min(self.context.config.data.resolution, native_resolution(bundle.family, bundle.prediction_type))
         image = generate(self.context.bundle, [self.prompt], seed=self.context.config.training.seed, steps=self.steps,
-                         width=size, height=size, encode=self.encode)[0]
+                         width=size, height=size, encode=self.encode,
+                         zero_terminal_snr=self.context.config.training.zero_terminal_snr)[0]
         folder = self.context.run_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step{step:08d}.png"

@@ -1,7 +1,8 @@
 """The extension inside a fake AUTOMATIC1111 1.10 (tests/fake_a1111): the entry script is loaded the way the
 host loads it, the tab's Train callback runs through the host's GPU queue wrapper, the LoRA lands in the
 host's folder, the host's lists are refreshed, `shared.state` shows progress, and the host's model is
-bit-identical afterwards."""
+bit-identical afterwards. SD2 (v-prediction) and SDXL models loaded in the host give the same modules as the
+file loader, over the host's own tensors, and train through the tab."""
 
 from __future__ import annotations
 
@@ -25,8 +26,16 @@ def _forget_fake_modules() -> None:
             del sys.modules[name]
 
 
-@pytest.fixture
-def webui(tmp_path, tiny_checkpoint, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_families(tmp_path_factory) -> dict:
+    """Tiny SD2 (v-prediction) and SDXL checkpoints in the LDM layout, with their YAMLs."""
+    from lib_sdcustom.models.tiny_families import write_tiny_sd2, write_tiny_sdxl
+
+    folder = tmp_path_factory.mktemp("tiny_families")
+    return {"sd2": write_tiny_sd2(folder, name="tiny_sd2v", v_prediction=True), "sdxl": write_tiny_sdxl(folder)}
+
+
+def _webui(tmp_path: Path, checkpoint: Path, monkeypatch):
     from lib_sdcustom import host_a1111
 
     _forget_fake_modules()
@@ -34,12 +43,34 @@ def webui(tmp_path, tiny_checkpoint, monkeypatch):
     import fake_host
     from modules import call_queue, script_callbacks, shared
 
-    model = fake_host.configure(tmp_path / "webui", tiny_checkpoint)
+    model = fake_host.configure(tmp_path / "webui", checkpoint)
     monkeypatch.setattr(host_a1111, "_MANAGER", None)
-    yield SimpleNamespace(root=tmp_path / "webui", lora=tmp_path / "webui" / "models" / "Lora", model=model,
-                          fake=fake_host, shared=shared, callbacks=script_callbacks, call_queue=call_queue,
-                          images=_images(tmp_path / "images"))
+    return SimpleNamespace(root=tmp_path / "webui", lora=tmp_path / "webui" / "models" / "Lora", model=model,
+                           fake=fake_host, shared=shared, callbacks=script_callbacks, call_queue=call_queue,
+                           images=_images(tmp_path / "images"))
+
+
+@pytest.fixture
+def webui(tmp_path, tiny_checkpoint, monkeypatch):
+    yield _webui(tmp_path, tiny_checkpoint, monkeypatch)
     _forget_fake_modules()
+
+
+@pytest.fixture
+def family_webui_for(tmp_path, tiny_families, monkeypatch):
+    """`family_webui_for("sd2" | "sdxl")`: the fake WebUI with that tiny model loaded (SD2 as a 768-v model);
+    `.checkpoint` is the file it came from."""
+    def make(family: str) -> SimpleNamespace:
+        checkpoint = tiny_families[family]
+        return SimpleNamespace(**vars(_webui(tmp_path, checkpoint, monkeypatch)), checkpoint=checkpoint, family=family)
+
+    yield make
+    _forget_fake_modules()
+
+
+@pytest.fixture(params=["sd2", "sdxl"])
+def family_webui(request, family_webui_for):
+    return family_webui_for(request.param)
 
 
 def _images(folder: Path) -> Path:
@@ -139,6 +170,109 @@ def test_bundle_shares_the_host_tensors_and_matches_the_file_loader(webui, tiny_
     assert shared_bundle.prediction_type == "epsilon" and shared_bundle.identity.name == "tiny"
 
 
+def _storages(tensors) -> set:
+    return {tensor.untyped_storage().data_ptr() for tensor in tensors}
+
+
+def _family_outputs(bundle, inputs: dict | None = None) -> dict:
+    """Each module's output on fixed inputs: text encoders (hidden states, SDXL's pooled vector), UNet, VAE.
+
+    The UNet runs on `inputs` (another bundle's text outputs) when given, so each module is compared alone.
+    """
+    generator = torch.Generator().manual_seed(0)
+    latents, timestep = torch.randn(1, 4, 8, 8, generator=generator), torch.tensor([500])
+    outputs = {}
+    with torch.no_grad():
+        for index, (encoder, tokenizer) in enumerate(zip(bundle.text_encoders, (bundle.tokenizer, bundle.tokenizer_2))):
+            ids = tokenizer(["a sks dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+            out = encoder(ids, output_hidden_states=True)
+            outputs[f"ids{index}"], outputs[f"last{index}"] = ids, out.last_hidden_state
+            outputs[f"context{index}"] = out.hidden_states[-2] if bundle.text_encoder_2 is not None else out.last_hidden_state
+            if getattr(out, "text_embeds", None) is not None:
+                outputs["pooled"] = out.text_embeds
+        given = inputs or outputs
+        context = torch.cat([given[f"context{index}"] for index in range(len(bundle.text_encoders))], dim=-1)
+        extra = {}
+        if "pooled" in given:
+            time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+            extra = {"added_cond_kwargs": {"text_embeds": given["pooled"], "time_ids": time_ids}}
+        outputs["unet"] = bundle.unet(latents, timestep, context, **extra).sample
+        outputs["decoded"] = bundle.vae.decode(latents).sample
+    return outputs
+
+
+def _assert_same_outputs(bundle, reference) -> None:
+    """Bit-equal, except SDXL's pooled vector: the shared projection is a transposed view of the host's
+    tensor, so its matmul sums in another order than over the loader's contiguous copy."""
+    expected = _family_outputs(reference)
+    actual = _family_outputs(bundle, inputs=expected)
+    assert expected.keys() == actual.keys()
+    for key, value in expected.items():
+        if key == "pooled":
+            torch.testing.assert_close(actual[key], value, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(actual[key], value), key
+
+
+def test_sd2_and_sdxl_bundles_share_the_host_tensors_and_match_the_file_loader(family_webui):
+    from lib_sdcustom.host_a1111 import bundle_from_loaded_model
+    from lib_sdcustom.models.bundle import ModelFamily
+    from lib_sdcustom.models.loader import load_bundle
+
+    webui = family_webui
+    shared_bundle = bundle_from_loaded_model(webui.model)
+    reference = load_bundle(webui.checkpoint)
+
+    assert shared_bundle.family is reference.family is ModelFamily(webui.family)
+    assert shared_bundle.prediction_type == reference.prediction_type
+    assert shared_bundle.prediction_type == ("v_prediction" if webui.family == "sd2" else "epsilon")
+    assert shared_bundle.noise_scheduler.config.prediction_type == shared_bundle.prediction_type
+    assert len(shared_bundle.text_encoders) == len(reference.text_encoders) == (2 if webui.family == "sdxl" else 1)
+    host_storage = _storages(webui.model.state_dict().values())
+    for module in (shared_bundle.unet, shared_bundle.vae, *shared_bundle.text_encoders):
+        assert _storages(module.parameters()) <= host_storage, type(module).__name__
+    _assert_same_outputs(shared_bundle, reference)
+    # position_ids is file data only where transformers keeps it as a buffer (4.x, the host's pin)
+    assert {key for key in reference.ldm_extras if not key.endswith("position_ids")} <= set(shared_bundle.ldm_extras)
+
+    copied = bundle_from_loaded_model(webui.model, copy=frozenset({"unet", "text_encoder"}))
+    for module in (copied.unet, *copied.text_encoders):
+        assert not _storages(module.parameters()) & host_storage, type(module).__name__
+    _assert_same_outputs(copied, reference)
+
+
+def test_host_parameterization_decides_the_prediction_type(family_webui):
+    from lib_sdcustom.host_a1111 import bundle_from_loaded_model
+
+    family_webui.model.parameterization = "eps" if family_webui.family == "sd2" else "v"
+    bundle = bundle_from_loaded_model(family_webui.model)
+    expected = "epsilon" if family_webui.family == "sd2" else "v_prediction"
+    assert bundle.prediction_type == bundle.noise_scheduler.config.prediction_type == expected
+
+
+def test_without_its_yaml_the_loaded_model_is_read_with_its_familys_stock_config(family_webui):
+    from lib_sdcustom.errors import ModelLoadError
+    from lib_sdcustom.host_a1111 import bundle_from_loaded_model
+
+    family_webui.model.used_config = None  # the host found no YAML: it used its stock config, so do we
+    with pytest.raises(ModelLoadError) as refused:
+        bundle_from_loaded_model(family_webui.model)  # a tiny model does not fit the full-size stock shapes
+    stock = {"sd2": "the built-in SD2 v2-inference-v config", "sdxl": "the built-in SDXL sd_xl_base config"}
+    assert stock[family_webui.family] in refused.value.problem and "Reload the checkpoint" in refused.value.fix
+
+
+def test_an_sdxl_refiner_is_refused_before_anything_runs(family_webui_for):
+    from lib_sdcustom.config import RunConfig
+    from lib_sdcustom.errors import ModelLoadError
+    from lib_sdcustom.host_a1111 import A1111Host
+
+    webui = family_webui_for("sdxl")
+    embedders = webui.model.conditioner.embedders
+    embedders[0] = embedders[1]  # a refiner's only text encoder is OpenCLIP bigG
+    with pytest.raises(ModelLoadError, match="SDXL refiner"):
+        A1111Host().check_fit(RunConfig(method="lora"))
+
+
 def test_lora_merged_by_the_last_generation_is_undone_before_training(webui, tiny_checkpoint):
     from lib_sdcustom.host_a1111 import A1111Host
     from lib_sdcustom.models.loader import load_bundle
@@ -158,10 +292,10 @@ def test_lora_merged_by_the_last_generation_is_undone_before_training(webui, tin
     assert layer.network_current_names == ()
 
 
-@pytest.mark.parametrize("case", ["empty folder", "missing token", "existing name", "model does not fit"])
+@pytest.mark.parametrize("case", ["empty folder", "missing token", "existing name", "model does not fit", "fp8 base"])
 def test_bad_input_is_a_message_and_nothing_is_written(webui, case, tmp_path):
     controller, train_call = tab_and_train_call(webui)
-    folder, token, name = webui.images, "sks", "badcase"
+    folder, token, name, options = webui.images, "sks", "badcase", {}
     if case == "empty folder":
         folder = tmp_path / "empty"
         folder.mkdir()
@@ -169,21 +303,82 @@ def test_bad_input_is_a_message_and_nothing_is_written(webui, case, tmp_path):
         token = ""
     elif case == "existing name":
         (webui.lora / "badcase.safetensors").write_bytes(b"keep me")
+    elif case == "model does not fit":
+        webui.model.is_sd3 = True
     else:
-        webui.model.is_sd1, webui.model.is_sdxl = False, True
+        options["training__fp8_base"] = True
     before = sorted(p.relative_to(webui.root) for p in webui.root.rglob("*"))
     before_hash = state_hash(webui.model)
 
-    html = train_call("task(bad)", *form_values(controller, folder, name, token=token))[-1]
+    html = train_call("task(bad)", *form_values(controller, folder, name, token=token, **options))[-1]
 
     assert "sdcustom-error" in html and "Fix:" in html, html
     assert "Traceback" not in html
     expected = {"empty folder": "image", "missing token": "No token", "existing name": "already exists",
-                "model does not fit": "SDXL"}[case]
+                "model does not fit": "SD3", "fp8 base": "an fp8 copy would add memory"}[case]
     assert expected in html
     assert sorted(p.relative_to(webui.root) for p in webui.root.rglob("*")) == before
     assert (webui.lora / "badcase.safetensors").read_bytes() == b"keep me" if case == "existing name" else True
     assert state_hash(webui.model) == before_hash
+
+
+def test_an_sdxl_run_plans_for_the_loaded_sdxl_model(family_webui_for):
+    from lib_sdcustom.models.bundle import ModelFamily
+    from lib_sdcustom.ui.plan import estimate_memory
+
+    webui = family_webui_for("sdxl")
+    controller, _ = tab_and_train_call(webui)
+    values = form_values(controller, webui.images, "xl_lora", data__resolution=1024, data__max_bucket=1024)
+    _, _, html, seen = controller.check_folder(*values)
+
+    assert seen == 4 and "data-family='sdxl'" in html and "model: SDXL, trained at 1024 px" in html, html
+    assert "tiny_sdxl.safetensors" in html and "you chose" not in html
+    config = controller.config(*values)
+    parameters = sum(parameter.numel() for parameter in webui.model.parameters())
+    estimate = estimate_memory(config, parameters, ModelFamily.SDXL)
+    assert f"about {estimate.total / 2**20:.0f} MB" in html
+
+
+def test_tab_trains_an_sdxl_lora_on_the_loaded_sdxl_model(family_webui_for):
+    from safetensors import safe_open
+
+    webui = family_webui_for("sdxl")
+    controller, train_call = tab_and_train_call(webui)
+    before = state_hash(webui.model)
+    html = train_call("task(xl)", *form_values(controller, webui.images, "xl_lora"))[-1]
+
+    assert "data-state='finished'" in html, html
+    with safe_open(str(webui.lora / "xl_lora.safetensors"), framework="pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata()
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert any(key.startswith("lora_unet_input_blocks_") for key in keys)
+    assert any(key.startswith("lora_te1_") for key in keys) and any(key.startswith("lora_te2_") for key in keys)
+    assert state_hash(webui.model) == before
+
+
+@pytest.mark.parametrize("family, method", [("sdxl", "textual_inversion"), ("sd2", "textual_inversion"),
+                                            ("sd2", "dreambooth_lora"), ("sdxl", "dreambooth")])
+def test_methods_that_change_base_weights_leave_the_host_model_identical(family_webui_for, family, method):
+    webui = family_webui_for(family)
+    controller, train_call = tab_and_train_call(webui)
+    before = state_hash(webui.model)
+    tokenizer = webui.model.conditioner.embedders[0].wrapped.tokenizer if family == "sdxl" else None
+    vocabulary = len(tokenizer) if tokenizer is not None else None
+    html = train_call("task(te)", *form_values(controller, webui.images, f"{family}emb", method=method,
+                                               dreambooth__num_class_images=2, dreambooth__class_sample_steps=2,
+                                               textual_inversion__init_text="dog"))[-1]
+
+    assert "data-state='finished'" in html, html
+    assert state_hash(webui.model) == before
+    assert tokenizer is None or len(tokenizer) == vocabulary
+    if method == "dreambooth":  # the checkpoint written from the host's weights has the base file's tensors
+        from safetensors import safe_open
+
+        def keys(path: Path) -> set:
+            with safe_open(str(path), framework="pt") as handle:
+                return {key for key in handle.keys() if not key.endswith("position_ids")}
+
+        assert keys(webui.root / "models" / "Stable-diffusion" / f"{family}emb.safetensors") == keys(webui.checkpoint)
 
 
 def test_the_hosts_interrupt_button_cancels_cleanly(webui, monkeypatch):

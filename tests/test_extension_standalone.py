@@ -48,6 +48,19 @@ def test_facts_folder_check_and_plan(standalone):
     assert len(thumbnails) == 4 and max(thumbnails[0].size) <= 160
     assert seen == 4 and "4 images per epoch / batch 1 = 4 steps per epoch; 4 steps = 1.0 epochs" in plan
     assert "memory: about" in plan and str(models.resolve() / "Lora") in plan
+    assert "data-family='sd1'" in plan and "model: SD1, trained at 512 px; you chose 64 px" in plan
+
+
+def test_plan_follows_the_family_of_the_picked_checkpoint(standalone):
+    from lib_sdcustom.models.tiny_families import write_tiny_sdxl
+
+    controller, models, images = standalone
+    write_tiny_sdxl(models / "Stable-diffusion", name="xl")
+    sd1 = controller.plan(4, *values(controller, images, "x", data__resolution=1024, data__max_bucket=1024))
+    sdxl = controller.plan(4, *values(controller, images, "x", checkpoint="xl.safetensors", data__resolution=1024,
+                                      data__max_bucket=1024))
+    assert "data-family='sdxl'" in sdxl and "model: SDXL, trained at 1024 px" in sdxl and "you chose" not in sdxl
+    assert "you chose 1024 px (set Resolution to 512" in sd1
 
 
 def test_presets_are_cli_toml_and_keep_the_token_out(standalone):
@@ -92,7 +105,7 @@ def test_cancel_stops_a_run_cleanly(standalone):
     assert "Nothing is training" in controller.cancel()
 
 
-@pytest.mark.parametrize("case", ["empty folder", "missing token", "existing name", "sdxl checkpoint", "no checkpoint"])
+@pytest.mark.parametrize("case", ["empty folder", "missing token", "existing name", "sdxl refiner", "no checkpoint"])
 def test_bad_input_is_a_message_and_nothing_is_written(standalone, tmp_path, case):
     import torch
     from safetensors.torch import save_file
@@ -107,9 +120,9 @@ def test_bad_input_is_a_message_and_nothing_is_written(standalone, tmp_path, cas
     elif case == "existing name":
         (models / "Lora").mkdir()
         (models / "Lora" / "bad.safetensors").write_bytes(b"keep")
-    elif case == "sdxl checkpoint":
-        checkpoint = "xl.safetensors"
-        save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(4),
+    elif case == "sdxl refiner":
+        checkpoint = "refiner.safetensors"
+        save_file({"conditioner.embedders.0.model.ln_final.weight": torch.zeros(1280),
                    "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, str(models / "Stable-diffusion" / checkpoint))
     else:
         checkpoint = "../../elsewhere.safetensors"
@@ -117,7 +130,7 @@ def test_bad_input_is_a_message_and_nothing_is_written(standalone, tmp_path, cas
     html = controller.train("", *values(controller, folder, "bad", token=token, checkpoint=checkpoint))[-1]
     assert "sdcustom-error" in html and "Fix:" in html, html
     assert {"empty folder": "image", "missing token": "No token", "existing name": "already exists",
-            "sdxl checkpoint": "SDXL", "no checkpoint": "not in"}[case] in html
+            "sdxl refiner": "SDXL refiner", "no checkpoint": "not in"}[case] in html
     assert sorted(models.rglob("*")) == before
 
 

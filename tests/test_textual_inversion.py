@@ -160,8 +160,8 @@ def test_diffusers_loads_the_file_with_the_trainers_text_encoding(cli_run, tiny_
     path = root / "out" / f"{TRIGGER}.safetensors"
     method = trainer_method(tiny_checkpoint, config, final_state(root / "run"))
     with torch.no_grad():
-        expected = method.encode_captions([PROMPT])
-        plain = method.encode_captions([PROMPT.replace(TRIGGER, "toy")])
+        expected = method.encode_captions([PROMPT]).context
+        plain = method.encode_captions([PROMPT.replace(TRIGGER, "toy")]).context
     loaded = diffusers_encoding(tiny_checkpoint, path, PROMPT, token=TRIGGER)
     torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=0)
     assert not torch.allclose(expected, plain, atol=1e-3), "the trained vectors must differ from their init word"
@@ -188,7 +188,7 @@ def test_pt_file_is_the_hosts_own_dict_and_passes_its_safe_unpickler(tiny_checkp
     if importlib.util.find_spec("diffusers"):
         method = trainer_method(tiny_checkpoint, config, final_state(tmp_path / "run"))
         with torch.no_grad():
-            expected = method.encode_captions([PROMPT])
+            expected = method.encode_captions([PROMPT]).context
         # No token given: diffusers takes it from the dict's `name`, which is the stem.
         torch.testing.assert_close(diffusers_encoding(tiny_checkpoint, path, PROMPT, token=None), expected, atol=1e-5, rtol=0)
 
@@ -234,8 +234,8 @@ def test_loss_falls_while_the_base_stays_bit_identical(tiny_checkpoint, image_fo
     initial = trainer_method(tiny_checkpoint, config)
     trained = trainer_method(tiny_checkpoint, config, final_state(tmp_path / "run"))
     with torch.no_grad():
-        before = fixed_eval_loss(initial.bundle, pixels, initial.encode_captions([TRIGGER]))
-        after = fixed_eval_loss(trained.bundle, pixels, trained.encode_captions([TRIGGER]))
+        before = fixed_eval_loss(initial.bundle, pixels, initial.encode_captions([TRIGGER]).context)
+        after = fixed_eval_loss(trained.bundle, pixels, trained.encode_captions([TRIGGER]).context)
     # A tiny random UNet barely listens to its conditioning: even a free 77-token context tensor, optimised
     # on this fixed batch, lowers the loss by only ~7%, and three vectors by ~1%; 40 steps reach ~0.4%.
     assert after < before - 2e-3, (before, after)
@@ -262,10 +262,10 @@ def test_init_text_sets_the_start_and_a_long_one_is_truncated_with_a_warning(tin
     assert "has 3 tokens but the embedding has 2 vector(s)" in caplog.text
     table = method.bundle.text_encoder.get_input_embeddings().weight
     ids = method.bundle.tokenizer("red toy", add_special_tokens=False).input_ids
-    torch.testing.assert_close(method.vectors.detach(), table[ids], atol=0, rtol=0)
+    torch.testing.assert_close(method.vectors[0].detach(), table[ids], atol=0, rtol=0)
 
     config.textual_inversion.vectors, config.textual_inversion.init_text = 4, "red toy"
-    stretched = trainer_method(tiny_checkpoint, config).vectors.detach()
+    stretched = trainer_method(tiny_checkpoint, config).vectors[0].detach()
     torch.testing.assert_close(stretched, table[[ids[0], ids[0], ids[1], ids[1]]], atol=0, rtol=0)
 
 
@@ -290,7 +290,7 @@ def test_trigger_word_expands_to_its_vectors_in_any_case_and_only_as_a_whole_wor
     expanded = method.expand(f"{TRIGGER.upper()}, {TRIGGER}s and {TRIGGER}")
     assert expanded.count("<sdcustom-ti-0> <sdcustom-ti-1> <sdcustom-ti-2>") == 2 and f"{TRIGGER}s" in expanded
     with torch.no_grad():
-        hooked = method.encode_captions(["a plain prompt"])
+        hooked = method.encode_captions(["a plain prompt"]).context
     from lib_sdcustom.sampling import generate
 
     with_vectors = generate(method.bundle, [TRIGGER], seed=0, steps=1, width=64, height=64, encode=method.encode_captions)[0]

@@ -9,18 +9,33 @@ import argparse
 import sys
 
 from . import dreambooth, lora, quality
+from ..models.bundle import ModelFamily
 
 SCENARIOS = {
-    "lora": (lora, "LoRA steps/s and peak memory, batch 1 and 4, latent cache on/off.", 30),
-    "dreambooth": (dreambooth, "DreamBooth steps/s and peak memory, prior preservation and gradient checkpointing on/off.", 20),
+    "lora": (lora, "LoRA steps/s and peak memory, batch 1 and 4, latent cache on/off, per model family.", 30),
+    "dreambooth": (dreambooth, "DreamBooth steps/s and peak memory, prior preservation and gradient checkpointing "
+                               "on/off, per model family.", 20),
 }
+FAMILIES = tuple(family.value for family in ModelFamily)
+
+
+def _families(text: str) -> list[str]:
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in FAMILIES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown model family: {', '.join(unknown) or repr(text)}; use a "
+                                         f"comma-separated list of {', '.join(FAMILIES)}")
+    return list(dict.fromkeys(names))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m lib_sdcustom.bench")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text, default_steps) in SCENARIOS.items():
-        commands.add_parser(name, help=help_text).add_argument("--steps", type=int, default=default_steps)
+        scenario = commands.add_parser(name, help=help_text)
+        scenario.add_argument("--steps", type=int, default=default_steps)
+        scenario.add_argument("--families", type=_families, default=["sd1", "sdxl"],
+                              help="Tiny models to measure, comma-separated (default: sd1,sdxl; also sd2).")
         commands.add_parser(module.CHILD_COMMAND, help=argparse.SUPPRESS).add_argument("settings")
     quality.add_arguments(commands.add_parser("quality", help="Customization quality of every method on the micro-world "
                                                                 "model: JSON, Markdown table and PNG grids."))
@@ -32,7 +47,7 @@ def main() -> int:
         children[args.command].child(args.settings)
     else:
         module = SCENARIOS[args.command][0]
-        sys.stdout.write(module.report(module.run(args.steps)) + "\n")
+        sys.stdout.write(module.report(module.run(args.steps, args.families)) + "\n")
     return 0
 
 

@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -27,12 +27,20 @@ class Timing:
     peak_cuda_mib: float | None
 
 
-def tiny_run_config(method: str, workdir: Path, *, images: int) -> RunConfig:
-    """A run on a freshly written tiny SD1 checkpoint and generated 64x64 images."""
+def _tiny_base(family: str, folder: Path) -> Path:
+    """The tiny checkpoint of a family (SD2 as its 768-v variant, so the v-prediction objective is timed)."""
     from ..models.tiny import write_tiny_sd1
+    from ..models.tiny_families import write_tiny_sd2, write_tiny_sdxl
 
+    writers = {"sd1": write_tiny_sd1, "sd2": lambda where: write_tiny_sd2(where, v_prediction=True),
+               "sdxl": write_tiny_sdxl}
+    return writers[family](folder)
+
+
+def tiny_run_config(method: str, workdir: Path, *, images: int, family: str = "sd1") -> RunConfig:
+    """A run on a freshly written tiny checkpoint of `family` and generated 64x64 images."""
     config = RunConfig(method=method)
-    config.model.base = str(write_tiny_sd1(workdir / "model"))
+    config.model.base = str(_tiny_base(family, workdir / "model"))
     config.data.data = str(write_sample_images(workdir / "images", count=images))
     config.data.resolution, config.data.min_bucket, config.data.max_bucket = 64, 64, 128
     config.output.name, config.output.out, config.output.run_dir = "bench", str(workdir / "out"), str(workdir / "run")
@@ -54,13 +62,16 @@ def timed_training(config: RunConfig) -> Timing:
     return Timing(rate, peak_rss, cuda)
 
 
-def run_in_children(child_command: str, configurations: list[dict[str, Any]], steps: int) -> list[dict[str, Any]]:
-    """Run `python -m lib_sdcustom.bench CHILD_COMMAND '{settings}'` once per configuration."""
+def run_in_children(child_command: str, configurations: list[dict[str, Any]], steps: int,
+                    families: Sequence[str]) -> list[dict[str, Any]]:
+    """Run `python -m lib_sdcustom.bench CHILD_COMMAND '{settings}'` once per family and configuration."""
     results = []
-    for settings in configurations:
-        output = subprocess.run([sys.executable, "-m", "lib_sdcustom.bench", child_command, json.dumps({**settings, "steps": steps})],
-                                check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(output.strip().splitlines()[-1]))
+    for settings in [{**item, "family": family, "steps": steps} for family in families for item in configurations]:
+        child = subprocess.run([sys.executable, "-m", "lib_sdcustom.bench", child_command, json.dumps(settings)],
+                               capture_output=True, text=True)
+        if child.returncode != 0:
+            raise RuntimeError(f"benchmark {child_command} {settings} failed:\n{child.stderr[-4000:]}")
+        results.append(json.loads(child.stdout.strip().splitlines()[-1]))
     return results
 
 
@@ -80,3 +91,23 @@ def device_description() -> str:
 
 def cuda_cell(value: float | None) -> str:
     return f"{value:.0f}" if value is not None else "-"
+
+
+def family_label(family: str) -> str:
+    return f"{family.upper()}-tiny"
+
+
+def ratio_lines(results: list[dict[str, Any]], keys: tuple[str, ...], describe: Callable[[dict[str, Any]], str]) -> list[str]:
+    """Each non-SD1 family against SD1 for the same settings (`keys`): steps/s and peak memory ratios."""
+    by_settings = {(r["family"], *(r[key] for key in keys)): r for r in results}
+    lines = []
+    for r in results:
+        base = by_settings.get(("sd1", *(r[key] for key in keys)))
+        if r["family"] == "sd1" or base is None:
+            continue
+        memory = (f"{r['peak_cuda_mib'] / base['peak_cuda_mib']:.2f}x the peak CUDA memory"
+                  if r["peak_cuda_mib"] and base["peak_cuda_mib"] else
+                  f"{r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x the peak RSS")
+        lines.append(f"{family_label(r['family'])} vs SD1-tiny ({describe(r)}): "
+                     f"{r['steps_per_second'] / base['steps_per_second']:.2f}x the steps/s, {memory}")
+    return lines

@@ -96,11 +96,24 @@ class BucketSet:
         return side(width), side(height)
 
 
+def cover_size(size: Size, bucket: Size) -> Size:
+    """The (width, height) a picture of `size` is scaled to so it covers `bucket` with the least overflow."""
+    width, height = size
+    scale = max(bucket[0] / width, bucket[1] / height)
+    return max(bucket[0], round(width * scale)), max(bucket[1], round(height * scale))
+
+
+def crop_offset(covering: Size, bucket: Size, rng: Optional[random.Random] = None) -> Size:
+    """(left, top) of the `bucket` cut from a picture of size `covering`: centred, or drawn from `rng`."""
+    spare_x, spare_y = covering[0] - bucket[0], covering[1] - bucket[1]
+    if rng is None:
+        return spare_x // 2, spare_y // 2
+    return rng.randint(0, spare_x), rng.randint(0, spare_y)
+
+
 def resize_to_cover(image: Image.Image, bucket: Size) -> Image.Image:
     """Scale keeping the aspect ratio so the image covers `bucket` with the least overflow."""
-    width, height = image.size
-    scale = max(bucket[0] / width, bucket[1] / height)
-    new_size = (max(bucket[0], round(width * scale)), max(bucket[1], round(height * scale)))
+    new_size = cover_size(image.size, bucket)
     if new_size == image.size:
         return image
     return image.resize(new_size, Image.Resampling.LANCZOS)
@@ -108,13 +121,9 @@ def resize_to_cover(image: Image.Image, bucket: Size) -> Image.Image:
 
 def crop_to(image: Image.Image, bucket: Size, rng: Optional[random.Random] = None) -> Image.Image:
     """Cut `bucket` out of an image that covers it: centred, or at a random offset drawn from `rng`."""
-    spare_x, spare_y = image.width - bucket[0], image.height - bucket[1]
-    if rng is None:
-        left, top = spare_x // 2, spare_y // 2
-    else:
-        left, top = rng.randint(0, spare_x), rng.randint(0, spare_y)
-    if (spare_x, spare_y) == (0, 0):
+    if image.size == bucket:
         return image
+    left, top = crop_offset(image.size, bucket, rng)
     return image.crop((left, top, left + bucket[0], top + bucket[1]))
 
 

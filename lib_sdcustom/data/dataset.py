@@ -16,7 +16,8 @@ from typing import Dict, List, Optional
 import torch
 
 from ..errors import ConfigError
-from .buckets import BucketSet, Size, image_to_tensor
+from ..training.conditioning import SizeConditioning
+from .buckets import BucketSet, Size, cover_size, crop_offset, image_to_tensor
 from .captions import CaptionOptions, process_caption
 from .images import load_rgb
 from .scan import DatasetScan, ImageRecord
@@ -66,6 +67,7 @@ class TrainingSet:
     """A scanned folder plus `TrainingOptions`: deterministic batches and their pixels."""
 
     def __init__(self, scan: DatasetScan, options: TrainingOptions) -> None:
+        self.scan = scan
         self.records = scan.records
         self.options = options
         self.bucket_set = options.bucket_set()
@@ -114,6 +116,10 @@ class TrainingSet:
         image = load_rgb(self.record(example).path)
         return image_to_tensor(image, example.bucket, flip=example.flip, crop_rng=crop_rng)
 
+    def size_conditioning(self, example: Example) -> SizeConditioning:
+        """SDXL's size and crop conditioning for the example, computed without opening the picture."""
+        return size_conditioning(self.record(example).size, example.bucket, crop_seed=example.crop_seed, flip=example.flip)
+
     def load_batch_pixels(self, batch: List[Example]) -> torch.Tensor:
         """[B, 3, H, W] for a batch from `batches_for_epoch` (all one bucket)."""
         return torch.stack([self.load_pixels(example) for example in batch])
@@ -150,6 +156,19 @@ class TrainingSet:
             text += (f" ({batches} batches per epoch: a batch holds one image size, "
                      f"{len(self.bucket_counts())} sizes in use)")
         return text
+
+
+def size_conditioning(image_size: Size, bucket: Size, *, crop_seed: Optional[int] = None,
+                      flip: bool = False) -> SizeConditioning:
+    """What SDXL is told about a picture of `image_size` (width, height) fitted to `bucket`: its original size,
+    where the crop was cut from the resized picture (mirrored with the picture when flipped, as kohya does) and
+    the bucket. Uses the same crop arithmetic and random draws as `load_pixels`."""
+    covering = cover_size(image_size, bucket)
+    crop_rng = None if crop_seed is None else random.Random(crop_seed)
+    left, top = crop_offset(covering, bucket, crop_rng)
+    if flip:
+        left = covering[0] - bucket[0] - left
+    return SizeConditioning(original=(image_size[1], image_size[0]), crop=(top, left), target=(bucket[1], bucket[0]))
 
 
 def _derive_seed(*parts: object) -> int:

@@ -1,15 +1,22 @@
-"""Single-file LDM `.safetensors` checkpoints that the host loads with its stock SD1 config (HOST.md 3d).
+"""Single-file LDM `.safetensors` checkpoints in the host's layout of the base's family (HOST.md 3d).
 
 The file holds exactly the base checkpoint's keys and shapes:
-- the trained components (the UNet, and the text encoder when it was trained) come from the trainer, under
-  the LDM names the loader read them from, in the save precision (fp16 by default, fp32 on request);
-- every other tensor (VAE, a frozen text encoder, `alphas_cumprod`, `position_ids`, any `model_ema.*`) is
-  copied from the base file unchanged, dtype and bits. Memory is not a faithful source for them: the trainer
-  casts frozen modules to its compute dtype under mixed precision, and the host keeps fp16 copies.
+- the trained components (the UNet, and each text encoder that was trained) come from the trainer, under
+  the LDM names the loader read them from (open_clip towers of SD2 / SDXL with q/k/v fused again and the
+  projection in open_clip's orientation), in the save precision (fp16 by default, fp32 on request);
+- every other tensor (VAE, a frozen text encoder, `alphas_cumprod`, `position_ids`, SD2's unused last text
+  block, `logit_scale`, any `model_ema.*`) is copied from the base file unchanged, dtype and bits. Memory is
+  not a faithful source for them: the trainer casts frozen modules to its compute dtype under mixed
+  precision, and the host keeps fp16 copies.
   A base that is a diffusers folder has no file to copy from; then every tensor comes from the modules, in
   the save precision.
-So the host sees its usual set of keys (a missing one would silently load as zeros there), a legacy text
-encoder layout stays legacy, and a non-standard base keeps working with its `NAME.yaml`, written beside.
+So the host sees its usual set of keys (a missing one would silently load as zeros there), and a legacy
+text encoder layout stays legacy.
+
+`NAME.yaml` goes beside the result whenever the host's own config choice could be wrong: the base's YAML
+when it had one (non-standard shapes, v-prediction), else the family's stock config for the base's
+prediction type where the host would have to guess (SD2: it runs a heuristic; SDXL: it never picks
+v-prediction by itself; SD1: only a v-prediction base needs one).
 """
 
 from __future__ import annotations
@@ -24,8 +31,10 @@ from ..files import write_atomically, write_text_atomically
 from ..models import ldm_keys
 from ..models.bundle import ModelBundle
 from ..models.checkpoint_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, read_checkpoint
+from ..models.bundle import ModelFamily
 from ..models.ldm_config import yaml_beside
-from ..models.saver import bundle_to_ldm_state_dict
+from ..models.saver import bundle_to_ldm_state_dict, text_encoder_slot_state_dict
+from ..models.stock_configs import stock_ldm_config
 from .safetensors_io import load_tensors, read_header
 
 _BASE_FILE_SUFFIXES = (SAFETENSORS_SUFFIX,) + PICKLE_SUFFIXES
@@ -39,6 +48,7 @@ class TrainedWeights:
 
     unet: Optional[Mapping[str, torch.Tensor]] = None  # diffusers UNet2DConditionModel layout
     text_encoder: Optional[Mapping[str, torch.Tensor]] = None  # CLIPTextModel, either transformers layout
+    text_encoder_2: Optional[Mapping[str, torch.Tensor]] = None  # SDXL's CLIPTextModelWithProjection
 
 
 def base_checkpoint_file(bundle: ModelBundle) -> Optional[Path]:
@@ -50,24 +60,25 @@ def base_checkpoint_file(bundle: ModelBundle) -> Optional[Path]:
 
 
 def _trained_ldm(bundle: ModelBundle, trained: TrainedWeights) -> dict[str, torch.Tensor]:
-    """Trained tensors under full LDM keys (text encoder in the canonical `text_model.` layout)."""
+    """Trained tensors under full LDM keys (CLIP text encoders in the canonical `text_model.` layout)."""
     out: dict[str, torch.Tensor] = {}
     if trained.unet is not None:
         converted = ldm_keys.unet_to_ldm(trained.unet, ldm_keys.UNetLayout.from_diffusers_config(bundle.unet.config))
         if converted.unmapped:
             raise ValueError(f"UNet weights with no checkpoint name: {', '.join(sorted(converted.unmapped)[:5])}")
         out.update((ldm_keys.UNET_PREFIX + key, value) for key, value in converted.state_dict.items())
-    if trained.text_encoder is not None:
-        out.update((ldm_keys.TEXT_ENCODER_PREFIX + key, value)
-                   for key, value in ldm_keys.canonical_text_encoder_keys(trained.text_encoder).items()
-                   if key != ldm_keys.POSITION_IDS_KEY)
+    for slot, state in zip(ldm_keys.TEXT_SLOTS[bundle.family], (trained.text_encoder, trained.text_encoder_2)):
+        if state is not None:
+            out.update((slot.prefix + key, value) for key, value in text_encoder_slot_state_dict(slot, state).items()
+                       if key != ldm_keys.POSITION_IDS_KEY)
     return out
 
 
-def _canonical_key(key: str) -> str:
-    """A base-file key as `_trained_ldm` names it (legacy `cond_stage_model.transformer.encoder...` renamed)."""
-    if key.startswith(ldm_keys.TEXT_ENCODER_PREFIX):
-        return ldm_keys.TEXT_ENCODER_PREFIX + ldm_keys.canonical_text_key(key[len(ldm_keys.TEXT_ENCODER_PREFIX):])
+def _canonical_key(key: str, family: ModelFamily) -> str:
+    """A base-file key as `_trained_ldm` names it (legacy `...transformer.encoder...` CLIP keys renamed)."""
+    for slot in ldm_keys.TEXT_SLOTS[family]:
+        if not slot.open_clip and key.startswith(slot.prefix):
+            return slot.prefix + ldm_keys.canonical_text_key(key[len(slot.prefix):])
     return key
 
 
@@ -81,12 +92,14 @@ def checkpoint_state_dict(bundle: ModelBundle, trained: TrainedWeights, dtype: t
     replacements = {key: _stored(value, dtype) for key, value in _trained_ldm(bundle, trained).items()}
     base_file = base_checkpoint_file(bundle)
     if base_file is None:
-        state = bundle_to_ldm_state_dict(bundle, unet_sd=trained.unet, text_encoder_sd=trained.text_encoder)
+        state = bundle_to_ldm_state_dict(bundle, unet_sd=trained.unet, text_encoder_sd=trained.text_encoder,
+                                         text_encoder_2_sd=trained.text_encoder_2)
         return {key: _stored(value, dtype) for key, value in state.items()}
-    shapes, frozen = _read_base(base_file, lambda key: _canonical_key(key) not in replacements)
+    family = bundle.family
+    shapes, frozen = _read_base(base_file, lambda key: _canonical_key(key, family) not in replacements)
     out: dict[str, torch.Tensor] = {}
     for key, shape in shapes.items():
-        replacement = replacements.pop(_canonical_key(key), None)
+        replacement = replacements.pop(_canonical_key(key, family), None)
         if replacement is None:
             out[key] = frozen[key]
         elif tuple(replacement.shape) != shape:
@@ -119,7 +132,7 @@ def estimated_checkpoint_bytes(bundle: ModelBundle, trained: TrainedWeights, dty
     item = torch.empty((), dtype=dtype).element_size()
     total = 0
     for key, value in bundle_to_ldm_state_dict(bundle).items():
-        if _canonical_key(key) in trained_keys:
+        if _canonical_key(key, bundle.family) in trained_keys:
             total += value.numel() * item
         elif key in bundle.ldm_extras or not value.is_floating_point():
             total += value.numel() * value.element_size()
@@ -128,10 +141,20 @@ def estimated_checkpoint_bytes(bundle: ModelBundle, trained: TrainedWeights, dty
     return total + 2**20  # the JSON header: ~100 bytes per key plus metadata
 
 
+def config_beside(bundle: ModelBundle) -> Optional[dict]:
+    """The LDM config to write as `NAME.yaml` beside a checkpoint of `bundle` (see the module docstring), or
+    None where the host's default is right (SD1 and SDXL noise prediction)."""
+    if bundle.ldm_config is not None:
+        return bundle.ldm_config
+    if bundle.family is ModelFamily.SD2 or bundle.prediction_type != "epsilon":
+        return stock_ldm_config(bundle.family, bundle.prediction_type)
+    return None
+
+
 def write_checkpoint(target: Path, bundle: ModelBundle, trained: TrainedWeights, *, dtype: torch.dtype,
                      metadata: Mapping[str, str], preview: Any | None = None) -> list[Path]:
-    """Write `target` atomically, plus `NAME.yaml` beside it when the base came with its own LDM config (the
-    host reads it instead of guessing) and `NAME.png` when a preview image is given. Returns the paths."""
+    """Write `target` atomically, plus `NAME.yaml` beside it when the host needs one to run it right
+    (`config_beside`) and `NAME.png` when a preview image is given. Returns the paths."""
     from safetensors.torch import save_file
 
     bad = [key for key, value in metadata.items() if not isinstance(key, str) or not isinstance(value, str)]
@@ -139,10 +162,11 @@ def write_checkpoint(target: Path, bundle: ModelBundle, trained: TrainedWeights,
         raise TypeError(f"safetensors metadata must be str -> str; not: {', '.join(map(str, bad))}")
     state = checkpoint_state_dict(bundle, trained, dtype)
     written = [write_atomically(Path(target), lambda tmp: save_file(state, str(tmp), metadata=dict(metadata)))]
-    if bundle.ldm_config is not None:
+    config = config_beside(bundle)
+    if config is not None:
         import yaml
 
-        written.append(write_text_atomically(yaml_beside(target), yaml.safe_dump(bundle.ldm_config, sort_keys=False)))
+        written.append(write_text_atomically(yaml_beside(target), yaml.safe_dump(config, sort_keys=False)))
     if preview is not None:
         written.append(write_atomically(Path(target).with_suffix(".png"), lambda tmp: preview.save(tmp, format="PNG")))
     return written

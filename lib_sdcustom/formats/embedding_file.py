@@ -1,11 +1,18 @@
 """Textual Inversion embedding files in the layouts the host reads (HOST.md 3a); the only code that names
 their keys.
 
+One text encoder (SD1, SD2; the width is the encoder's: 768 for SD1, 1024 for SD2):
 - `.safetensors`: one tensor `emb_params` [n, dim] - the host's 'single tensor' layout, the only non-SDXL
   layout a safetensors file can hold (no nested dicts), and what kohya's trainer writes.
 - `.pt`: the host's own dict, as its built-in trainer writes it (`string_to_param {'*': tensor}`, `name`,
   `step`, `sd_checkpoint`, ...). diffusers takes the token from `name`, the host from the file stem, so
   `name` is always the stem.
+
+Two text encoders (SDXL): `clip_l` [n, 768] and `clip_g` [n, 1280] (the CLIP-L and OpenCLIP bigG vectors of
+one word, same n), in either container. The host turns *every* value of such a dict into a tensor
+(`v.detach()` for each item of `create_embedding_from_data`), so a `.pt` holds these two tensors and nothing
+else; a `.safetensors` keeps name and step in its string metadata, which the host does not read as data.
+This is also sd-scripts' SDXL layout; diffusers loads each tensor into its own encoder.
 
 The host loads `.pt` files through a restricted unpickler that also refuses zip entries other than
 `data.pkl`, `data/N`, `version`, `byteorder` and `.data/serialization_id`. torch >= 2.2 adds
@@ -19,7 +26,7 @@ import io
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -31,38 +38,55 @@ EmbeddingFormat = Literal["safetensors", "pt"]
 EmbeddingLayout = Literal["a1111_dict", "sdxl_dual", "single_tensor"]
 SUFFIXES: dict[str, str] = {"safetensors": ".safetensors", "pt": ".pt"}
 TENSOR_KEY = "emb_params"
+#: The SDXL layout's keys, in text-encoder order (CLIP-L first, then OpenCLIP bigG).
+SDXL_KEYS = ("clip_l", "clip_g")
 #: What the host's own writer stores under `string_to_token`; nothing reads it, but tools compare layouts.
 A1111_PLACEHOLDER_TOKEN_ID = 265
 HOST_ZIP_ENTRY = re.compile(r"^([^/]+)/((data/\d+)|version|byteorder|.data/serialization_id|(data\.pkl))$")
 
 
-def write_embedding(target: Path, vectors: torch.Tensor, *, name: str, step: int, base: BaseIdentity,
-                    fmt: EmbeddingFormat) -> Path:
-    """Write `vectors` [n, dim] atomically to `target` in `fmt`; return `target`.
+def write_embedding(target: Path, vectors: torch.Tensor | Sequence[torch.Tensor], *, name: str, step: int,
+                    base: BaseIdentity, fmt: EmbeddingFormat) -> Path:
+    """Write one word's vectors atomically to `target` in `fmt`; return `target`.
 
-    Vectors are stored in float32 whatever the run's save precision: the host loads them as float32, a
-    vector is 3 KiB, and a rounded copy would no longer reproduce what the trainer previewed.
+    `vectors` is one [n, dim] tensor per text encoder of the base, in checkpoint order: one (or a bare
+    tensor) for SD1/SD2, two for SDXL (written as `clip_l`, `clip_g`). Vectors are stored in float32 whatever
+    the run's save precision: the host loads them as float32, a vector is a few KiB, and a rounded copy would
+    no longer reproduce what the trainer previewed.
     """
-    if vectors.ndim != 2 or vectors.shape[0] < 1:
-        raise ValueError(f"embedding vectors must be [n, dim], got {tuple(vectors.shape)}")
+    plain = [_plain_vectors(tensor) for tensor in ((vectors,) if isinstance(vectors, torch.Tensor) else vectors)]
+    if len(plain) not in (1, len(SDXL_KEYS)):
+        raise ValueError(f"an embedding holds vectors for one or two text encoders, not {len(plain)}")
+    if len({tensor.shape[0] for tensor in plain}) != 1:
+        raise ValueError(f"every text encoder needs the same number of vectors, got {[t.shape[0] for t in plain]}")
     if fmt not in SUFFIXES:
         raise ValueError(f"unknown embedding format {fmt!r}")
-    plain = vectors.detach().to("cpu", torch.float32).contiguous().clone()
+    if len(plain) == 1:
+        tensors: dict[str, torch.Tensor] = {TENSOR_KEY: plain[0]}
+        pickled: dict[str, Any] = {
+            "string_to_token": {"*": A1111_PLACEHOLDER_TOKEN_ID},
+            "string_to_param": {"*": plain[0]},
+            "name": name,
+            "step": int(step),
+            "sd_checkpoint": base.shorthash,
+            "sd_checkpoint_name": base.name or None,
+        }
+    else:
+        tensors = dict(zip(SDXL_KEYS, plain))
+        pickled = dict(tensors)  # tensors only: see the module docstring
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
         metadata = {"name": name, "step": str(int(step)), "sd_checkpoint": base.shorthash or "",
                     "sd_checkpoint_name": base.name or ""}
-        return write_atomically(Path(target), lambda tmp: save_file({TENSOR_KEY: plain}, str(tmp), metadata=metadata))
-    data = {
-        "string_to_token": {"*": A1111_PLACEHOLDER_TOKEN_ID},
-        "string_to_param": {"*": plain},
-        "name": name,
-        "step": int(step),
-        "sd_checkpoint": base.shorthash,
-        "sd_checkpoint_name": base.name or None,
-    }
-    return write_atomically(Path(target), lambda tmp: _save_for_host(data, tmp))
+        return write_atomically(Path(target), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return write_atomically(Path(target), lambda tmp: _save_for_host(pickled, tmp))
+
+
+def _plain_vectors(vectors: torch.Tensor) -> torch.Tensor:
+    if vectors.ndim != 2 or vectors.shape[0] < 1:
+        raise ValueError(f"embedding vectors must be [n, dim], got {tuple(vectors.shape)}")
+    return vectors.detach().to("cpu", torch.float32).contiguous().clone()
 
 
 def _save_for_host(data: dict[str, Any], path: Path) -> None:
@@ -104,7 +128,12 @@ def classify_embedding(data: dict[str, Any]) -> EmbeddingLayout:
             raise ModelLoadError(f"The embedding holds {len(params)} terms in string_to_param; the host needs exactly one.",
                                  "Save one embedding per file.")
         return "a1111_dict"
-    if "clip_l" in data and "clip_g" in data:
+    if all(key in data for key in SDXL_KEYS):
+        others = sorted(key for key, value in data.items() if not isinstance(value, torch.Tensor))
+        if others:
+            raise ModelLoadError(f"The SDXL embedding also holds {others}, which are not tensors; the host converts every "
+                                 "entry of such a file to a tensor and fails on them.",
+                                 "Keep only the clip_l and clip_g tensors in the file.")
         return "sdxl_dual"
     if len(data) == 1 and isinstance(next(iter(data.values())), torch.Tensor):
         return "single_tensor"
@@ -113,17 +142,29 @@ def classify_embedding(data: dict[str, Any]) -> EmbeddingLayout:
 
 
 def embedding_vectors(data: dict[str, Any]) -> torch.Tensor:
-    """The vectors [n, dim] the host takes from an SD1/SD2 embedding (SDXL pairs have two; read them by key)."""
+    """The vectors [n, dim] the host takes from an SD1/SD2 embedding (SDXL pairs have two: `encoder_vectors`)."""
+    vectors = encoder_vectors(data)
+    if len(vectors) != 1:
+        raise ValueError("an SDXL embedding holds two tensors; read them with encoder_vectors")
+    return vectors[0]
+
+
+def encoder_vectors(data: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """The vectors [n, dim] per text encoder, in checkpoint order: one tensor for SD1/SD2, (clip_l, clip_g) for SDXL."""
     layout = classify_embedding(data)
     if layout == "sdxl_dual":
-        raise ValueError("an SDXL embedding holds two tensors; read data['clip_l'] and data['clip_g']")
+        pair = tuple(data[key].detach() for key in SDXL_KEYS)
+        if pair[0].shape[0] != pair[1].shape[0]:
+            raise ModelLoadError(f"The SDXL embedding has {pair[0].shape[0]} clip_l and {pair[1].shape[0]} clip_g vectors; "
+                                 "the host needs the same number in both.", "Use a file written by an SDXL trainer.")
+        return pair
     if layout == "a1111_dict":
         params = data["string_to_param"]
         vectors = next(iter(getattr(params, "_parameters", params).values()))
     else:
         vectors = next(iter(data.values()))
     vectors = vectors.detach()
-    return vectors[None] if vectors.ndim == 1 else vectors
+    return (vectors[None] if vectors.ndim == 1 else vectors,)
 
 
 def write_embedding_preview(target: Path, image: Any) -> Path:

@@ -98,6 +98,7 @@ class NetworkTrainingFacts:
     seed: int | None = None
     noise_offset: float | None = None
     min_snr_gamma: float | None = None
+    zero_terminal_snr: bool = False
     prior_loss_weight: float | None = None
     shuffle_caption: bool = False
     keep_tokens: int = 0
@@ -212,6 +213,7 @@ def _ss_values(facts: NetworkTrainingFacts, finished_at: float) -> dict[str, obj
         "ss_seed": facts.seed,
         "ss_noise_offset": facts.noise_offset,
         "ss_min_snr_gamma": facts.min_snr_gamma,
+        "ss_zero_terminal_snr": facts.zero_terminal_snr,
         "ss_prior_loss_weight": facts.prior_loss_weight,
         "ss_training_comment": facts.comment or None,
         "ss_caption_dropout_rate": facts.caption_dropout_rate,

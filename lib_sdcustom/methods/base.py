@@ -17,6 +17,7 @@ from ..config import RunConfig
 
 if TYPE_CHECKING:
     from ..run_context import RunContext
+    from ..training.conditioning import Conditioning
     from ..training.loop import BatchSource
 
 
@@ -72,12 +73,18 @@ class Method(abc.ABC):
         """Restore what `trainable_state` returned (resume)."""
 
     @abc.abstractmethod
-    def encode_captions(self, captions: list[str]) -> torch.Tensor:
-        """Text conditioning for the UNet, with gradients where the method trains the text encoder."""
+    def encode_captions(self, captions: list[str]) -> "Conditioning":
+        """Text conditioning for the UNet (context, plus SDXL's pooled vector), with gradients where the
+        method trains a text encoder. `text_conditioning.encode_captions` does it the host's way per family."""
 
     @abc.abstractmethod
     def export(self, target: Path, *, step: int, preview: Any | None = None) -> list[Path]:
         """Write the result (and sidecars) to `target`; return the paths written."""
+
+    def frozen_text_conditioning(self) -> bool:
+        """True when `encode_captions` gives the same output for a caption all run long (no text-encoder
+        weights or token vectors train), so the loop may cache its outputs per caption."""
+        return False
 
     def describe(self) -> str:
         """One line about what is trained, for the start-of-run summary."""

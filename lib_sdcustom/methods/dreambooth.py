@@ -23,6 +23,7 @@ import torch
 from .. import __version__
 from ..config import RunConfig
 from ..data.class_images import ClassImageRecipe, prepare_class_images
+from ..data.dataset import size_conditioning
 from ..data.latent_cache import LatentCache
 from ..data.prompt_templates import fill_template
 from ..data.scan import ImageRecord
@@ -30,8 +31,10 @@ from ..errors import TrainingStopped
 from ..events import PhaseProgress
 from ..files import check_free_space
 from ..formats.checkpoint_file import TrainedWeights, estimated_checkpoint_bytes, write_checkpoint
+from ..models.ldm_config import PREDICTION_METADATA_KEY
 from ..run_context import RunContext
 from ..training.batches import LatentBatchSource
+from ..training.conditioning import Conditioning, SizeConditioning
 from ..training.ema import ExponentialMovingAverage
 from ..training.loop import Batch, BatchSource
 from .base import Method
@@ -44,6 +47,8 @@ CLASS_IMAGES_FOLDER = "class_images"
 CLASS_IMAGE_BATCH = 4
 #: Free space kept beyond the checkpoint's estimated size.
 DISK_MARGIN_BYTES = 64 * 2**20
+#: `ModelBundle` attributes of the text encoders, in `bundle.text_encoders` order (the `TrainedWeights` fields).
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 
 
 class ClassPrior:
@@ -76,10 +81,21 @@ class ClassPrior:
 
     def latents(self, index: int, count: int, like: torch.Tensor) -> torch.Tensor:
         """`count` class latents for micro-batch `index`, at the size of the instance latents `like`."""
+        bucket = self._bucket(like)
+        return torch.stack([self.cache.get_or_encode(record, bucket, False, self.encode)
+                            for record in self._records(index, count)])
+
+    def sizes(self, index: int, count: int, like: torch.Tensor) -> list[SizeConditioning]:
+        """SDXL's size conditioning of the class images `latents` gives for the same arguments."""
+        bucket = self._bucket(like)
+        return [size_conditioning(record.size, bucket) for record in self._records(index, count)]
+
+    def _bucket(self, like: torch.Tensor) -> tuple[int, int]:
         height, width = like.shape[-2:]
-        bucket = (width * self.latent_scale, height * self.latent_scale)
-        records = [self._record(index * self.stride + offset) for offset in range(count)]
-        return torch.stack([self.cache.get_or_encode(record, bucket, False, self.encode) for record in records])
+        return width * self.latent_scale, height * self.latent_scale
+
+    def _records(self, index: int, count: int) -> list[ImageRecord]:
+        return [self._record(index * self.stride + offset) for offset in range(count)]
 
 
 class DreamBoothBatches:
@@ -95,14 +111,15 @@ class DreamBoothBatches:
         batch = self.source.batch(index)
         captions = [fill_template(self.instance_prompt, name=self.name, filewords=caption) for caption in batch.captions]
         if self.prior is None:
-            return Batch(latents=batch.latents, captions=captions, weights=batch.weights)
+            return Batch(latents=batch.latents, captions=captions, weights=batch.weights, sizes=batch.sizes)
         count = batch.latents.shape[0]
         instance_weights = torch.ones(count) if batch.weights is None else batch.weights
         # weighted_loss averages over all 2n samples: weights 2 and 2*lambda give mean(inst) + lambda*mean(class).
         weights = torch.cat([2 * instance_weights, torch.full((count,), 2 * self.prior.weight)])
         class_latents = self.prior.latents(index, count, batch.latents).to(batch.latents.dtype)
+        sizes = None if batch.sizes is None else batch.sizes + self.prior.sizes(index, count, batch.latents)
         return Batch(latents=torch.cat([batch.latents, class_latents]), captions=captions + [self.prior.prompt] * count,
-                     weights=weights)
+                     weights=weights, sizes=sizes)
 
 
 def class_folder(config: RunConfig, run_dir: Path) -> Path:
@@ -164,7 +181,8 @@ class _DreamBoothBatchesMixin:
 
 class DreamBoothMethod(_DreamBoothBatchesMixin, Method):
     """The UNet learns in full (fp32 master weights even under mixed precision: autocast computes in half
-    precision, the optimizer updates fp32); the text encoder learns for the configured fraction of the run."""
+    precision, the optimizer updates fp32); the text encoder (SDXL: both) learns for the configured fraction
+    of the run, in one parameter group so that the schedule stops them together."""
 
     name = "dreambooth"
 
@@ -172,11 +190,11 @@ class DreamBoothMethod(_DreamBoothBatchesMixin, Method):
         super().__init__(context)
         bundle, config = context.bundle, context.config
         self.train_text_encoder = config.text_encoder_fraction > 0
-        bundle.vae.requires_grad_(False)
-        bundle.text_encoder.requires_grad_(False)
+        for module in (bundle.vae, *bundle.text_encoders):
+            module.requires_grad_(False)
         self.trained: dict[str, torch.nn.Module] = {"unet": bundle.unet}
         if self.train_text_encoder:
-            self.trained["text_encoder"] = bundle.text_encoder
+            self.trained.update(zip(TEXT_ENCODER_NAMES, bundle.text_encoders))
         for module in self.trained.values():
             module.to(torch.float32)
             module.requires_grad_(True)
@@ -189,11 +207,18 @@ class DreamBoothMethod(_DreamBoothBatchesMixin, Method):
 
     # ----- training -----
     def param_groups(self) -> list[dict[str, Any]]:
-        lrs = {"unet": self.config.unet_lr, "text_encoder": self.config.text_encoder_lr}
-        return [{"name": name, "params": list(module.parameters()), "lr": lrs[name]} for name, module in self.trained.items()]
+        groups = [{"name": "unet", "params": list(self.bundle.unet.parameters()), "lr": self.config.unet_lr}]
+        encoders = [module for name, module in self.trained.items() if name in TEXT_ENCODER_NAMES]
+        if encoders:
+            groups.append({"name": "text_encoder", "params": [p for module in encoders for p in module.parameters()],
+                           "lr": self.config.text_encoder_lr})
+        return groups
 
-    def encode_captions(self, captions: list[str]) -> torch.Tensor:
+    def encode_captions(self, captions: list[str]) -> Conditioning:
         return encode_captions(self.bundle, captions, self.config.model.clip_skip, trainable=self.train_text_encoder)
+
+    def frozen_text_conditioning(self) -> bool:
+        return not self.train_text_encoder
 
     def after_optimizer_step(self, step: int) -> None:
         if self.ema is not None:
@@ -219,8 +244,8 @@ class DreamBoothMethod(_DreamBoothBatchesMixin, Method):
         unet = dict(self.bundle.unet.state_dict())
         if self.ema is not None:
             unet.update(self.ema.state_dict())
-        text_encoder = self.bundle.text_encoder.state_dict() if self.train_text_encoder else None
-        return TrainedWeights(unet=unet, text_encoder=text_encoder)
+        encoders = {name: module.state_dict() for name, module in self.trained.items() if name in TEXT_ENCODER_NAMES}
+        return TrainedWeights(unet=unet, **encoders)
 
     def _checkpoint_bytes(self) -> int:
         return estimated_checkpoint_bytes(self.bundle, self._trained_weights(), SAVE_DTYPES[self.config.output.save_precision])
@@ -236,7 +261,8 @@ class DreamBoothMethod(_DreamBoothBatchesMixin, Method):
 
     def describe(self) -> str:
         params = sum(p.numel() for module in self.trained.values() for p in module.parameters())
-        parts = "UNet and text encoder" if self.train_text_encoder else "UNet"
+        encoders = len(self.trained) - 1
+        parts = "UNet" if not encoders else "UNet and text encoder" if encoders == 1 else "UNet and both text encoders"
         ema = ", EMA of the UNet exported" if self.ema is not None else ""
         return f"DreamBooth: {parts} ({params:,} parameters){ema}; {self._describe_prior()}"
 
@@ -265,6 +291,8 @@ def checkpoint_metadata(context: RunContext, *, step: int, text_encoder_trained:
         "sdcustom_prior_preservation": str(db.prior_preservation).lower(),
         "sdcustom_prior_weight": str(db.prior_weight) if db.prior_preservation else "",
         "sdcustom_text_encoder_trained": str(text_encoder_trained).lower(),
+        # What our loader reads when the checkpoint travels without its YAML (the host reads the YAML).
+        PREDICTION_METADATA_KEY: "v" if context.bundle.prediction_type == "v_prediction" else "epsilon",
         "sdcustom_ema": str(db.ema).lower(),
         "sdcustom_trained_precision": config.output.save_precision,
         "sdcustom_resolution": str(config.data.resolution),

@@ -10,13 +10,15 @@ import torch
 from ..networks.algorithms import algorithm_for
 from ..networks.lycoris_backend import attach_network
 from ..run_context import RunContext
+from ..training.conditioning import Conditioning
 from .base import Method
 from .network_export import export_network
 from .text_conditioning import encode_captions
 
 
 class NetworkMethod(Method):
-    """Only the network's modules learn; the UNet, VAE and text encoder stay bit-identical."""
+    """Only the network's modules learn; the UNet, VAE and text encoders stay bit-identical. On SDXL both
+    text encoders get modules (`lora_te1_`, `lora_te2_`)."""
 
     def __init__(self, context: RunContext) -> None:
         super().__init__(context)
@@ -24,10 +26,14 @@ class NetworkMethod(Method):
         self.name = config.method
         self.algorithm = algorithm_for(config.method)
         self.train_text_encoder = config.text_encoder_fraction > 0
-        for model in (bundle.unet, bundle.text_encoder, bundle.vae):
+        for model in (bundle.unet, *bundle.text_encoders, bundle.vae):
             model.requires_grad_(False)
-        self.attached = attach_network(bundle.unet, bundle.text_encoder, self.algorithm, config.network,
-                                       train_text_encoder=self.train_text_encoder)
+        # The initial weights come from the run's seed, not from whatever the process drew before (a host
+        # that trains twice, or a test suite), so the same seed and data give the same network.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.training.seed)
+            self.attached = attach_network(bundle.unet, bundle.text_encoders, self.algorithm, config.network,
+                                           train_text_encoder=self.train_text_encoder, bypass=config.training.fp8_base)
 
     def param_groups(self) -> list[dict[str, Any]]:
         return self.attached.param_groups(unet_lr=self.config.unet_lr, text_encoder_lr=self.config.text_encoder_lr)
@@ -38,8 +44,11 @@ class NetworkMethod(Method):
     def load_trainable_state(self, tensors: dict[str, torch.Tensor]) -> None:
         self.attached.load_state_dict(tensors)
 
-    def encode_captions(self, captions: list[str]) -> torch.Tensor:
+    def encode_captions(self, captions: list[str]) -> Conditioning:
         return encode_captions(self.bundle, captions, self.config.model.clip_skip, trainable=self.train_text_encoder)
+
+    def frozen_text_conditioning(self) -> bool:
+        return not self.train_text_encoder
 
     def set_training(self, training: bool) -> None:
         self.attached.network.train(training)

@@ -12,6 +12,7 @@ from ..formats.network_file import write_network_file
 from ..formats.network_metadata import BucketStat, DatasetDir, NetworkTrainingFacts, build_network_metadata, tag_frequency
 from ..formats.sidecars import sd_version_for, write_sidecars
 from ..networks.algorithms import algorithm_for
+from ..networks.kohya_names import to_file_names
 from ..run_context import RunContext
 
 SAVE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
@@ -76,6 +77,7 @@ def network_facts(context: RunContext, *, step: int) -> NetworkTrainingFacts:
         seed=config.training.seed,
         noise_offset=config.training.noise_offset,
         min_snr_gamma=config.training.min_snr_gamma or None,
+        zero_terminal_snr=config.training.zero_terminal_snr,
         shuffle_caption=config.data.shuffle_captions,
         keep_tokens=config.data.keep_tokens,
         caption_dropout_rate=config.data.caption_dropout,
@@ -92,7 +94,8 @@ def export_network(method: Any, target: Path, *, step: int, preview: Any | None 
     """Write `target` (kohya format) plus `NAME.png` and `NAME.json` beside it."""
     context: RunContext = method.context
     metadata = build_network_metadata(network_facts(context, step=step))
-    written = [write_network_file(target, method.trainable_state(), metadata,
+    tensors = to_file_names(method.trainable_state(), context.bundle.unet)
+    written = [write_network_file(target, tensors, metadata,
                                   dtype=SAVE_DTYPES[context.config.output.save_precision])]
     written += write_sidecars(target, preview=preview, activation_text=context.trigger_phrase,
                               preferred_weight=PREFERRED_WEIGHT, sd_version=sd_version_for(context.bundle.family),

@@ -1,26 +1,31 @@
-"""Textual Inversion: a new word whose N embedding vectors alone learn; the UNet, VAE and text encoder stay
-frozen and bit-identical.
+"""Textual Inversion: a new word whose N embedding vectors alone learn; the UNet, VAE and text encoder(s) stay
+frozen and bit-identical. SDXL's word has N vectors per text encoder (CLIP-L and OpenCLIP bigG widths),
+which learn together; SD1 and SD2 have one encoder.
 
-How the new word reaches the text encoder without changing the base model:
+How the new word reaches each text encoder without changing the base model:
 - the trigger word (the output name) in a prompt is replaced by N placeholder tokens that exist only in
-  a private copy of the tokenizer, so the host's tokenizer is never touched;
-- hooks on the token-embedding layer swap the placeholder ids for a valid id on the way in and put the
-  learned vectors in their places on the way out. The embedding table is never resized or written, so
+  private copies of the tokenizers, so the host's tokenizers are never touched;
+- the placeholder ids become id 0 before the text encoder sees them, and a hook on its token-embedding
+  layer puts the learned vectors at those positions. The embedding table is never resized or written, so
   every original row stays bit-identical and `close()` only has to remove the hooks.
 
-This reproduces what the host does with the exported file: the trigger word expands to the file's N
-vectors in place, and the rest of the prompt is encoded as usual.
+This reproduces what the host does with the exported file (`sd_hijack_clip.tokenize_line` puts token 0 at
+an embedding's positions and `EmbeddingsWithFixes` writes the vectors there): the trigger word expands to
+the file's N vectors in place, the rest of the prompt is encoded as usual, and SDXL's pooled vector is
+read at the end token as the host reads it (an argmax over the ids, which a large placeholder id would
+capture).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
 import random
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
@@ -30,8 +35,9 @@ from ..data.prompt_templates import BUILT_IN, fill_template, load_templates
 from ..errors import ConfigError
 from ..formats.embedding_file import SUFFIXES, write_embedding, write_embedding_preview
 from ..run_context import RunContext
+from ..training.conditioning import Conditioning
 from .base import Method
-from .text_conditioning import encode_tokens, tokenize
+from .text_conditioning import encode_ids, tokenize
 
 if TYPE_CHECKING:
     from ..training.loop import Batch, BatchSource
@@ -39,7 +45,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PLACEHOLDER = "<sdcustom-ti-{}>"
-STATE_KEY = "vectors"
+#: Resumable-state keys of the vectors, one per text encoder in `bundle.text_encoders` order.
+STATE_KEYS = ("vectors", "vectors_2")
 
 
 class TextualInversionMethod(Method):
@@ -51,18 +58,25 @@ class TextualInversionMethod(Method):
         options = config.textual_inversion
         self.trigger = config.output.name
         self.templates = load_templates(options.template)
-        refuse_known_word(bundle.tokenizer, self.trigger)
-        embedding = bundle.text_encoder.get_input_embeddings()
-        vectors = initial_vectors(embedding.weight, bundle.tokenizer, options.init_text, options.vectors,
-                                  seed=config.training.seed)
-        for model in (bundle.unet, bundle.text_encoder, bundle.vae):
+        refuse_known_word(bundle.tokenizer, self.trigger)  # every encoder shares CLIP's vocabulary
+        for model in (bundle.unet, bundle.vae, *bundle.text_encoders):
             model.requires_grad_(False)
-        self.vectors = nn.Parameter(vectors)
+        base_tokenizers = (bundle.tokenizer, bundle.tokenizer_2)[:len(bundle.text_encoders)]
+        self.vectors: list[nn.Parameter] = []
+        self.tokenizers = []
+        self._rows: list[NewTokenRows] = []
+        for index, (encoder, tokenizer) in enumerate(zip(bundle.text_encoders, base_tokenizers)):
+            embedding = encoder.get_input_embeddings()
+            # Through each encoder's own tokenizer and table, as the host's `encode_embedding_init_text` does.
+            vectors = nn.Parameter(initial_vectors(embedding.weight, tokenizer, options.init_text, options.vectors,
+                                                   seed=config.training.seed + index))
+            private, first_id = _tokenizer_with_placeholders(tokenizer, options.vectors)
+            self.vectors.append(vectors)
+            self.tokenizers.append(private)
+            self._rows.append(NewTokenRows(embedding, first_id, vectors))
         self._apply_max_norm()
-        self.tokenizer, first_id = _tokenizer_with_placeholders(bundle.tokenizer, options.vectors)
         self._expansion = " ".join(PLACEHOLDER.format(i) for i in range(options.vectors))
         self._trigger_pattern = trigger_pattern(self.trigger)
-        self._rows = NewTokenRows(embedding, first_id, self.vectors)
 
     # ----- facts known before the model is loaded -----
     @classmethod
@@ -87,23 +101,30 @@ class TextualInversionMethod(Method):
         return 16 * 2**20  # a few KiB of vectors and a preview image
 
     def param_groups(self) -> list[dict[str, Any]]:
-        return [{"params": [self.vectors], "lr": self.config.lr, "name": "embedding"}]
+        return [{"params": list(self.vectors), "lr": self.config.lr, "name": "embedding"}]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {STATE_KEY: self.vectors.detach().clone()}
+        return {key: vectors.detach().clone() for key, vectors in zip(STATE_KEYS, self.vectors)}
 
     def load_trainable_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        saved = tensors[STATE_KEY]
-        if saved.shape != self.vectors.shape:
-            raise ConfigError(f"The saved state holds {tuple(saved.shape)} vectors, this run {tuple(self.vectors.shape)}.",
-                              "Resume with the run's own settings (--resume RUN_DIR without --vectors).")
+        saved = [tensors.get(key) for key in STATE_KEYS[:len(self.vectors)]]
+        if any(item is None or item.shape != vectors.shape for item, vectors in zip(saved, self.vectors)) \
+                or len(tensors) != len(self.vectors):
+            found = {key: tuple(value.shape) for key, value in tensors.items()}
+            wanted = {key: tuple(vectors.shape) for key, vectors in zip(STATE_KEYS, self.vectors)}
+            raise ConfigError(f"The saved state holds vectors {found}, this run {wanted}.",
+                              "Resume with the run's own settings and base model (--resume RUN_DIR without --vectors).")
         with torch.no_grad():
-            self.vectors.copy_(saved.to(self.vectors.device, self.vectors.dtype))
+            for vectors, item in zip(self.vectors, saved):
+                vectors.copy_(item.to(vectors.device, vectors.dtype))
 
-    def encode_captions(self, captions: list[str]) -> torch.Tensor:
+    def encode_captions(self, captions: list[str]) -> Conditioning:
         """Every occurrence of the trigger word becomes the N learned vectors (also in preview prompts)."""
-        input_ids = tokenize(self.tokenizer, [self.expand(caption) for caption in captions])
-        return encode_tokens(self.bundle.text_encoder, input_ids, self.config.model.clip_skip)
+        expanded = [self.expand(caption) for caption in captions]
+        with contextlib.ExitStack() as stack:
+            input_ids = [stack.enter_context(rows.placing(tokenize(tokenizer, expanded)))
+                         for rows, tokenizer in zip(self._rows, self.tokenizers)]
+            return encode_ids(self.bundle, input_ids, self.config.model.clip_skip)
 
     def expand(self, prompt: str) -> str:
         return self._trigger_pattern.sub(self._expansion, prompt)
@@ -112,17 +133,19 @@ class TextualInversionMethod(Method):
         self._apply_max_norm()
 
     def _apply_max_norm(self) -> None:
-        """Clamp each vector's length to `max_norm` (when set), in place, after initialisation and after every
-        optimizer step, so a vector cannot drift far outside the range of the model's own token embeddings."""
+        """Clamp each vector's length to `max_norm` (when set; the same bound for every encoder), in place,
+        after initialisation and after every optimizer step, so a vector cannot drift far outside the range of
+        the model's own token embeddings."""
         max_norm = self.config.textual_inversion.max_norm
         if max_norm > 0:
             with torch.no_grad():
-                self.vectors.copy_(torch.renorm(self.vectors, p=2, dim=0, maxnorm=max_norm))
+                for vectors in self.vectors:
+                    vectors.copy_(torch.renorm(vectors, p=2, dim=0, maxnorm=max_norm))
 
     # ----- results -----
     def export(self, target: Path, *, step: int, preview: Any | None = None) -> list[Path]:
-        written = [write_embedding(target, self.vectors, name=target.stem, step=step, base=self.bundle.identity,
-                                   fmt=self.config.textual_inversion.embedding_format)]
+        written = [write_embedding(target, [vectors.detach() for vectors in self.vectors], name=target.stem, step=step,
+                                   base=self.bundle.identity, fmt=self.config.textual_inversion.embedding_format)]
         if preview is not None:
             written.append(write_embedding_preview(target, preview))
         return written
@@ -136,11 +159,14 @@ class TextualInversionMethod(Method):
         options = self.config.textual_inversion
         init = f"initialised from {options.init_text!r}" if options.init_text.strip() else "initialised randomly"
         template = options.template if options.template in BUILT_IN else Path(options.template).name
-        return (f"Textual Inversion: '{self.trigger}' as {options.vectors} vector(s) of width {self.vectors.shape[1]}, {init}; "
-                f"prompts from the '{template}' template ({len(self.templates)} lines); UNet, VAE and text encoder frozen")
+        widths = " + ".join(str(vectors.shape[1]) for vectors in self.vectors)
+        encoders = "text encoders" if len(self.vectors) > 1 else "text encoder"
+        return (f"Textual Inversion: '{self.trigger}' as {options.vectors} vector(s) of width {widths}, {init}; "
+                f"prompts from the '{template}' template ({len(self.templates)} lines); UNet, VAE and {encoders} frozen")
 
     def close(self) -> None:
-        self._rows.remove()
+        for rows in self._rows:
+            rows.remove()
 
     def _warn_about_captions_without_trigger(self) -> None:
         if all("[name]" in template for template in self.templates):
@@ -199,30 +225,49 @@ def _tokenizer_with_placeholders(tokenizer, count: int):
 
 
 class NewTokenRows:
-    """Forward hooks on a token-embedding layer: ids from `first_id` on read rows of `vectors` instead.
+    """Hooks on a token-embedding layer that put rows of `vectors` at the positions of placeholder ids (those
+    from `first_id` on) in the layer's output. The table is never resized or written, and prompts without
+    placeholders give the same output, bit for bit, as without the hooks.
 
-    The table itself is never resized or written; prompts without placeholder ids give the same output,
-    bit for bit, as without the hooks.
+    Two ways in: inside `placing(ids)`, which hands back the ids with every placeholder set to 0 (the host's
+    token for an embedding's positions) for the whole text encoder to see, as SDXL's pooled output needs; or
+    by passing placeholder ids straight in, which the layer swaps for 0 on its own (enough where only the
+    hidden states matter).
     """
 
     def __init__(self, embedding: nn.Embedding, first_id: int, vectors: torch.Tensor) -> None:
         self.first_id = first_id
         self.vectors = vectors
-        self._ids: torch.Tensor | None = None
+        self._placed: tuple[torch.Tensor, torch.Tensor] | None = None  # set by `placing`
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # found by the pre-hook, for one call
         self._handles = [embedding.register_forward_pre_hook(self._swap_ids),
                          embedding.register_forward_hook(self._insert_vectors)]
 
-    def _swap_ids(self, module: nn.Module, args: tuple) -> tuple:
-        ids = args[0]
-        self._ids = ids
-        return (ids.masked_fill(ids >= self.first_id, 0), *args[1:])
+    def _placement(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return ids >= self.first_id, (ids - self.first_id).clamp(min=0)
+
+    @contextlib.contextmanager
+    def placing(self, ids: torch.Tensor) -> Iterator[torch.Tensor]:
+        self._placed = self._placement(ids)
+        try:
+            yield ids.masked_fill(self._placed[0], 0)
+        finally:
+            self._placed = None
+
+    def _swap_ids(self, module: nn.Module, args: tuple) -> tuple | None:
+        if self._placed is not None:
+            return None
+        self._pending = self._placement(args[0])
+        return (args[0].masked_fill(self._pending[0], 0), *args[1:])
 
     def _insert_vectors(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        ids, self._ids = self._ids, None
-        new = ids >= self.first_id
+        placement, self._pending = self._placed or self._pending, None
+        new, rows = (part.to(output.device) for part in placement)
+        if new.shape != output.shape[:-1]:
+            raise RuntimeError(f"token embedding output {tuple(output.shape)} does not match the placed ids "
+                               f"{tuple(new.shape)}")
         if not bool(new.any()):
             return output
-        rows = (ids - self.first_id).clamp(min=0)
         learned = self.vectors.to(output.device, output.dtype)[rows]
         return torch.where(new.unsqueeze(-1), learned, output)
 

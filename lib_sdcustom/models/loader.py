@@ -122,18 +122,19 @@ def mapped_or_fail(converted: ldm_keys.Converted, prefix: str,
 
 
 def text_encoder_weights(parts: ldm_keys.LdmParts, configs: ModelConfigs,
-                         mismatch: Callable[[str], ModelLoadError]) -> List[Dict[str, Any]]:
+                         mismatch: Callable[[str], ModelLoadError], *, views: bool = False) -> List[Dict[str, Any]]:
     """Each text encoder's tensors in canonical transformers keys, in checkpoint order.
 
-    open_clip towers are translated; their tensors that the module does not own (SD2's last block and
-    projection, `logit_scale`) move to `parts.extras` under their checkpoint keys.
+    open_clip towers are translated (`views`: see `open_clip_to_transformers`); their tensors that the module
+    does not own (SD2's last block and projection, `logit_scale`) move to `parts.extras` under their
+    checkpoint keys.
     """
     out: List[Dict[str, Any]] = []
     for slot, raw in zip(ldm_keys.TEXT_SLOTS[configs.family], (parts.text_encoder, parts.text_encoder_2)):
         if not slot.open_clip:
             out.append(raw)
             continue
-        split = open_clip_to_transformers(raw, configs.open_clip)
+        split = open_clip_to_transformers(raw, configs.open_clip, views=views)
         if split.unmapped:
             raise mismatch(f"it has tensors the config does not describe: "
                            f"{_key_list([slot.prefix + key for key in split.unmapped])}")

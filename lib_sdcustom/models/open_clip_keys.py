@@ -85,8 +85,12 @@ def _hf_layer_count(keys) -> int:
     return 1 + max((int(match.group(1)) for match in map(_HF_LAYER_KEY.match, keys) if match), default=-1)
 
 
-def open_clip_to_transformers(state: Mapping[str, Any], layout: OpenClipLayout) -> OpenClipSplit:
-    """Split q/k/v, transpose the projection, rename; blocks and tensors the module does not own -> extras."""
+def open_clip_to_transformers(state: Mapping[str, Any], layout: OpenClipLayout, *, views: bool = False) -> OpenClipSplit:
+    """Split q/k/v, transpose the projection, rename; blocks and tensors the module does not own -> extras.
+
+    `views=True` gives q/k/v and the projection as views of the given tensors (a host's weights shared, not
+    copied); such a module must not be written with safetensors, which refuses tensors sharing memory.
+    """
     table = _prefix_map(layout.used_layers)
     out = OpenClipSplit()
     for key, tensor in state.items():
@@ -97,14 +101,14 @@ def open_clip_to_transformers(state: Mapping[str, Any], layout: OpenClipLayout) 
             out.extras[key] = tensor
         elif key == PROJECTION_KEY:
             if layout.projection:
-                out.state_dict[HF_PROJECTION_KEY] = tensor.t().contiguous()
+                out.state_dict[HF_PROJECTION_KEY] = tensor.t() if views else tensor.t().contiguous()
             else:
                 out.extras[key] = tensor
         elif block and block.group(2) in _FUSED:
             prefix = f"{CANONICAL_TEXT_ROOT}encoder.layers.{block.group(1)}.self_attn"
             # Copies, not views: three views of one storage could not be saved (safetensors refuses shared memory).
             for name, part in zip(_QKV, tensor.chunk(3, dim=0)):
-                out.state_dict[f"{prefix}.{name}_proj.{_FUSED[block.group(2)]}"] = part.clone()
+                out.state_dict[f"{prefix}.{name}_proj.{_FUSED[block.group(2)]}"] = part if views else part.clone()
         else:
             target = table.to_diffusers(key)
             if target is None:

@@ -24,21 +24,28 @@ def ldm_state_dict(family: ModelFamily, unet_sd: Mapping[str, Any], unet_layout:
     """
     unet = ldm_keys.unet_to_ldm(unet_sd, unet_layout)
     vae = ldm_keys.vae_to_ldm(vae_sd, vae_layout)
-    converted = [("UNet", unet), ("VAE", vae)]
-    texts = []
-    for slot, state in zip(ldm_keys.TEXT_SLOTS[family], text_encoder_sds):
-        canonical = ldm_keys.canonical_text_encoder_keys(state)
-        if slot.open_clip:
-            result = transformers_to_open_clip(canonical)
-            converted.append((f"Text encoder ({slot.prefix})", result))
-            canonical = result.state_dict
-        texts.append(canonical)
-    for what, result in converted:
+    for what, result in (("UNet", unet), ("VAE", vae)):
         if result.unmapped:
             raise ValueError(f"{what} weights have keys with no checkpoint name: "
                              f"{', '.join(sorted(result.unmapped)[:5])}")
+    texts = [text_encoder_slot_state_dict(slot, state)
+             for slot, state in zip(ldm_keys.TEXT_SLOTS[family], text_encoder_sds)]
     return ldm_keys.join_ldm_state_dict(unet.state_dict, vae.state_dict, texts[0], extras, family=family,
                                         text_encoder_2=texts[1] if len(texts) > 1 else None)
+
+
+def text_encoder_slot_state_dict(slot: ldm_keys.TextSlot, state: Mapping[str, Any]) -> Dict[str, Any]:
+    """One text encoder's state dict (either transformers layout) -> its keys in `slot`'s checkpoint names,
+    prefix not included: canonical `text_model.*` for a transformers slot, open_clip names with q/k/v fused
+    and the projection transposed back for an open_clip slot."""
+    canonical = ldm_keys.canonical_text_encoder_keys(state)
+    if not slot.open_clip:
+        return canonical
+    result = transformers_to_open_clip(canonical)
+    if result.unmapped:
+        raise ValueError(f"Text encoder ({slot.prefix}) weights have keys with no checkpoint name: "
+                         f"{', '.join(sorted(result.unmapped)[:5])}")
+    return result.state_dict
 
 
 def bundle_to_ldm_state_dict(bundle: ModelBundle, *, unet_sd: Optional[Mapping[str, Any]] = None,

@@ -229,3 +229,28 @@ VIT_BIGG14_TEXT_CONFIG: Dict[str, Any] = {
 }
 
 OPEN_CLIP_TOWERS: Dict[str, Dict[str, Any]] = {"ViT-H-14": VIT_H14_TEXT_CONFIG, "ViT-bigG-14": VIT_BIGG14_TEXT_CONFIG}
+
+
+def stock_ldm_config(family: str, prediction_type: str) -> Dict[str, Any]:
+    """A fresh copy of the stock config of `family` ("sd1", "sd2", "sdxl" or a `ModelFamily`) for
+    `prediction_type` ("epsilon" or "v_prediction"): what the host needs as `NAME.yaml` to run a checkpoint
+    of that kind without guessing. SD1 and SDXL have no published v config; theirs is the base config with
+    v-prediction switched on the way their code reads it (ldm `parameterization`, sgm `VScaling`)."""
+    family = getattr(family, "value", family)
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"unknown prediction type {prediction_type!r}")
+    v = prediction_type == "v_prediction"
+    if family == "sd2":
+        return copy.deepcopy(SD2_V2_INFERENCE_V if v else SD2_V2_INFERENCE)
+    if family == "sd1":
+        config = copy.deepcopy(SD1_V1_INFERENCE)
+        if v:
+            config["model"]["params"]["parameterization"] = "v"
+        return config
+    if family == "sdxl":
+        config = copy.deepcopy(SDXL_BASE)
+        if v:
+            scaling = config["model"]["params"]["denoiser_config"]["params"]["scaling_config"]
+            scaling["target"] = scaling["target"].replace("EpsScaling", "VScaling")
+        return config
+    raise ValueError(f"unknown model family {family!r}")

@@ -13,7 +13,6 @@ the host.
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping
@@ -26,7 +25,7 @@ from .bundle import ModelFamily
 from .ldm_config import configs_from_ldm, yaml_beside
 from .ldm_writer import alphas_cumprod, write_text_encoder_folder
 from .open_clip_keys import LOGIT_SCALE_KEY, transformers_to_open_clip
-from .stock_configs import SD2_V2_INFERENCE, SD2_V2_INFERENCE_V, SDXL_BASE, VIT_BIGG14_TEXT_CONFIG, VIT_L14_TEXT_CONFIG
+from .stock_configs import VIT_BIGG14_TEXT_CONFIG, VIT_L14_TEXT_CONFIG, stock_ldm_config
 
 # Small towers of the stock shapes. Projection widths differ from the hidden widths on purpose, so that a
 # transposed `text_projection` cannot go unnoticed.
@@ -53,7 +52,7 @@ _VAE = {"ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1}  # four levels: 
 
 def tiny_sd2_yaml_dict(tower_folder: str, *, v_prediction: bool = False) -> Dict[str, Any]:
     """v2-inference(-v).yaml with tiny sizes; `tower_folder` holds the open_clip tower's config.json."""
-    config = copy.deepcopy(SD2_V2_INFERENCE_V if v_prediction else SD2_V2_INFERENCE)
+    config = stock_ldm_config(ModelFamily.SD2, "v_prediction" if v_prediction else "epsilon")
     params = config["model"]["params"]
     params["image_size"] = 8
     params["unet_config"]["params"].update({
@@ -71,11 +70,8 @@ def tiny_sd2_yaml_dict(tower_folder: str, *, v_prediction: bool = False) -> Dict
 
 def tiny_sdxl_yaml_dict(clip_l_folder: str, tower_folder: str, *, v_prediction: bool = False) -> Dict[str, Any]:
     """sd_xl_base.yaml with tiny sizes (3 levels, per-level transformer depth, size/crop embedding)."""
-    config = copy.deepcopy(SDXL_BASE)
+    config = stock_ldm_config(ModelFamily.SDXL, "v_prediction" if v_prediction else "epsilon")
     params = config["model"]["params"]
-    if v_prediction:
-        scaling = params["denoiser_config"]["params"]["scaling_config"]
-        scaling["target"] = scaling["target"].replace("EpsScaling", "VScaling")
     time_ids = 6 * TINY_TIME_ID_WIDTH
     params["network_config"]["params"].update({
         "adm_in_channels": TINY_OPEN_CLIP_TEXT_CONFIG["projection_dim"] + time_ids,

@@ -1,4 +1,4 @@
-"""Attach a LyCORIS network to a diffusers UNet and a CLIP text encoder, with kohya module names.
+"""Attach a LyCORIS network to a diffusers UNet and the CLIP text encoder(s), with kohya module names.
 
 LyCORIS's kohya front end names each module from its path in the model it is given, which yields the
 kohya SD1 names (`lora_unet_down_blocks_0_...`, `lora_te_text_model_encoder_...`) for diffusers and
@@ -15,13 +15,14 @@ import contextlib
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..config import NetworkOptions
 from .algorithms import TEXT_ENCODER_BLOCKS, NetworkAlgorithm
+from .kohya_names import from_file_names
 
 _PRESET_LOCK = threading.Lock()
 _PRESET_FIELDS = ("ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "TEXT_ENCODER_TARGET_REPLACE_MODULE",
@@ -67,6 +68,7 @@ class AttachedNetwork:
 
     network: nn.Module
     algorithm: NetworkAlgorithm
+    unet: nn.Module
 
     @property
     def unet_modules(self) -> list[nn.Module]:
@@ -89,19 +91,33 @@ class AttachedNetwork:
         return {key: value.detach().cpu().clone() for key, value in self.network.state_dict().items()}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.network.load_state_dict(tensors, strict=True)
+        """Tensors under the trainer's names (resumable state) or a network file's (`kohya_names`)."""
+        self.network.load_state_dict(from_file_names(tensors, self.unet), strict=True)
 
     def detach(self) -> None:
         for module in self.network.loras:
             module.restore()
 
 
-def attach_network(unet: nn.Module, text_encoder: nn.Module, algorithm: NetworkAlgorithm, options: NetworkOptions, *,
-                   train_text_encoder: bool) -> AttachedNetwork:
-    """Build the LyCORIS modules for `algorithm` and hook them into `unet` (and the text encoder)."""
+def text_encoder_views(text_encoders: nn.Module | Sequence[nn.Module]) -> TextModelView | list[TextModelView]:
+    """What LyCORIS is given for the text encoders: one view (kohya prefix `lora_te_`, SD1/SD2) or a list of
+    two (`lora_te1_`, `lora_te2_`: SDXL's CLIP-L and OpenCLIP bigG, as kohya names them)."""
+    if isinstance(text_encoders, nn.Module):
+        return TextModelView(text_encoders)
+    views = [TextModelView(encoder) for encoder in text_encoders]
+    return views[0] if len(views) == 1 else views
+
+
+def attach_network(unet: nn.Module, text_encoder: nn.Module | Sequence[nn.Module], algorithm: NetworkAlgorithm,
+                   options: NetworkOptions, *, train_text_encoder: bool, bypass: bool = False) -> AttachedNetwork:
+    """Build the LyCORIS modules for `algorithm` and hook them into `unet` (and the text encoders: one
+    module, or `bundle.text_encoders`).
+
+    `bypass` adds the network's output to the layer's instead of merging the update into the layer's weight
+    (LyCORIS `bypass_mode`): needed when the base weights are stored in fp8, which cannot be added to."""
     conv_rank = (options.conv_rank or options.rank) if algorithm.trains_convolutions else 0
     conv_alpha = options.conv_alpha or options.alpha
-    text_view = TextModelView(text_encoder)
+    text_view = text_encoder_views(text_encoder)
     with kohya_targets(algorithm) as network_class:
         network = network_class(
             text_view if train_text_encoder else None, unet,
@@ -109,7 +125,8 @@ def attach_network(unet: nn.Module, text_encoder: nn.Module, algorithm: NetworkA
             conv_lora_dim=conv_rank, conv_alpha=conv_alpha,
             dropout=options.dropout, network_module=algorithm.lycoris_algo,
             factor=options.lokr_factor, warn_on_unmatched=False,
+            **({"bypass_mode": True} if bypass else {}),  # otherwise LyCORIS decides per layer, as before
         )
     network.apply_to(text_view if train_text_encoder else None, unet, train_text_encoder, True)
     network.requires_grad_(True)
-    return AttachedNetwork(network=network, algorithm=algorithm)
+    return AttachedNetwork(network=network, algorithm=algorithm, unet=unet)

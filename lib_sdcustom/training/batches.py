@@ -64,7 +64,8 @@ class LatentBatchSource:
             latents = torch.stack([self._cached_latent(example) for example in examples])
         else:
             latents = self.encode(self.training_set.load_batch_pixels(examples))
-        return Batch(latents=latents, captions=[example.caption for example in examples])
+        return Batch(latents=latents, captions=[example.caption for example in examples],
+                     sizes=[self.training_set.size_conditioning(example) for example in examples])
 
     def _cached_latent(self, example: Example) -> torch.Tensor:
         return self.cache.get_or_encode(self.training_set.record(example), example.bucket, example.flip, self.encode)

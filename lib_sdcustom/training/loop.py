@@ -20,7 +20,9 @@ from ..events import CancelToken, EventBus, FileSaved, StepDone
 from ..methods.base import Method
 from ..models.bundle import ModelBundle
 from . import objectives
+from .conditioning import SizeConditioning
 from .state import SavedState, save_state
+from .text_cache import TextEncoderCache
 
 
 @dataclass
@@ -28,12 +30,14 @@ class Batch:
     """One micro-batch: latents already multiplied by the VAE scaling factor, and their captions.
 
     `weights` scales each sample's loss (1 for ordinary images; prior-preservation images carry the
-    prior weight).
+    prior weight). `sizes` is each sample's original size and crop, which SDXL is conditioned on; None
+    means every sample is an uncropped picture of the latents' size.
     """
 
     latents: torch.Tensor
     captions: list[str]
     weights: torch.Tensor | None = None
+    sizes: list[SizeConditioning] | None = None
 
 
 class BatchSource(Protocol):
@@ -50,6 +54,8 @@ class LoopSettings:
     seed: int = 42
     noise_offset: float = 0.0
     min_snr_gamma: float = 0.0
+    zero_terminal_snr: bool = False
+    cache_text_encoder_outputs: bool = False  # honoured only when the method's text conditioning is frozen
     gradient_checkpointing: bool = False
     save_state_every: int = 0
     save_every: int = 0
@@ -69,6 +75,13 @@ class LoopResult:
     step: int
     last_loss: float
     losses: list[float] = field(default_factory=list)
+
+
+def uncropped_sizes(latents: torch.Tensor, bundle: ModelBundle) -> list[SizeConditioning]:
+    """Size conditioning for latents of pictures used whole at their own size (no `Batch.sizes`)."""
+    scale = 2 ** (len(bundle.vae.config.block_out_channels) - 1)
+    height, width = latents.shape[-2] * scale, latents.shape[-1] * scale
+    return [SizeConditioning.uncropped(height, width)] * latents.shape[0]
 
 
 def _mixed_seed(seed: int, index: int, salt: int) -> int:
@@ -95,9 +108,13 @@ class TrainingLoop:
         self.accelerator = accelerator
         self.hooks = hooks or LoopHooks()
         self.alphas_cumprod = bundle.noise_scheduler.alphas_cumprod.float().cpu()
+        if settings.zero_terminal_snr:
+            self.alphas_cumprod = objectives.rescale_zero_terminal_snr(self.alphas_cumprod)
         self.num_timesteps = int(bundle.noise_scheduler.config.num_train_timesteps)
         self.step = 0
         self.last_state: Path | None = None
+        cache = settings.cache_text_encoder_outputs and method.frozen_text_conditioning()
+        self.encode_captions = TextEncoderCache(method.encode_captions) if cache else method.encode_captions
 
     # ----- state -----
     def resume_from(self, saved: SavedState) -> None:
@@ -125,9 +142,10 @@ class TrainingLoop:
         noise = objectives.sample_noise(latents, generator, settings.noise_offset)
         timesteps = objectives.sample_timesteps(latents.shape[0], self.num_timesteps, generator)
         noisy = objectives.add_noise(latents, noise, timesteps, self.alphas_cumprod)
+        sizes = batch.sizes if batch.sizes is not None else uncropped_sizes(latents, self.bundle)
         with self.accelerator.autocast():
-            conditioning = self.method.encode_captions(batch.captions)
-            prediction = self.bundle.unet(noisy, timesteps.to(device), conditioning.to(noisy.dtype)).sample
+            conditioning = self.encode_captions(batch.captions).to(noisy.dtype)
+            prediction = self.bundle.unet(noisy, timesteps.to(device), **conditioning.unet_kwargs(sizes)).sample
         target = objectives.training_target(self.bundle.prediction_type, latents, noise, timesteps, self.alphas_cumprod)
         per_sample = objectives.per_sample_mse(prediction, target)
         weights = batch.weights

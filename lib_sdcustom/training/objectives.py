@@ -46,6 +46,18 @@ def training_target(prediction_type: str, latents: torch.Tensor, noise: torch.Te
     raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The schedule shifted and scaled so the last timestep is pure noise (Lin et al. 2023, algorithm 1).
+
+    SD's schedules leave a little signal at t = T, so a model never learns to start from pure noise and
+    cannot make very dark or bright pictures. sqrt(alpha_bar) is moved linearly so its last value becomes 0
+    and its first stays put; only a v-prediction model can learn there (at SNR 0 epsilon is the input)."""
+    root = alphas_cumprod.double().sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    rescaled = (root - last) * first / (first - last)
+    return (rescaled ** 2).to(alphas_cumprod.dtype)
+
+
 def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     alpha = alphas_cumprod[timesteps.cpu()].float()
     return alpha / (1 - alpha)
@@ -55,7 +67,9 @@ def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma
     """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023).
 
     For an epsilon target the weight is min(SNR, gamma) / SNR; a v target already carries a factor of
-    SNR + 1, so there it is min(SNR, gamma) / (SNR + 1).
+    SNR + 1, so there it is min(SNR, gamma) / (SNR + 1). (Per sample, the epsilon error is SNR times and the
+    v error SNR + 1 times the x0 error, so both give min(SNR, gamma) x the x0 error; at zero terminal SNR
+    the v weight is 0 where the epsilon one would divide by 0.)
     """
     ratio = snr(timesteps, alphas_cumprod)
     clipped = torch.clamp(ratio, max=gamma)

@@ -87,7 +87,9 @@ class TabController:
         where = self.facts.output_dirs[output_kind(config.method)]
         header = f"<div class='sdcustom-where'>Result goes to {render._e(str(where))}" + (
             f"; trains on the loaded checkpoint <b>{render._e(model)}</b>" if model else "") + "</div>"
-        return header + plan.plan_html(config, seen_per_epoch or None, self.host.base_parameters(form_values[1] or ""))
+        checkpoint = form_values[1] or ""
+        return header + plan.plan_html(config, seen_per_epoch or None, self.host.base_parameters(checkpoint),
+                                       self.host.model_kind(checkpoint))
 
     def method_changed(self, method: str) -> List[bool]:
         """Visibility of the token box and of each method-specific accordion (in `method_sections` order)."""
@@ -247,14 +249,17 @@ def build_tab(facts: HostFacts, manager: RunManager) -> Any:
         for trigger in (check.click, folder.submit):
             trigger(control.check_folder, inputs=form_inputs, outputs=[dataset_info, thumbnails, plan_info, seen])
         replan_keys = {"training.steps", "training.batch_size", "training.gradient_accumulation", "data.resolution",
-                       "network.rank", "training.mixed_precision", "training.gradient_checkpointing"}
+                       "network.rank", "training.mixed_precision", "training.gradient_checkpointing",
+                       "training.train_text_encoder", "training.fp8_base", "training.cache_text_encoder_outputs",
+                       "optimizer.optimizer", "dreambooth.prior_preservation"}
         for field, widget in zip(control.fields, widgets):
             if field.key in replan_keys:  # typed values on blur where gradio has it: one event per edit
                 typed = not (field.choices or field.kind is bool)
                 trigger = getattr(widget, "blur", None) if typed else None
                 trigger = trigger or widget.change
                 trigger(control.plan, inputs=[seen, *form_inputs], outputs=[plan_info], queue=False)
-        method.change(control.plan, inputs=[seen, *form_inputs], outputs=[plan_info], queue=False)
+        for changed in (method, checkpoint):
+            changed.change(control.plan, inputs=[seen, *form_inputs], outputs=[plan_info], queue=False)
 
         train_call = control.host.wrap_tab_call(control.train, extra_outputs=[])
         event = train.click(train_call, inputs=[task_id, *form_inputs], outputs=[result], **compat.js_kwargs(facts.train_js))

@@ -43,37 +43,96 @@ class EmbeddingsWithFixes(torch.nn.Module):
         return self.wrapped(input_ids)
 
 
-def build_sd_model(checkpoint: Path) -> torch.nn.Module:
-    """An SD1 `LatentDiffusion` stand-in holding the checkpoint's tensors where the host keeps them."""
-    from safetensors.torch import load_file
+def _clip_transformer(text_dir: Path, state: Dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A transformers CLIP text model (SD1's encoder, SDXL's first) with the host's token-embedding wrapper."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from lib_sdcustom.models import ldm_keys
     from lib_sdcustom.models.ldm_config import read_text_encoder_folder
-    from lib_sdcustom.models.tokenizer import load_clip_tokenizer
 
-    state = load_file(str(checkpoint))
-    parts = ldm_keys.split_ldm_state_dict(state)
-    text_dir = checkpoint.parent / f"{checkpoint.stem}_text_encoder"
     transformer = CLIPTextModel(CLIPTextConfig.from_dict(read_text_encoder_folder(text_dir)))
-    transformer.load_state_dict(ldm_keys.text_encoder_load_keys(transformer, parts.text_encoder), strict=False)
+    transformer.load_state_dict(ldm_keys.text_encoder_load_keys(transformer, state), strict=False)
     transformer.requires_grad_(False)
     embeddings = ldm_keys.text_encoder_root(transformer).embeddings
     embeddings.token_embedding = EmbeddingsWithFixes(embeddings.token_embedding)
+    return transformer
+
+
+def _open_clip_model(state: Dict[str, torch.Tensor]) -> torch.nn.Module:
+    """open_clip's text tower as ldm/sgm hold it (`token_embedding`, `positional_embedding`,
+    `transformer.resblocks.N.attn.in_proj_weight`, `text_projection`, ...), token embedding wrapped."""
+    model = StateTree.from_state(state)
+    model.token_embedding = EmbeddingsWithFixes(model.token_embedding)
+    return model
+
+
+def _wrapper(**children) -> torch.nn.Module:
+    """The host's `...WithCustomWords` object around an ldm/sgm embedder (its modules and tokenizer): the
+    embedder sits at `.wrapped`."""
+    wrapped = torch.nn.Module()
+    for name, child in children.items():
+        setattr(wrapped, name, child)
+    outer = torch.nn.Module()
+    outer.wrapped = wrapped
+    return outer
+
+
+def _v_prediction(yaml: dict, family) -> bool:
+    """The host's rule: ldm reads `parameterization`; `extend_sdxl` checks for the VScaling denoiser."""
+    from lib_sdcustom.models.bundle import ModelFamily
+
+    params = yaml["model"]["params"]
+    if family is ModelFamily.SDXL:
+        return "VScaling" in params["denoiser_config"]["params"]["scaling_config"]["target"]
+    return params.get("parameterization", "eps") == "v"
+
+
+def build_sd_model(checkpoint: Path) -> torch.nn.Module:
+    """An SD1/SD2 `LatentDiffusion` or SDXL `DiffusionEngine` stand-in holding the checkpoint's tensors where
+    the host keeps them (HOST.md 2.1), with its type flags and `parameterization`."""
+    import yaml as pyyaml
+    from safetensors.torch import load_file
+
+    from lib_sdcustom.models import ldm_keys
+    from lib_sdcustom.models.bundle import ModelFamily
+    from lib_sdcustom.models.detect import detect_family
+    from lib_sdcustom.models.ldm_config import configs_from_ldm
+    from lib_sdcustom.models.loader import training_scheduler
+    from lib_sdcustom.models.tokenizer import load_clip_tokenizer
+
+    state = load_file(str(checkpoint))
+    family = detect_family(state, checkpoint)
+    parts = ldm_keys.split_ldm_state_dict(state, family)
+    text_dir = checkpoint.parent / f"{checkpoint.stem}_text_encoder"
+    config_path = checkpoint.with_suffix(".yaml")
+    yaml = pyyaml.safe_load(config_path.read_text())
 
     model = torch.nn.Module()
     model.model = torch.nn.Module()
     model.model.diffusion_model = StateTree.from_state(parts.unet)
     model.first_stage_model = StateTree.from_state(parts.vae)
-    model.cond_stage_model = torch.nn.Module()
-    model.cond_stage_model.wrapped = torch.nn.Module()
-    model.cond_stage_model.wrapped.transformer = transformer
-    model.cond_stage_model.wrapped.tokenizer = load_clip_tokenizer(text_dir)
-    model.register_buffer("alphas_cumprod", parts.extras["alphas_cumprod"].clone())
-    model.parameterization = "eps"
-    model.is_sd1, model.is_sd2, model.is_sdxl, model.is_sd3 = True, False, False, False
+    if family is ModelFamily.SDXL:
+        time_embedders = [torch.nn.Module() for _ in range(3)]  # ConcatTimestepEmbedderND: no weights
+        model.conditioner = torch.nn.Module()
+        model.conditioner.embedders = torch.nn.ModuleList([
+            _wrapper(transformer=_clip_transformer(text_dir, parts.text_encoder), tokenizer=load_clip_tokenizer(text_dir)),
+            _wrapper(model=_open_clip_model(parts.text_encoder_2)), *time_embedders])
+        model.conditioner.wrapped = torch.nn.Module()  # extend_sdxl: for code that reads cond_stage_model.wrapped
+        model.cond_stage_model = model.conditioner  # as sd_hijack does for several text encoders
+        schedule = training_scheduler(configs_from_ldm(yaml, source=str(config_path), yaml_dir=checkpoint.parent).scheduler)
+        model.alphas_cumprod = schedule.alphas_cumprod.clone()  # extend_sdxl: an attribute, not a file tensor
+    elif family is ModelFamily.SD2:
+        model.cond_stage_model = _wrapper(model=_open_clip_model(parts.text_encoder))
+        model.register_buffer("alphas_cumprod", parts.extras["alphas_cumprod"].clone())
+    else:
+        model.cond_stage_model = _wrapper(transformer=_clip_transformer(text_dir, parts.text_encoder),
+                                          tokenizer=load_clip_tokenizer(text_dir))
+        model.register_buffer("alphas_cumprod", parts.extras["alphas_cumprod"].clone())
+    model.parameterization = "v" if _v_prediction(yaml, family) else "eps"
+    model.is_sd1, model.is_sd2 = family is ModelFamily.SD1, family is ModelFamily.SD2
+    model.is_sdxl, model.is_sd3, model.is_sdxl_inpaint = family is ModelFamily.SDXL, False, False
     model.latent_channels = 4
-    model.used_config = str(checkpoint.with_suffix(".yaml"))
+    model.used_config = str(config_path)
     model.sd_checkpoint_info = SimpleNamespace(filename=str(checkpoint), name=checkpoint.name, name_for_extra=checkpoint.stem,
                                                title=f"{checkpoint.name} [0123456789]", sha256="0123456789" + "ab" * 27,
                                                hash="01234567")

@@ -1,0 +1,66 @@
+"""Settings whose right value depends on the base model's family, known only once the model is read.
+
+Each family was trained at its own size (SD1 512 px, SD2-v 768 px, SDXL 1024 px); training an SDXL model at
+512 px teaches it blurry, cropped pictures. A resolution (and bucket range) the user left at the default is
+therefore moved to the family's size. A value equal to the default counts as left at the default: the
+config does not record where a value came from, and a user who wants 512 px on SDXL can still say e.g. 576.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import fields
+
+from .config import DataOptions, RunConfig
+from .errors import ConfigError
+from .models.bundle import ModelBundle, ModelFamily
+
+_DEFAULTS = {item.name: item.default for item in fields(DataOptions)}
+
+
+def native_resolution(family: ModelFamily, prediction_type: str) -> int:
+    """The side of the square each family was trained at: SDXL 1024, SD2 768 (v) or 512 (base), SD1 512."""
+    if family is ModelFamily.SDXL:
+        return 1024
+    if family is ModelFamily.SD2 and prediction_type == "v_prediction":
+        return 768
+    return 512
+
+
+#: SDXL base was trained with this noise offset (sgm's `offset_noise_level`); kohya suggests the same value.
+SDXL_NOISE_OFFSET = 0.0357
+
+
+def apply_family_defaults(config: RunConfig, bundle: ModelBundle) -> tuple[RunConfig, list[str]]:
+    """`config` with the family's resolution where the user left the default (a copy when anything changes),
+    plus notes for the run log: each change, and hints such as SDXL's noise offset."""
+    check_family_options(config, bundle)
+    hints = []
+    if bundle.family is ModelFamily.SDXL and not config.training.noise_offset:
+        hints.append(f"Hint: SDXL was trained with a noise offset of {SDXL_NOISE_OFFSET}; "
+                     f"--noise-offset {SDXL_NOISE_OFFSET} keeps its range of brightness.")
+    data = config.data
+    native = native_resolution(bundle.family, bundle.prediction_type)
+    if data.resolution != _DEFAULTS["resolution"] or native == data.resolution:
+        return config, hints
+    changed = copy.deepcopy(config)
+    scale = native / data.resolution
+    changed.data.resolution = native
+    # Bucket bounds scale with the resolution when they too were left alone (kohya: half and twice the size).
+    for name in ("min_bucket", "max_bucket"):
+        if getattr(data, name) == _DEFAULTS[name]:
+            setattr(changed.data, name, int(getattr(data, name) * scale) // data.bucket_step * data.bucket_step)
+    label = bundle.family.value.upper() + ("-v" if bundle.prediction_type == "v_prediction" else "")
+    note = (f"{bundle.identity.name} is an {label} model: training at its native {native} px "
+            f"(buckets {changed.data.min_bucket}-{changed.data.max_bucket} px). Pass --resolution to choose another size.")
+    changed.validate()
+    return changed, [note, *hints]
+
+
+def check_family_options(config: RunConfig, bundle: ModelBundle) -> None:
+    """Options that only make sense for some models, refused before training starts."""
+    if config.training.zero_terminal_snr and bundle.prediction_type != "v_prediction":
+        raise ConfigError(
+            f"Zero terminal SNR is on, but {bundle.identity.name} predicts noise (epsilon): at the last timestep "
+            "the picture is pure noise, so a noise-predicting model can learn nothing there.",
+            "Turn zero_terminal_snr off, or train a v-prediction model (SD 2.x 768-v, or a model with a v YAML).")
