@@ -156,17 +156,7 @@ def test_bundle_shares_the_host_tensors_and_matches_the_file_loader(webui, tiny_
     assert not any(p.data_ptr() in host_ptrs for p in copied.text_encoder.parameters())
     assert copied.tokenizer is not webui.model.cond_stage_model.wrapped.tokenizer
 
-    reference = load_bundle(tiny_checkpoint)
-    ids = reference.tokenizer(["a sks dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    latents, timestep = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
-    with torch.no_grad():
-        for bundle in (shared_bundle, reference):
-            bundle.hidden = bundle.text_encoder(ids)[0]
-            bundle.noise = bundle.unet(latents, timestep, bundle.hidden).sample
-            bundle.decoded = bundle.vae.decode(latents).sample
-    assert torch.equal(shared_bundle.hidden, reference.hidden)
-    assert torch.equal(shared_bundle.noise, reference.noise)
-    assert torch.equal(shared_bundle.decoded, reference.decoded)
+    _assert_same_outputs(shared_bundle, load_bundle(tiny_checkpoint))
     assert shared_bundle.prediction_type == "epsilon" and shared_bundle.identity.name == "tiny"
 
 
@@ -202,16 +192,15 @@ def _family_outputs(bundle, inputs: dict | None = None) -> dict:
 
 
 def _assert_same_outputs(bundle, reference) -> None:
-    """Bit-equal, except SDXL's pooled vector: the shared projection is a transposed view of the host's
-    tensor, so its matmul sums in another order than over the loader's contiguous copy."""
+    """Equal to float rounding: the same weights give the same function, but not always the same last bit.
+    CPU kernels pick their summation order by the memory alignment of the weights (tensors mapped from a
+    file sit at arbitrary offsets, the host's are freshly allocated), and SDXL's shared projection is a
+    transposed view of the host's tensor."""
     expected = _family_outputs(reference)
     actual = _family_outputs(bundle, inputs=expected)
     assert expected.keys() == actual.keys()
     for key, value in expected.items():
-        if key == "pooled":
-            torch.testing.assert_close(actual[key], value, rtol=1e-6, atol=1e-6)
-        else:
-            assert torch.equal(actual[key], value), key
+        torch.testing.assert_close(actual[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_sd2_and_sdxl_bundles_share_the_host_tensors_and_match_the_file_loader(family_webui):
