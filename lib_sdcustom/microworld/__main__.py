@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..errors import OutputError, UserFacingError
 from ..files import output_path, write_atomically, write_text_atomically
+from .pretrain import PretrainSettings
 from .world import CONCEPTS, IMAGE_SIZE, concept_examples, pretraining_examples
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def _eval_judge(args: argparse.Namespace) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from .pretrain import PretrainSettings, pretrain, write_pretrained
+    from .pretrain import pretrain, write_pretrained
 
     folder = Path(args.out_dir)
     for suffix in (".safetensors", ".yaml", ".quality.json", ".quality.png"):
@@ -156,10 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = commands.add_parser("pretrain", help="pretrain the micro-world base model on the CPU")
     pre.add_argument("out_dir")
-    pre.add_argument("--minutes", type=float, default=40.0, help="time budget of the training phases (default 40)")
+    pre.add_argument("--minutes", type=float, default=PretrainSettings.minutes,
+                     help="time budget of a phase run with 0 steps (default %(default)s)")
     pre.add_argument("--seed", type=int, default=0)
-    pre.add_argument("--vae-steps", type=int, default=0, help="exact VAE steps instead of its share of the budget")
-    pre.add_argument("--unet-steps", type=int, default=0, help="exact UNet steps instead of the rest of the budget")
+    pre.add_argument("--vae-steps", type=int, default=PretrainSettings.vae_steps,
+                     help="VAE steps (default %(default)s; 0 = its share of the time budget)")
+    pre.add_argument("--unet-steps", type=int, default=PretrainSettings.unet_steps,
+                     help="UNet steps (default %(default)s; 0 = the rest of the time budget)")
     pre.add_argument("--pool-size", type=int, default=40000, help="rendered pictures for the UNet phase")
     pre.add_argument("--name", default="microworld", help="file stem of the checkpoint")
     pre.add_argument("--eval-samples", type=int, default=2,
