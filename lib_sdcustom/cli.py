@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import SECTIONS, RunConfig, load_config
+from .demo import DEMO_STEPS
 from .errors import TrainingStopped, UserFacingError
 from .events import CancelToken, Event, FileSaved, PhaseProgress, RunFinished, RunStarted, StepDone, Warning_
 
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("file", type=Path)
     demo = commands.add_parser("demo", help="Run the whole pipeline on a small bundled default, no downloads (about a minute on a CPU).")
     demo.add_argument("--out", type=Path, default=Path("sdcustom-demo"), help="Folder for the demo's files (default: %(default)s).")
-    demo.add_argument("--steps", type=int, default=60, help="Training steps (default: %(default)s).")
+    demo.add_argument("--steps", type=int, default=DEMO_STEPS, help="Training steps (default: %(default)s).")
     demo.add_argument("--quiet", action="store_true", help="No progress bar.")
     return parser
 
@@ -150,8 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             result = run_demo(args.out, steps=args.steps, callbacks=[ProgressPrinter(args.quiet)])
-            print(f"Base model (random weights, SD1 layout): {result.base}\nTraining images: {result.images}\n"
-                  f"LoRA: {result.lora}\nBefore/after samples (top row before, bottom after): {result.grid}")
+            print(result.report())
             return 0
         from .train import train
 

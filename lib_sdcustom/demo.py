@@ -1,9 +1,11 @@
-"""`python -m lib_sdcustom demo`: the whole pipeline in about a minute on a CPU, with nothing to download.
+"""`python -m lib_sdcustom demo`: teach the bundled micro-world model a new shape in about a minute on a CPU.
 
-It writes a small SD1-structured base checkpoint (random weights: no pretrained weights can ship or be
-fetched here), a few generated training images, trains a LoRA on them through the same `train()` the
-WebUI and CLI use, and writes a before/after sample grid. It shows that every stage works end to end; it
-is not a quality demonstration (the base model has not learned to draw anything).
+The package ships a small SD1-architecture model pretrained on the micro-world (`microworld/`): flat shapes
+in named colors on plain backgrounds. It has never seen a heart. The demo writes five pictures of a red
+heart captioned 'a sks shape on a ... background', trains a LoCon (a LoRA that also adapts the ResNet
+convolutions; the WebUI loads it like any LoRA) on them through the same `train()` the WebUI and CLI use,
+and renders 'a sks shape' before and after with the same seeds. The bundled judge counts how many samples
+show a red heart, so the demo reports learning as a number, not only as pictures.
 """
 
 from __future__ import annotations
@@ -12,11 +14,19 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bench.fixtures import write_sample_images
-from .config import RunConfig
 from .events import Callback
 
 logger = logging.getLogger(__name__)
+
+DEMO_CONCEPT = "heart"
+DEMO_METHOD = "locon"  # plain LoRA (attention only) reached about half of LoCon's fidelity in the same time
+DEMO_STEPS = 300
+DEMO_LR, DEMO_TEXT_ENCODER_LR = 3e-3, 6e-3  # the text encoder's part binds 'sks' and needs the higher rate
+DEMO_RANK = 8
+DEMO_MIN_SNR_GAMMA = 5.0  # the base model's own pretraining weighting; fidelity is about 3x lower without it
+GRID_SAMPLES = 4
+JUDGED_SAMPLES = 16
+SAMPLE_SEED = 1000
 
 
 @dataclass
@@ -25,39 +35,59 @@ class DemoResult:
     grid: Path
     base: Path
     images: Path
+    prompt: str
+    hits_before: int
+    hits_after: int
+    judged: int
+
+    def report(self) -> str:
+        return (f"Base model (bundled micro-world model, SD1 architecture): {self.base}\n"
+                f"Training images (a red heart, a shape the base model never saw): {self.images}\n"
+                f"LoRA (LoCon): {self.lora}\n"
+                f"Before/after samples of '{self.prompt}' (top row before, bottom after): {self.grid}\n"
+                f"The judge sees a red heart in {self.hits_before}/{self.judged} samples before training and "
+                f"{self.hits_after}/{self.judged} after.")
 
 
-def run_demo(folder: Path, *, steps: int = 60, callbacks: list[Callback] | None = None) -> DemoResult:
+def demo_config(folder: Path, *, steps: int = DEMO_STEPS):
+    """The demo's run: five heart pictures, a rank-8 LoCon, rates that learn in a few hundred steps."""
+    from .microworld.model import shipped_checkpoint
+    from .microworld.teach import base_run_config, prompts_for, write_instances
+    from .microworld.world import CONCEPTS
+
+    folder = Path(folder)
+    concept = CONCEPTS[DEMO_CONCEPT]
+    images = write_instances(folder / "images", concept, prompts_for(concept, DEMO_METHOD))
+    config = base_run_config(DEMO_METHOD, shipped_checkpoint(), images, name="demo_lora", out=folder / "Lora",
+                             run_dir=folder / "run")
+    config.output.overwrite = True
+    config.network.rank, config.network.alpha = DEMO_RANK, float(DEMO_RANK)
+    config.optimizer.lr, config.optimizer.text_encoder_lr = DEMO_LR, DEMO_TEXT_ENCODER_LR
+    config.training.steps, config.training.batch_size = steps, 4
+    config.training.min_snr_gamma = DEMO_MIN_SNR_GAMMA
+    return config
+
+
+def run_demo(folder: Path, *, steps: int = DEMO_STEPS, callbacks: list[Callback] | None = None) -> DemoResult:
+    from .microworld.judge import load_judge
+    from .microworld.teach import prompts_for, sampler, subject_hits, trained_sampler
+    from .microworld.world import CONCEPTS
     from .models.loader import load_bundle
-    from .models.tiny import write_tiny_sd1
-    from .networks.algorithms import ALGORITHMS
-    from .networks.lycoris_backend import attach_network
-    from .sampling import generate, image_grid
+    from .sampling import image_grid
     from .train import train
 
     folder = Path(folder)
-    base = write_tiny_sd1(folder / "base", name="demo_base")
-    images = write_sample_images(folder / "images", count=6)
-    config = RunConfig(method="lora")
-    config.model.base = str(base)
-    config.data.data = str(images)
-    config.data.resolution, config.data.min_bucket, config.data.max_bucket = 64, 64, 128
-    config.output.name, config.output.out, config.output.run_dir = "demo_lora", str(folder / "Lora"), str(folder / "run")
-    config.output.overwrite = True
-    config.network.rank, config.network.alpha = 8, 8.0
-    config.optimizer.lr = 2e-3
-    config.training.steps, config.training.batch_size = steps, 2
-    config.training.sample_steps = 10
+    config = demo_config(folder, steps=steps)
+    concept = CONCEPTS[DEMO_CONCEPT]
+    prompt = prompts_for(concept, DEMO_METHOD).subject
+    base = Path(config.model.base)
+    before = sampler(load_bundle(base))([prompt] * JUDGED_SAMPLES, SAMPLE_SEED)
     result = train(config, callbacks=callbacks or [])
-
-    prompts = ["demo_lora"] * 4
-    bundle = load_bundle(base)
-    before = generate(bundle, prompts, seed=1, steps=10, width=64, height=64)
-    from safetensors.torch import load_file
-
-    attached = attach_network(bundle.unet, bundle.text_encoder, ALGORITHMS["lora"], config.network, train_text_encoder=True)
-    attached.load_state_dict(load_file(str(result.outputs[0])))
-    after = generate(bundle, prompts, seed=1, steps=10, width=64, height=64)
+    after = trained_sampler(config, result.outputs[0])([prompt] * JUDGED_SAMPLES, SAMPLE_SEED)
+    judge = load_judge()
     grid = folder / "before_after.png"
-    image_grid(before + after, columns=4).resize((4 * 128, 2 * 128)).save(grid)
-    return DemoResult(lora=result.outputs[0], grid=grid, base=base, images=images)
+    shown = before[:GRID_SAMPLES] + after[:GRID_SAMPLES]
+    image_grid(shown, columns=GRID_SAMPLES).resize((GRID_SAMPLES * 128, 2 * 128)).save(grid)
+    return DemoResult(lora=result.outputs[0], grid=grid, base=base, images=Path(config.data.data), prompt=prompt,
+                      hits_before=sum(subject_hits(judge, before, concept)),
+                      hits_after=sum(subject_hits(judge, after, concept)), judged=JUDGED_SAMPLES)

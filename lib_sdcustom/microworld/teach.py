@@ -24,7 +24,7 @@ from .world import IMAGE_SIZE, Concept, concept_scenes, render
 IDENTIFIER = "sks"
 TI_TRIGGER = "skstoken"
 INSTANCE_IMAGES = 5
-INSTANCE_SEED = 7
+INSTANCE_SEED = 3  # no blue background among any concept's five pictures: "on a blue background" is new context
 
 Sampler = Callable[[List[str], int], List[Image.Image]]
 
