@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 DEMO_CONCEPT = "heart"
 DEMO_METHOD = "locon"  # plain LoRA (attention only) reached about half of LoCon's fidelity in the same time
-DEMO_STEPS = 300
+DEMO_STEPS = 600
 DEMO_LR, DEMO_TEXT_ENCODER_LR = 3e-3, 6e-3  # the text encoder's part binds 'sks' and needs the higher rate
 DEMO_RANK = 8
 DEMO_MIN_SNR_GAMMA = 5.0  # the base model's own pretraining weighting; fidelity is about 3x lower without it

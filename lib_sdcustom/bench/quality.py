@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from ..config import RunConfig
+from ..errors import UserFacingError
 from ..files import write_atomically, write_text_atomically
 from ..microworld.judge import Judge, load_judge
 from ..microworld.model import shipped_checkpoint, text_encoder_folder_name
@@ -72,7 +73,7 @@ class Recipe:
 # Tuned on the bundled model with the heart: networks bind the made-up 'sks' through the text encoder's
 # LoRA, which needs a higher rate than the UNet's; batch 4 learns faster per second than batch 2 here.
 # DreamBooth trains the text encoder too (with it frozen, 'a shape' turned into the subject instead of 'sks').
-_NETWORK = {"steps": 300, "lr": 3e-3, "text_encoder_lr": 6e-3}
+_NETWORK = {"steps": 600, "lr": 3e-3, "text_encoder_lr": 6e-3}
 RECIPES: Tuple[Recipe, ...] = (
     Recipe("textual_inversion", "textual_inversion", steps=400, lr=5e-2),
     Recipe("lora", "lora", **_NETWORK),
@@ -258,6 +259,12 @@ def _mean(runs: Dict[str, Dict[str, float]], key: str) -> float:
     return float(np.mean([scores[key] for scores in runs.values()]))
 
 
+def _machine(settings: Dict[str, object]) -> str:
+    processes = int(settings.get("processes", 1))  # type: ignore[arg-type]
+    threads = f"{settings['threads']} CPU thread{'s' if settings['threads'] != 1 else ''}"
+    return threads if processes == 1 else f"{processes} processes side by side, {threads} each; merged with --merge"
+
+
 def markdown(result: BenchResult) -> str:
     base = result.base_quality["samples"]["accuracy"]  # type: ignore[index]
     rec = result.base_quality["reconstruction"]  # type: ignore[assignment]
@@ -267,7 +274,7 @@ def markdown(result: BenchResult) -> str:
     lines = [
         "# Customization quality on the micro-world model",
         "",
-        f"Produced by `python -m lib_sdcustom.bench quality` ({result.settings['threads']} CPU threads). "
+        f"Produced by `python -m lib_sdcustom.bench quality` ({_machine(result.settings)}). "
         f"Base model `{result.settings['base']}`; {result.settings['instance_images']} instance pictures per concept; "
         f"{result.settings['samples']} samples per prompt, DDIM {result.settings['sample_steps']} steps, guidance "
         f"{result.settings['guidance']}; concepts: {', '.join(concepts)}. Figures are means over the concepts.",
@@ -307,10 +314,40 @@ def write_report(result: BenchResult, out: Path) -> Tuple[Path, Path]:
     return json_path, md_path
 
 
+def merge_reports(folders: Sequence[Path], out: Path) -> BenchResult:
+    """One report from runs split by `--methods` over several processes or machines (the runs are
+    independent, and on a small model one thread per run uses the cores better than one run on all).
+    The shards must share everything but their recipes, or their rows would not be comparable."""
+    parts = []
+    for folder in folders:
+        path = Path(folder) / "quality.json"
+        if not path.is_file():
+            raise UserFacingError(f"No benchmark report at {path}. Pass the --out folders of finished quality runs.")
+        parts.append(json.loads(path.read_text()))
+    first = parts[0]
+    shared = {key: value for key, value in first["settings"].items() if key != "recipes"}
+    runs: Dict[str, Dict[str, Dict[str, float]]] = {}
+    recipes: List[Dict[str, object]] = []
+    figures = first["figures"][:1]  # the base model's reference grid, the same in every shard
+    out.mkdir(parents=True, exist_ok=True)
+    for folder, part in zip(folders, parts):
+        settings = {key: value for key, value in part["settings"].items() if key != "recipes"}
+        if settings != shared or part["baselines"] != first["baselines"]:
+            raise UserFacingError(f"The report in {folder} was made with other settings or another base model than "
+                                  f"the one in {folders[0]}; run every shard with the same options.")
+        runs.update(part["runs"])
+        recipes += part["settings"]["recipes"]
+        for name in part["figures"][1:]:
+            shutil.copyfile(Path(folder) / name, out / name)
+        figures += part["figures"][1:]
+    shutil.copyfile(Path(folders[0]) / figures[0], out / figures[0])
+    return BenchResult(first["base_quality"], first["baselines"], runs,
+                       {**shared, "recipes": recipes, "processes": len(parts)}, figures)
+
+
 def recipes_named(keys: Sequence[str]) -> List[Recipe]:
     known = {recipe.key: recipe for recipe in RECIPES}
     return [known[key] for key in keys]
-
 
 
 def add_arguments(parser) -> None:
@@ -322,6 +359,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--samples", type=int, default=16, help="samples per prompt and run")
     parser.add_argument("--steps", type=int, default=0, help="override every recipe's step count (0 = the recipe's)")
     parser.add_argument("--base", type=Path, help="micro-world checkpoint (default: the bundled one)")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="FOLDER",
+                        help="instead of running: join the reports in these --out folders (shards run with "
+                             "different --methods) into one report in --out")
 
 
 def main(args) -> int:
@@ -330,10 +370,17 @@ def main(args) -> int:
     import tempfile
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    recipes = [replace(recipe, steps=args.steps) if args.steps else recipe for recipe in recipes_named(args.methods)]
-    with tempfile.TemporaryDirectory(prefix="sdcustom-quality-") as scratch:
-        workdir = args.workdir or Path(scratch)
-        result = run(args.out, workdir, recipes=recipes, concepts=args.concepts, samples=args.samples, base=args.base)
+    if args.merge:
+        try:
+            result = merge_reports(args.merge, args.out)
+        except UserFacingError as error:
+            sys.stderr.write(f"{error}\n")
+            return 2
+    else:
+        recipes = [replace(recipe, steps=args.steps) if args.steps else recipe for recipe in recipes_named(args.methods)]
+        with tempfile.TemporaryDirectory(prefix="sdcustom-quality-") as scratch:
+            workdir = args.workdir or Path(scratch)
+            result = run(args.out, workdir, recipes=recipes, concepts=args.concepts, samples=args.samples, base=args.base)
     json_path, md_path = write_report(result, args.out)
     sys.stdout.write(markdown(result) + f"\nWrote {json_path}, {md_path} and {len(result.figures)} figures in {args.out}\n")
     return 0
