@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(train)
     inspect = commands.add_parser("inspect", help="Describe a LoRA/LyCORIS file, an embedding or a checkpoint.")
     inspect.add_argument("file", type=Path)
-    demo = commands.add_parser("demo", help="Run the whole pipeline on a small bundled default, no downloads (about a minute on a CPU).")
+    demo = commands.add_parser("demo", help="Run the whole pipeline on a small bundled default, no downloads (one to two minutes on a CPU).")
     demo.add_argument("--out", type=Path, default=Path("sdcustom-demo"), help="Folder for the demo's files (default: %(default)s).")
     demo.add_argument("--steps", type=int, default=DEMO_STEPS, help="Training steps (default: %(default)s).")
     demo.add_argument("--quiet", action="store_true", help="No progress bar.")

@@ -1,4 +1,4 @@
-"""`python -m lib_sdcustom demo`: teach the bundled micro-world model a new shape in about a minute on a CPU.
+"""`python -m lib_sdcustom demo`: teach the bundled micro-world model a new shape in one to two minutes on a CPU.
 
 The package ships a small SD1-architecture model pretrained on the micro-world (`microworld/`): flat shapes
 in named colors on plain backgrounds. It has never seen a heart. The demo writes five pictures of a red
@@ -19,11 +19,12 @@ from .events import Callback
 logger = logging.getLogger(__name__)
 
 DEMO_CONCEPT = "heart"
-DEMO_METHOD = "locon"  # plain LoRA (attention only) reached about half of LoCon's fidelity in the same time
+DEMO_METHOD = "locon"  # plain LoRA (attention only) drew the heart 0.69 of the time in the quality bench, LoCon 0.88
 DEMO_STEPS = 600
 DEMO_LR, DEMO_TEXT_ENCODER_LR = 3e-3, 6e-3  # the text encoder's part binds 'sks' and needs the higher rate
 DEMO_RANK = 8
-DEMO_MIN_SNR_GAMMA = 5.0  # the base model's own pretraining weighting; fidelity is about 3x lower without it
+# The base model's own pretraining weighting; on the first micro model fidelity was about 3x lower without it.
+DEMO_MIN_SNR_GAMMA = 5.0
 GRID_SAMPLES = 4
 JUDGED_SAMPLES = 16
 SAMPLE_SEED = 1000
