@@ -1,4 +1,5 @@
-"""HTTP routes over the run manager: start a run from a JSON config, list runs, one run's status, cancel.
+"""HTTP routes over the run manager: start a run from a JSON config, list runs, one run's status, cancel;
+and installing the bundled micro-world model into the host.
 
 Routes an extension adds to the host's app are not covered by the host's `--api-auth` (only its own
 router is), so the same HTTP Basic check is applied here when credentials are given. Every path in a
@@ -89,6 +90,17 @@ def register_routes(app: FastAPI, manager: RunManager, *, roots: Sequence[Path],
             raise HTTPException(status_code=404, detail=f"No run {run_id!r}.")
         return status.to_dict()
 
+    def install_micro_model(payload: Dict[str, Any] = Body(default={})) -> Dict[str, Any]:
+        """The bundled micro-world model into the host's checkpoint folder (see microworld/install.py)."""
+        from .microworld.install import install_into_host
+
+        try:
+            installed = install_into_host(manager.host, overwrite=bool(payload.get("overwrite", False)))
+        except UserFacingError as error:
+            raise _bad_request(error, 409) from error
+        return {"checkpoint": str(installed.checkpoint), "written": [str(path) for path in installed.written],
+                "message": installed.message()}
+
     def cancel(run_id: str) -> Dict[str, Any]:
         if manager.status(run_id) is None:
             raise HTTPException(status_code=404, detail=f"No run {run_id!r}.")
@@ -98,3 +110,4 @@ def register_routes(app: FastAPI, manager: RunManager, *, roots: Sequence[Path],
     app.add_api_route(f"{PREFIX}/runs", list_runs, methods=["GET"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/runs/{{run_id}}", one_run, methods=["GET"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/runs/{{run_id}}/cancel", cancel, methods=["POST"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/micro-model", install_micro_model, methods=["POST"], dependencies=dependencies)

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("sdcustom-demo"), help="Folder for the demo's files (default: %(default)s).")
     demo.add_argument("--steps", type=int, default=DEMO_STEPS, help="Training steps (default: %(default)s).")
     demo.add_argument("--quiet", action="store_true", help="No progress bar.")
+    install = commands.add_parser("install-micro-model", help="Copy the bundled micro-world model into a WebUI's "
+                                  "checkpoint folder (models/Stable-diffusion) in the form the WebUI loads.")
+    install.add_argument("folder", type=Path)
+    install.add_argument("--overwrite", action="store_true", help="Replace differing files of the same names.")
     return parser
 
 
@@ -146,6 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .formats.inspect import inspect_file
 
             print(inspect_file(args.file))
+            return 0
+        if args.command == "install-micro-model":
+            from .microworld.install import install_micro_model
+
+            print(install_micro_model(args.folder, overwrite=args.overwrite).message())
             return 0
         if args.command == "demo":
             from .demo import run_demo

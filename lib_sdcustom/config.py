@@ -139,7 +139,10 @@ class TrainingOptions:
                                             "the model then needs a trailing-timestep sampler).")
     cache_text_encoder_outputs: bool = option(False, "Encode each caption once and reuse it while the text encoders are "
                                                      "frozen (saves their compute every step, mostly for SDXL).")
-    save_state_every: int = option(100, "Save resumable state every N steps (0 = only at the end or on cancel).")
+    save_state_every: int = option(100, "Save resumable state every N steps (0 = only on cancel); dropped when "
+                                        "the run finishes unless keep_final_state is on.")
+    keep_final_state: bool = option(False, "Keep the resumable state of the last step, to train further later (for "
+                                           "DreamBooth it is as large as the model and its optimizer).")
     save_every: int = option(0, "Also export an intermediate result every N steps (0 = off).")
     sample_every: int = option(0, "Render preview images every N steps (0 = only at the end).")
     sample_prompt: str = option("", "Prompt for preview images (default: the output name or first caption).")

@@ -91,10 +91,22 @@ def fitted_to_host(requirements: Iterable[Requirement], installed: Dict[str, str
     fitted = []
     for requirement in requirements:
         if requirement.key == "diffusers" and old_transformers:
-            extra = f"<={cap}"
-            requirement = Requirement(requirement.name, ",".join(s for s in (requirement.specifier, extra) if s))
+            requirement = Requirement(requirement.name, capped(requirement.specifier, cap))
         fitted.append(requirement)
     return fitted
+
+
+def capped(specifier: str, cap: str) -> str:
+    """`specifier` with the upper bound `<=cap`, written once: upper bounds above the cap are dropped (they no
+    longer bind), and a lower bound at the cap makes it `==cap`. Lower bounds come first, as people write them."""
+    ceiling = Version(cap)
+    kept = [spec for spec in SpecifierSet(specifier)
+            if not (spec.operator in ("<", "<=") and Version(spec.version) >= ceiling)]
+    if any(spec.operator == ">=" and Version(spec.version) == ceiling for spec in kept):
+        return "==" + cap
+    lower = sorted(str(spec) for spec in kept if spec.operator.startswith(">"))
+    rest = sorted(str(spec) for spec in kept if not spec.operator.startswith(">"))
+    return ",".join(lower + rest + [f"<={cap}"])
 
 
 def _older_than(version: str, limit: str) -> bool:

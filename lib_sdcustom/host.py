@@ -84,6 +84,7 @@ class HostFacts:
     after_train_js: Optional[str] = None  # JS run after it (refresh the extra-networks cards)
     allowed_roots: List[Path] = field(default_factory=list)  # where API requests may point
     missing_requirements: List[str] = field(default_factory=list)
+    runs_dir: Optional[Path] = None  # where the host puts run folders (shown in the tab, with their size)
     gradio_css: str = ""  # standalone: the style sheet the host would otherwise load
 
 

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 TAB_TITLE = "Customize"
 TAB_ID = "sdcustom"
+RUNS_FOLDER = "sdcustom-runs"
 SETTINGS_SECTION = ("sdcustom", "Customize (training)")
 _SUBFOLDER_SETTINGS = {OutputKind.LORA: "sdcustom_lora_subfolder", OutputKind.EMBEDDING: "sdcustom_embedding_subfolder",
                        OutputKind.CHECKPOINT: "sdcustom_checkpoint_subfolder"}
@@ -96,18 +97,23 @@ def restore_network_backups(sd_model: Any) -> int:
     """Undo LoRA weights the Lora extension merged into the model for the last generation.
 
     The host applies networks by writing them into the weights (with a backup) and restores them lazily at
-    the next generation; training on top of a merged LoRA would be training on the wrong base.
+    the next generation; training on top of a merged LoRA would be training on the wrong base. The host
+    restores with an in-place `copy_` inside its own no-grad block, and its UNet weights are leaves that
+    require grad, so calling it outside no-grad fails ("a leaf Variable that requires grad ...").
     """
+    import torch
+
     networks = sys.modules.get("networks")
     restore = getattr(networks, "network_restore_weights_from_backup", None)
     if restore is None:
         return 0
     restored = 0
-    for module in sd_model.modules():
-        if getattr(module, "network_current_names", ()):
-            restore(module)
-            module.network_current_names = ()
-            restored += 1
+    with torch.no_grad():
+        for module in sd_model.modules():
+            if getattr(module, "network_current_names", ()):
+                restore(module)
+                module.network_current_names = ()
+                restored += 1
     return restored
 
 
@@ -271,7 +277,15 @@ class A1111Host(Host):
             after_train_js=_REFRESH_CARDS_JS,
             allowed_roots=[Path(paths.data_path), Path(paths.models_path), *folders.values()],
             missing_requirements=missing_runtime(),
+            runs_dir=self._runs_dir(),
         )
+
+    def _runs_dir(self) -> Path:
+        """Every method's run folders in one place beside the model folders (not OUT/.., which for embeddings
+        is the WebUI's root)."""
+        from modules import paths
+
+        return Path(paths.models_path) / RUNS_FOLDER
 
     def model_label(self) -> str:
         info = getattr(self._model(required=False), "sd_checkpoint_info", None)
@@ -302,6 +316,8 @@ class A1111Host(Host):
         kind = output_kind(config.method)
         info = getattr(self._model(), "sd_checkpoint_info", None)
         config.model.base = str(getattr(info, "filename", "") or "loaded model")
+        if not config.output.run_dir and config.output.name:
+            config.output.run_dir = str(self._runs_dir() / config.output.name)
         if not config.output.out:
             folder = self._output_dirs()[kind]
             subfolder = str(_option(_SUBFOLDER_SETTINGS.get(kind, ""), "") or "").strip()

@@ -55,6 +55,7 @@ class RunStatus:
     problem: str = ""
     fix: str = ""
     run_dir: str = ""
+    origin: str = ""  # who started it ("the tab", "the API"), said to anyone who finds the slot taken
     started_at: float = field(default_factory=time.time)
     finished_at: Optional[float] = None
     revision: int = 0  # bumped on every change, so pollers can skip identical updates
@@ -73,11 +74,11 @@ class RunStatus:
 class _Run:
     """The live record behind a status; updated from the training thread's events."""
 
-    def __init__(self, config: RunConfig, cancel: CancelToken) -> None:
+    def __init__(self, config: RunConfig, cancel: CancelToken, origin: str) -> None:
         self.config = config
         self.cancel = cancel
         self.lock = threading.Lock()
-        self.status = RunStatus(id=uuid.uuid4().hex[:12], method=config.method, name=config.output.name)
+        self.status = RunStatus(id=uuid.uuid4().hex[:12], method=config.method, name=config.output.name, origin=origin)
         self.done = threading.Event()
 
     def snapshot(self) -> RunStatus:
@@ -143,18 +144,18 @@ class RunManager:
         self._current: Optional[_Run] = None
 
     # ----- starting -----
-    def run(self, config: RunConfig) -> RunStatus:
+    def run(self, config: RunConfig, *, origin: str = "the tab") -> RunStatus:
         """Train in this thread (the tab's queued callback) and return the final status."""
-        record = self._claim(config)
+        record = self._claim(config, origin)
         try:
             self._execute(record)
         finally:
             self._release(record)
         return record.snapshot()
 
-    def start(self, config: RunConfig) -> RunStatus:
+    def start(self, config: RunConfig, *, origin: str = "the API") -> RunStatus:
         """Train in a background thread holding the host's GPU queue; return at once (the API)."""
-        record = self._claim(config)
+        record = self._claim(config, origin)
 
         def work() -> None:
             try:
@@ -169,17 +170,17 @@ class RunManager:
         threading.Thread(target=work, name=f"sdcustom-run-{record.status.id}", daemon=True).start()
         return record.snapshot()
 
-    def _claim(self, config: RunConfig) -> _Run:
+    def _claim(self, config: RunConfig, origin: str) -> _Run:
         if not self._slot.acquire(blocking=False):
             busy = self.current()
-            where = f" ({busy.name}, step {busy.step}/{busy.total_steps})" if busy else ""
+            where = f" ({busy.name}, started from {busy.origin}, step {busy.step}/{busy.total_steps})" if busy else ""
             raise RunnerBusy(f"A training is already running{where}.", "Wait for it to finish, or cancel it first.")
         try:
             preflight(config, self.host)
         except BaseException:
             self._slot.release()
             raise
-        record = _Run(config, CancelToken(probe=self.host.cancel_requested))
+        record = _Run(config, CancelToken(probe=self.host.cancel_requested), origin)
         with self._lock:
             self._runs[record.status.id] = record
             self._current = record

@@ -7,6 +7,7 @@ folder, free disk) is checked before the base model is loaded, so a mistake cost
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -31,7 +32,7 @@ from .training.conditioning import Conditioning
 from .training.loop import LoopHooks, LoopSettings, TrainingLoop
 from .training.optimizers import build_optimizer
 from .training.schedules import build_scheduler
-from .training.state import latest_state, load_state
+from .training.state import latest_state, load_state, state_root
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +141,10 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
     bundle.vae.eval()
 
     source = LatentBatchSource.create(training_set, bundle, run_dir=run_dir, use_cache=config.data.cache_latents, bus=bus)
+    captions = [record.caption for record in training_set.records]
     context = RunContext(config=config, bundle=bundle, training_set=training_set, data_folder=Path(config.data.data),
-                         run_dir=run_dir, trigger_phrase=method_type.trigger_phrase(config), num_processes=accelerator.num_processes,
-                         latents_cached=source.cached, bus=bus, cancel=cancel)
+                         run_dir=run_dir, trigger_phrase=method_type.trigger_phrase(config, captions),
+                         num_processes=accelerator.num_processes, latents_cached=source.cached, bus=bus, cancel=cancel)
     method = method_type(context)
     try:
         check_free_space(target.parent, method.required_disk_bytes(), f"the {config.method} result")
@@ -164,6 +166,7 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
             zero_terminal_snr=config.training.zero_terminal_snr,
             cache_text_encoder_outputs=config.training.cache_text_encoder_outputs,
             gradient_checkpointing=config.training.gradient_checkpointing, save_state_every=config.training.save_state_every,
+            keep_final_state=config.training.keep_final_state,
             save_every=config.training.save_every, sample_every=config.training.sample_every)
         previews = PreviewRenderer(context, bus, encode=method.encode_captions)
         hooks = LoopHooks(export_intermediate=lambda step: method.export(method.intermediate_path(target, step), step=step),
@@ -186,6 +189,8 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
         outputs = method.export(target, step=result.step, preview=preview) if accelerator.is_main_process else []
         for path in outputs:
             bus.emit(FileSaved(path, "result" if path == target else "sidecar"))
+        if not config.training.keep_final_state:  # periodic states were resume points; the run is complete
+            shutil.rmtree(state_root(run_dir), ignore_errors=True)
         bus.emit(RunFinished(step=result.step, outputs=tuple(outputs)))
         return TrainResult(outputs=outputs, steps=result.step, last_loss=result.last_loss, losses=result.losses, run_dir=run_dir)
     finally:

@@ -45,6 +45,7 @@ def make_config(tiny_checkpoint: Path, images: Path, root: Path, *, method: str 
     config.network.rank, config.network.alpha = 4, 2.0
     config.optimizer.lr = 1e-3
     config.training.steps, config.training.sample_steps, config.training.save_state_every = steps, 2, 0
+    config.training.keep_final_state = True  # the tests read the trainer's last weights from it
     return config
 
 
@@ -52,7 +53,7 @@ def cli_args(tiny_checkpoint: Path, images: Path, root: Path, *extra: str) -> li
     return ["train", "--method", "dreambooth", "--base", str(tiny_checkpoint), "--data", str(images), "--name", "db",
             "--out", str(root / "out"), "--run-dir", str(root / "run"), "--resolution", "64", "--min-bucket", "64",
             "--max-bucket", "128", "--sample-steps", "1", "--class-sample-steps", "2", "--quiet",
-            "--instance-prompt", INSTANCE, *extra]
+            "--instance-prompt", INSTANCE, "--keep-final-state", *extra]
 
 
 def files_in(folder: Path) -> list[Path]:

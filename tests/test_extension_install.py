@@ -98,11 +98,12 @@ def test_present_package_at_another_version_is_reported_not_moved(tmp_path, caps
 
 
 def test_diffusers_is_capped_beside_the_hosts_old_transformers():
-    from lib_sdcustom.deps import Requirement, fitted_to_host
+    from lib_sdcustom.deps import Requirement, capped, fitted_to_host
 
     ours = [Requirement("diffusers", ">=0.36.0,<0.43"), Requirement("ftfy", ">=6.1")]
     old = fitted_to_host(ours, {"transformers": "4.30.2"})
-    assert old[0].specifier == ">=0.36.0,<0.43,<=0.36.0" and old[1] == ours[1]
+    assert old[0].specifier == "==0.36.0" and old[1] == ours[1]  # one bound, not '>=0.36.0,<0.43,<=0.36.0'
+    assert capped(">=0.30,<0.43", "0.36.0") == ">=0.30,<=0.36.0" and capped("", "0.36.0") == "<=0.36.0"
     assert not old[0].satisfied_by("0.37.0") and old[0].satisfied_by("0.36.0")
     assert fitted_to_host(ours, {"transformers": "4.46.0"}) == ours
 

@@ -32,7 +32,7 @@ from ..models import ldm_keys
 from ..models.bundle import ModelBundle
 from ..models.checkpoint_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, read_checkpoint
 from ..models.bundle import ModelFamily
-from ..models.ldm_config import yaml_beside
+from ..models.ldm_config import with_absolute_folders, yaml_beside
 from ..models.saver import bundle_to_ldm_state_dict, text_encoder_slot_state_dict
 from ..models.stock_configs import stock_ldm_config
 from .safetensors_io import load_tensors, read_header
@@ -145,7 +145,8 @@ def config_beside(bundle: ModelBundle) -> Optional[dict]:
     """The LDM config to write as `NAME.yaml` beside a checkpoint of `bundle` (see the module docstring), or
     None where the host's default is right (SD1 and SDXL noise prediction)."""
     if bundle.ldm_config is not None:
-        return bundle.ldm_config
+        base = bundle.identity.path
+        return with_absolute_folders(bundle.ldm_config, base.parent) if base is not None else bundle.ldm_config
     if bundle.family is ModelFamily.SD2 or bundle.prediction_type != "epsilon":
         return stock_ldm_config(bundle.family, bundle.prediction_type)
     return None

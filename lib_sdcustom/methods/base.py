@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -41,10 +41,12 @@ class Method(abc.ABC):
         return config.data.default_caption or config.output.name
 
     @classmethod
-    def trigger_phrase(cls, config: RunConfig) -> str:
-        """What to type to use the result: the preview prompt and a network's activation text. Usually the
-        default caption; DreamBooth captions images with '' but is triggered by its instance prompt."""
-        return cls.default_caption(config)
+    def trigger_phrase(cls, config: RunConfig, captions: Sequence[str] = ()) -> str:
+        """What to type to use the result: the preview prompt and a network's activation text. The default
+        caption when one is set; else the phrase every caption shares ('sks shape' from 'a sks shape on a red
+        background', ...), since the output name is a word those images never trained; else the name.
+        DreamBooth captions images with '' but is triggered by its instance prompt."""
+        return config.data.default_caption or shared_phrase(captions) or cls.default_caption(config)
 
     # ----- hooks with sensible defaults -----
     def build_source(self, source: "BatchSource") -> "BatchSource":
@@ -98,3 +100,29 @@ class Method(abc.ABC):
 
     def close(self) -> None:
         """Undo any change to the base models (unhook networks) so a host's model is left as it was."""
+
+
+#: Words that frame a caption's subject rather than name it; trimmed from the ends of the shared phrase.
+_FRAME_WORDS = frozenset("a an the of on in at with and photo picture image".split())
+
+
+def shared_phrase(captions: Sequence[str]) -> str:
+    """The longest run of words found in every caption (compared as the tokenizer does, ignoring case and
+    commas), without framing words at its ends; '' if there is none."""
+    word_lists = [caption.replace(",", " ").split() for caption in captions]
+    if not word_lists or not all(word_lists):
+        return ""
+    first = word_lists[0]
+    others = [f" {' '.join(words).lower()} " for words in word_lists[1:]]
+    best = (0, 0)
+    for start in range(len(first)):
+        for end in range(len(first), start + best[1] - best[0], -1):
+            if all(f" {' '.join(first[start:end]).lower()} " in text for text in others):
+                best = (start, end)
+                break
+    start, end = best
+    while start < end and first[start].lower() in _FRAME_WORDS:
+        start += 1
+    while end > start and first[end - 1].lower() in _FRAME_WORDS:
+        end -= 1
+    return " ".join(first[start:end])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -138,7 +138,7 @@ class _DreamBoothBatchesMixin:
         return config.data.default_caption
 
     @classmethod
-    def trigger_phrase(cls, config: RunConfig) -> str:
+    def trigger_phrase(cls, config: RunConfig, captions: Sequence[str] = ()) -> str:
         return fill_template(config.dreambooth.instance_prompt, name=config.output.name, filewords="")
 
     def build_source(self, source: BatchSource) -> BatchSource:

@@ -25,7 +25,7 @@ import logging
 import random
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -89,7 +89,7 @@ class TextualInversionMethod(Method):
         return config.data.default_caption
 
     @classmethod
-    def trigger_phrase(cls, config: RunConfig) -> str:
+    def trigger_phrase(cls, config: RunConfig, captions: Sequence[str] = ()) -> str:
         return config.output.name
 
     # ----- training -----

@@ -227,6 +227,27 @@ def _local_folder(reader: YamlReader, name: str) -> Optional[Path]:
     return next((folder.resolve() for folder in candidates if folder.is_dir()), None)
 
 
+def with_absolute_folders(ldm: Mapping[str, Any], yaml_dir: Path) -> Dict[str, Any]:
+    """A copy of `ldm` whose text-encoder `version` folders given relative to `yaml_dir` are absolute paths.
+
+    The WebUI resolves such a folder against its own working directory, not the YAML's folder, so a YAML
+    copied beside a new checkpoint (or installed into the WebUI) must name the folder absolutely.
+    """
+    def walk(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {key: (_absolute(item) if key == "version" else walk(item)) for key, item in value.items()}
+        if isinstance(value, list):
+            return [walk(item) for item in value]
+        return value
+
+    def _absolute(version: Any) -> Any:
+        if isinstance(version, str) and not Path(version).is_absolute() and (Path(yaml_dir) / version).is_dir():
+            return str((Path(yaml_dir) / version).resolve())
+        return version
+
+    return walk(ldm)
+
+
 def clip_text_encoder(reader: YamlReader, params: str) -> Tuple[Dict[str, Any], Optional[Path]]:
     """A `FrozenCLIPEmbedder`'s text model (SD1, SDXL's first): stock ViT-L/14 or the local `version` folder."""
     version = reader.get(f"{params}.version", None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 
 def gradio_major() -> int:
@@ -36,3 +36,9 @@ def enable_queue(demo: Any, concurrency: int) -> None:
         demo.queue(concurrency_count=concurrency)
     else:
         demo.queue(default_concurrency_limit=concurrency)
+
+
+def labelled_choices(labels: Dict[str, str]) -> List[Any]:
+    """Dropdown choices showing `labels` and returning their keys: (label, key) pairs from gradio 4 on;
+    gradio 3 takes plain strings only, so there the keys are shown."""
+    return list(labels) if gradio_major() < 4 else [(label, key) for key, label in labels.items()]

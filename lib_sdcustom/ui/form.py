@@ -29,6 +29,9 @@ SECTION_METHODS = {
 METHOD_LABELS = {"lora": "LoRA", "locon": "LoCon (LyCORIS)", "loha": "LoHa (LyCORIS)", "lokr": "LoKr (LyCORIS)",
                  "textual_inversion": "Textual Inversion", "dreambooth": "DreamBooth (full fine-tune)",
                  "dreambooth_lora": "DreamBooth-LoRA"}
+METHOD_HELP = ("lora, locon, loha, lokr: a small add-on file switched on in a prompt (LoCon, LoHa and LoKr are "
+               "LyCORIS variants); textual_inversion: a new word; dreambooth: a new checkpoint; dreambooth_lora: "
+               "DreamBooth's recipe saved as a LoRA.")
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,8 @@ def apply_subject(config: RunConfig, token: str, subject_class: str) -> None:
 def config_from_form(method: str, folder: str, name: str, token: str, subject_class: str,
                      fields: Sequence[OptionField], values: Sequence[Any], *, subject: bool = True) -> RunConfig:
     """`subject=False` keeps the token out of the settings (a preset must not freeze one subject's captions)."""
+    if method not in METHOD_LABELS:  # a cleared dropdown sends None
+        raise ConfigError("No method chosen.", "Pick a method in the Method list (LoRA if unsure).")
     nested: Dict[str, Any] = {"method": method, "data": {"data": (folder or "").strip()},
                               "output": {"name": (name or "").strip()}}
     for field, value in zip(fields, values):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import html
 import math
+from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+from ..run_folders import RunFolder
 from ..runs import CANCELLED, FAILED, FINISHED, RUNNING, RunStatus
 
 _e = html.escape
@@ -49,9 +51,11 @@ def progress_html(status: Optional[RunStatus]) -> str:
     details = (f"step {status.step}/{status.total_steps} &middot; loss {loss} &middot; {status.steps_per_second:.2f} it/s "
                f"&middot; {eta_label} {eta}")
     warnings = "".join(f"<li>{_e(message)}</li>" for message in status.warnings[-5:])
-    return (f"<div class='sdcustom-progress' data-state='{status.state}' "
+    origin = f", started from {_e(status.origin)}" if status.origin else ""
+    return (f"<div class='sdcustom-progress' data-state='{status.state}' data-origin='{_e(status.origin)}' "
             f"data-step='{status.step}' data-total='{status.total_steps}'>"
-            f"<div class='sdcustom-progress-title'>{_e(words)} <b>{_e(status.name)}</b> ({_e(status.method)})</div>"
+            f"<div class='sdcustom-progress-title'>{_e(words)} <b>{_e(status.name)}</b> ({_e(status.method)})"
+            f"{origin}</div>"
             f"<div class='sdcustom-bar'><div class='sdcustom-bar-fill' style='width:{percent:.1f}%'></div></div>"
             f"<div class='sdcustom-progress-details'>{details}</div>"
             f"<pre class='sdcustom-description'>{_e(status.description)}</pre>"
@@ -124,3 +128,20 @@ def result_html(status: Optional[RunStatus]) -> str:
     fix = f"<div class='sdcustom-fix'>{_e(status.fix)}</div>" if status.fix else ""
     return (f"<div class='sdcustom-panel sdcustom-{state}' data-state='{state}'>"
             f"<div><b>{title}</b> {_e(status.problem)}</div>{fix}</div>")
+
+
+def size(count: int) -> str:
+    """Bytes as people read them: 512 KB, 3.4 MB, 6.5 GB."""
+    for unit, scale in (("GB", 1024 ** 3), ("MB", 1024 ** 2)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count / 1024:.0f} KB"
+
+
+def runs_html(root: Path, folders: Sequence[RunFolder]) -> str:
+    """Where run folders go, how much they take, and how much clearing the finished ones would free."""
+    finished = [folder for folder in folders if folder.finished]
+    total, freeable = sum(f.size for f in folders), sum(f.size for f in finished)
+    return (f"<div class='sdcustom-panel sdcustom-runs' data-folders='{len(folders)}' data-bytes='{total}' "
+            f"data-finished='{len(finished)}'>Run folders (resumable state, caches) are in <code>{_e(str(root))}</code>: "
+            f"{len(folders)} folder(s), {size(total)}; {len(finished)} finished ({size(freeable)}) can be cleared.</div>")

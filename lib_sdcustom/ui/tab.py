@@ -8,15 +8,18 @@ is visible: that works in the same way in gradio 3 and 4+, inside the WebUI and 
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from .. import presets
-from ..config import METHODS, RunConfig
+from ..config import RunConfig
 from ..errors import DatasetError, UserFacingError
-from ..host import HostFacts, output_kind
+from ..host import HostFacts, OutputKind, output_kind
 from ..methods.registry import method_class
+from ..microworld.install import install_into_host
+from ..run_folders import clear_finished, run_folders
 from ..runs import RunManager, RunStatus
 from . import compat, form, plan, render
 
@@ -100,6 +103,26 @@ class TabController:
         return [section for section in form.SECTION_METHODS if any(f.section == section for f in self.fields)]
 
     # ----- training -----
+    def busy_html(self) -> str:
+        """'' when no run holds the slot; else which run does and who started it. Said at the click, because a
+        Train call made now would wait silently in the host's queue behind that run."""
+        status = self.manager.current()
+        if status is None or not status.active:
+            return ""
+        return render.error_html(
+            f"A training is already running: {status.name} ({status.method}), started from {status.origin}, "
+            f"step {status.step}/{status.total_steps}.",
+            "Wait until it finishes (its progress shows below) or press Cancel, then press Train again.")
+
+    def guarded(self, queued_train: Callable[..., Any]) -> Callable[..., Any]:
+        """The Train callback: the busy message at once when a run is active, else the queued training."""
+        @functools.wraps(queued_train)
+        def train_unless_busy(*values: Any) -> Any:
+            busy = self.busy_html()
+            return [busy] if busy else queued_train(*values)
+
+        return train_unless_busy
+
     def train(self, task_id: str, *form_values: Any) -> List[str]:
         """The Train button (wrapped in the host's GPU queue call): blocks until the run ends."""
         try:
@@ -108,6 +131,26 @@ class TabController:
         except UserFacingError as error:
             return [render.error_html(error.problem, error.fix)]
         return [render.result_html(status)]
+
+    # ----- run folders and the micro-world model -----
+    def runs_html(self) -> str:
+        root = self.facts.runs_dir
+        return render.runs_html(root, run_folders(root)) if root is not None else ""
+
+    def clear_runs(self) -> Tuple[str, str]:
+        """(message, runs panel): deletes the finished run folders, never the running one's."""
+        status = self.manager.current()
+        active = [Path(status.run_dir)] if status and status.active and status.run_dir else []
+        cleared = clear_finished(self.facts.runs_dir, active) if self.facts.runs_dir is not None else []
+        freed = sum(folder.size for folder in cleared)
+        return render.notice_html(f"Cleared {len(cleared)} finished run folder(s), {render.size(freed)}."), self.runs_html()
+
+    def install_micro_model(self) -> str:
+        try:
+            installed = install_into_host(self.host)
+        except UserFacingError as error:
+            return render.error_html(error.problem, error.fix)
+        return render.notice_html(installed.message())
 
     def cancel(self) -> str:
         if self.manager.cancel():
@@ -186,8 +229,8 @@ def build_tab(facts: HostFacts, manager: RunManager) -> Any:
                                       "(then restart the WebUI)."))
         with gr.Row(elem_id="sdcustom_panel"):
             with gr.Column(scale=3):
-                method = gr.Dropdown(choices=list(METHODS), value="lora", label="Method", elem_id="sdcustom_method",
-                                     info=", ".join(f"{key}: {label}" for key, label in form.METHOD_LABELS.items()))
+                method = gr.Dropdown(choices=compat.labelled_choices(form.METHOD_LABELS), value="lora", label="Method",
+                                     elem_id="sdcustom_method", info=form.METHOD_HELP)
                 if facts.checkpoints:
                     checkpoint = gr.Dropdown(choices=facts.checkpoints, value=facts.checkpoints[0], label="Base checkpoint",
                                              elem_id="sdcustom_checkpoint")
@@ -234,6 +277,13 @@ def build_tab(facts: HostFacts, manager: RunManager) -> Any:
                 chart = gr.HTML(render.loss_chart_svg([]), elem_id="sdcustom_chart")
                 previews = gr.Gallery(label="Previews", columns=4, height=280, elem_id="sdcustom_previews")
                 result = gr.HTML(render.result_html(None), elem_id="sdcustom_result")
+                runs_info = gr.HTML(control.runs_html(), elem_id="sdcustom_runs")
+                with gr.Row():
+                    clear_runs = gr.Button("Clear finished runs", elem_id="sdcustom_clear_runs",
+                                           visible=facts.runs_dir is not None)
+                    install_model = gr.Button("Install the micro-world model", elem_id="sdcustom_install_micro",
+                                              visible=bool(facts.output_dirs.get(OutputKind.CHECKPOINT)))
+                folder_message = gr.HTML(elem_id="sdcustom_folder_message")
         task_id = gr.Textbox(value="", **hidden)
         poll = gr.Button("poll", elem_id="sdcustom_poll", **hidden)
         poll_state = gr.State("")
@@ -261,10 +311,13 @@ def build_tab(facts: HostFacts, manager: RunManager) -> Any:
         for changed in (method, checkpoint):
             changed.change(control.plan, inputs=[seen, *form_inputs], outputs=[plan_info], queue=False)
 
-        train_call = control.host.wrap_tab_call(control.train, extra_outputs=[])
+        train_call = control.guarded(control.host.wrap_tab_call(control.train, extra_outputs=[]))
         event = train.click(train_call, inputs=[task_id, *form_inputs], outputs=[result], **compat.js_kwargs(facts.train_js))
         if facts.after_train_js:
             event.then(None, None, None, **compat.js_kwargs(facts.after_train_js))
+        event.then(control.runs_html, inputs=[], outputs=[runs_info], queue=False)
+        clear_runs.click(control.clear_runs, inputs=[], outputs=[folder_message, runs_info], queue=False)
+        install_model.click(control.install_micro_model, inputs=[], outputs=[folder_message], queue=False)
         cancel.click(control.cancel, inputs=[], outputs=[cancel_message], queue=False)
         poll.click(lambda key: _updates(gr, control.poll(key)), inputs=[poll_state],
                    outputs=[poll_state, progress, chart, previews, result], queue=False)

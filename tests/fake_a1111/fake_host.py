@@ -19,7 +19,7 @@ class StateTree(torch.nn.Module):
     """Tensors under their dotted names as nested modules: the host's key layout, without its forward code."""
 
     @classmethod
-    def from_state(cls, state: Dict[str, torch.Tensor]) -> "StateTree":
+    def from_state(cls, state: Dict[str, torch.Tensor], requires_grad: bool = False) -> "StateTree":
         root = cls()
         for key, tensor in state.items():
             *path, leaf = key.split(".")
@@ -28,7 +28,7 @@ class StateTree(torch.nn.Module):
                 if part not in module._modules:
                     module.add_module(part, cls())
                 module = module._modules[part]
-            module.register_parameter(leaf, torch.nn.Parameter(tensor.clone(), requires_grad=False))
+            module.register_parameter(leaf, torch.nn.Parameter(tensor.clone(), requires_grad=requires_grad))
         return root
 
 
@@ -109,7 +109,8 @@ def build_sd_model(checkpoint: Path) -> torch.nn.Module:
 
     model = torch.nn.Module()
     model.model = torch.nn.Module()
-    model.model.diffusion_model = StateTree.from_state(parts.unet)
+    # ldm freezes the VAE and the text encoder, not the UNet: its weights are leaves that require grad.
+    model.model.diffusion_model = StateTree.from_state(parts.unet, requires_grad=True)
     model.first_stage_model = StateTree.from_state(parts.vae)
     if family is ModelFamily.SDXL:
         time_embedders = [torch.nn.Module() for _ in range(3)]  # ConcatTimestepEmbedderND: no weights

@@ -8,7 +8,8 @@ def list_available_networks():
 
 
 def network_restore_weights_from_backup(module):
-    """As the host: copy the backup taken before a LoRA was merged back into the weight."""
+    """As the host (`restore_weights_backup`): an in-place copy of the backup into the parameter itself, which
+    fails outside no-grad on a weight that requires grad (the host's UNet weights do)."""
     backup = getattr(module, "network_weights_backup", None)
     if backup is not None:
-        module.weight.data.copy_(backup)
+        module.weight.copy_(backup)
