@@ -1,5 +1,5 @@
 """HTTP routes over the run manager: start a run from a JSON config, list runs, one run's status, cancel;
-and installing the bundled micro-world model into the host.
+the host's loaded model and its digest; installing the bundled micro-world model into the host.
 
 Routes an extension adds to the host's app are not covered by the host's `--api-auth` (only its own
 router is), so the same HTTP Basic check is applied here when credentials are given. Every path in a
@@ -101,6 +101,10 @@ def register_routes(app: FastAPI, manager: RunManager, *, roots: Sequence[Path],
         return {"checkpoint": str(installed.checkpoint), "written": [str(path) for path in installed.written],
                 "message": installed.message()}
 
+    def host_model() -> Dict[str, Any]:
+        """The host's loaded model and its digest: equal before and after a run when training left it as it was."""
+        return {"title": manager.host.model_label(), "digest": manager.host.loaded_model_digest()}
+
     def cancel(run_id: str) -> Dict[str, Any]:
         if manager.status(run_id) is None:
             raise HTTPException(status_code=404, detail=f"No run {run_id!r}.")
@@ -111,3 +115,4 @@ def register_routes(app: FastAPI, manager: RunManager, *, roots: Sequence[Path],
     app.add_api_route(f"{PREFIX}/runs/{{run_id}}", one_run, methods=["GET"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/runs/{{run_id}}/cancel", cancel, methods=["POST"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/micro-model", install_micro_model, methods=["POST"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/host-model", host_model, methods=["GET"], dependencies=dependencies)

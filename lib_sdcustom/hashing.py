@@ -6,6 +6,8 @@
 - `addnet_hash`: sha256 of a safetensors file's data section (everything after the 8-byte length and the
   JSON header), so it does not change when only metadata changes (`sshs_model_hash`, LoRA short hash).
 - `addnet_legacy_hash`: the legacy window applied to the serialized bytes (`sshs_legacy_hash`).
+- `state_digest`: sha256 over a loaded module's state dict (names and bytes), to show that training left a
+  host's model exactly as it was.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from pathlib import Path
+from typing import Any
 
 _BLOCK = 1 << 20
 _LEGACY_OFFSET = 0x100000
@@ -55,4 +58,16 @@ def addnet_hash_file(path: Path) -> str:
         handle.seek(8 + header_length)
         for block in iter(lambda: handle.read(_BLOCK), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def state_digest(module: Any) -> str:
+    """sha256 of a torch module's state dict: every key and its tensor's bytes (as raw bytes, so bf16 works too),
+    in key order."""
+    import torch
+
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -110,6 +110,11 @@ class Host:
         """Family and prediction type of the base a run would train (for the plan and estimate); None if unknown."""
         return None
 
+    def loaded_model_digest(self) -> Optional[str]:
+        """sha256 of the model the host holds in memory (`hashing.state_digest`), so anyone can check that a run
+        left it exactly as it was; None when the host holds none."""
+        return None
+
     def check_fit(self, config: RunConfig) -> None:
         """Raise ModelLoadError when the method cannot train the chosen or loaded model (cheap, no load)."""
 

@@ -301,6 +301,12 @@ class A1111Host(Host):
             return None
         return ModelKind(_family(model), _prediction_type(model))
 
+    def loaded_model_digest(self) -> Optional[str]:
+        from .hashing import state_digest
+
+        model = self._model(required=False)
+        return state_digest(model) if model is not None else None
+
     def _model(self, required: bool = True) -> Any:
         """`shared.sd_model` loads a model on first access; only a run may trigger that, not the UI."""
         from modules import sd_models, shared

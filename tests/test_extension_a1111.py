@@ -6,7 +6,6 @@ file loader, over the host's own tensors, and train through the tab."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -93,11 +92,9 @@ def load_entry_script():
 
 
 def state_hash(model: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    from lib_sdcustom.hashing import state_digest
+
+    return state_digest(model)
 
 
 FAST = {"data.resolution": 64, "data.min_bucket": 64, "data.max_bucket": 128, "training.steps": 4,
