@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -117,6 +118,9 @@ def test_checkpoint_has_the_base_keys_and_shapes_and_keeps_frozen_bits(cli_run, 
     assert metadata["sdcustom_instance_prompt"] == INSTANCE and metadata["sdcustom_class_prompt"] == CLASS
     assert metadata["sdcustom_base_sha256"] == load_bundle(tiny_checkpoint).identity.sha256
     assert (cli_run / "out" / "db.yaml").is_file(), "a base with its own YAML gets one beside the result"
+    copied = yaml.safe_load((cli_run / "out" / "db.yaml").read_text())["model"]["params"]["cond_stage_config"]["params"]
+    assert Path(copied["version"]).is_absolute() and Path(copied["version"]).is_dir(), \
+        "the WebUI resolves a relative text-encoder folder against its own working directory"
     intermediate = cli_run / "out" / "db-steps" / "db-step00000002.safetensors"
     assert read_all(intermediate)[0].keys() == base.keys()
     bundle, _ = trainer_bundle(tiny_checkpoint, cli_run / "run")

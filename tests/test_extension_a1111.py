@@ -454,3 +454,78 @@ def test_refresh_per_output_kind_and_parking_for_full_fine_tunes(webui):
     folders = host.facts().output_dirs
     assert folders[OutputKind.CHECKPOINT] == webui.root / "models" / "Stable-diffusion"
     assert folders[OutputKind.EMBEDDING] == webui.root / "embeddings"
+
+
+def test_micro_model_installs_in_a_form_the_webui_loads_and_once(webui, tmp_path, monkeypatch):
+    """As the real WebUI needs it: the YAML names the text-encoder folder absolutely (the host resolves a
+    relative one against its working directory) and the folder holds tokenizer files."""
+    import yaml
+
+    from lib_sdcustom.errors import ConfigError
+    from lib_sdcustom.host_a1111 import A1111Host
+    from lib_sdcustom.microworld.install import install_into_host
+    from lib_sdcustom.models.loader import load_bundle
+    from lib_sdcustom.models.tokenizer import TOKENIZER_FILES
+
+    installed = install_into_host(A1111Host())
+
+    folder = webui.root / "models" / "Stable-diffusion"
+    assert installed.checkpoint == folder / "microworld.safetensors" and installed.checkpoint.is_file()
+    version = yaml.safe_load((folder / "microworld.yaml").read_text())["model"]["params"]["cond_stage_config"]["params"]["version"]
+    assert Path(version).is_absolute() and Path(version) == (folder / "microworld_text_encoder").resolve()
+    assert all((Path(version) / name).is_file() for name in ("config.json", *TOKENIZER_FILES))
+    assert ("sd_models.list_models", None) in webui.fake.CALLS
+    monkeypatch.chdir(tmp_path)  # not beside the model: the folder must not depend on the working directory
+    assert load_bundle(installed.checkpoint).family.value == "sd1"
+    assert install_into_host(A1111Host()).written == []
+    (folder / "microworld.yaml").write_text("something else")
+    with pytest.raises(ConfigError, match="exists and differs"):
+        install_into_host(A1111Host())
+
+
+def test_train_while_an_api_run_is_active_says_whose_run_at_once(webui, monkeypatch):
+    import threading
+
+    from lib_sdcustom.events import StepDone
+    from lib_sdcustom.host_a1111 import A1111Host, manager
+
+    controller, train_call = tab_and_train_call(webui)
+    running, release = threading.Event(), threading.Event()
+    original = A1111Host.on_event
+
+    def hold_at_step_one(self, event):
+        original(self, event)
+        if isinstance(event, StepDone) and event.step == 1:
+            running.set()
+            release.wait(60)
+
+    monkeypatch.setattr(A1111Host, "on_event", hold_at_step_one)
+    config = controller.config(*form_values(controller, webui.images, "api_run", training__steps=3))
+    manager().host.prepare(config)
+    status = manager().start(config)  # as the API starts a run
+    try:
+        assert running.wait(60)
+        html = train_call("task(busy)", *form_values(controller, webui.images, "tab_run"))[-1]
+        assert "already running: api_run (lora), started from the API" in html, html
+        assert "data-state='error'" in html and not (webui.lora / "tab_run.safetensors").exists()
+    finally:
+        release.set()
+        manager().wait(status.id, 60)
+
+
+def test_run_folders_share_one_place_and_keep_no_state_after_a_finished_run(webui):
+    from lib_sdcustom.host_a1111 import A1111Host
+
+    controller, train_call = tab_and_train_call(webui)
+    runs = webui.root / "models" / "sdcustom-runs"
+    for method, name in (("lora", "placed_lora"), ("textual_inversion", "placedemb")):
+        config = controller.config(*form_values(controller, webui.images, name, method=method))
+        A1111Host().prepare(config)
+        assert Path(config.output.run_dir) == runs / name
+    html = train_call("task(runs)", *form_values(controller, webui.images, "placed_lora", training__save_state_every=2))[-1]
+
+    assert "data-state='finished'" in html, html
+    assert (runs / "placed_lora").is_dir() and not (runs / "placed_lora" / "state").exists()
+    assert "data-folders='1'" in controller.runs_html() and "data-finished='1'" in controller.runs_html()
+    message, panel = controller.clear_runs()
+    assert "Cleared 1" in message and not (runs / "placed_lora").exists() and "data-folders='0'" in panel

@@ -113,3 +113,15 @@ def test_standalone_host_tells_family_and_prediction_type_of_a_checkpoint(tmp_pa
     assert host.model_kind("two.safetensors") == ModelKind(ModelFamily.SD2, "v_prediction")
     assert host.model_kind("two_no_yaml.safetensors") == ModelKind(ModelFamily.SD2, None)
     assert host.model_kind("broken.safetensors") is None and host.model_kind("") is None
+
+
+def test_a_cleared_method_is_a_message_and_the_help_line_is_prose():
+    from lib_sdcustom.config import METHODS
+    from lib_sdcustom.errors import ConfigError
+    from lib_sdcustom.ui import form
+
+    fields = form.option_fields()
+    with pytest.raises(ConfigError, match="No method chosen"):  # was KeyError: 'None' deep in the plan
+        form.config_from_form(None, "", "name", "sks", "dog", fields, [f.default for f in fields], subject=False)
+    assert set(form.METHOD_LABELS) == set(METHODS)
+    assert "lora: LoRA" not in form.METHOD_HELP

@@ -72,3 +72,30 @@ def test_never_overwrites_the_model(tmp_path: Path, name: str) -> None:
 def test_rejects_unknown_sd_version(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="sd_version"):
         write_sidecars(model_file(tmp_path), preview=None, activation_text="", preferred_weight=0, sd_version="sd15")
+
+
+@pytest.mark.parametrize("captions, expected", [
+    (["a sks shape on a red background", "a sks shape on a gray background", "A sks shape on a green background"],
+     "sks shape"),
+    (["photo of sks dog, sitting", "a photo of sks dog on grass"], "sks dog"),
+    (["a red circle", "a blue square"], ""),
+    ([], ""),
+])
+def test_shared_phrase_is_the_subject_every_caption_names(captions, expected) -> None:
+    from lib_sdcustom.methods.base import shared_phrase
+
+    assert shared_phrase(captions) == expected
+
+
+def test_activation_text_is_the_trained_phrase_not_the_file_name() -> None:
+    """Captioned images and no default caption (an API run): the card must insert what the images trained."""
+    from lib_sdcustom.config import RunConfig
+    from lib_sdcustom.methods.registry import method_class
+
+    config = RunConfig(method="locon")
+    config.output.name = "sks_heart"
+    captions = ["a sks shape on a red background", "a sks shape on a gray background"]
+    assert method_class("locon").trigger_phrase(config, captions) == "sks shape"
+    assert method_class("locon").trigger_phrase(config, ["a red circle", "a blue square"]) == "sks_heart"
+    config.data.default_caption = "sks heart"
+    assert method_class("locon").trigger_phrase(config, captions) == "sks heart"
