@@ -242,6 +242,20 @@ def _extras(sd_model: Any, family: ModelFamily) -> Dict[str, Any]:
     return {"alphas_cumprod": alphas.detach().clone().cpu()} if alphas is not None else {}
 
 
+def _forget_cached_conditioning() -> None:
+    """Empty the host's prompt-conditioning caches, as its own `close()` does without `persistent_cond_cache`.
+
+    Their key (prompt, steps, checkpoint, networks, ...) leaves out the loaded embeddings, so a prompt used
+    before a new embedding existed would keep its old conditioning and the embedding would seem to do nothing.
+    """
+    from modules import processing
+
+    processing.StableDiffusionProcessing.cached_c = [None, None]
+    processing.StableDiffusionProcessing.cached_uc = [None, None]
+    processing.StableDiffusionProcessingTxt2Img.cached_hr_c = [None, None]
+    processing.StableDiffusionProcessingTxt2Img.cached_hr_uc = [None, None]
+
+
 # ----- the Host -----
 
 class A1111Host(Host):
@@ -407,6 +421,7 @@ class A1111Host(Host):
                 networks.list_available_networks()
         elif kind is OutputKind.EMBEDDING:
             sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+            _forget_cached_conditioning()
         elif kind is OutputKind.CHECKPOINT:
             sd_models.list_models()
         elif kind is OutputKind.HYPERNETWORK:

@@ -431,9 +431,13 @@ def test_refresh_per_output_kind_and_parking_for_full_fine_tunes(webui):
     from lib_sdcustom.host import OutputKind
     from lib_sdcustom.host_a1111 import A1111Host
 
+    from modules import processing
+
     host = A1111Host()
+    processing.StableDiffusionProcessing.cached_c = ["(prompt, steps, ...)", "conditioning without the embedding"]
     for kind in OutputKind:
         host.refresh(kind, [])
+    assert processing.StableDiffusionProcessing.cached_c == [None, None], "a new embedding must not meet stale conds"
     assert [name for name, _ in webui.fake.CALLS] == [
         "networks.list_available_networks", "embedding_db.load_textual_inversion_embeddings", "sd_models.list_models",
         "shared.reload_hypernetworks"]
