@@ -99,3 +99,8 @@ def test_activation_text_is_the_trained_phrase_not_the_file_name() -> None:
     assert method_class("locon").trigger_phrase(config, ["a red circle", "a blue square"]) == "sks_heart"
     config.data.default_caption = "sks heart"
     assert method_class("locon").trigger_phrase(config, captions) == "sks heart"
+    dreambooth_lora = RunConfig(method="dreambooth_lora")
+    dreambooth_lora.dreambooth.instance_prompt = "[filewords]"
+    assert method_class("dreambooth_lora").trigger_phrase(dreambooth_lora, captions) == "sks shape"
+    dreambooth_lora.dreambooth.instance_prompt = "a photo of sks dog"
+    assert method_class("dreambooth_lora").trigger_phrase(dreambooth_lora, captions) == "a photo of sks dog"

@@ -37,7 +37,7 @@ from ..training.batches import LatentBatchSource
 from ..training.conditioning import Conditioning, SizeConditioning
 from ..training.ema import ExponentialMovingAverage
 from ..training.loop import Batch, BatchSource
-from .base import Method
+from .base import Method, shared_phrase
 from .network import NetworkMethod
 from .network_export import SAVE_DTYPES
 from .text_conditioning import encode_captions
@@ -139,7 +139,9 @@ class _DreamBoothBatchesMixin:
 
     @classmethod
     def trigger_phrase(cls, config: RunConfig, captions: Sequence[str] = ()) -> str:
-        return fill_template(config.dreambooth.instance_prompt, name=config.output.name, filewords="")
+        """The instance prompt; its [filewords] stand for what every caption shares ('sks shape')."""
+        return fill_template(config.dreambooth.instance_prompt, name=config.output.name,
+                             filewords=shared_phrase(captions))
 
     def build_source(self, source: BatchSource) -> BatchSource:
         db = self.config.dreambooth
