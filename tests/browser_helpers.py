@@ -4,9 +4,11 @@ attributes. Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -14,26 +16,34 @@ ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-needs_browser = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+NO_BROWSER = "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+needs_browser = pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None, reason=NO_BROWSER)
 
 
-@pytest.fixture
-def browser():
+@contextlib.contextmanager
+def headless_chromium(height: int = 2000, page_load_timeout: float = 60) -> Iterator:
+    """A Selenium driver over headless chromium (skips the test without selenium); quits on leaving."""
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip(NO_BROWSER)
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,2000"):
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", f"--window-size=1400,{height}"):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
+    driver.set_page_load_timeout(page_load_timeout)
     try:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture
+def browser():
+    with headless_chromium() as driver:
+        yield driver
 
 
 def wait_for(driver, condition, timeout: float, what: str):

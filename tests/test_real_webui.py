@@ -22,7 +22,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import pytest
 
@@ -333,30 +333,18 @@ def test_interrupt_stops_a_run_and_writes_no_result(webui, micro):
 
 @pytest.fixture
 def browser_page(webui, micro):
-    from browser_helpers import CHROMEDRIVER, CHROMIUM
+    """The WebUI's page in headless chromium, with the Customize tab open."""
+    from browser_helpers import headless_chromium, wait_for
 
-    if CHROMIUM is None or CHROMEDRIVER is None:
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from browser_helpers import wait_for
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
+    with headless_chromium(height=2200, page_load_timeout=120) as driver:
+        from selenium.webdriver.common.by import By
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,2200"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(120)
-    try:
         driver.get(webui.url + "/")
         tab = wait_for(driver, lambda d: next((b for b in d.find_elements(By.CSS_SELECTOR, "#tabs button")
                                                if b.text.strip() == "Customize"), None), 120, "the Customize tab button")
         tab.click()
         wait_for(driver, lambda d: d.find_element(By.ID, "sdcustom_method").is_displayed(), 30, "the Customize tab")
         yield driver
-    finally:
-        driver.quit()
 
 
 def test_tab_renders_with_readable_method_help_and_the_run_folders(webui, browser_page):
