@@ -69,6 +69,10 @@ def prompt_snippet(method: str, name: str, weight: float = 0.8) -> str:
     return f"Select the checkpoint '{name}' at the top of txt2img."
 
 
+#: The folder of run folders beside the output folders (`RunConfig.run_path`'s default for outputs in models/).
+RUNS_FOLDER = "sdcustom-runs"
+
+
 @dataclass
 class HostFacts:
     """Everything the tab shows or defaults from its host; built by the host, injected into the tab."""
@@ -194,6 +198,7 @@ class StandaloneHost(Host):
             checkpoints=self.checkpoints(),
             allowed_roots=[self.models_dir, *self.data_roots],
             missing_requirements=missing_runtime(),
+            runs_dir=self.models_dir / RUNS_FOLDER,  # OUT/../sdcustom-runs for every output folder here
         )
 
     def prepare(self, config: RunConfig, checkpoint: str = "") -> None:

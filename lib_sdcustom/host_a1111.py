@@ -22,14 +22,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 from .config import RunConfig
 from .errors import ConfigError, ModelLoadError
 from .events import Event, RunFinished, RunStarted, SamplesRendered, StepDone
-from .host import Host, HostFacts, ModelKind, OutputKind, output_kind, trained_in_place
+from .host import RUNS_FOLDER, Host, HostFacts, ModelKind, OutputKind, output_kind, trained_in_place
 from .models.bundle import BaseIdentity, ModelBundle, ModelFamily
 
 logger = logging.getLogger(__name__)
 
 TAB_TITLE = "Customize"
 TAB_ID = "sdcustom"
-RUNS_FOLDER = "sdcustom-runs"
 SETTINGS_SECTION = ("sdcustom", "Customize (training)")
 _SUBFOLDER_SETTINGS = {OutputKind.LORA: "sdcustom_lora_subfolder", OutputKind.EMBEDDING: "sdcustom_embedding_subfolder",
                        OutputKind.CHECKPOINT: "sdcustom_checkpoint_subfolder"}

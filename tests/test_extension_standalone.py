@@ -82,7 +82,7 @@ def test_train_writes_into_the_lora_folder_and_poll_shows_it(standalone):
     html = controller.train("", *values(controller, images, "standalone_lora"))[-1]
     assert "data-state='finished'" in html and "&lt;lora:standalone_lora:0.8&gt;" in html, html
     assert (models / "Lora" / "standalone_lora.safetensors").is_file()
-    key, progress, chart, previews, result = controller.poll("")
+    key, progress, chart, previews, result, _runs = controller.poll("")
     assert "data-state='finished'" in progress and "data-step='4'" in progress
     assert "data-points='4'" in chart and "<polyline" in chart
     assert len(previews) == 1 and "data-state='finished'" in result

@@ -51,6 +51,7 @@ def make_config(base: Path, images: Path, root: Path, *, steps: int = 3, fmt: st
     config.textual_inversion.embedding_format = fmt
     config.optimizer.lr = 5e-2
     config.training.steps, config.training.sample_steps, config.training.save_state_every = steps, 1, steps
+    config.training.keep_final_state = True  # the tests read the trainer's last weights from it
     return config
 
 

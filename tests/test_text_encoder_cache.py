@@ -33,6 +33,7 @@ def make_config(base: Path, images: Path, root: Path, *, cache: bool, batch_size
     config.training.steps, config.training.batch_size, config.training.sample_steps = 6, batch_size, 1
     config.training.train_text_encoder = 0.0
     config.training.cache_text_encoder_outputs = cache
+    config.training.keep_final_state = True  # the tests read the trainer's last weights from it
     return config
 
 

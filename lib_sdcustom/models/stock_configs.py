@@ -134,6 +134,9 @@ SDXL_BASE: Dict[str, Any] = {
                 "target": f"{_SGM}.diffusionmodules.denoiser.DiscreteDenoiser",
                 "params": {
                     "num_idx": 1000,
+                    # The WebUI's pinned generative-models (45c443b3) requires it: without, its DiscreteDenoiser
+                    # fails to build ("missing 1 required positional argument: 'weighting_config'").
+                    "weighting_config": {"target": f"{_SGM}.diffusionmodules.denoiser_weighting.EpsWeighting"},
                     "scaling_config": {"target": f"{_SGM}.diffusionmodules.denoiser_scaling.EpsScaling"},
                     "discretization_config": {
                         "target": f"{_SGM}.diffusionmodules.discretizer.LegacyDDPMDiscretization"},
@@ -250,7 +253,8 @@ def stock_ldm_config(family: str, prediction_type: str) -> Dict[str, Any]:
     if family == "sdxl":
         config = copy.deepcopy(SDXL_BASE)
         if v:
-            scaling = config["model"]["params"]["denoiser_config"]["params"]["scaling_config"]
-            scaling["target"] = scaling["target"].replace("EpsScaling", "VScaling")
+            denoiser = config["model"]["params"]["denoiser_config"]["params"]
+            for part, eps, v_name in (("scaling_config", "EpsScaling", "VScaling"), ("weighting_config", "EpsWeighting", "VWeighting")):
+                denoiser[part]["target"] = denoiser[part]["target"].replace(eps, v_name)
         return config
     raise ValueError(f"unknown model family {family!r}")

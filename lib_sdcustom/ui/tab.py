@@ -157,15 +157,17 @@ class TabController:
             return render.notice_html("Cancelling: training stops after the current step and saves its state.")
         return render.notice_html("Nothing is training.")
 
-    def poll(self, seen: str) -> Tuple[str, Any, Any, Any, Any]:
-        """(state key, progress, chart, previews, result); `_NO_CHANGE` where nothing changed since `seen`."""
+    def poll(self, seen: str) -> Tuple[str, Any, Any, Any, Any, Any]:
+        """(state key, progress, chart, previews, result, run folders); `_NO_CHANGE` where nothing changed since
+        `seen` (the page's first poll sends '', so a page opened later still gets the current figures)."""
         status = self.manager.current()
         key = f"{status.id}:{status.revision}" if status else "none"
         if key == seen:
-            return key, _NO_CHANGE, _NO_CHANGE, _NO_CHANGE, _NO_CHANGE
+            return key, _NO_CHANGE, _NO_CHANGE, _NO_CHANGE, _NO_CHANGE, _NO_CHANGE
         return (key, render.progress_html(status), render.loss_chart_svg(status.losses if status else []),
                 _thumbnails([Path(p) for p in status.previews[-_PREVIEWS_SHOWN:]], 512) if status else [],
-                render.result_html(status) if status and not status.active else _NO_CHANGE)
+                render.result_html(status) if status and not status.active else _NO_CHANGE,
+                _NO_CHANGE if status and status.active else self.runs_html())
 
     # ----- presets -----
     def save_preset(self, preset: str, *form_values: Any) -> Tuple[str, List[str]]:
@@ -320,7 +322,7 @@ def build_tab(facts: HostFacts, manager: RunManager) -> Any:
         install_model.click(control.install_micro_model, inputs=[], outputs=[folder_message], queue=False)
         cancel.click(control.cancel, inputs=[], outputs=[cancel_message], queue=False)
         poll.click(lambda key: _updates(gr, control.poll(key)), inputs=[poll_state],
-                   outputs=[poll_state, progress, chart, previews, result], queue=False)
+                   outputs=[poll_state, progress, chart, previews, result, runs_info], queue=False)
 
         def preset_list(message_and_names: Tuple[str, List[str]], selected: str) -> list:
             message, names = message_and_names
