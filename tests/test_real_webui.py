@@ -155,15 +155,23 @@ def micro(webui):
 
 # ----------------------------------------------------------------------------------------------- install and start
 
-def _freeze(path: Path) -> Dict[str, str]:
-    pins = (line.split("==", 1) for line in path.read_text().splitlines() if "==" in line)
-    return {name.lower(): version for name, version in pins}
+def _pins(path: Path) -> Dict[str, "Version"]:
+    """`name==version` lines of a pip freeze or requirements file, by canonical name."""
+    from packaging.version import Version
+
+    from lib_sdcustom.deps import canonical_name
+
+    pins = (line.strip().split("==", 1) for line in path.read_text().splitlines() if "==" in line)
+    return {canonical_name(name): Version(version) for name, version in pins}
 
 
 def test_install_added_only_missing_packages_and_a_second_run_does_nothing():
-    before, after = _freeze(DEST / "freeze-before-extension.txt"), _freeze(DEST / "freeze-after-extension.txt")
-    changed = {name: (version, after.get(name)) for name, version in before.items() if after.get(name) != version}
+    before, after = _pins(DEST / "freeze-before-extension.txt"), _pins(DEST / "freeze-after-extension.txt")
+    changed = {name: (str(version), str(after.get(name))) for name, version in before.items() if after.get(name) != version}
     assert not changed, f"install.py changed the host's packages: {changed}"
+    webui_pins = _pins(DEST / "requirements-offline.txt")  # the WebUI's requirements_versions.txt, as build.sh used it
+    moved = {name: (str(version), str(after.get(name))) for name, version in webui_pins.items() if after.get(name) != version}
+    assert not moved, f"the WebUI's pinned packages are not at their pins after our install: {moved}"
     print(f"\n[real-webui] install.py added: {sorted(set(after) - set(before)) or 'nothing (already present)'}")
     extension = _extension_dir()
     python = DEST / "venv" / "bin" / "python"

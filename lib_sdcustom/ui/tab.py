@@ -16,7 +16,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 from .. import presets
 from ..config import RunConfig
 from ..errors import DatasetError, UserFacingError
-from ..host import HostFacts, OutputKind, output_kind
+from ..host import HostFacts, output_kind
 from ..methods.registry import method_class
 from ..microworld.install import install_into_host
 from ..run_folders import clear_finished, run_folders
@@ -283,8 +283,7 @@ def build_tab(facts: HostFacts, manager: RunManager) -> Any:
                 with gr.Row():
                     clear_runs = gr.Button("Clear finished runs", elem_id="sdcustom_clear_runs",
                                            visible=facts.runs_dir is not None)
-                    install_model = gr.Button("Install the micro-world model", elem_id="sdcustom_install_micro",
-                                              visible=bool(facts.output_dirs.get(OutputKind.CHECKPOINT)))
+                    install_model = gr.Button("Install the micro-world model", elem_id="sdcustom_install_micro")
                 folder_message = gr.HTML(elem_id="sdcustom_folder_message")
         task_id = gr.Textbox(value="", **hidden)
         poll = gr.Button("poll", elem_id="sdcustom_poll", **hidden)
