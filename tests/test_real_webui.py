@@ -2,7 +2,8 @@
 
 The fake host (tests/fake_a1111) only proves what its author believed about the host; this module runs the
 real one, built offline by `../shared/a1111/build.sh DEST REPO` (which also installs this repository into
-`webui/extensions/` the way the launcher does). Set `SDCUSTOM_A1111=DEST` to run it (`.ci/run` does); the
+`webui/extensions/` the way the launcher does; `SDCUSTOM_A1111_KIT` names the kit folder if it lives
+elsewhere). Set `SDCUSTOM_A1111=DEST` to run it (`.ci/run` does); the
 WebUI is started on `SDCUSTOM_A1111_PORT` (default 7871) and stopped at the end. Everything runs on the
 bundled micro-world model, installed through our API, and a concept is "shown" when the shipped judge says
 so: the counts (before -> after, out of SAMPLES) and training times are printed for the issue's notes.
@@ -27,7 +28,7 @@ from typing import Dict, Optional
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-KIT = ROOT.parent / "shared" / "a1111"
+KIT = Path(os.environ.get("SDCUSTOM_A1111_KIT") or ROOT.parent / "shared" / "a1111")
 DEST = Path(os.environ["SDCUSTOM_A1111"]).resolve() if os.environ.get("SDCUSTOM_A1111") else None
 PORT = int(os.environ.get("SDCUSTOM_A1111_PORT", "7871"))
 ARTIFACTS = ROOT / "test-artifacts" / "real-webui"
