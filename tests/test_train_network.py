@@ -98,7 +98,7 @@ def test_cli_lora_loads_in_diffusers_with_the_trainers_outputs(tiny_checkpoint, 
     code = main(["train", "--base", str(tiny_checkpoint), "--data", str(image_folder), "--name", "cli_lora",
                  "--out", str(out), "--run-dir", str(run_dir), "--steps", "30", "--rank", "4", "--alpha", "4",
                  "--lr", "1e-3", "--resolution", "64", "--min-bucket", "64", "--max-bucket", "128",
-                 "--save-precision", "fp32", "--sample-steps", "2", "--quiet"])
+                 "--save-precision", "fp32", "--sample-steps", "2", "--keep-final-state", "--quiet"])
     assert code == 0
     lora_file = out / "cli_lora.safetensors"
     assert lora_file.is_file() and (out / "cli_lora.json").is_file() and (out / "cli_lora.png").is_file()
