@@ -16,8 +16,8 @@ import torch
 from ..config import RunConfig
 from ..formats.sidecars import sidecar_paths
 
-#: Room for the preview PNG and the JSON card beside a result (a 512 px preview is well under 1 MiB).
-SIDECAR_BYTES = 2 * 2**20
+#: Room for the preview PNG and the JSON card beside a result (a 512 px preview PNG is a few hundred KiB).
+SIDECAR_BYTES = 2**20
 #: torch dtype of each --save-precision.
 SAVE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 
