@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+from safetensors import SafetensorError
+
 from .errors import OutputError
 
 _FORBIDDEN_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
@@ -113,8 +115,10 @@ def atomic_path(target: Path) -> Iterator[Path]:
         os.replace(tmp, target)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise OutputError(f"Could not write {target}: {error.strerror or error}.",
+        # safetensors reports a full disk or a write error as its own SafetensorError, not an OSError
+        if isinstance(error, (OSError, SafetensorError)):
+            why = error.strerror if isinstance(error, OSError) and error.strerror else error
+            raise OutputError(f"Could not write {target}: {why}.",
                               "Check that the folder is writable and the disk is not full.") from error
         raise
 

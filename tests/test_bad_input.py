@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -788,3 +787,18 @@ def test_a_failing_export_names_the_weights_and_the_command_simulated(workspace,
     monkeypatch.undo()
     assert main(["train", "--resume", str(workspace.run_dir), "--quiet"]) == 0
     assert (workspace.out / "x.safetensors").is_file()
+
+
+def test_a_full_disk_reported_by_safetensors_is_a_message_simulated(workspace, capsys, monkeypatch):
+    """safetensors raises its own SafetensorError (not OSError) for a full disk; embeddings use its writer."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)  # the embedding writer imports it when it writes
+    run_dir = workspace.root / "sdcustom-runs" / "zwxx"
+    code, output = run_main(workspace.train("--method", "textual_inversion", name="zwxx"), capsys)
+    assert code == 2 and "Traceback" not in output, output
+    assert "StorageFull" in output and f"--resume {run_dir}" in output and "The trained weights are saved in" in output

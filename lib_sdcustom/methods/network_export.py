@@ -6,15 +6,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..formats.network_file import write_network_file
 from ..formats.network_metadata import BucketStat, DatasetDir, NetworkTrainingFacts, build_network_metadata, tag_frequency
 from ..formats.sidecars import sd_version_for, write_sidecars
 from ..networks.algorithms import algorithm_for
 from ..networks.kohya_names import to_file_names
-from .base import SAVE_DTYPES
 from ..run_context import RunContext
+from .base import SAVE_DTYPES
 
 PREFERRED_WEIGHT = 0.8
 
