@@ -131,14 +131,22 @@ _SIGNALS = {signal.SIGINT: "Ctrl+C", signal.SIGTERM: "SIGTERM"}
 
 
 class _StopOnSignal:
-    """Ctrl+C and SIGTERM (a job scheduler, `kill`, a container stop) ask the run to stop after the current
-    step and save its state; the same signal a second time aborts at once."""
+    """While a run trains, Ctrl+C and SIGTERM (a job scheduler, `kill`, a container stop) ask it to stop
+    after the current step and save its state; the same signal a second time aborts at once. The previous
+    handlers come back afterwards (`main()` may run inside another program, such as a test runner)."""
 
     def __init__(self, cancel: CancelToken) -> None:
         self.cancel = cancel
         self.received: int | None = None
-        for signum in _SIGNALS:
-            signal.signal(signum, self._handle)
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in _SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         if self.cancel.cancelled:
@@ -176,12 +184,12 @@ def _run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     cancel = CancelToken()
-    signals = _StopOnSignal(cancel)
-    try:
-        result = train(config, callbacks=[ProgressPrinter(args.quiet)], cancel=cancel, resume=args.resume)
-    except TrainingStopped as stopped:
-        print(f"\nStopped: {stopped}", file=sys.stderr)
-        return 128 + signals.received if signals.received else 1
+    with _StopOnSignal(cancel) as signals:
+        try:
+            result = train(config, callbacks=[ProgressPrinter(args.quiet)], cancel=cancel, resume=args.resume)
+        except TrainingStopped as stopped:
+            print(f"\nStopped: {stopped}", file=sys.stderr)
+            return 128 + signals.received if signals.received else 1
     for path in result.outputs:
         print(path)
     return 0

@@ -805,3 +805,23 @@ def test_a_full_disk_reported_by_safetensors_is_a_message_simulated(workspace, c
     code, output = run_main(workspace.train("--method", "textual_inversion", name="zwxx"), capsys)
     assert code == 2 and "Traceback" not in output, output
     assert "StorageFull" in output and f"--resume {run_dir}" in output and "The trained weights are saved in" in output
+
+
+def test_the_cli_gives_the_signal_handlers_back(workspace, capsys):
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    assert run_main(workspace.train(), capsys)[0] == 0
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_an_internal_error_is_one_line_and_a_file(workspace, capsys, monkeypatch):
+    import lib_sdcustom.train
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an invariant broke")
+
+    monkeypatch.setattr(lib_sdcustom.train, "train", broken)
+    code, output = run_main(workspace.train(), capsys)
+    assert code == 3 and "Traceback" not in output and "internal error RuntimeError: an invariant broke" in output
+    details = Path(output.split("details in ", 1)[1].split()[0].rstrip("."))
+    assert "Traceback" in details.read_text() and "an invariant broke" in details.read_text()
+    details.unlink()
