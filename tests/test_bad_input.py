@@ -8,7 +8,7 @@ Small filesystems: a tmpfs mounted by the test (`mount -t tmpfs -o size=...`, ne
 is not permitted, those cases are skipped and their simulated twins (ENOSPC raised by the writer,
 read-only through permission bits for a non-root user) still run; the skip reason says so.
 
-Cases (CLI_CASES, INSPECT_CASES, API_CASES, PAGE_CASES and the process tests below):
+Cases: 94 in the tables (CLI_CASES 63, INSPECT_CASES 13, API_CASES 12, PAGE_CASES 6) and 11 tests below them.
 
 CLI, image folder: missing; empty; only text files; a text file named .png; a 1x1 image; a file instead of a
 folder; a caption with bad bytes (stops, names the file and byte); a truncated PNG among good ones (trains,
@@ -41,6 +41,9 @@ images are generated (143, the images made so far kept); kill -9 after a state s
 visible, resume exports, the dead writer's temp files removed); the output disk filling during training
 (the export fails, the message names the saved weights and the resume command, which then exports); the
 run-folder disk filling (a clear message, no traceback).
+Also: reusing a run name (the new run's state survives, --resume continues it to the weights of an
+uninterrupted run); a failing export simulated for both writers (OSError, safetensors' SafetensorError);
+an internal error (one line, the traceback in a file); the CLI gives its signal handlers back.
 """
 
 from __future__ import annotations
