@@ -229,6 +229,9 @@ def _export(method: Method, target: Path, step: int, preview, state: Path | None
     except (UserFacingError, OSError) as error:
         problem = error.problem if isinstance(error, UserFacingError) else f"{error.strerror or error}"
         fix = error.fix if isinstance(error, UserFacingError) else "Check the output folder and free disk space."
+        if state is None:  # a run that keeps no final state (where a method does not) cannot be exported later
+            raise OutputError(f"Training finished, but the result could not be written to {target}: {problem} "
+                              "This run kept no saved state, so the training is lost.", fix) from error
         raise OutputError(f"Training finished, but the result could not be written to {target}: {problem} "
                           f"The trained weights are saved in {state}.",
                           f"{fix} Then export them with: python -m lib_sdcustom train --resume {run_dir}") from error
