@@ -3,4 +3,12 @@
 The package never imports the WebUI (`modules.*`); host glue lives in `scripts/` and `host_a1111.py`.
 """
 
+import warnings
+
 __version__ = "0.1.0"
+
+# Importing any diffusers UNet imports every diffusers transformer, and some decorate methods with
+# `torch.autocast("cuda", float32)` at class creation; without CUDA torch warns once per decorator. It
+# says nothing about our training (which never autocasts to CUDA on a CPU), so it is not shown.
+warnings.filterwarnings("ignore", message="CUDA is not available or torch_xla is imported. Disabling autocast",
+                        category=UserWarning)

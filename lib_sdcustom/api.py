@@ -2,62 +2,36 @@
 the host's loaded model and its digest; installing the bundled micro-world model into the host.
 
 Routes an extension adds to the host's app are not covered by the host's `--api-auth` (only its own
-router is), so the same HTTP Basic check is applied here when credentials are given. Every path in a
-request must lie inside the configured roots: the API must not become a way to read or write anywhere.
+router is), so the same check is applied here (HTTP Basic) when credentials are given. Every path in a
+request, and the run folder it defaults to, must lie inside the configured roots (`access.py`, shared
+with the standalone page's endpoints): the API must not become a way to read or write anywhere.
 
 (No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations at runtime.)
 """
 
-import secrets
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from fastapi import Body, Depends, FastAPI, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
+from .access import Credentials, PathRoots, parse_credentials  # noqa: F401 - the hosts' entry point
 from .config import config_from_dict
-from .errors import ConfigError, UserFacingError
+from .errors import UserFacingError
 from .runs import RunManager, RunnerBusy
 
 PREFIX = "/sdcustom/v1"
-#: (section, field) of every setting that names a file or folder.
-PATH_SETTINGS = (("model", "base"), ("data", "data"), ("dreambooth", "class_data"), ("output", "out"),
-                 ("output", "run_dir"), ("textual_inversion", "template"))
-_TEMPLATE_WORDS = {"object", "style", "captions"}
 
 
-def parse_credentials(text: Optional[str]) -> Optional[Dict[str, str]]:
-    """The host's `--api-auth user:password[,user2:password2]` -> {user: password}; None when not set."""
-    if not text:
-        return None
-    pairs = [item.partition(":") for item in text.split(",") if item.strip()]
-    return {user.strip(): password for user, _, password in pairs}
-
-
-def _auth(credentials: Dict[str, str]) -> Callable[..., bool]:
+def _auth(credentials: Credentials) -> Callable[..., bool]:
     basic = HTTPBasic()
 
     def check(given: HTTPBasicCredentials = Depends(basic)) -> bool:
-        expected = credentials.get(given.username)
-        if expected is not None and secrets.compare_digest(given.password.encode(), expected.encode()):
+        if credentials.allows(given.username, given.password):
             return True
         raise HTTPException(status_code=401, detail="Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
 
     return check
-
-
-def confine_paths(values: Dict[str, Any], roots: Sequence[Path]) -> None:
-    """Refuse any path setting that resolves outside `roots` (after following `..` and links)."""
-    resolved_roots = [Path(root).resolve() for root in roots]
-    for section, name in PATH_SETTINGS:
-        value = (values.get(section) or {}).get(name)
-        if not isinstance(value, str) or not value or (name == "template" and value in _TEMPLATE_WORDS):
-            continue
-        path = Path(value).expanduser().resolve()
-        if not any(path == root or root in path.parents for root in resolved_roots):
-            allowed = ", ".join(str(root) for root in resolved_roots) or "(none configured)"
-            raise ConfigError(f"[{section}] {name} = {value!r} is outside the folders this API may use.",
-                              f"Use a path inside one of: {allowed}.")
 
 
 def _bad_request(error: UserFacingError, status: int = 400) -> HTTPException:
@@ -65,17 +39,17 @@ def _bad_request(error: UserFacingError, status: int = 400) -> HTTPException:
 
 
 def register_routes(app: FastAPI, manager: RunManager, *, roots: Sequence[Path],
-                    credentials: Optional[Dict[str, str]] = None) -> None:
+                    credentials: Optional[Credentials] = None) -> None:
     dependencies = [Depends(_auth(credentials))] if credentials else []
+    confinement = PathRoots(roots)
 
     def start(payload: Dict[str, Any] = Body(...)) -> Dict[str, Any]:
         values = dict(payload)
         checkpoint = str(values.pop("checkpoint", "") or "")
         try:
-            confine_paths(values, roots)
             config = config_from_dict(values, source="the request")
             manager.host.prepare(config, checkpoint)
-            confine_paths({"output": {"out": config.output.out}}, roots)
+            confinement.confine_config(config)  # after prepare: its defaults (output folder, run folder) too
             status = manager.start(config)
         except UserFacingError as error:
             raise _bad_request(error, 409 if isinstance(error, RunnerBusy) else 400) from error

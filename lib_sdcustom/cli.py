@@ -130,50 +130,92 @@ class ProgressPrinter:
             print(text, file=sys.stderr)
 
 
-def _cancel_on_interrupt(cancel: CancelToken) -> None:
-    """First Ctrl+C asks the loop to stop after the current step and save state; the second one aborts."""
+#: Exit status of a run stopped by a signal: the shell's 128 + signal number (Ctrl+C 130, SIGTERM 143).
+_SIGNALS = {signal.SIGINT: "Ctrl+C", signal.SIGTERM: "SIGTERM"}
 
-    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
-        if cancel.cancelled:
+
+class _StopOnSignal:
+    """While a run trains, Ctrl+C and SIGTERM (a job scheduler, `kill`, a container stop) ask it to stop
+    after the current step and save its state; the same signal a second time aborts at once. The previous
+    handlers come back afterwards (`main()` may run inside another program, such as a test runner)."""
+
+    def __init__(self, cancel: CancelToken) -> None:
+        self.cancel = cancel
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in _SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        if self.cancel.cancelled:
             raise KeyboardInterrupt
-        print("\nStopping after this step and saving state (Ctrl+C again to abort)...", file=sys.stderr)
-        cancel.cancel()
+        self.received = signum
+        print(f"\n{_SIGNALS[signum]}: stopping after this step and saving state (again to abort)...", file=sys.stderr)
+        self.cancel.cancel()
 
-    signal.signal(signal.SIGINT, handler)
+
+def _internal_error(error: BaseException) -> int:
+    """A bug, not a user error: one plain line, the traceback kept in a file for the report."""
+    import tempfile
+    import traceback
+
+    with tempfile.NamedTemporaryFile("w", prefix="sdcustom-error-", suffix=".txt", delete=False) as log:
+        traceback.print_exception(type(error), error, error.__traceback__, file=log)
+    print(f"\nError: internal error {type(error).__name__}: {error}\n  Fix: this is a bug; please report it with "
+          f"the details in {log.name}.", file=sys.stderr)
+    return 3
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "inspect":
+        from .formats.inspect import inspect_file
+
+        print(inspect_file(args.file))
+        return 0
+    if args.command == "install-micro-model":
+        from .microworld.install import install_micro_model
+
+        print(install_micro_model(args.folder, overwrite=args.overwrite).message())
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        result = run_demo(args.out, steps=args.steps, callbacks=[ProgressPrinter(args.quiet)])
+        print(result.report())
+        return 0
+    from .train import train
+
+    config = config_from_args(args)
+    cancel = CancelToken()
+    with _StopOnSignal(cancel) as signals:
+        try:
+            result = train(config, callbacks=[ProgressPrinter(args.quiet)], cancel=cancel, resume=args.resume)
+        except TrainingStopped as stopped:
+            print(f"\nStopped: {stopped}", file=sys.stderr)
+            return 128 + signals.received if signals.received else 1
+    for path in result.outputs:
+        print(path)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 done, 1 training stopped (non-finite loss), 2 bad input, 3 internal error,
+    130/143 stopped by Ctrl+C/SIGTERM (state saved where training had started)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "inspect":
-            from .formats.inspect import inspect_file
-
-            print(inspect_file(args.file))
-            return 0
-        if args.command == "install-micro-model":
-            from .microworld.install import install_micro_model
-
-            print(install_micro_model(args.folder, overwrite=args.overwrite).message())
-            return 0
-        if args.command == "demo":
-            from .demo import run_demo
-
-            result = run_demo(args.out, steps=args.steps, callbacks=[ProgressPrinter(args.quiet)])
-            print(result.report())
-            return 0
-        from .train import train
-
-        config = config_from_args(args)
-        cancel = CancelToken()
-        _cancel_on_interrupt(cancel)
-        result = train(config, callbacks=[ProgressPrinter(args.quiet)], cancel=cancel, resume=args.resume)
-        for path in result.outputs:
-            print(path)
-        return 0
-    except TrainingStopped as stopped:
-        print(f"\nStopped: {stopped}", file=sys.stderr)
-        return 1
+        return _run(args)
     except UserFacingError as error:
         print(f"\nError: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nAborted.", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as error:  # noqa: BLE001 - the last line of defence: no traceback at the user
+        return _internal_error(error)

@@ -45,6 +45,12 @@ class ModelOptions:
     clip_skip: int = option(1, "Use the text encoder's N-th layer from the end (1 = last, 2 = penultimate).")
 
 
+def derived_bucket_bounds(resolution: int, step: int) -> tuple[int, int]:
+    """Half and twice `resolution`, the smaller one a multiple of `step`."""
+    step = max(step, 1)
+    return max(step, resolution // 2 // step * step), resolution * 2
+
+
 @dataclass
 class DataOptions:
     data: str = option("", "Folder of training images (same-stem .txt captions; 'N_token class' subfolders give repeats).", flag="--data")
@@ -53,8 +59,8 @@ class DataOptions:
     repeats: int = option(1, "Repeats per image and epoch for images not in an 'N_...' subfolder.")
     resolution: int = option(512, "Training resolution (side of the square of equal area).", flag="--resolution")
     buckets: bool = option(True, "Group images into aspect-ratio buckets instead of square crops.")
-    min_bucket: int = option(256, "Smallest bucket side in pixels.")
-    max_bucket: int = option(1024, "Largest bucket side in pixels.")
+    min_bucket: int = option(256, "Smallest bucket side in pixels (left at the default: half the resolution).")
+    max_bucket: int = option(1024, "Largest bucket side in pixels (left at the default: twice the resolution).")
     bucket_step: int = option(64, "Bucket sides are multiples of this.")
     upscale: bool = option(True, "Allow upscaling small images to reach a bucket (--no-upscale keeps their size).")
     flip: bool = option(False, "Randomly mirror images left-right (not for subjects with asymmetric details).")
@@ -64,6 +70,21 @@ class DataOptions:
     caption_dropout: float = option(0.0, "Probability of training an image with an empty caption.")
     tag_dropout: float = option(0.0, "Probability of dropping each caption tag.")
     cache_latents: bool = option(True, "Encode each image once and reuse the latents (disk cache in the run folder).")
+
+    @property
+    def bucket_bounds(self) -> tuple[int, int]:
+        """(smallest, largest) bucket side. A bound left at its default follows the resolution, half and
+        twice it (kohya's 256-1024 at 512 px), so `--resolution 64` or 1024 needs no bucket flags. As with
+        the family defaults, a value equal to the default counts as left at the default."""
+        low, high = derived_bucket_bounds(self.resolution, self.bucket_step)
+        return (self.min_bucket if self.min_bucket != _DATA_DEFAULTS["min_bucket"] else low,
+                self.max_bucket if self.max_bucket != _DATA_DEFAULTS["max_bucket"] else high)
+
+
+_DATA_DEFAULTS = {item.name: item.default for item in dataclasses.fields(DataOptions)}
+
+#: More steps than any run finishes (a long DreamBooth is tens of thousands); beyond it is a typo.
+MAX_STEPS = 1_000_000
 
 
 @dataclass
@@ -237,8 +258,11 @@ def _validate(config: RunConfig) -> None:
     _require(64 <= data.resolution <= 4096 and data.resolution % 8 == 0, f"--resolution is {data.resolution}.",
              "Use a multiple of 8 between 64 and 4096 (512 for SD1).")
     _require(data.bucket_step % 8 == 0 and data.bucket_step > 0, f"--bucket-step is {data.bucket_step}.", "Use a multiple of 8 such as 64.")
-    _require(data.min_bucket <= data.resolution <= data.max_bucket, "The resolution must lie between --min-bucket and --max-bucket.",
-             "Adjust --min-bucket / --max-bucket.")
+    low, high = data.bucket_bounds
+    _require(low <= data.resolution <= high,
+             f"--resolution {data.resolution} is outside the bucket range --min-bucket {low} to --max-bucket {high}.",
+             "Leave both bucket flags out (they then follow the resolution: --min-bucket {} --max-bucket {}), "
+             "or give bounds around {}.".format(*derived_bucket_bounds(data.resolution, data.bucket_step), data.resolution))
     _require(data.repeats >= 1, f"--repeats is {data.repeats}.", "Use 1 or more.")
     for name, value in (("--caption-dropout", data.caption_dropout), ("--tag-dropout", data.tag_dropout)):
         _require(0 <= value < 1, f"{name} is {value}.", "Use a probability in [0, 1).")
@@ -246,7 +270,8 @@ def _validate(config: RunConfig) -> None:
     train = config.training
     _require(train.train_text_encoder == -1 or 0 <= train.train_text_encoder <= 1,
              f"--train-text-encoder is {train.train_text_encoder}.", "Use a fraction between 0 (frozen) and 1 (the whole run).")
-    _require(train.steps >= 1, f"--steps is {train.steps}.", "Train for at least 1 step (hundreds are typical).")
+    _require(1 <= train.steps <= MAX_STEPS, f"--steps is {train.steps}.",
+             f"Train for 1 to {MAX_STEPS:,} steps (hundreds to a few thousand are typical).")
     _require(train.batch_size >= 1 and train.gradient_accumulation >= 1, "Batch size and accumulation must be >= 1.",
              "Fix --batch-size / --gradient-accumulation.")
     _require(train.mixed_precision in MIXED_PRECISION, f"Unknown mixed precision {train.mixed_precision!r}.",

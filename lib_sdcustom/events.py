@@ -85,7 +85,9 @@ class EventBus:
                 logger.exception("event callback %r failed on %s", callback, type(event).__name__)
 
     def warn(self, message: str) -> None:
-        logger.warning(message)
+        """Hand a warning to the callbacks, which show it (CLI line, tab, API status); the log gets it at
+        INFO only, so a console that shows both does not print it twice."""
+        logger.info(message)
         self.emit(Warning_(message))
 
 

@@ -1,7 +1,8 @@
 """Settings whose right value depends on the base model's family, known only once the model is read.
 
-Each family was trained at its own size (SD1 512 px, SD2-v 768 px, SDXL 1024 px); training an SDXL model at
-512 px teaches it blurry, cropped pictures. A resolution (and bucket range) the user left at the default is
+Each family was trained at its own size (SD1 512 px, SD2-v 768 px, SDXL 1024 px), and a model's YAML may
+state another (the bundled micro-world model: 64 px); training an SDXL model at 512 px teaches it blurry,
+cropped pictures, and a 64 px model at 512 px gives specks. A resolution (and bucket range) the user left at the default is
 therefore moved to the family's size. A value equal to the default counts as left at the default: the
 config does not record where a value came from, and a user who wants 512 px on SDXL can still say e.g. 576.
 """
@@ -27,6 +28,15 @@ def native_resolution(family: ModelFamily, prediction_type: str) -> int:
     return 512
 
 
+def model_native_resolution(bundle: ModelBundle) -> int:
+    """The size this model was trained at: its LDM YAML's latent `image_size` times the VAE's downscale
+    when the YAML states one (the bundled 64 px micro-world model does), else the family's size."""
+    latent = ((bundle.ldm_config or {}).get("model", {}).get("params", {}) or {}).get("image_size")
+    if isinstance(latent, int) and latent > 0:
+        return latent * 2 ** (len(bundle.vae.config.block_out_channels) - 1)
+    return native_resolution(bundle.family, bundle.prediction_type)
+
+
 #: SDXL base was trained with this noise offset (sgm's `offset_noise_level`); kohya suggests the same value.
 SDXL_NOISE_OFFSET = 0.0357
 
@@ -40,19 +50,15 @@ def apply_family_defaults(config: RunConfig, bundle: ModelBundle) -> tuple[RunCo
         hints.append(f"Hint: SDXL was trained with a noise offset of {SDXL_NOISE_OFFSET}; "
                      f"--noise-offset {SDXL_NOISE_OFFSET} keeps its range of brightness.")
     data = config.data
-    native = native_resolution(bundle.family, bundle.prediction_type)
+    native = model_native_resolution(bundle)
     if data.resolution != _DEFAULTS["resolution"] or native == data.resolution:
         return config, hints
     changed = copy.deepcopy(config)
-    scale = native / data.resolution
-    changed.data.resolution = native
-    # Bucket bounds scale with the resolution when they too were left alone (kohya: half and twice the size).
-    for name in ("min_bucket", "max_bucket"):
-        if getattr(data, name) == _DEFAULTS[name]:
-            setattr(changed.data, name, int(getattr(data, name) * scale) // data.bucket_step * data.bucket_step)
+    changed.data.resolution = native  # bucket bounds left alone follow it (`DataOptions.bucket_bounds`)
     label = bundle.family.value.upper() + ("-v" if bundle.prediction_type == "v_prediction" else "")
-    note = (f"{bundle.identity.name} is an {label} model: training at its native {native} px "
-            f"(buckets {changed.data.min_bucket}-{changed.data.max_bucket} px). Pass --resolution to choose another size.")
+    low, high = changed.data.bucket_bounds
+    note = (f"{bundle.identity.name} is an {label} model trained at {native} px: training at that size "
+            f"(buckets {low}-{high} px). Pass --resolution to choose another size.")
     changed.validate()
     return changed, [note, *hints]
 

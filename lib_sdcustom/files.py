@@ -2,6 +2,8 @@
 
 The host caches by mtime and lists folders while we train, so a half-written file must never appear under
 its final name: everything is written to a hidden temp file in the target folder and renamed into place.
+Temp names carry the writer's process id, so temp files a killed process left behind can be told apart
+from those of a live one and removed (`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
+
+from safetensors import SafetensorError
 
 from .errors import OutputError
 
@@ -58,13 +62,35 @@ def output_path(folder: Path, name: str, suffix: str, *, overwrite: bool) -> Pat
     return target
 
 
+def _nearest_existing(folder: Path) -> Path:
+    probe = Path(folder).absolute()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    return probe
+
+
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Fail before training, not after, when `folder` cannot take new files: it is a file, lies under a
+    file, or the folder it would be created in refuses a write (read-only disk or permissions). The
+    probe writes and removes one hidden file; permission bits alone would not show a read-only mount."""
+    folder = Path(folder)
+    probe = _nearest_existing(folder)
+    if not probe.is_dir():
+        where = "is a file" if probe == folder.absolute() else f"cannot be created: {probe} is a file"
+        raise OutputError(f"{what} {folder} {where}, not a folder.", f"Choose a folder for {what.lower()}.")
+    try:
+        fd, name = tempfile.mkstemp(prefix=temp_prefix("probe"), suffix=".tmp", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as error:
+        raise OutputError(f"{what} {folder} is not writable ({error.strerror or error}).",
+                          f"Choose a writable folder for {what.lower()}, or fix its permissions.") from error
+
+
 def check_free_space(folder: Path, needed_bytes: int, what: str) -> None:
     """Fail before training, not after, when the result cannot fit on the disk."""
     folder = Path(folder)
-    probe = folder
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(_nearest_existing(folder)).free
     if free < needed_bytes:
         raise OutputError(
             f"Not enough disk space for {what} in {folder}: needs about {needed_bytes / 2**20:.1f} MiB, "
@@ -78,19 +104,60 @@ def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temp path beside `target`; rename it over `target` only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".tmp", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(target.stem), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    tmp.chmod(0o666 & ~_current_umask())  # mkstemp makes 0600; outputs must be readable like any new file
     try:
         yield tmp
+        # mkstemp makes 0600, and so do writers that replace the temp file themselves (safetensors 0.8):
+        # set the mode once written, so the WebUI running as another user can read the result.
+        tmp.chmod(0o666 & ~_current_umask())
         os.replace(tmp, target)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise OutputError(f"Could not write {target}: {error.strerror or error}.",
+        # safetensors reports a full disk or a write error as its own SafetensorError, not an OSError
+        if isinstance(error, (OSError, SafetensorError)):
+            why = error.strerror if isinstance(error, OSError) and error.strerror else error
+            raise OutputError(f"Could not write {target}: {why}.",
                               "Check that the folder is writable and the disk is not full.") from error
         raise
+
+
+def temp_prefix(stem: str) -> str:
+    """Start of a hidden temp name beside the final file; the process id lets a later run spot leftovers."""
+    return f".{stem}.sdcustom-{os.getpid()}."
+
+
+_TEMP_NAME = re.compile(r"^\..*\.sdcustom-(\d+)\..*\.tmp$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temp files and folders (ours only, by name) whose writing process no longer runs:
+    what a crash or kill -9 left behind. A live writer's temp files are left alone. Returns those removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        match = _TEMP_NAME.match(entry.name)
+        if match is None or int(match.group(1)) == os.getpid() or _process_alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 def _current_umask() -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
+from .access import PathRoots
 from .config import RunConfig
 from .errors import ConfigError
 from .events import Event
@@ -102,6 +103,10 @@ class Host:
         """Fill what the host decides: the base model and the output folder for the method."""
         raise NotImplementedError
 
+    def check_paths(self, config: RunConfig) -> None:
+        """Refuse a config naming a path the page's users may not reach. The WebUI lets its users name any
+        path in its own fields, so by default every path is allowed; the standalone server confines."""
+
     def model_label(self) -> str:
         """The model a run trains on when the host decides it (the WebUI's loaded checkpoint); '' if the user picks."""
         return ""
@@ -176,6 +181,7 @@ class StandaloneHost(Host):
     def __init__(self, models_dir: Path, *, data_roots: Sequence[Path] = ()) -> None:
         self.models_dir = Path(models_dir).resolve()
         self.data_roots = [Path(root).resolve() for root in data_roots]
+        self.roots = PathRoots([self.models_dir, *self.data_roots])
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -196,7 +202,7 @@ class StandaloneHost(Host):
             output_dirs={kind: self.models_dir / folder for kind, folder in self.FOLDERS.items()},
             presets_dir=self.models_dir / "sdcustom-presets",
             checkpoints=self.checkpoints(),
-            allowed_roots=[self.models_dir, *self.data_roots],
+            allowed_roots=list(self.roots.roots),
             missing_requirements=missing_runtime(),
             runs_dir=self.models_dir / RUNS_FOLDER,  # OUT/../sdcustom-runs for every output folder here
         )
@@ -213,6 +219,11 @@ class StandaloneHost(Host):
                               f"Put an SD1 .safetensors checkpoint into {self.checkpoint_dir} and pick it.")
         if not config.output.out:
             config.output.out = str(self.facts().output_dirs[output_kind(config.method)])
+        self.check_paths(config)
+
+    def check_paths(self, config: RunConfig) -> None:
+        """The page and the API of this server reach only the models folder and the --data-root folders."""
+        self.roots.confine_config(config)
 
     def base_parameters(self, checkpoint: str = "") -> Optional[int]:
         path = self.checkpoint_dir / checkpoint

@@ -121,13 +121,12 @@ class _Run:
 def preflight(config: RunConfig, host: Host) -> None:
     """Every check that needs no model and writes nothing; raises UserFacingError naming the fix."""
     from .data.scan import scan_dataset
-    from .files import output_path
     from .methods.registry import method_class
+    from .output_checks import check_output_locations
 
     config.validate()
     method_type = method_class(config.method)
-    output_path(Path(config.output.out), config.output.name, method_type.result_suffix(config),
-                overwrite=config.output.overwrite)
+    check_output_locations(config)
     scan_dataset(Path(config.data.data), caption_extension=config.data.caption_extension,
                  default_repeats=config.data.repeats, default_caption=method_type.default_caption(config))
     host.check_fit(config)

@@ -15,18 +15,20 @@ from typing import Callable, Iterable
 import torch
 
 from .config import RunConfig, dumps_toml
-from .data.captions import CaptionOptions
+from .data.captions import CaptionOptions, overlong_captions_warning
 from .data.dataset import TrainingOptions, TrainingSet
 from .data.scan import scan_dataset
-from .errors import ConfigError, TrainingStopped
+from .errors import ConfigError, OutputError, TrainingStopped, UserFacingError
 from .events import Callback, CancelToken, EventBus, FileSaved, RunFinished, RunStarted, SamplesRendered
-from .family_defaults import apply_family_defaults, native_resolution
-from .files import check_free_space, output_path, write_text_atomically
+from .family_defaults import apply_family_defaults, model_native_resolution
+from .files import check_free_space, remove_stale_temporaries, write_text_atomically
 from .methods.base import Method
 from .methods.registry import method_class
 from .models.bundle import ModelBundle
 from .models.fp8 import store_frozen_base_in_fp8
+from .output_checks import check_output_locations
 from .run_context import RunContext
+from .run_folder import require_resumable, start_fresh_run
 from .training.batches import LatentBatchSource
 from .training.conditioning import Conditioning
 from .training.loop import LoopHooks, LoopSettings, TrainingLoop
@@ -65,14 +67,14 @@ def _training_set(config: RunConfig, trigger_phrase: str) -> tuple[TrainingSet, 
     data = config.data
     scan = scan_dataset(Path(data.data), caption_extension=data.caption_extension, default_repeats=data.repeats,
                         default_caption=trigger_phrase)
-    warnings = list(scan.warnings) + [f"Skipped {item.path.name}: {item.reason}" for item in scan.skipped]
-    return TrainingSet(scan, _training_options(config)), warnings
+    return TrainingSet(scan, _training_options(config)), list(scan.warnings)
 
 
 def _training_options(config: RunConfig) -> TrainingOptions:
     data = config.data
     return TrainingOptions(
-        resolution=data.resolution, buckets=data.buckets, min_bucket_side=data.min_bucket, max_bucket_side=data.max_bucket,
+        resolution=data.resolution, buckets=data.buckets, min_bucket_side=data.bucket_bounds[0],
+        max_bucket_side=data.bucket_bounds[1],
         bucket_step=data.bucket_step, no_upscale=not data.upscale, batch_size=config.training.batch_size,
         flip=data.flip, random_crop=data.random_crop, seed=config.training.seed,
         captions=CaptionOptions(shuffle=data.shuffle_captions, keep_tokens=data.keep_tokens,
@@ -108,13 +110,12 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
     config.validate()
     bus = EventBus(callbacks)
     cancel = cancel or CancelToken()
-    run_dir = Path(resume) if resume else config.run_path
-    saved_folder = latest_state(run_dir) if resume else None
-    if resume and saved_folder is None:
-        raise ConfigError(f"{run_dir} holds no saved state to resume from.", "Start the run again without --resume.")
     method_type = method_class(config.method)
-    target = output_path(Path(config.output.out), config.output.name, method_type.result_suffix(config),
-                         overwrite=config.output.overwrite)
+    target, run_dir = check_output_locations(config, resume=resume)
+    saved_folder = _saved_state_to_resume(run_dir) if resume else None
+    for folder in (target.parent, state_root(run_dir)):
+        for leftover in remove_stale_temporaries(folder):
+            logger.info("Removed %s, left by an interrupted run.", leftover)
     trigger_phrase = method_type.default_caption(config)
     training_set, warnings = _training_set(config, trigger_phrase)
     for warning in warnings:
@@ -126,6 +127,7 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
 
         bundle = load_bundle(Path(config.model.base))
     config, notes = apply_family_defaults(config, bundle)
+    _warn_about_long_captions(training_set, bundle, bus)
     if config.data.resolution != training_set.options.resolution:
         training_set = TrainingSet(training_set.scan, _training_options(config))
     _place_models(bundle, accelerator, config.training.mixed_precision)
@@ -148,6 +150,7 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
     method = method_type(context)
     try:
         check_free_space(target.parent, method.required_disk_bytes(), f"the {config.method} result")
+        check_free_space(run_dir, _state_bytes(method), "the resumable training state")
         if config.training.cache_text_encoder_outputs and not method.frozen_text_conditioning():
             bus.warn(f"Text-encoder outputs are not cached: {config.method} trains the text encoder or its tokens "
                      "in this run, so a caption's conditioning changes every step (train_text_encoder = 0 allows it).")
@@ -176,6 +179,8 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
         if saved_folder is not None:
             loop.resume_from(load_state(saved_folder))
         run_dir.mkdir(parents=True, exist_ok=True)
+        if saved_folder is None:
+            start_fresh_run(run_dir)
         write_text_atomically(run_dir / "config.toml", dumps_toml(config))
         bus.emit(RunStarted(total_steps=config.training.steps, description="\n".join([_describe_run(config, training_set, method), *notes]),
                              run_dir=run_dir))
@@ -186,7 +191,7 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
             raise
         method.set_training(False)
         preview = previews.render(result.step) if accelerator.is_main_process else None
-        outputs = method.export(target, step=result.step, preview=preview) if accelerator.is_main_process else []
+        outputs = _export(method, target, result.step, preview, loop.last_state, run_dir) if accelerator.is_main_process else []
         for path in outputs:
             bus.emit(FileSaved(path, "result" if path == target else "sidecar"))
         if not config.training.keep_final_state:  # periodic states were resume points; the run is complete
@@ -195,6 +200,46 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
         return TrainResult(outputs=outputs, steps=result.step, last_loss=result.last_loss, losses=result.losses, run_dir=run_dir)
     finally:
         method.close()
+
+
+def _warn_about_long_captions(training_set: TrainingSet, bundle: ModelBundle, bus: EventBus) -> None:
+    tokenizer = bundle.tokenizer
+    warning = overlong_captions_warning(
+        [(record.path.name, record.caption) for record in training_set.records],
+        lambda caption: len(tokenizer(caption, add_special_tokens=False).input_ids),
+        limit=tokenizer.model_max_length - 2)  # the start and end tokens take two of the places
+    if warning:
+        bus.warn(warning)
+
+
+def _state_bytes(method: Method) -> int:
+    """Room for the two states the loop keeps: fp32 weights plus two optimizer moments (Adam) each."""
+    parameters = sum(param.numel() for group in method.param_groups() for param in group["params"])
+    return 2 * 3 * 4 * parameters
+
+
+def _saved_state_to_resume(run_dir: Path) -> Path:
+    saved = latest_state(run_dir, require_resumable(run_dir))
+    if saved is None:
+        raise ConfigError(f"{run_dir} holds no saved state of the run its config.toml describes (any state there "
+                          "is from an earlier run under the same name).", "Start the run again without --resume.")
+    return saved
+
+
+def _export(method: Method, target: Path, step: int, preview, state: Path | None, run_dir: Path) -> list[Path]:
+    """Export the result; when that fails the trained weights are already in the run's final state, so the
+    message says where they are and how to export them once the problem is fixed."""
+    try:
+        return method.export(target, step=step, preview=preview)
+    except (UserFacingError, OSError) as error:
+        problem = error.problem if isinstance(error, UserFacingError) else f"{error.strerror or error}"
+        fix = error.fix if isinstance(error, UserFacingError) else "Check the output folder and free disk space."
+        if state is None:  # a run that keeps no final state (where a method does not) cannot be exported later
+            raise OutputError(f"Training finished, but the result could not be written to {target}: {problem} "
+                              "This run kept no saved state, so the training is lost.", fix) from error
+        raise OutputError(f"Training finished, but the result could not be written to {target}: {problem} "
+                          f"The trained weights are saved in {state}.",
+                          f"{fix} Then export them with: python -m lib_sdcustom train --resume {run_dir}") from error
 
 
 class PreviewRenderer:
@@ -213,7 +258,7 @@ class PreviewRenderer:
         from .sampling import generate
 
         bundle = self.context.bundle  # at most the family's own size: SDXL previews at 512 px look broken
-        size = min(self.context.config.data.resolution, native_resolution(bundle.family, bundle.prediction_type))
+        size = min(self.context.config.data.resolution, model_native_resolution(bundle))
         image = generate(self.context.bundle, [self.prompt], seed=self.context.config.training.seed, steps=self.steps,
                          width=size, height=size, encode=self.encode,
                          zero_terminal_snr=self.context.config.training.zero_terminal_snr)[0]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 
 import pytest
 from PIL import Image
@@ -58,18 +57,16 @@ def test_parse_repeat_folder():
     assert parse_repeat_folder("x_10") is None
 
 
-def test_truncated_png_among_good_ones_is_skipped_by_name(tmp_path, caplog):
+def test_truncated_png_among_good_ones_is_skipped_by_name(tmp_path):
     _image(tmp_path / "good1.png")
     _image(tmp_path / "good2.png", color=(3, 3, 3))
     bad = _image(tmp_path / "broken.png", size=(256, 256))
     bad.write_bytes(bad.read_bytes()[:200])
-    with caplog.at_level(logging.WARNING, logger="lib_sdcustom.data.scan"):
-        scan = scan_dataset(tmp_path)
+    scan = scan_dataset(tmp_path)  # the caller shows scan.warnings; the scan itself logs nothing (no echo)
     assert [record.path.name for record in scan.records] == ["good1.png", "good2.png"]
     assert [item.path.name for item in scan.skipped] == ["broken.png"]
     assert "broken.png" in scan.skipped[0].reason
     assert any("broken.png" in warning for warning in scan.warnings)
-    assert "broken.png" in caplog.text
 
 
 def test_text_file_named_png_and_tiny_image_are_skipped(tmp_path):
@@ -124,13 +121,25 @@ def test_nothing_usable_left(tmp_path):
     assert str(tmp_path) in error.value.problem
 
 
-def test_non_utf8_caption_skips_image_with_reason(tmp_path):
+def test_a_caption_with_bad_bytes_stops_the_scan_naming_the_file(tmp_path):
+    """Skipping the image (as before) trained without it and still exited 0: a silent loss."""
     _image(tmp_path / "a.png")
     _image(tmp_path / "b.png", color=(0, 0, 0))
     (tmp_path / "b.txt").write_bytes("caf\xe9".encode("latin-1"))
-    scan = scan_dataset(tmp_path)
-    assert [item.path.name for item in scan.skipped] == ["b.png"]
-    assert "b.txt is not UTF-8" in scan.skipped[0].reason
+    with pytest.raises(DatasetError) as raised:
+        scan_dataset(tmp_path)
+    assert "b.txt is not valid UTF-8" in raised.value.problem and "byte 3" in raised.value.problem
+    assert "UTF-8" in raised.value.fix
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32", "utf-8-sig"])
+def test_captions_with_a_byte_order_mark_are_read(tmp_path, encoding):
+    _image(tmp_path / "a.png")
+    data = "sks dog, red ball\n".encode(encoding)
+    if encoding == "utf-16-be":
+        data = b"\xfe\xff" + data
+    (tmp_path / "a.txt").write_bytes(data)
+    assert scan_dataset(tmp_path).records[0].caption == "sks dog, red ball"
 
 
 def test_bad_options(tmp_path):

@@ -31,7 +31,9 @@ def server(tmp_path, tiny_checkpoint, image_folder):
         (shutil.copytree if item.is_dir() else shutil.copyfile)(item, models / "Stable-diffusion" / item.name)
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "lib_sdcustom.ui", "--models-dir", str(models), "--port", str(port)],
+    # the page reads images only inside the models folder and the --data-root folders
+    process = subprocess.Popen([sys.executable, "-m", "lib_sdcustom.ui", "--models-dir", str(models), "--port", str(port),
+                                "--data-root", str(image_folder)],
                                cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     ready = threading.Event()

@@ -160,14 +160,19 @@ def test_resolution_left_at_the_default_follows_the_family(sd2_v, sdxl, tmp_path
     config = RunConfig(method="lora")
     config.model.base, config.data.data, config.output.name, config.output.out = str(sdxl), "d", "n", "o"
     changed, notes = apply_family_defaults(config, bundle)
-    assert (changed.data.resolution, changed.data.min_bucket, changed.data.max_bucket) == (1024, 512, 2048)
+    assert (changed.data.resolution, *changed.data.bucket_bounds) == (1024, 512, 2048)
     assert config.data.resolution == 512, "the caller's config is not modified"
     assert "1024" in notes[0] and "--resolution" in notes[0] and "--noise-offset 0.0357" in notes[1]
     changed, notes = apply_family_defaults(changed, load_bundle(sd2_v))
     assert changed.data.resolution == 1024 and not notes, "a chosen resolution stays"
     config.data.resolution = 512
-    sd2_changed, _ = apply_family_defaults(config, load_bundle(sd2_v))
-    assert (sd2_changed.data.resolution, sd2_changed.data.min_bucket, sd2_changed.data.max_bucket) == (768, 384, 1536)
+    sd2_bundle = load_bundle(sd2_v)
+    tiny_size = sd2_bundle.ldm_config["model"]["params"].pop("image_size")  # a YAML stating no size: the family's
+    sd2_changed, _ = apply_family_defaults(config, sd2_bundle)
+    assert (sd2_changed.data.resolution, *sd2_changed.data.bucket_bounds) == (768, 384, 1536)
+    sd2_bundle.ldm_config["model"]["params"]["image_size"] = tiny_size  # the tiny model's YAML: 8 latents, 64 px
+    sized, notes = apply_family_defaults(config, sd2_bundle)
+    assert (sized.data.resolution, *sized.data.bucket_bounds) == (64, 64, 128) and "trained at 64 px" in notes[0]
 
 
 # ----- SDXL size and crop conditioning -----

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import List
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from ..errors import ConfigError
 
@@ -83,3 +83,16 @@ def process_caption(caption: str, rng: random.Random, options: CaptionOptions) -
     if caption and options.shuffle:
         caption = shuffle_tags(caption, rng, options.keep_tokens)
     return caption
+
+
+def overlong_captions_warning(captions: Sequence[Tuple[str, str]], count_tokens: Callable[[str], int], limit: int,
+                              shown: int = 5) -> Optional[str]:
+    """One warning naming the images whose caption is longer than the `limit` tokens the text encoder
+    reads (the rest is cut off and never learned), or None. `captions` holds (image name, caption)."""
+    long = [(name, count) for name, caption in captions if (count := count_tokens(caption)) > limit]
+    if not long:
+        return None
+    names = ", ".join(f"{name} ({count} tokens)" for name, count in long[:shown])
+    more = f" and {len(long) - shown} more" if len(long) > shown else ""
+    return (f"{len(long)} caption(s) are longer than the {limit} tokens the text encoder reads; the words past "
+            f"the limit are cut off and not learned: {names}{more}. Shorten them to keep every word.")

@@ -12,8 +12,8 @@ skipped with a reason; the scan fails only when nothing usable is left.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,6 @@ from typing import Dict, List, Optional, Tuple
 from ..errors import ConfigError, DatasetError
 from .images import decode_rgb, truncated_images_undetectable
 
-logger = logging.getLogger(__name__)
 
 #: Formats Pillow decodes without extra plugins. GIF and multi-page TIFF use their first frame.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -111,8 +110,6 @@ def scan_dataset(folder: Path, *, caption_extension: str = ".txt", default_repea
     if truncated_images_undetectable():
         warnings.append("Pillow was told (by another extension) to accept truncated images, so damaged "
                         "files may train as partly grey pictures; check the folder if results look odd.")
-    for warning in warnings:
-        logger.warning("%s", warning)
     return DatasetScan(folder, tuple(records), tuple(skipped), tuple(warnings))
 
 
@@ -124,14 +121,28 @@ def parse_repeat_folder(name: str) -> Optional[Tuple[int, str]]:
     return int(match.group(1)), match.group(2).strip()
 
 
+#: Byte-order marks and the encoding they announce (Windows Notepad saves "Unicode" as UTF-16 LE with a BOM).
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
+         (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+
+
 def read_caption(path: Path) -> str:
-    """A caption file's text: UTF-8 (with or without BOM), lines joined by ', ' (one-tag-per-line files
-    stay separate tags), surrounding whitespace removed. Raises `DatasetError` for non-UTF-8 files."""
+    """A caption file's text: UTF-8, or UTF-8/16/32 with a byte-order mark; lines joined by ', '
+    (one-tag-per-line files stay separate tags), surrounding whitespace removed. Raises `DatasetError`
+    naming the file and the first bad byte for anything else."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DatasetError(f"Cannot read caption file {path} ({error.strerror or error}).",
+                           "Check the file's permissions.") from error
+    bom, encoding = next(((bom, name) for bom, name in _BOMS if raw.startswith(bom)), (b"", "utf-8"))
+    try:
+        text = raw[len(bom):].decode(encoding)
     except UnicodeDecodeError as error:
-        raise DatasetError(f"Caption file {path} is not UTF-8 text.",
-                           "Re-save it as UTF-8 (most editors offer this in 'Save as').") from error
+        raise DatasetError(f"Caption file {path} is not valid {encoding.upper()} text (byte {error.start}: "
+                           f"{raw[len(bom) + error.start:len(bom) + error.start + 1]!r}).",
+                           "Re-save it as UTF-8 (most editors offer this in 'Save as'), or fix the damaged "
+                           "characters.") from error
     lines = [line.strip() for line in text.splitlines()]
     return ", ".join(line for line in lines if line)
 
@@ -193,12 +204,14 @@ def _scan_image(path: Path, group: _Group, caption_extension: str, skipped: List
     try:
         data = path.read_bytes()
         image = decode_rgb(data, path)
-        caption, source = _caption_for(path, group, caption_extension, warnings)
     except DatasetError as error:
         reason = error.problem
     except OSError as error:
         reason = f"Cannot read {path} ({error.strerror or error})."
     else:
+        # An unreadable caption stops the scan instead of skipping the image: the user wrote that caption,
+        # and training without the picture (or without its words) would be a silent loss.
+        caption, source = _caption_for(path, group, caption_extension, warnings)
         return ImageRecord(path=path, caption=caption, repeats=group.repeats, subfolder=group.name,
                            size=image.size, sha256=hashlib.sha256(data).hexdigest(), caption_source=source)
     skipped.append(SkippedFile(path, reason))

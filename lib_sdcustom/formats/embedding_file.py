@@ -167,9 +167,13 @@ def encoder_vectors(data: dict[str, Any]) -> tuple[torch.Tensor, ...]:
     return (vectors[None] if vectors.ndim == 1 else vectors,)
 
 
-def write_embedding_preview(target: Path, image: Any) -> Path:
+def embedding_preview_path(target: Path) -> Path:
     """`NAME.preview.png` beside the embedding: the host's card shows it, and its embedding loader skips
     `*.preview.*` images instead of probing them for embedded data."""
-    path = Path(target).with_suffix(".preview.png")
+    return Path(target).with_suffix(".preview.png")
+
+
+def write_embedding_preview(target: Path, image: Any) -> Path:
+    path = embedding_preview_path(target)
     picture = image if image.mode in ("RGB", "RGBA", "L") else image.convert("RGB")
     return write_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -70,14 +71,22 @@ def _read_safetensors(path: Path) -> _Contents:
     )
 
 
+_UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|Unsupported class) ([\w.]+)")
+
+
 def _torch_load(path: Path) -> Any:
     try:
         # mmap avoids reading a multi-GB checkpoint into memory; only the zip format supports it.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as error:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, OSError) as error:
+        # torch's own text advises `weights_only=False`, i.e. running the file's code: never pass that on.
+        found = _UNSAFE_GLOBAL.search(str(error))
+        why = (f"it holds a pickled Python object ({found.group(1)}), not only tensors, and such objects can run "
+               "code when opened" if found else "it is damaged, incomplete, or not a PyTorch file")
         raise ModelLoadError(
-            f"{path} could not be read as plain tensors ({str(error).splitlines()[0] if str(error) else error}).",
-            "Only files holding tensors, numbers and strings can be opened safely; re-save it as .safetensors.",
+            f"{path} could not be read as plain tensors: {why}.",
+            "Use a .safetensors version of the file, or re-download it; inspect never opens a pickle that "
+            "needs more than tensors, numbers and strings.",
         ) from error
 
 
@@ -120,11 +129,30 @@ def _is_checkpoint(keys: list[str]) -> bool:
     return any(k.startswith(_CHECKPOINT_PREFIXES) for k in keys)
 
 
+#: Token-embedding widths of the text encoders embeddings are made for (SD1 CLIP-L, SD2 OpenCLIP-H).
+_EMBEDDING_WIDTHS = (768, 1024)
+
+
 def _is_embedding(c: _Contents) -> bool:
+    """An SDXL clip_l/clip_g pair, an A1111 dict, or one tensor of vectors as wide as a text encoder's tokens
+    (any other lone tensor is not called an embedding)."""
     keys = sorted(c.shapes)
     if keys == ["clip_g", "clip_l"] or (len(keys) == 1 and keys[0].startswith("string_to_param.")):
         return True
-    return len(keys) == 1 and len(c.shapes[keys[0]]) in (1, 2)
+    return len(keys) == 1 and len(c.shapes[keys[0]]) in (1, 2) and c.shapes[keys[0]][-1] in _EMBEDDING_WIDTHS
+
+
+#: Diffusion-model blocks of families SD Customize does not train, with or without the LDM prefix.
+_UNSUPPORTED_FAMILIES = (("joint_blocks.", "SD3 / SD3.5 (MMDiT)"), ("double_blocks.", "FLUX.1"),
+                         ("transformer_blocks.", "a transformer (DiT) model such as PixArt"))
+_NOT_SUPPORTED = "not supported: SD Customize trains and exports for SD1, SD2 and SDXL only"
+
+
+def _unsupported_family(keys: list[str]) -> str | None:
+    for block, family in _UNSUPPORTED_FAMILIES:
+        if any(k.startswith(block) or k.startswith("model.diffusion_model." + block) for k in keys):
+            return family
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -344,7 +372,7 @@ def _checkpoint_family(keys: list[str]) -> str:
         return "SD2 (cond_stage_model.model.*, OpenCLIP)"
     if has("cond_stage_model.transformer."):
         return "SD1 (cond_stage_model.transformer.*, CLIP-L)"
-    return "unknown (no text encoder keys)"
+    return "unknown (no text encoder keys; not a family SD Customize supports)"
 
 
 def _checkpoint_report(c: _Contents) -> list[str]:
@@ -387,7 +415,11 @@ def inspect_file(path: Path) -> str:
     keys = list(contents.shapes)
     if not keys:
         raise _unreadable(path, "it holds no tensors")
-    if _is_network(keys):
+    unsupported = _unsupported_family(keys)
+    if unsupported:
+        body = ["Kind: diffusion model checkpoint of a family SD Customize does not support",
+                f"Family: {unsupported} - {_NOT_SUPPORTED}", f"Tensors: {len(keys)}", f"Dtype: {_dtype_line(contents)}"]
+    elif _is_network(keys):
         body = _network_report(contents)
     elif _is_checkpoint(keys):
         body = _checkpoint_report(contents)

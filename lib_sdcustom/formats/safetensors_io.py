@@ -64,12 +64,39 @@ def read_header(path: Path) -> SafetensorsHeader:
         raise _not_safetensors(path, "the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     tensors = {}
+    data_bytes = size - 8 - length
     for key, entry in header.items():
         if not isinstance(entry, dict) or "dtype" not in entry or "shape" not in entry:
             raise _not_safetensors(path, f"entry {key!r} has no dtype/shape")
         tensors[key] = TensorInfo(dtype=str(entry["dtype"]), shape=tuple(int(n) for n in entry["shape"]))
+        _check_extent(path, key, tensors[key], entry.get("data_offsets"), data_bytes)
     return SafetensorsHeader(tensors=tensors, metadata={str(k): str(v) for k, v in metadata.items()},
                              data_offset=8 + length)
+
+
+#: Bytes per element of each safetensors dtype name.
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+                "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _check_extent(path: Path, key: str, info: TensorInfo, offsets: object, data_bytes: int) -> None:
+    """A header that promises more data than the file holds is a cut-off download, not a model: say so
+    here rather than report a healthy file and fail at load time."""
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)):
+        raise _not_safetensors(path, f"entry {key!r} has no valid data_offsets")
+    start, end = offsets
+    if not 0 <= start <= end:
+        raise _not_safetensors(path, f"entry {key!r} has data_offsets {offsets}")
+    if end > data_bytes:
+        raise _not_safetensors(path, f"it is cut off: tensor {key!r} ends at byte {end} of the data, but the file "
+                                     f"holds only {max(data_bytes, 0)} data bytes (an incomplete download or copy)")
+    itemsize = _DTYPE_BYTES.get(info.dtype)
+    numel = 1
+    for n in info.shape:
+        numel *= n
+    if itemsize is not None and (end - start) != numel * itemsize:
+        raise _not_safetensors(path, f"tensor {key!r} ({info.dtype} {list(info.shape)}) needs {numel * itemsize} bytes "
+                                     f"but its data_offsets span {end - start}")
 
 
 def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> bytes:

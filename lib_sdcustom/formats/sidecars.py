@@ -30,6 +30,11 @@ def sd_version_for(family: ModelFamily) -> SdVersion:
     return _SD_VERSION_BY_FAMILY[family]
 
 
+def sidecar_paths(model_path: Path) -> list[Path]:
+    """The preview and user-metadata files that go beside `model_path` (the host finds them by stem)."""
+    return [Path(model_path).with_suffix(".png"), Path(model_path).with_suffix(".json")]
+
+
 def _existing_user_metadata(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
@@ -50,8 +55,7 @@ def write_sidecars(model_path: Path, *, preview: Any | None, activation_text: st
     model_path = Path(model_path)
     if sd_version not in SD_VERSIONS:
         raise ValueError(f"sd_version must be one of {SD_VERSIONS}, got {sd_version!r}.")
-    preview_path = model_path.with_suffix(".png")
-    json_path = model_path.with_suffix(".json")
+    preview_path, json_path = sidecar_paths(model_path)
     if model_path in (preview_path, json_path):
         raise ValueError(f"Model file {model_path} has a sidecar suffix; its sidecars would overwrite it.")
     written = []

@@ -14,6 +14,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from ..config import RunConfig
+from ..formats.sidecars import sidecar_paths
+
+#: Room for the preview PNG and the JSON card beside a result (a 512 px preview PNG is a few hundred KiB).
+SIDECAR_BYTES = 2**20
+#: torch dtype of each --save-precision.
+SAVE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 if TYPE_CHECKING:
     from ..run_context import RunContext
@@ -34,6 +40,12 @@ class Method(abc.ABC):
     def result_suffix(cls, config: RunConfig) -> str:
         """Extension of the exported file; the output path is checked before any model loads."""
         return ".safetensors"
+
+    @classmethod
+    def output_files(cls, target: Path) -> list[Path]:
+        """Every file an export writes for `target`: the result and the card files the host reads beside it
+        (checked before training, so an existing card is not replaced without --overwrite)."""
+        return [target, *sidecar_paths(target)]
 
     @classmethod
     def default_caption(cls, config: RunConfig) -> str:
@@ -59,8 +71,10 @@ class Method(abc.ABC):
         return target.parent / f"{target.stem}-steps" / f"{target.stem}-step{step:08d}{target.suffix}"
 
     def required_disk_bytes(self) -> int:
-        """Free space needed in the output folder, checked before training starts."""
-        return 256 * 2**20
+        """Free space needed in the output folder, checked before training starts: the trained tensors at
+        the save precision, plus room for the preview image and card."""
+        itemsize = torch.empty((), dtype=SAVE_DTYPES[self.config.output.save_precision]).element_size()
+        return sum(tensor.numel() for tensor in self.trainable_state().values()) * itemsize + SIDECAR_BYTES
 
     @abc.abstractmethod
     def param_groups(self) -> list[dict[str, Any]]:

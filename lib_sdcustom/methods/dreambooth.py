@@ -31,15 +31,14 @@ from ..errors import TrainingStopped
 from ..events import PhaseProgress
 from ..files import check_free_space
 from ..formats.checkpoint_file import TrainedWeights, estimated_checkpoint_bytes, write_checkpoint
-from ..models.ldm_config import PREDICTION_METADATA_KEY
+from ..models.ldm_config import PREDICTION_METADATA_KEY, yaml_beside
 from ..run_context import RunContext
 from ..training.batches import LatentBatchSource
 from ..training.conditioning import Conditioning, SizeConditioning
 from ..training.ema import ExponentialMovingAverage
 from ..training.loop import Batch, BatchSource
-from .base import Method, shared_phrase
+from .base import SAVE_DTYPES, Method, shared_phrase
 from .network import NetworkMethod
-from .network_export import SAVE_DTYPES
 from .text_conditioning import encode_captions
 
 
@@ -187,6 +186,10 @@ class DreamBoothMethod(_DreamBoothBatchesMixin, Method):
     of the run, in one parameter group so that the schedule stops them together."""
 
     name = "dreambooth"
+
+    @classmethod
+    def output_files(cls, target: Path) -> list[Path]:
+        return [*super().output_files(target), yaml_beside(target)]
 
     def __init__(self, context: RunContext) -> None:
         super().__init__(context)

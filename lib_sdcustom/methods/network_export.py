@@ -6,16 +6,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..formats.network_file import write_network_file
 from ..formats.network_metadata import BucketStat, DatasetDir, NetworkTrainingFacts, build_network_metadata, tag_frequency
 from ..formats.sidecars import sd_version_for, write_sidecars
 from ..networks.algorithms import algorithm_for
 from ..networks.kohya_names import to_file_names
 from ..run_context import RunContext
+from .base import SAVE_DTYPES
 
-SAVE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 PREFERRED_WEIGHT = 0.8
 
 
@@ -69,8 +67,8 @@ def network_facts(context: RunContext, *, step: int) -> NetworkTrainingFacts:
         tag_frequency=tag_frequency(captions),
         enable_bucket=config.data.buckets,
         bucket_no_upscale=not config.data.upscale,
-        min_bucket_reso=config.data.min_bucket,
-        max_bucket_reso=config.data.max_bucket,
+        min_bucket_reso=config.data.bucket_bounds[0],
+        max_bucket_reso=config.data.bucket_bounds[1],
         buckets=[BucketStat(resolution=size, count=count) for size, count in data.bucket_counts().items()],
         clip_skip=config.model.clip_skip,
         max_token_length=75,

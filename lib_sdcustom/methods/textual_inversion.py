@@ -33,7 +33,7 @@ from torch import nn
 from ..config import RunConfig
 from ..data.prompt_templates import BUILT_IN, fill_template, load_templates
 from ..errors import ConfigError
-from ..formats.embedding_file import SUFFIXES, write_embedding, write_embedding_preview
+from ..formats.embedding_file import SUFFIXES, embedding_preview_path, write_embedding, write_embedding_preview
 from ..run_context import RunContext
 from ..training.conditioning import Conditioning
 from .base import Method
@@ -84,6 +84,10 @@ class TextualInversionMethod(Method):
         return SUFFIXES[config.textual_inversion.embedding_format]
 
     @classmethod
+    def output_files(cls, target: Path) -> list[Path]:
+        return [target, embedding_preview_path(target)]
+
+    @classmethod
     def default_caption(cls, config: RunConfig) -> str:
         """Images without a caption fill `[filewords]` with nothing; the templates supply the trigger word."""
         return config.data.default_caption
@@ -96,9 +100,6 @@ class TextualInversionMethod(Method):
     def build_source(self, source: "BatchSource") -> "BatchSource":
         self._warn_about_captions_without_trigger()
         return TemplatedSource(source, self.templates, trigger=self.trigger, seed=self.config.training.seed)
-
-    def required_disk_bytes(self) -> int:
-        return 16 * 2**20  # a few KiB of vectors and a preview image
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": list(self.vectors), "lr": self.config.lr, "name": "embedding"}]

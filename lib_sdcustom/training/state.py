@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError
+from ..files import temp_prefix
+from ..run_folder import read_run_id
 
 _PREFIX = "step-"
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: progress.json names the run that wrote it
 
 
 @dataclass
@@ -39,28 +42,49 @@ def state_root(run_dir: Path) -> Path:
 
 def save_state(run_dir: Path, *, step: int, trainable: dict[str, torch.Tensor], optimizer: dict[str, Any],
                scheduler: dict[str, Any], keep: int = 2) -> Path:
+    """Write the state of `step`; only older states of the same run are pruned, never another run's."""
     root = state_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    run_id = read_run_id(run_dir)
     final = root / f"{_PREFIX}{step:08d}"
-    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=root))
     try:
-        save_file({k: v.contiguous() for k, v in trainable.items()}, str(staging / "trainable.safetensors"))
-        torch.save(optimizer, staging / "optimizer.pt")
-        torch.save(scheduler, staging / "scheduler.pt")
-        (staging / "progress.json").write_text(json.dumps({"format": STATE_FORMAT, "step": step}), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    for old in sorted(root.glob(f"{_PREFIX}*"))[:-keep]:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name), suffix=".tmp", dir=root))
+        try:
+            save_file({k: v.contiguous() for k, v in trainable.items()}, str(staging / "trainable.safetensors"))
+            torch.save(optimizer, staging / "optimizer.pt")
+            torch.save(scheduler, staging / "scheduler.pt")
+            (staging / "progress.json").write_text(json.dumps({"format": STATE_FORMAT, "step": step, "run_id": run_id}),
+                                                   encoding="utf-8")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    except (OSError, SafetensorError) as error:
+        raise OutputError(f"Could not save the training state in {root} at step {step}: {error}.",
+                          "Free disk space in the run folder (or choose another --run-dir) and resume.") from error
+    for old in _states_of(run_dir, run_id)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def latest_state(run_dir: Path) -> Path | None:
-    folders = sorted(p for p in state_root(run_dir).glob(f"{_PREFIX}*") if (p / "progress.json").is_file())
+def _states_of(run_dir: Path, run_id: str | None) -> list[Path]:
+    """Complete states written by run `run_id`, oldest first."""
+    found = []
+    for folder in sorted(state_root(run_dir).glob(f"{_PREFIX}*")):
+        try:
+            progress = json.loads((folder / "progress.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # a state cut short by a crash before its rename, or not ours
+        if isinstance(progress, dict) and progress.get("run_id") == run_id:
+            found.append(folder)
+    return found
+
+
+def latest_state(run_dir: Path, run_id: str) -> Path | None:
+    """The newest state the run `run_id` saved; states another run left in the folder are never chosen."""
+    folders = _states_of(run_dir, run_id)
     return folders[-1] if folders else None
 
 

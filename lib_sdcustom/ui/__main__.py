@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 EXTENSION_ROOT = Path(__file__).resolve().parents[2]
 STYLE = EXTENSION_ROOT / "style.css"
@@ -23,9 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: 127.0.0.1, this machine only).")
     parser.add_argument("--port", type=int, default=7861)
     parser.add_argument("--api", action="store_true", help="Also serve the HTTP API under /sdcustom/v1.")
-    parser.add_argument("--api-auth", default=None, metavar="USER:PASSWORD[,USER:PASSWORD]", help="Require HTTP Basic auth on the API.")
+    parser.add_argument("--api-auth", default=None, metavar="USER:PASSWORD[,USER:PASSWORD]",
+                        help="Require this login for the page, its endpoints and the API (HTTP Basic for the API).")
     parser.add_argument("--data-root", type=Path, action="append", default=[],
-                        help="A folder API requests may read images from (repeatable; the models folder always may).")
+                        help="A folder the page and API may read images from (repeatable; the models folder always may).")
     return parser
 
 
@@ -33,14 +34,16 @@ def _read(path: Path) -> str:
     return path.read_text(encoding="utf-8") if path.is_file() else ""
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ..api import parse_credentials, register_routes
+def launch(args: argparse.Namespace) -> Tuple[Any, str]:
+    """Start the server without blocking; (gradio Blocks, local URL). One `Credentials` guards the page's
+    endpoints (gradio's login) and the API; the host confines both to the same roots."""
+    from ..access import parse_credentials
+    from ..api import register_routes
     from ..host import StandaloneHost
     from ..runs import RunManager
     from . import build_tab, compat
 
+    credentials = parse_credentials(args.api_auth)
     host = StandaloneHost(args.models_dir, data_roots=args.data_root)
     for folder in host.facts().output_dirs.values():
         folder.mkdir(parents=True, exist_ok=True)
@@ -55,9 +58,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             demo.load(None, None, None, **compat.js_kwargs(f"() => {{ {script}\n;window.sdcustomInit(); }}"))
     compat.enable_queue(demo, concurrency=4)
     app, local_url, _ = demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True,
-                                    **compat.launch_kwargs(css))
+                                    auth=credentials.allows if credentials else None, **compat.launch_kwargs(css))
     if args.api:
-        register_routes(app, manager, roots=facts.allowed_roots, credentials=parse_credentials(args.api_auth))
+        register_routes(app, manager, roots=facts.allowed_roots, credentials=credentials)
+    return demo, local_url
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    demo, local_url = launch(args)
     print(f"SD Customize is ready at {local_url}", flush=True)
     demo.block_thread()
     return 0

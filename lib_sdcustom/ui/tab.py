@@ -71,6 +71,7 @@ class TabController:
             config = self.config(*form_values, subject=False)
             if not config.data.data:
                 raise DatasetError("No image folder given.", "Type the path of the folder that holds your pictures.")
+            self.host.check_paths(config)
             method, token, subject_class = form_values[0], form_values[4], form_values[5]
             if form.uses_token(method) and (token or "").strip():
                 form.apply_subject(config, token, subject_class)  # uncaptioned images will train with it
