@@ -17,6 +17,7 @@ from typing import Collection, List
 
 from .config import load_config
 from .errors import UserFacingError
+from .run_folder import read_run_id
 from .training.state import latest_state
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ def folder_size(path: Path) -> int:
 
 
 def _finished(folder: Path) -> bool:
-    state = latest_state(folder)
+    run_id = read_run_id(folder)
+    state = latest_state(folder, run_id) if run_id is not None else None
     if state is None:
         return True
     try:

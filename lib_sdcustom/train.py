@@ -169,7 +169,6 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
             zero_terminal_snr=config.training.zero_terminal_snr,
             cache_text_encoder_outputs=config.training.cache_text_encoder_outputs,
             gradient_checkpointing=config.training.gradient_checkpointing, save_state_every=config.training.save_state_every,
-            keep_final_state=config.training.keep_final_state,
             save_every=config.training.save_every, sample_every=config.training.sample_every)
         previews = PreviewRenderer(context, bus, encode=method.encode_captions)
         hooks = LoopHooks(export_intermediate=lambda step: method.export(method.intermediate_path(target, step), step=step),
@@ -194,7 +193,7 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
         outputs = _export(method, target, result.step, preview, loop.last_state, run_dir) if accelerator.is_main_process else []
         for path in outputs:
             bus.emit(FileSaved(path, "result" if path == target else "sidecar"))
-        if not config.training.keep_final_state:  # periodic states were resume points; the run is complete
+        if not config.training.keep_final_state:  # the states were resume points, kept until the export succeeded
             shutil.rmtree(state_root(run_dir), ignore_errors=True)
         bus.emit(RunFinished(step=result.step, outputs=tuple(outputs)))
         return TrainResult(outputs=outputs, steps=result.step, last_loss=result.last_loss, losses=result.losses, run_dir=run_dir)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from lib_sdcustom.config import RunConfig, dumps_toml
+from lib_sdcustom.run_folder import RUN_FILE
 from lib_sdcustom.run_folders import clear_finished, run_folders
 
 
@@ -16,10 +17,11 @@ def _run(root: Path, name: str, *, steps: int, saved_step: int | None) -> Path:
     config = RunConfig()
     config.training.steps = steps
     (folder / "config.toml").write_text(dumps_toml(config))
+    (folder / RUN_FILE).write_text(json.dumps({"run_id": name}))
     if saved_step is not None:
         state = folder / "state" / f"step-{saved_step:08d}"
         state.mkdir(parents=True)
-        (state / "progress.json").write_text(json.dumps({"step": saved_step}))
+        (state / "progress.json").write_text(json.dumps({"step": saved_step, "run_id": name}))
     return folder
 
 

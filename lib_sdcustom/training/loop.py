@@ -58,7 +58,6 @@ class LoopSettings:
     cache_text_encoder_outputs: bool = False  # honoured only when the method's text conditioning is frozen
     gradient_checkpointing: bool = False
     save_state_every: int = 0
-    keep_final_state: bool = False
     save_every: int = 0
     sample_every: int = 0
 
@@ -220,7 +219,7 @@ class TrainingLoop:
     def _periodic_work(self) -> None:
         settings, step = self.settings, self.step
         final = step == settings.total_steps
-        if settings.save_state_every and step % settings.save_state_every == 0 and not final or final and settings.keep_final_state:
+        if settings.save_state_every and step % settings.save_state_every == 0 or final:
             self.save_state()
         if settings.save_every and step % settings.save_every == 0 and not final and self.hooks.export_intermediate:
             if self.accelerator.is_main_process:
