@@ -63,7 +63,7 @@ def test_saver_takes_replacement_weights(bundle):
 
 def test_tiny_bundle_runs_with_sd_shapes(tiny, bundle):
     assert bundle.family is ModelFamily.SD1
-    assert bundle.prediction_type == "epsilon" and bundle.clip_skip == 1
+    assert bundle.prediction_type == "epsilon"
     assert bundle.vae_scaling_factor == pytest.approx(0.18215)
     assert bundle.noise_scheduler.config.num_train_timesteps == 1000
     assert bundle.noise_scheduler.config.beta_schedule == "scaled_linear"

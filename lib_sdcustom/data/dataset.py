@@ -137,26 +137,6 @@ class TrainingSet:
         _require_positive("gradient_accumulation", gradient_accumulation, "Use 1 to turn accumulation off.")
         return math.ceil(self.steps_per_epoch() / gradient_accumulation) * epochs
 
-    def describe_steps(self, epochs: int, *, gradient_accumulation: int = 1) -> str:
-        """The step arithmetic in words, e.g. '12 images x 10 repeats x 2 epochs / batch 4 = 60 steps'."""
-        total = self.total_steps(epochs, gradient_accumulation=gradient_accumulation)
-        images = len(self.records)
-        per_epoch = sum(record.repeats for record in self.records)
-        repeat_counts = {record.repeats for record in self.records}
-        if len(repeat_counts) == 1:
-            seen = f"{_count(images, 'image')} x {_count(repeat_counts.pop(), 'repeat')}"
-        else:
-            seen = f"{_count(images, 'image')} ({per_epoch} with repeats)"
-        text = f"{seen} x {_count(epochs, 'epoch')} / batch {self.options.batch_size}"
-        if gradient_accumulation > 1:
-            text += f" / accumulation {gradient_accumulation}"
-        text += f" = {_count(total, 'step')}"
-        batches = self.steps_per_epoch()
-        if batches != math.ceil(per_epoch / self.options.batch_size):
-            text += (f" ({batches} batches per epoch: a batch holds one image size, "
-                     f"{len(self.bucket_counts())} sizes in use)")
-        return text
-
 
 def size_conditioning(image_size: Size, bucket: Size, *, crop_seed: Optional[int] = None,
                       flip: bool = False) -> SizeConditioning:
@@ -179,7 +159,3 @@ def _derive_seed(*parts: object) -> int:
 def _require_positive(name: str, value: object, fix: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}.", fix)
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"

@@ -49,11 +49,8 @@ class PretrainSettings:
     minutes: float = 42.0  # whole budget: pool, VAE, encoding, UNet (the final check is extra)
     vae_share: float = 0.16  # share of the budget for the VAE (its reconstructions saturate; the UNet gains more)
     # Step counts make the run a function of the seed (for a given thread count) and independent of how
-    # busy the machine is. On the project's two-core machines the whole run (pool and encoding included)
-    # took 42 to 51 minutes alone on the machine: their speed varied by a quarter between days. The VAE
-    # sets the color ceiling: with 2000 steps its reconstructions kept the color 0.91 of the time and the
-    # samples 0.92; with 2800 steps 0.99 and 0.99.
-    # 0 = the phase runs on its time share of `minutes`.
+    # busy the machine is; 0 = the phase runs on its time share of `minutes`. Why these values (the VAE sets
+    # the colour ceiling, the UNet is optimisation-bound): docs/bench/tuning.md.
     vae_steps: int = 2800
     unet_steps: int = 3300
     pool_size: int = 40000  # UNet pictures (pretraining split); the VAE gets half as many from every split
@@ -63,9 +60,7 @@ class PretrainSettings:
     vae_lr: float = 2e-3
     kl_weight: float = 1e-4  # per latent element, against per-pixel reconstruction errors
     unet_batch: int = 128
-    # The UNet is optimisation-bound on this budget: after 2000 steps, shape accuracy of samples was 0.51
-    # at 1e-3, 0.74 at 3e-3 and 0.88 at 6e-3 (same seed and VAE).
-    unet_lr: float = 6e-3
+    unet_lr: float = 6e-3  # the best of 1e-3, 3e-3 and 6e-3 on this budget (docs/bench/tuning.md)
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
     log_every: int = 100

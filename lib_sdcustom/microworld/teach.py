@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ..config import RunConfig
+from ..methods.registry import OutputKind, method_spec
 from .judge import Judge
 from .quality import GUIDANCE, SAMPLE_STEPS
 from .world import IMAGE_SIZE, Concept, concept_scenes, render
@@ -51,7 +52,7 @@ class Prompts:
 
 
 def prompts_for(concept: Concept, method: str) -> Prompts:
-    word = TI_TRIGGER if method == "textual_inversion" else f"{IDENTIFIER} {concept.class_noun}"
+    word = f"{IDENTIFIER} {concept.class_noun}" if method_spec(method).uses_token else TI_TRIGGER
     return Prompts(word, concept.class_noun)
 
 
@@ -112,10 +113,11 @@ def trained_sampler(config: RunConfig, result: Path, bundle=None) -> Sampler:
     `bundle`, a freshly loaded base), an embedding hooked into its text encoder."""
     from ..models.loader import load_bundle
 
-    if config.method == "dreambooth":
+    kind = config.spec.output
+    if kind is OutputKind.CHECKPOINT:
         return sampler(load_bundle(result))
     bundle = bundle if bundle is not None else load_bundle(Path(config.model.base))
-    if config.method == "textual_inversion":
+    if kind is OutputKind.EMBEDDING:
         return sampler(bundle, _embedding_encoder(bundle, result, config.output.name))
     from safetensors.torch import load_file
 

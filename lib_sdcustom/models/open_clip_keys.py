@@ -1,13 +1,14 @@
 """The open_clip text tower of SD2 and SDXL checkpoints <-> a transformers CLIP text model, exact both ways.
 
 SD2 stores its OpenCLIP ViT-H text encoder under `cond_stage_model.model.` and SDXL its bigG encoder under
-`conditioner.embedders.1.model.`, in open_clip's own names (HOST.md 3d):
+`conditioner.embedders.1.model.`, in open_clip's own names (docs/host-formats.md#checkpoints):
 - `transformer.resblocks.N.attn.in_proj_weight` / `in_proj_bias` hold q, k and v stacked in that order
   (`nn.MultiheadAttention`); transformers has separate `q_proj`, `k_proj`, `v_proj`;
 - `positional_embedding` is a bare parameter, transformers' is `position_embedding.weight`;
 - `text_projection` is used as `pooled @ text_projection` ([width, embed_dim]), so transformers'
-  `text_projection.weight` (an `nn.Linear` weight, [embed_dim, width]) is its *transpose* (HOST.md 6; diffusers'
-  `convert_open_clip_checkpoint` transposes the same way).
+  `text_projection.weight` (an `nn.Linear` weight, [embed_dim, width]) is its *transpose*
+  (docs/host-formats.md#text-projection-orientation; diffusers' `convert_open_clip_checkpoint` transposes the
+  same way).
 
 Not every tensor of the tower belongs to the module the trainer builds (`OpenClipLayout`). SD2 runs only the
 first `layers - 1` blocks (its configs say `layer: penultimate`); diffusers' SD2 text encoder likewise has 23

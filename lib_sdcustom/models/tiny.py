@@ -2,8 +2,9 @@
 
 It is written the way a user's custom checkpoint arrives: `NAME.safetensors` in LDM layout, `NAME.yaml`
 beside it (the host's v1-inference shape with small numbers) and a local text-encoder folder that the YAML
-names as the FrozenCLIPEmbedder `version`. The same three files load in the stock host (HOST.md section 8),
-so a tiny model exercises the loader, the exporters and the host with the real layout.
+names as the FrozenCLIPEmbedder `version`. The same three files load in the stock host
+(docs/host-formats.md#a-tiny-model-in-the-stock-host), so a tiny model exercises the loader, the exporters and the host
+with the real layout.
 
 Constraints that come from the host's LDM code: UNet and VAE widths are multiples of 32 (GroupNorm(32) is
 hard-coded there), and the VAE keeps four levels so latents are images / 8.
