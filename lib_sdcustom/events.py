@@ -10,7 +10,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class RunFinished:
     reason: str = ""
 
 
-Event = Union[RunStarted, PhaseProgress, StepDone, FileSaved, SamplesRendered, Warning_, RunFinished]
+Event = RunStarted | PhaseProgress | StepDone | FileSaved | SamplesRendered | Warning_ | RunFinished
 Callback = Callable[[Event], None]
 
 

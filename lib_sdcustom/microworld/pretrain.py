@@ -26,7 +26,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -100,7 +100,7 @@ class Pool:
     """Rendered pretraining pictures (uint8, N x 3 x 64 x 64) and their scenes."""
 
     images: torch.Tensor
-    scenes: List[Scene]
+    scenes: list[Scene]
 
 
 def render_pool(scenes: Sequence[Scene]) -> Pool:
@@ -111,7 +111,7 @@ def render_pool(scenes: Sequence[Scene]) -> Pool:
     return Pool(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), list(scenes))
 
 
-def vae_scenes(seed: int, size: int) -> List[Scene]:
+def vae_scenes(seed: int, size: int) -> list[Scene]:
     """Scenes from every split (held-out shapes and outlines included), from their own random stream."""
     rng = random.Random(f"vae/{seed}")
     return [sample_scene(rng, allowed=EVERYTHING) for _ in range(size)]
@@ -132,7 +132,7 @@ class CaptionTable:
     def __init__(self, tokenizer, scenes: Sequence[Scene]) -> None:
         from ..methods.text_conditioning import tokenize
 
-        index: Dict[str, int] = {}
+        index: dict[str, int] = {}
         variants = []
         for scene in scenes:
             variants.append([index.setdefault(caption, len(index)) for caption in caption_variants(scene)])
@@ -195,7 +195,7 @@ def train_vae(pool: Pool, settings: PretrainSettings, seconds: float):
 
 
 @torch.no_grad()
-def encode_pool(vae, images: torch.Tensor, batch_size: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
+def encode_pool(vae, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and standard deviation of every pool picture (unscaled latents)."""
     means, stds = [], []
     vae = vae.to(memory_format=torch.channels_last)
@@ -317,7 +317,7 @@ def pretrain(settings: PretrainSettings) -> PretrainResult:
 
 
 def write_pretrained(result: PretrainResult, folder: Path, settings: PretrainSettings, *,
-                     name: str = BASE_NAME, info: Optional[Dict[str, object]] = None) -> Path:
+                     name: str = BASE_NAME, info: dict[str, object] | None = None) -> Path:
     """`folder/NAME.safetensors` (fp16, LDM layout), `NAME.yaml` and `NAME_text_encoder/config.json`.
 
     The text-encoder folder holds no tokenizer files (our loader then uses the bundled CLIP tokenizer, the
