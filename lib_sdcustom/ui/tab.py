@@ -16,7 +16,7 @@ from .. import presets
 from ..config import METHODS, RunConfig
 from ..errors import DatasetError, UserFacingError
 from ..host import HostFacts, output_kind
-from ..methods.registry import METHOD_SECTIONS, method_class
+from ..methods.registry import method_class
 from ..runs import RunManager, RunStatus
 from . import compat, form, plan, render
 
@@ -98,7 +98,7 @@ class TabController:
 
     @property
     def method_sections(self) -> List[str]:
-        return [section for section in METHOD_SECTIONS if any(f.section == section for f in self.fields)]
+        return [section for section in form.METHOD_SECTIONS if any(f.section == section for f in self.fields)]
 
     # ----- training -----
     def train(self, task_id: str, *form_values: Any) -> List[str]:
