@@ -133,5 +133,8 @@ def attach_network(unet: nn.Module, text_encoder: nn.Module | Sequence[nn.Module
             bypass_mode=bypass,
         )
     network.apply_to(text_view if train_text_encoder else None, unet, train_text_encoder, True)
+    # LyCORIS builds its modules on the CPU; on a GPU they would otherwise be copied to it every forward
+    # and the optimizer would step on the CPU. They stay fp32 (the frozen base may be bf16 or fp16).
+    network.to(device=next(unet.parameters()).device, dtype=torch.float32)
     network.requires_grad_(True)
     return AttachedNetwork(network=network, algorithm=algorithm, unet=unet)

@@ -28,10 +28,17 @@ def _import_optional(optimizer: str) -> Any:
         ) from error
 
 
+def _all_on_cuda(param_groups: list[dict[str, Any]]) -> bool:
+    """Whether torch's fused AdamW applies: one kernel for every parameter's update on CUDA, the same
+    arithmetic as the per-parameter loop (torch's default there is the multi-tensor 'foreach' form)."""
+    params = [p for group in param_groups for p in group["params"]]
+    return bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+
+
 def build_optimizer(name: str, param_groups: list[dict[str, Any]], *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """`param_groups` carry their own 'lr' (e.g. UNet and text-encoder rates); `lr` is the default."""
     if name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, fused=_all_on_cuda(param_groups) or None)
     if name == "sgd":
         return torch.optim.SGD(param_groups, lr=lr, weight_decay=weight_decay, momentum=0.9)
     if name == "adamw8bit":
