@@ -4,7 +4,8 @@ Each configuration runs twice, each time in a fresh child process: once through 
 run, with its latent and text-encoder caches on and the text encoder frozen) and once through the reference
 loop in `bench/reference.py`. Both read the same checkpoint, train the same layers at the same rank, batch
 and resolution, in bf16 autocast with fp32 network weights on CUDA (fp32 throughout on a CPU). Figures:
-steps/s and images/s (from the median time of the steps after the first), seconds from the child's start (before the model is
+steps/s and images/s (from the median time of the steps after the first; on a CPU, the process's CPU
+time, which other work on a shared machine does not inflate), seconds from the child's start (before the model is
 read) to the end of the first step, peak resident memory, peak GPU memory, and ours/reference. `--load`
 adds the peak memory of loading the checkpoint alone, with the frozen weights in bf16 on the training
 device, which is how `train()` loads it for a bf16 run.
@@ -61,16 +62,25 @@ def _peaks() -> tuple[float, Optional[float]]:
     return rss, cuda
 
 
+def step_clock() -> Callable[[], float]:
+    """What a step's time is read from. On a CPU shared with other work, wall-clock time counts the
+    neighbours too; the process's own CPU time does not (with one thread it equals the wall-clock time of
+    an idle machine; with more it is their sum, the same for both sides). A GPU step is wall-clock."""
+    return time.perf_counter if torch.cuda.is_available() else time.process_time
+
+
 def _timed(run: Callable[[Callable[[], None]], int]) -> Measured:
     """Run `run(on_step)`. The rate is 1 / the median time of the steps after the first (warm-up, caches,
-    compilation): on a shared machine the median keeps a neighbour's burst out of the figure."""
+    compilation): on a shared machine the median keeps a neighbour's burst out of the figure. That time is
+    wall-clock on CUDA and the process's CPU time on a CPU (`step_clock`)."""
     started = time.perf_counter()
-    stamps: list[float] = []
-    layers = run(lambda: stamps.append(time.perf_counter()))
-    durations = [later - earlier for earlier, later in zip(stamps, stamps[1:])]
+    stamps: list[tuple[float, float]] = []
+    clock = step_clock()
+    layers = run(lambda: stamps.append((time.perf_counter(), clock())))
+    durations = [later[1] - earlier[1] for earlier, later in zip(stamps, stamps[1:])]
     rate = 1.0 / statistics.median(durations) if durations else float("nan")
     rss, cuda = _peaks()
-    return Measured(rate, stamps[0] - started, rss, cuda, layers)
+    return Measured(rate, stamps[0][0] - started, rss, cuda, layers)
 
 
 def _ours(settings: dict[str, Any], on_step: Callable[[], None]) -> int:
@@ -217,7 +227,8 @@ def run(plan: Plan, workdir: Path) -> dict[str, Any]:
                 row[name] = _in_child({**settings, **extra, "side": "ours"}, environment)
             rows.append(row)
     loads = [_in_child({"base": str(base), "side": "load"})] if plan.load else []
-    return {"plan": asdict(plan), "device": device_description(), "cpu_count": os.cpu_count(),
+    clock = "wall-clock step times" if torch.cuda.is_available() else "step times in process CPU time"
+    return {"plan": asdict(plan), "device": device_description(), "clock": clock, "cpu_count": os.cpu_count(),
             "load_average": [load_before, os.getloadavg()], "rows": rows, "loads": loads}
 
 
@@ -237,7 +248,7 @@ def report(result: dict[str, Any]) -> str:
     (before, *_), (after, *_) = result["load_average"]
     lines = [f"{_model_label(plan)}, {plan['resolution']} px, rank {plan['rank']}, {plan['steps']} steps"
              f"{', gradient checkpointing' if plan['gradient_checkpointing'] else ''}, best of {plan['repeats']}; "
-             f"{result['device']}; "
+             f"{result['device']}, {result['clock']}; "
              f"load average {before:.1f} before, {after:.1f} after ({result['cpu_count']} CPUs)", "",
              "| network | batch | ours steps/s | reference steps/s | ours/reference | ours images/s | "
              "first step s (ours / ref) | peak RSS GiB (ours / ref) | peak GPU GiB (ours / ref) | layers (ours / ref) |",
