@@ -89,6 +89,7 @@ def test_networks_attach_in_bypass_mode_by_default(tiny_checkpoint):
     attached = attach_network(bundle.unet, bundle.text_encoder, ALGORITHMS["locon"], OPTIONS, train_text_encoder=True)
     modules = attached.unet_modules + attached.text_encoder_modules
     assert modules and all(module.bypass_mode for module in modules)
+    assert all("bypass_forward_diff" in vars(module) for module in modules)  # the lean forward (lean_forward.py)
     assert any(isinstance(module.org_module[0], torch.nn.Conv2d) for module in modules)
     attached.detach()
 

@@ -23,6 +23,7 @@ from torch import nn
 from ..config import NetworkOptions
 from .algorithms import TEXT_ENCODER_BLOCKS, NetworkAlgorithm
 from .kohya_names import from_file_names
+from .lean_forward import use_lean_forward
 
 _PRESET_LOCK = threading.Lock()
 _PRESET_FIELDS = ("ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "TEXT_ENCODER_TARGET_REPLACE_MODULE",
@@ -114,7 +115,7 @@ def attach_network(unet: nn.Module, text_encoder: nn.Module | Sequence[nn.Module
     module, or `bundle.text_encoders`).
 
     `bypass` (LyCORIS `bypass_mode`, the default) adds the network's output to the layer's: LoRA and LoCon
-    run `W x + up(down(x))` and never build a weight update. Without it LyCORIS runs each layer twice, once
+    run `W x + up(down(x))` and never build a weight update (`lean_forward`). Without it LyCORIS runs each layer twice, once
     with its weight and once with a freshly built full-size update (3-5x slower on full-size models); that
     merged-weight form is kept only as the reference the tests compare the bypass against. Bypass is also the
     only form that works on fp8-stored base weights. The weights, names and files are the same either way.
@@ -137,4 +138,5 @@ def attach_network(unet: nn.Module, text_encoder: nn.Module | Sequence[nn.Module
     # and the optimizer would step on the CPU. They stay fp32 (the frozen base may be bf16 or fp16).
     network.to(device=next(unet.parameters()).device, dtype=torch.float32)
     network.requires_grad_(True)
+    use_lean_forward(network.loras)
     return AttachedNetwork(network=network, algorithm=algorithm, unet=unet)
