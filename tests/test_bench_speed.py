@@ -5,14 +5,13 @@ asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 
 import pytest
 
 from lib_sdcustom.bench import dreambooth, lora
-from lib_sdcustom.bench.reference import target_layers
+from lib_sdcustom.bench.reference import peft_available, target_layers
 from lib_sdcustom.bench.runner import run_in_children
 from lib_sdcustom.config import NetworkOptions
 from lib_sdcustom.models.loader import load_bundle
@@ -79,7 +78,7 @@ def test_speed_prints_ours_beside_the_reference(tmp_path):
     [row] = [line for line in child.stdout.splitlines() if line.startswith("| locon | 1 |")]
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert float(cells[2]) > 0 and cells[9].split(" / ")[0] != "0"
-    if importlib.util.find_spec("peft") is None:
+    if not peft_available():
         assert "reference not run: the reference loop needs peft" in child.stdout
     else:
         assert float(cells[4]) > 0 and cells[9].split(" / ")[0] == cells[9].split(" / ")[1]
@@ -87,7 +86,7 @@ def test_speed_prints_ours_beside_the_reference(tmp_path):
 
 
 def test_gpu_check_dry_run_goes_through_every_plan(tmp_path):
-    if importlib.util.find_spec("peft") is None:
+    if not peft_available():
         child = _bench("gpu-check", "--dry-run")
         assert child.returncode == 2 and "needs peft" in child.stderr and "pip download --no-deps" in child.stderr
         return

@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 from ..files import write_text_atomically
+from .reference import peft_available
 from .speed import Plan, report, run
 
-REQUIRED = ("diffusers", "lycoris", "peft", "transformers", "accelerate", "safetensors")
+REQUIRED = ("diffusers", "lycoris", "transformers", "accelerate", "safetensors")
 WHEELS_HINT = ("carry wheels to this machine (on a connected one: pip download --no-deps diffusers==0.36.0 "
                "lycoris-lora==4.1.3 peft -d wheels/) and pip install --no-deps wheels/*.whl first")
 STEPS, DRY_RUN_STEPS = 30, 3
@@ -50,7 +51,10 @@ def plans(dry_run: bool) -> list[Plan]:
 
 
 def missing_packages() -> list[str]:
-    return [name for name in REQUIRED if importlib.util.find_spec(name) is None]
+    """Packages the check cannot run without (peft must also import: a peft newer than the installed
+    accelerate or transformers does not)."""
+    missing = [name for name in REQUIRED if importlib.util.find_spec(name) is None]
+    return missing + ([] if peft_available() else ["peft"])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,10 +22,12 @@ from torch import nn
 
 from ..networks.algorithms import UNET_ATTENTION_BLOCKS, UNET_CONV_BLOCKS
 
-PEFT_MISSING = "the reference loop needs peft (pip install peft; it is in requirements-test.txt)"
+PEFT_MISSING = ("the reference loop needs peft that imports beside this environment's accelerate and "
+                "transformers (pip install -r requirements-bench.txt)")
 
 
 def peft_available() -> bool:
+    """Whether peft imports here: the newest peft needs a newer accelerate than the WebUI's 0.21 pins."""
     try:
         import peft  # noqa: F401
     except ImportError:
