@@ -155,9 +155,9 @@ def child(arguments: str) -> None:
     sys.stdout.write(json.dumps(result) + "\n")
 
 
-def _in_child(settings: dict[str, Any], environment: Optional[dict[str, str]] = None) -> dict[str, Any]:
+def _in_child(settings: dict[str, Any]) -> dict[str, Any]:
     child_process = subprocess.run([sys.executable, "-m", "lib_sdcustom.bench", CHILD_COMMAND, json.dumps(settings)],
-                                   capture_output=True, text=True, env={**os.environ, **(environment or {})})
+                                   capture_output=True, text=True)
     if child_process.returncode != 0:
         raise RuntimeError(f"speed benchmark child {settings} failed:\n{child_process.stderr[-4000:]}")
     return json.loads(child_process.stdout.strip().splitlines()[-1])
@@ -176,15 +176,11 @@ class Plan:
     rank: int = 16
     gradient_checkpointing: bool = False
     load: bool = False
-    variants: Sequence[str] = ()  # extra runs of ours: "compile", "lycoris-torch"
+    variants: Sequence[str] = ()  # extra runs of ours: names in VARIANTS
     repeats: int = 1  # pairs of runs per configuration, ours and the reference alternating; the fastest of each
 
 
-VARIANTS = {
-    "compile": ({"compile": True}, {}),
-    # LyCORIS picks a kernel backend per call on CUDA (Triton, torch.compile, or eager torch); this pins eager.
-    "lycoris-torch": ({}, {"LYCORIS_KERNEL_BACKEND": "torch"}),
-}
+VARIANTS = {"compile": {"compile": True}}  # extra runs of ours with an opt-in option, to measure it
 
 
 def checkpoint_for(plan: Plan, workdir: Path) -> Path:
@@ -223,8 +219,7 @@ def run(plan: Plan, workdir: Path) -> dict[str, Any]:
             row = {"network": network, "batch_size": batch,
                    "ours": _fastest([ours for ours, _ in pairs]), "reference": _fastest([ref for _, ref in pairs])}
             for name in plan.variants:
-                extra, environment = VARIANTS[name]
-                row[name] = _in_child({**settings, **extra, "side": "ours"}, environment)
+                row[name] = _in_child({**settings, **VARIANTS[name], "side": "ours"})
             rows.append(row)
     loads = [_in_child({"base": str(base), "side": "load"})] if plan.load else []
     clock = "wall-clock step times" if torch.cuda.is_available() else "step times in process CPU time"
