@@ -115,9 +115,9 @@ def attach_network(unet: nn.Module, text_encoder: nn.Module | Sequence[nn.Module
     module, or `bundle.text_encoders`).
 
     `bypass` (LyCORIS `bypass_mode`, the default) adds the network's output to the layer's: LoRA and LoCon
-    run `W x + up(down(x))` and never build a weight update (`lean_forward`). Without it LyCORIS runs each layer twice, once
-    with its weight and once with a freshly built full-size update (3-5x slower on full-size models); that
-    merged-weight form is kept only as the reference the tests compare the bypass against. Bypass is also the
+    run `W x + up(down(x))` and never build a weight update (`lean_forward`). Without it LyCORIS runs each
+    layer twice, once with its weight and once with a freshly built full-size update (3-5x slower on
+    full-size models); that merged-weight form is kept only as the reference the tests compare against. Bypass is also the
     only form that works on fp8-stored base weights. The weights, names and files are the same either way.
     One difference: the network dropout acts on the network's output in bypass mode, while LyCORIS's
     merged-weight LoRA ignores it."""
