@@ -141,6 +141,9 @@ class TrainingOptions:
     gradient_accumulation: int = option(1, "Accumulate gradients over N batches per optimizer step.")
     mixed_precision: str = option("no", "Mixed precision (fp16 needs a CUDA GPU; bf16 works on recent GPUs and CPU).", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
+    compile_unet: bool = option(False, "Compile the UNet with torch.compile (torch >= 2.2): the first steps take "
+                                       "minutes longer while it compiles; later steps may be faster on a GPU.",
+                                flag="--compile")
     fp8_base: bool = option(False, "Store the frozen base's UNet and text-encoder layers as 8-bit floats (float8_e4m3fn, "
                                    "widened layer by layer when used): about half the memory of fp16 weights, slightly "
                                    "less exact. Not for DreamBooth, which trains the UNet itself.")
