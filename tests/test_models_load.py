@@ -198,5 +198,5 @@ def test_a_truncated_safetensors_file_is_reported_as_damaged(tiny, tmp_path):
     cut = tmp_path / "cut.safetensors"
     data = tiny.read_bytes()
     cut.write_bytes(data[: len(data) - 1000])
-    with pytest.raises(ModelLoadError, match="damaged or incomplete"):
+    with pytest.raises(ModelLoadError, match="cut off"):
         load_bundle(cut)
