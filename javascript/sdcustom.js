@@ -1,6 +1,7 @@
 // SD Customize: browser side of the Customize tab.
-// The WebUI loads this file into every page (HOST.md 1.6); the standalone server runs it after the page loads.
-// Everything is attached to `window`, so the same text works as a plain script and inside a function.
+// The WebUI loads this file into every page (docs/host-formats.md#extension-loading); the standalone server runs it
+// after the page loads. Everything is attached to `window`, so the same text works as a plain script and inside a
+// function.
 (function () {
     function sdcustomRoot() {
         if (typeof gradioApp === 'function') return gradioApp();

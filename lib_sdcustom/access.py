@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Iterable
 
 from .config import RunConfig
 from .errors import ConfigError
@@ -26,7 +26,7 @@ _TEMPLATE_WORDS = {"object", "style", "captions"}
 class Credentials:
     """User name -> password pairs, as `parse_credentials` reads them from `--api-auth`."""
 
-    def __init__(self, pairs: Dict[str, str]) -> None:
+    def __init__(self, pairs: dict[str, str]) -> None:
         self._pairs = dict(pairs)
 
     def allows(self, username: str, password: str) -> bool:
@@ -36,7 +36,7 @@ class Credentials:
         return secrets.compare_digest(given, (expected or "").encode()) and expected is not None
 
 
-def parse_credentials(text: Optional[str]) -> Optional[Credentials]:
+def parse_credentials(text: str | None) -> Credentials | None:
     """The host's `--api-auth user:password[,user2:password2]`; None when not set."""
     if not text:
         return None
@@ -48,7 +48,7 @@ class PathRoots:
     """The folders requests may name; everything else is refused with the list of allowed roots."""
 
     def __init__(self, roots: Iterable[Path]) -> None:
-        self.roots: List[Path] = [Path(root).resolve() for root in roots]
+        self.roots: list[Path] = [Path(root).resolve() for root in roots]
 
     def contains(self, path: Path) -> bool:
         resolved = Path(path).expanduser().resolve()
@@ -68,7 +68,7 @@ class PathRoots:
             self.confine(str(config.run_path), "The run folder (by default OUT/../sdcustom-runs/NAME)")
 
 
-def _path_values(config: RunConfig) -> List[Tuple[Tuple[str, str], str]]:
+def _path_values(config: RunConfig) -> list[tuple[tuple[str, str], str]]:
     found = []
     for section, name in PATH_SETTINGS:
         value = getattr(getattr(config, section), name)

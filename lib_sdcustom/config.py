@@ -14,15 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .methods.registry import METHODS, MethodSpec, method_spec
 
-NETWORK_METHODS = ("lora", "locon", "loha", "lokr")
-METHODS = NETWORK_METHODS + ("textual_inversion", "dreambooth", "dreambooth_lora")
-#: Learning rates that work for each method when --lr is not given (kohya / A1111 / diffusers practice).
-DEFAULT_LR = {**{name: 1e-4 for name in NETWORK_METHODS}, "textual_inversion": 5e-3, "dreambooth": 2e-6,
-              "dreambooth_lora": 1e-4}
-#: Whether the text encoder trains, as a fraction of the run, when --train-text-encoder is not given.
-DEFAULT_TEXT_ENCODER_FRACTION = {**{name: 1.0 for name in NETWORK_METHODS}, "textual_inversion": 0.0, "dreambooth": 0.0,
-                                 "dreambooth_lora": 1.0}
 TI_TEMPLATES = ("object", "style", "captions")
 EMBEDDING_FORMATS = ("safetensors", "pt")
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "prodigy", "adafactor", "sgd")
@@ -148,6 +141,9 @@ class TrainingOptions:
     gradient_accumulation: int = option(1, "Accumulate gradients over N batches per optimizer step.")
     mixed_precision: str = option("no", "Mixed precision (fp16 needs a CUDA GPU; bf16 works on recent GPUs and CPU).", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
+    compile_unet: bool = option(False, "Compile the UNet with torch.compile (torch >= 2.2): the first steps take "
+                                       "minutes longer while it compiles; later steps may be faster on a GPU.",
+                                flag="--compile")
     fp8_base: bool = option(False, "Store the frozen base's UNet and text-encoder layers as 8-bit floats (float8_e4m3fn, "
                                    "widened layer by layer when used): about half the memory of fp16 weights, slightly "
                                    "less exact. Not for DreamBooth, which trains the UNet itself.")
@@ -193,6 +189,11 @@ class RunConfig:
 
     # ----- derived values (one place for the defaulting rules) -----
     @property
+    def spec(self) -> MethodSpec:
+        """The method's facts (`methods/registry.py`)."""
+        return method_spec(self.method)
+
+    @property
     def run_path(self) -> Path:
         if self.output.run_dir:
             return Path(self.output.run_dir)
@@ -200,7 +201,7 @@ class RunConfig:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.lr or DEFAULT_LR[self.method]
+        return self.optimizer.lr or self.spec.default_lr
 
     @property
     def unet_lr(self) -> float:
@@ -214,11 +215,11 @@ class RunConfig:
     def text_encoder_fraction(self) -> float:
         """Share of the run during which the text encoder learns (0 = frozen)."""
         value = self.training.train_text_encoder
-        return DEFAULT_TEXT_ENCODER_FRACTION[self.method] if value < 0 else value
+        return self.spec.text_encoder_fraction if value < 0 else value
 
     @property
     def uses_network(self) -> bool:
-        return self.method in NETWORK_METHODS or self.method == "dreambooth_lora"
+        return self.spec.uses_network
 
     def validate(self) -> "RunConfig":
         """Check every value once, before any model is loaded; raise ConfigError naming the option."""
@@ -276,8 +277,8 @@ def _validate(config: RunConfig) -> None:
              "Fix --batch-size / --gradient-accumulation.")
     _require(train.mixed_precision in MIXED_PRECISION, f"Unknown mixed precision {train.mixed_precision!r}.",
              f"Use one of: {', '.join(MIXED_PRECISION)}.")
-    _require(not (train.fp8_base and config.method == "dreambooth"),
-             "fp8 base storage is on, but DreamBooth trains the UNet's own weights, which cannot be 8-bit.",
+    _require(not (train.fp8_base and "unet" in config.spec.trained_in_place),
+             f"fp8 base storage is on, but {config.spec.label} trains the UNet's own weights, which cannot be 8-bit.",
              "Turn fp8_base off, or use DreamBooth-LoRA (method dreambooth_lora), which keeps the base frozen.")
     _require(train.noise_offset >= 0 and train.min_snr_gamma >= 0, "Noise offset and min-SNR gamma must be >= 0.", "Use 0 to turn them off.")
     for name in ("save_state_every", "save_every", "sample_every"):
@@ -287,7 +288,8 @@ def _validate(config: RunConfig) -> None:
 
 
 def _validate_method_sections(config: RunConfig) -> None:
-    if config.method == "textual_inversion":
+    sections = config.spec.sections
+    if "textual_inversion" in sections:
         ti = config.textual_inversion
         _require(not any(char.isspace() for char in config.output.name),
                  f"The trigger word {config.output.name!r} (--name) contains a space; Textual Inversion needs one word.",
@@ -298,7 +300,7 @@ def _validate_method_sections(config: RunConfig) -> None:
         _require(ti.embedding_format in EMBEDDING_FORMATS, f"Unknown embedding format {ti.embedding_format!r}.",
                  f"Use one of: {', '.join(EMBEDDING_FORMATS)}.")
         _require(bool(ti.template), "No prompt template given.", f"Use one of {', '.join(TI_TEMPLATES)} or a template file path.")
-    if config.method in ("dreambooth", "dreambooth_lora"):
+    if "dreambooth" in sections:
         db = config.dreambooth
         _require(bool(db.instance_prompt.strip()), "No instance prompt given.",
                  "Pass --instance-prompt, e.g. 'a photo of sks dog'.")

@@ -19,7 +19,7 @@ from .events import Callback
 logger = logging.getLogger(__name__)
 
 DEMO_CONCEPT = "heart"
-DEMO_METHOD = "locon"  # plain LoRA (attention only) drew the heart 0.69 of the time in the quality bench, LoCon 0.88
+DEMO_METHOD = "locon"  # drew the heart more often than plain LoRA in the quality bench (docs/bench/tuning.md)
 DEMO_STEPS = 600
 DEMO_LR, DEMO_TEXT_ENCODER_LR = 3e-3, 6e-3  # the text encoder's part binds 'sks' and needs the higher rate
 DEMO_RANK = 8

@@ -10,7 +10,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Union
+from typing import Callable, Iterable
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class RunFinished:
     reason: str = ""
 
 
-Event = Union[RunStarted, PhaseProgress, StepDone, FileSaved, SamplesRendered, Warning_, RunFinished]
+Event = RunStarted | PhaseProgress | StepDone | FileSaved | SamplesRendered | Warning_ | RunFinished
 Callback = Callable[[Event], None]
 
 
@@ -104,17 +104,3 @@ class CancelToken:
     @property
     def cancelled(self) -> bool:
         return self._event.is_set() or bool(self._probe and self._probe())
-
-
-def describe(event: Any) -> str:
-    """One line of text for logs and the plain CLI output."""
-    if isinstance(event, StepDone):
-        return (f"step {event.step}/{event.total_steps} loss {event.loss:.4f} lr {event.lr:.2e} "
-                f"{event.steps_per_second:.2f} it/s eta {event.eta_seconds:.0f}s")
-    if isinstance(event, PhaseProgress):
-        return f"{event.phase}: {event.done}/{event.total}"
-    if isinstance(event, FileSaved):
-        return f"saved {event.kind}: {event.path}"
-    if isinstance(event, Warning_):
-        return f"warning: {event.message}"
-    return repr(event)

@@ -8,7 +8,6 @@ never reaches for the host's globals.
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from .access import PathRoots
 from .config import RunConfig
 from .errors import ConfigError
 from .events import Event
+from .methods.registry import OutputKind, method_spec
 from .models.bundle import ModelBundle, ModelFamily
 
 logger = logging.getLogger(__name__)
@@ -26,48 +26,18 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 
-class OutputKind(str, enum.Enum):
-    """The host folder (and refresh) a result belongs to."""
-
-    LORA = "lora"
-    EMBEDDING = "embedding"
-    CHECKPOINT = "checkpoint"
-    HYPERNETWORK = "hypernetwork"
-
-
 def output_kind(method: str) -> OutputKind:
-    if method == "textual_inversion":
-        return OutputKind.EMBEDDING
-    if method == "dreambooth":
-        return OutputKind.CHECKPOINT
-    if method == "hypernetwork":
-        return OutputKind.HYPERNETWORK
-    return OutputKind.LORA
+    return method_spec(method).output
 
 
-def trained_in_place(method: str) -> frozenset:
-    """Base components a method changes in place: a host must hand these over as copies, never shared.
-
-    Network methods hook the frozen base (nothing changes); Textual Inversion grows and trains the token
-    embedding; DreamBooth trains the UNet (and maybe the text encoder) itself.
-    """
-    if method == "dreambooth":
-        return frozenset({"unet", "text_encoder"})
-    if method == "textual_inversion":
-        return frozenset({"text_encoder"})
-    return frozenset()
+def trained_in_place(method: str) -> frozenset[str]:
+    """Base components a method changes in place: a host must hand these over as copies, never shared."""
+    return method_spec(method).trained_in_place
 
 
 def prompt_snippet(method: str, name: str, weight: float = 0.8) -> str:
     """What the user types in txt2img to use the result."""
-    kind = output_kind(method)
-    if kind is OutputKind.LORA:
-        return f"<lora:{name}:{weight:g}>"
-    if kind is OutputKind.HYPERNETWORK:
-        return f"<hypernet:{name}:1>"
-    if kind is OutputKind.EMBEDDING:
-        return name
-    return f"Select the checkpoint '{name}' at the top of txt2img."
+    return method_spec(method).prompt_snippet(name, weight)
 
 
 #: The folder of run folders beside the output folders (`RunConfig.run_path`'s default for outputs in models/).
@@ -175,8 +145,7 @@ def _header_state(path: Path) -> Dict[str, Any]:
 class StandaloneHost(Host):
     """Plain folders under one models directory, the WebUI's layout: Stable-diffusion/, Lora/, embeddings/ ..."""
 
-    FOLDERS = {OutputKind.LORA: "Lora", OutputKind.EMBEDDING: "embeddings", OutputKind.CHECKPOINT: "Stable-diffusion",
-               OutputKind.HYPERNETWORK: "hypernetworks"}
+    FOLDERS = {OutputKind.LORA: "Lora", OutputKind.EMBEDDING: "embeddings", OutputKind.CHECKPOINT: "Stable-diffusion"}
 
     def __init__(self, models_dir: Path, *, data_roots: Sequence[Path] = ()) -> None:
         self.models_dir = Path(models_dir).resolve()

@@ -1,7 +1,8 @@
 """The AUTOMATIC1111 WebUI (1.10) as a `Host`: the only library module that touches `modules.*`.
 
 Every host import happens inside a function, so the library still imports (and the hygiene test still
-passes) without the WebUI. What this adapter does, and why (HOST.md sections 1, 2 and 2.5):
+passes) without the WebUI. What this adapter does, and why (docs/host-formats.md: extension loading, the loaded
+model, refresh without a restart):
 - trains on the checkpoint and VAE the user has loaded, converted from the weights in memory: diffusers
   modules take the host's tensors with `load_state_dict(assign=True)`, so frozen weights are shared, not
   copied; components a method changes in place (`trained_in_place`) are copied instead, so the host's
@@ -122,7 +123,8 @@ def _embedder(module: Any) -> Any:
 
 
 def _text_modules(sd_model: Any, family: ModelFamily) -> List[Any]:
-    """The host's text-encoder modules in checkpoint order (HOST.md 2.1): transformers CLIP or open_clip."""
+    """The host's text-encoder modules in checkpoint order (docs/host-formats.md#the-loaded-model): transformers CLIP or
+    open_clip."""
     if family is ModelFamily.SDXL:
         first, second = (_embedder(embedder) for embedder in sd_model.conditioner.embedders[:2])
         return [first.transformer, second.model]
@@ -146,7 +148,7 @@ def _host_ldm_state(sd_model: Any, family: ModelFamily, copy: frozenset) -> Dict
     return state
 
 
-def bundle_from_loaded_model(sd_model: Any, *, copy: frozenset = frozenset(), clip_skip: int = 1) -> ModelBundle:
+def bundle_from_loaded_model(sd_model: Any, *, copy: frozenset = frozenset()) -> ModelBundle:
     """Diffusers/transformers modules over the host's in-memory SD1, SD2 or SDXL model (see the module docstring).
 
     The host's weights are arranged as a checkpoint file holds them and then take the file loader's path
@@ -200,7 +202,6 @@ def bundle_from_loaded_model(sd_model: Any, *, copy: frozenset = frozenset(), cl
         tokenizer=tokenizers[0],
         noise_scheduler=training_scheduler({**configs.scheduler, "prediction_type": prediction_type}),
         prediction_type=prediction_type,
-        clip_skip=clip_skip,
         identity=identity,
         ldm_config=ldm,
         ldm_extras={**parts.extras, **_extras(sd_model, family)},
@@ -270,7 +271,6 @@ class A1111Host(Host):
             OutputKind.LORA: Path(getattr(opts, "lora_dir", None) or models / "Lora"),
             OutputKind.EMBEDDING: Path(getattr(opts, "embeddings_dir", None) or Path(paths.data_path) / "embeddings"),
             OutputKind.CHECKPOINT: Path(getattr(opts, "ckpt_dir", None) or sd_models.model_path),
-            OutputKind.HYPERNETWORK: Path(getattr(opts, "hypernetwork_dir", None) or models / "hypernetworks"),
         }
 
     def facts(self) -> HostFacts:
@@ -371,8 +371,7 @@ class A1111Host(Host):
         restored = restore_network_backups(model)
         if restored:
             logger.info("Restored %d layers from LoRA weights merged for the last generation", restored)
-        return bundle_from_loaded_model(model, copy=trained_in_place(config.method),
-                                        clip_skip=int(_option("CLIP_stop_at_last_layers", 1) or 1))
+        return bundle_from_loaded_model(model, copy=trained_in_place(config.method))
 
     @contextlib.contextmanager
     def session(self, config: RunConfig) -> Iterator[None]:
@@ -412,7 +411,7 @@ class A1111Host(Host):
         return bool(shared.state.interrupted)
 
     def refresh(self, kind: OutputKind, outputs: Sequence[Path]) -> None:
-        from modules import sd_hijack, sd_models, shared
+        from modules import sd_hijack, sd_models
 
         if kind is OutputKind.LORA:
             networks = sys.modules.get("networks")  # the built-in Lora extension's module
@@ -423,9 +422,6 @@ class A1111Host(Host):
             _forget_cached_conditioning()
         elif kind is OutputKind.CHECKPOINT:
             sd_models.list_models()
-        elif kind is OutputKind.HYPERNETWORK:
-            shared.reload_hypernetworks()
-            shared.loaded_hypernetworks.clear()
 
     def exclusive(self, work: Callable[[], Any]) -> Any:
         from modules import call_queue, shared

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
 
 from .config import RunConfig, dumps_toml, load_config
 from .errors import ConfigError
@@ -16,7 +15,7 @@ def _path(folder: Path, name: str) -> Path:
     return Path(folder) / f"{validate_output_name(name)}{SUFFIX}"
 
 
-def list_presets(folder: Path) -> List[str]:
+def list_presets(folder: Path) -> list[str]:
     folder = Path(folder)
     return sorted(path.stem for path in folder.glob(f"*{SUFFIX}") if path.is_file()) if folder.is_dir() else []
 

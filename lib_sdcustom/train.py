@@ -96,12 +96,34 @@ def _describe_run(config: RunConfig, training_set: TrainingSet, method: Method) 
             f"({per_epoch} batches per epoch).\nTraining {method.describe()}.")
 
 
+def _frozen_dtype(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
 def _place_models(bundle: ModelBundle, accelerator, mixed_precision: str) -> None:
-    """Frozen weights in the compute dtype to save memory; trainable weights stay fp32 (the method owns them)."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+    """Frozen weights in the compute dtype to save memory; trainable weights stay fp32 (the method owns them).
+    A bundle this run loaded is there already; a host's bundle is moved."""
+    dtype = _frozen_dtype(mixed_precision)
     for model in (bundle.unet, *bundle.text_encoders, bundle.vae):
         model.to(accelerator.device, dtype=dtype)
     bundle.vae.to(dtype=torch.float32)  # the VAE overflows in fp16; it only encodes, once per image
+
+
+def _compile_unet(unet: torch.nn.Module) -> None:
+    """torch.compile the UNet in place (its class and attributes stay, so methods and hooks see the same
+    module); compilation happens at the first step, after a network's layers are attached."""
+    if not hasattr(unet, "compile"):
+        raise ConfigError(f"--compile needs torch 2.2 or newer (this is {torch.__version__}).",
+                          "Update torch, or train without --compile.")
+    unet.compile()
+
+
+def _enable_tf32(device: torch.device) -> None:
+    """TF32 matmuls and convolutions on CUDA (Ampere and newer; older GPUs ignore it): the fp32 work left
+    outside autocast runs on tensor cores. The same default as the WebUI's and PyTorch Lightning's advice."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: CancelToken | None = None,
@@ -122,10 +144,13 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
         bus.warn(warning)
 
     accelerator = _accelerator(config)
+    _enable_tf32(accelerator.device)
     if bundle is None:
         from .models.loader import load_bundle
 
-        bundle = load_bundle(Path(config.model.base))
+        # Straight into the frozen dtype on the training device: no fp32 copy on the CPU first.
+        bundle = load_bundle(Path(config.model.base), dtype=_frozen_dtype(config.training.mixed_precision),
+                             device=accelerator.device)
     config, notes = apply_family_defaults(config, bundle)
     _warn_about_long_captions(training_set, bundle, bus)
     if config.data.resolution != training_set.options.resolution:
@@ -137,6 +162,8 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
         bundle.unet.enable_gradient_checkpointing()
         for encoder in bundle.text_encoders:
             encoder.gradient_checkpointing_enable()
+    if config.training.compile_unet:
+        _compile_unet(bundle.unet)
     bundle.unet.train(config.training.gradient_checkpointing)  # diffusers checkpoints only in train mode
     for encoder in bundle.text_encoders:
         encoder.train(config.training.gradient_checkpointing)

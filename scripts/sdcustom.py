@@ -1,4 +1,5 @@
-"""Entry file the WebUI executes at start (HOST.md 1.1): the Customize tab, its settings and its API routes.
+"""Entry file the WebUI executes at start (docs/host-formats.md#extension-loading): the Customize tab, its settings and
+its API routes.
 
 Only registration lives here; the behaviour is in the `lib_sdcustom` package next to this folder (importable
 now, while the WebUI has the extension root on sys.path), behind its one host adapter, `host_a1111`.

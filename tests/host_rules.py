@@ -1,7 +1,7 @@
 """For tests only: how A1111 1.10.1 maps a LoRA module name onto one of its own model's modules.
 
 A port of `extensions-builtin/Lora/networks.py`: `convert_diffusers_name_to_compvis(key, is_sd2)` and the
-lookup order of `load_network` (HOST.md section 3b, 'Key parsing', rules 1-4). The host drops unmatched
+lookup order of `load_network` (docs/host-formats.md#lora-files, 'Key parsing', steps 1-4). The host drops unmatched
 keys silently (debug log only), so tests that assert coverage through these rules are the only warning
 that a key we write would be ignored.
 """

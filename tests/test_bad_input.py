@@ -373,7 +373,7 @@ CLI_CASES = [
     Case("base pickled object", lambda ws: ws.train(base=_evil_ckpt(ws.root / "evil.ckpt")), 2, "evil.ckpt",
          "safetensors"),
     Case("base truncated", lambda ws: ws.train(base=_truncated(ws.base, ws.root / "cut.safetensors")), 2,
-         "cut.safetensors could not be read", "download it again"),
+         "cut.safetensors is not a readable .safetensors file: it is cut off", "download finished"),
     Case("base text file", lambda ws: ws.train(base=_text(ws.root / "notes.safetensors")), 2, "notes.safetensors"),
     Case("config missing", lambda ws: ["train", "--config", str(ws.root / "none.toml")], 2, "does not exist", "--config"),
     Case("config not toml", lambda ws: ["train", "--config", str(_text(ws.root / "bad.toml"))], 2, "not valid TOML",

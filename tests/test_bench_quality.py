@@ -3,16 +3,22 @@ the figures it claims (the real table lives in docs/bench/, produced by the same
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from lib_sdcustom.bench.__main__ import main
 
 SCORES = {"subject_fidelity", "prompt_fidelity", "prompt_and_subject", "class_subject_share", "class_distance",
           "diversity", "train_seconds"}
+METHODS = ("textual_inversion", "dreambooth")
 
 
 def run_bench(monkeypatch, *args: str) -> int:
@@ -20,13 +26,48 @@ def run_bench(monkeypatch, *args: str) -> int:
     return main()
 
 
-def test_quality_command_writes_json_table_and_grids_and_merges_shards(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "report"
-    assert run_bench(monkeypatch, "--out", str(out), "--workdir", str(tmp_path / "runs"), "--methods",
-                     "textual_inversion", "dreambooth", "--concepts", "heart", "--steps", "2", "--samples", "2") == 0
+@dataclass
+class BenchRun:
+    root: Path
+    out: Path
+    exit_code: int
+    printed: str
 
-    report = json.loads((out / "quality.json").read_text())
-    assert set(report["runs"]) == {"textual_inversion", "dreambooth"}
+    @property
+    def report(self) -> dict:
+        return json.loads((self.out / "quality.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory) -> BenchRun:
+    """One toy-size run (Textual Inversion and DreamBooth, one concept, 2 steps), shared: it is the slow part."""
+    root = tmp_path_factory.mktemp("quality")
+    out, printed = root / "report", io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        code = run_bench(patch, "--out", str(out), "--workdir", str(root / "runs"), "--methods", *METHODS,
+                         "--concepts", "heart", "--steps", "2", "--samples", "2")
+    return BenchRun(root, out, code, printed.getvalue())
+
+
+def write_shards(run: BenchRun, folder: Path) -> list[Path]:
+    """The report split by method, as two processes of one run would have written it."""
+    report, shards = run.report, []
+    for key in METHODS:
+        shard = folder / f"shard_{key}"
+        shard.mkdir(parents=True)
+        part = dict(report, runs={key: report["runs"][key]}, figures=["quality_reference.png", f"quality_{key}.png"],
+                    settings=dict(report["settings"], recipes=[r for r in report["settings"]["recipes"] if r["key"] == key]))
+        (shard / "quality.json").write_text(json.dumps(part))
+        for name in part["figures"]:
+            shutil.copyfile(run.out / name, shard / name)
+        shards.append(shard)
+    return shards
+
+
+def test_quality_command_writes_json_table_and_grids(bench_run):
+    assert bench_run.exit_code == 0
+    report = bench_run.report
+    assert set(report["runs"]) == set(METHODS)
     for runs in report["runs"].values():
         scores = runs["heart"]
         assert set(scores) == SCORES
@@ -36,36 +77,31 @@ def test_quality_command_writes_json_table_and_grids_and_merges_shards(tmp_path,
     assert set(base["reconstruction"]) >= {"shape", "color", "background", "outline"}
     assert base["samples"]["combinations"] == 211
 
-    table = (out / "quality.md").read_text()
+    table = (bench_run.out / "quality.md").read_text()
     assert "| textual_inversion |" in table and "| dreambooth |" in table
-    assert table in capsys.readouterr().out
+    assert table in bench_run.printed
     assert report["figures"] == ["quality_reference.png", "quality_textual_inversion.png", "quality_dreambooth.png"]
     for name in report["figures"]:  # one concept: three rows of two samples each
-        assert Image.open(out / name).size == (2 * 64, 3 * 64), name
+        assert Image.open(bench_run.out / name).size == (2 * 64, 3 * 64), name
     # A checkpoint exported by DreamBooth finds the base's text-encoder folder beside it, as the YAML says.
-    assert (tmp_path / "runs" / "dreambooth" / "heart" / "out" / "microworld_text_encoder" / "config.json").is_file()
+    assert (bench_run.root / "runs" / "dreambooth" / "heart" / "out" / "microworld_text_encoder" / "config.json").is_file()
 
-    # Shards of one run (split by method) merge back into the same report, figures included.
-    shards = [tmp_path / "shard_ti", tmp_path / "shard_db"]
-    for shard, key in zip(shards, ("textual_inversion", "dreambooth")):
-        shard.mkdir()
-        part = dict(report, runs={key: report["runs"][key]}, figures=["quality_reference.png", f"quality_{key}.png"],
-                    settings=dict(report["settings"], recipes=[r for r in report["settings"]["recipes"] if r["key"] == key]))
-        (shard / "quality.json").write_text(json.dumps(part))
-        for name in part["figures"]:
-            shutil.copyfile(out / name, shard / name)
+
+def test_shards_of_one_run_merge_into_the_same_report(bench_run, tmp_path, monkeypatch):
+    report = bench_run.report
     merged = tmp_path / "merged"
-    assert run_bench(monkeypatch, "--out", str(merged), "--merge", *map(str, shards)) == 0
+    assert run_bench(monkeypatch, "--out", str(merged), "--merge", *map(str, write_shards(bench_run, tmp_path))) == 0
     joined = json.loads((merged / "quality.json").read_text())
     assert joined["runs"] == report["runs"] and joined["figures"] == report["figures"]
     assert joined["settings"]["processes"] == 2 and joined["settings"]["recipes"] == report["settings"]["recipes"]
     assert all((merged / name).is_file() for name in joined["figures"])
     assert "2 processes side by side" in (merged / "quality.md").read_text()
 
-    # A shard made with other settings is refused, naming the folder.
+
+def test_a_shard_made_with_other_settings_is_refused_naming_its_folder(bench_run, tmp_path, monkeypatch, capsys):
+    shards = write_shards(bench_run, tmp_path)
     other = json.loads((shards[1] / "quality.json").read_text())
     other["settings"]["samples"] = 3
     (shards[1] / "quality.json").write_text(json.dumps(other))
-    capsys.readouterr()
-    assert run_bench(monkeypatch, "--out", str(merged), "--merge", *map(str, shards)) == 2
+    assert run_bench(monkeypatch, "--out", str(tmp_path / "merged"), "--merge", *map(str, shards)) == 2
     assert str(shards[1]) in capsys.readouterr().err

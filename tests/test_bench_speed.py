@@ -1,6 +1,7 @@
-"""The speed/memory benchmarks' plumbing (`python -m lib_sdcustom.bench lora|dreambooth`): the model family is
-a dimension, each configuration runs in its own child process, and the report puts SDXL-tiny beside SD1-tiny
-with ratios. Figures are printed, never asserted."""
+"""The speed/memory benchmarks' plumbing (`python -m lib_sdcustom.bench lora|dreambooth|speed|gpu-check`): the
+model family is a dimension, each configuration runs in its own child process, and the report puts SDXL-tiny
+beside SD1-tiny with ratios, or ours beside the diffusers + peft reference. Figures are printed, never
+asserted."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import sys
 import pytest
 
 from lib_sdcustom.bench import dreambooth, lora
+from lib_sdcustom.bench.reference import peft_available, target_layers
 from lib_sdcustom.bench.runner import run_in_children
+from lib_sdcustom.config import NetworkOptions
+from lib_sdcustom.models.loader import load_bundle
+from lib_sdcustom.networks.algorithms import ALGORITHMS
+from lib_sdcustom.networks.lycoris_backend import attach_network
 
 
 def _result(family: str, rate: float, rss: float, **settings) -> dict:
@@ -48,3 +54,44 @@ def test_a_short_run_in_a_child_process_gives_figures(scenario, settings, family
     assert result["family"] == family and result["steps"] == 3 and settings.items() <= result.items()
     assert result["steps_per_second"] > 0 and result["peak_rss_mib"] > 0
     assert f"| {family.upper()}-tiny | " in scenario.report([result])
+
+
+@pytest.mark.parametrize("network", ["lora", "locon"])
+def test_the_reference_wraps_the_layers_our_network_wraps(tiny_checkpoint, network):
+    bundle = load_bundle(tiny_checkpoint)
+    layers = target_layers(bundle.unet, network)
+    attached = attach_network(bundle.unet, bundle.text_encoder, ALGORITHMS[network], NetworkOptions(rank=4),
+                              train_text_encoder=False)
+    ours = sorted(module.lora_name for module in attached.unet_modules)
+    attached.detach()
+    assert ours == sorted("lora_unet_" + name.replace(".", "_") for name in layers)
+
+
+def _bench(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lib_sdcustom.bench", *arguments], capture_output=True, text=True)
+
+
+def test_speed_prints_ours_beside_the_reference(tmp_path):
+    child = _bench("speed", "--size", "tiny", "--steps", "3", "--batches", "1", "--networks", "locon",
+                   "--markdown", str(tmp_path / "speed.md"))
+    assert child.returncode == 0, child.stderr[-3000:]
+    [row] = [line for line in child.stdout.splitlines() if line.startswith("| locon | 1 |")]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert float(cells[2]) > 0 and cells[9].split(" / ")[0] != "0"
+    if not peft_available():
+        assert "reference not run: the reference loop needs peft" in child.stdout
+    else:
+        assert float(cells[4]) > 0 and cells[9].split(" / ")[0] == cells[9].split(" / ")[1]
+    assert (tmp_path / "speed.md").read_text().strip() == child.stdout.strip()
+
+
+def test_gpu_check_dry_run_goes_through_every_plan(tmp_path):
+    if not peft_available():
+        child = _bench("gpu-check", "--dry-run")
+        assert child.returncode == 2 and "needs peft" in child.stderr and "pip download --no-deps" in child.stderr
+        return
+    child = _bench("gpu-check", "--dry-run", "--markdown", str(tmp_path / "gpu.md"))
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert child.stdout.count("| lora | 1 |") == 2 and "| lora | 4 |" in child.stdout
+    assert "gradient checkpointing" in child.stdout
+    assert child.stdout.count("loading alone") == 2

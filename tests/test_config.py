@@ -17,8 +17,11 @@ def _valid() -> RunConfig:
     return config
 
 
-def test_valid_config_passes() -> None:
-    _valid().validate()
+def test_valid_config_passes_unchanged() -> None:
+    config = _valid()
+    before = dataclasses.asdict(config)
+    assert config.validate() is config  # no ConfigError, and the same object back for chaining
+    assert dataclasses.asdict(config) == before, "validation must not fill or change values"
 
 
 @pytest.mark.parametrize("change,words", [

@@ -83,20 +83,6 @@ def test_step_arithmetic(scan):
     assert data.steps_per_epoch() == 12
     assert data.steps_per_epoch(4) == 3 + 3 + 1
     assert data.total_steps(2) == 24 and data.total_steps(2, gradient_accumulation=5) == 6
-    assert data.describe_steps(2) == "9 images (23 with repeats) x 2 epochs / batch 2 = 24 steps"
-    by_four = TrainingSet(scan, TrainingOptions(resolution=256, batch_size=4))
-    assert by_four.describe_steps(1, gradient_accumulation=2) == (
-        "9 images (23 with repeats) x 1 epoch / batch 4 / accumulation 2 = 4 steps "
-        "(7 batches per epoch: a batch holds one image size, 3 sizes in use)")
-
-
-def test_describe_steps_uniform_repeats(tmp_path):
-    folder = tmp_path / "10_sks dog"
-    folder.mkdir()
-    for index in range(12):
-        Image.new("RGB", (96, 96), (index, 0, 0)).save(folder / f"{index}.png")
-    data = TrainingSet(scan_dataset(tmp_path), TrainingOptions(resolution=256, batch_size=4))
-    assert data.describe_steps(2) == "12 images x 10 repeats x 2 epochs / batch 4 = 60 steps"
 
 
 @pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"seed": "x"}])

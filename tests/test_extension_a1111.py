@@ -439,8 +439,7 @@ def test_refresh_per_output_kind_and_parking_for_full_fine_tunes(webui):
         host.refresh(kind, [])
     assert processing.StableDiffusionProcessing.cached_c == [None, None], "a new embedding must not meet stale conds"
     assert [name for name, _ in webui.fake.CALLS] == [
-        "networks.list_available_networks", "embedding_db.load_textual_inversion_embeddings", "sd_models.list_models",
-        "shared.reload_hypernetworks"]
+        "networks.list_available_networks", "embedding_db.load_textual_inversion_embeddings", "sd_models.list_models"]
     assert webui.fake.CALLS[1][1] is True  # force_reload
 
     def parking(method: str) -> tuple:

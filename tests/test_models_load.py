@@ -63,7 +63,7 @@ def test_saver_takes_replacement_weights(bundle):
 
 def test_tiny_bundle_runs_with_sd_shapes(tiny, bundle):
     assert bundle.family is ModelFamily.SD1
-    assert bundle.prediction_type == "epsilon" and bundle.clip_skip == 1
+    assert bundle.prediction_type == "epsilon"
     assert bundle.vae_scaling_factor == pytest.approx(0.18215)
     assert bundle.noise_scheduler.config.num_train_timesteps == 1000
     assert bundle.noise_scheduler.config.beta_schedule == "scaled_linear"
@@ -180,3 +180,23 @@ def test_diffusers_folder_loads(bundle, tmp_path):
 def test_folder_without_model_index_is_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="model_index.json"):
         load_bundle(tmp_path)
+
+
+def test_tensor_by_tensor_reading_gives_the_files_tensors_in_the_wanted_dtype(tiny):
+    from lib_sdcustom.models.checkpoint_io import read_checkpoint
+
+    original = load_file(str(tiny))
+    _assert_same(read_checkpoint(tiny), original)
+    halved = read_checkpoint(tiny, dtype=torch.bfloat16)
+    _assert_same(halved, {key: value.to(torch.bfloat16) if value.is_floating_point() else value
+                          for key, value in original.items()})
+    loaded = load_bundle(tiny, dtype=torch.bfloat16, device="cpu")
+    assert loaded.unet.dtype == torch.bfloat16 and loaded.vae.dtype == torch.bfloat16
+
+
+def test_a_truncated_safetensors_file_is_reported_as_damaged(tiny, tmp_path):
+    cut = tmp_path / "cut.safetensors"
+    data = tiny.read_bytes()
+    cut.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ModelLoadError, match="cut off"):
+        load_bundle(cut)

@@ -360,7 +360,8 @@ def test_sdxl_full_size_matches_diffusers():
     ours_unet = ldm_keys.unet_to_diffusers(parts.unet, ldm_keys.UNetLayout.from_diffusers_config(configs.unet))
     theirs_unet = single_file_utils.convert_ldm_unet_checkpoint(state, dict(configs.unet))
     _same_keys_and_shapes(ours_unet.state_dict, theirs_unet, unet.state_dict())
-    paths = ldm_keys.unet_module_paths(unet)  # what an SDXL LoRA writer will name (HOST.md 3b: LDM names)
+    # what an SDXL LoRA writer will name (docs/host-formats.md#kohya-naming-and-metadata: LDM names)
+    paths = ldm_keys.unet_module_paths(unet)
     assert paths["add_embedding.linear_1"] == "label_emb.0.0"
     assert paths["up_blocks.0.upsamplers.0.conv"] == "output_blocks.2.2.conv"
 

@@ -41,3 +41,10 @@ def test_a_group_can_stop_learning_part_way() -> None:
         optimizer.step()
         scheduler.step()
     assert rates == [[1.0, 1.0]] * 3 + [[0.0, 1.0]] * 2
+
+
+def test_adamw_uses_the_fused_kernel_where_torch_has_one() -> None:
+    weight = torch.nn.Parameter(torch.ones(4, 4))
+    optimizer = build_optimizer("adamw", [{"params": [weight], "lr": 0.1}], lr=0.1, weight_decay=0.0)
+    has_cpu_kernel = torch.torch_version.TorchVersion(torch.__version__) >= "2.4"
+    assert bool(optimizer.defaults["fused"]) == has_cpu_kernel

@@ -106,8 +106,8 @@ def assert_same_outputs(actual, expected):
 # ----- the host's names -----
 
 def host_layer_names(bundle) -> set[str]:
-    """The host's `network_layer_mapping` for the tiny model (HOST.md 3b): LDM UNet paths, and per family
-    the text-encoder module names of its own (open_clip) encoders."""
+    """The host's `network_layer_mapping` for the tiny model (docs/host-formats.md#lora-files): LDM UNet paths, and per
+    family the text-encoder module names of its own (open_clip) encoders."""
     return host_names_for(bundle.family, bundle.unet, *bundle.text_encoders)
 
 
@@ -143,7 +143,7 @@ SDXL_UNET_PAIRS = [  # trainer (diffusers) name -> file name, worked out by hand
     ("lora_unet_up_blocks_2_resnets_2_conv_shortcut", "lora_unet_output_blocks_8_0_skip_connection"),
 ]
 
-HOST_PAIRS = {  # file name -> the host module it patches (HOST.md 3b rules 1-4)
+HOST_PAIRS = {  # file name -> the host module it patches (docs/host-formats.md#lora-files, key parsing steps 1-4)
     "sdxl": [
         ("lora_unet_output_blocks_2_2_conv", "diffusion_model_output_blocks_2_2_conv"),
         ("lora_unet_output_blocks_5_2_conv", "diffusion_model_output_blocks_5_2_conv"),
@@ -185,7 +185,8 @@ def test_ldm_unet_names_are_kohyas_ldm_layout(checkpoints):
 
 
 def test_full_size_sdxl_lora_has_kohyas_module_count_and_every_name_maps():
-    """HOST.md 4: kohya's SDXL LoRA has 722 UNet and 72 + 192 text-encoder modules (meta tensors: no memory)."""
+    """docs/host-formats.md#kohya-naming-and-metadata: kohya's SDXL LoRA has 722 UNet and 72 + 192 text-encoder modules
+    (meta tensors: no memory)."""
     import copy
 
     import diffusers
@@ -238,7 +239,7 @@ def test_every_written_module_maps_to_a_host_module(trained, checkpoints, family
         assert len(te2) == 6 * bundle.text_encoder_2.config.num_hidden_layers  # q, k, v, out, fc1, fc2 per layer
     else:
         assert {m.split("_")[1] for m in modules} == {"unet", "te"}
-    # The host patches an OpenCLIP attention only when q, k, v and out are all there (HOST.md 3b).
+    # The host patches an OpenCLIP attention only when q, k, v and out are all there (docs/host-formats.md#lora-files).
     open_clip_prefix = "lora_te2_" if family == "sdxl" else "lora_te_"
     layers = {m.split("_layers_")[1].split("_")[0] for m in modules if m.startswith(open_clip_prefix)}
     for layer in layers:

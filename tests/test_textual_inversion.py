@@ -29,7 +29,8 @@ from lib_sdcustom.training.loop import Batch
 
 TRIGGER = "sks-toy"
 PROMPT = f"a photo of {TRIGGER} on a table"
-# The host's `modules/safe.py` (A1111 1.10): allowed zip entries and unpickler globals (HOST.md 1.10).
+# The host's `modules/safe.py` (A1111 1.10): allowed zip entries and unpickler globals
+# (docs/host-formats.md#extension-loading).
 HOST_ZIP_ENTRY = re.compile(r"^([^/]+)/((data/\d+)|version|byteorder|.data/serialization_id|(data\.pkl))$")
 HOST_GLOBALS = {
     ("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),

@@ -1,4 +1,8 @@
-"""`python -m lib_sdcustom.bench lora|dreambooth|quality`: print benchmark figures (numbers and ratios, no pass/fail).
+"""`python -m lib_sdcustom.bench lora|dreambooth|speed|quality`: print benchmark figures (numbers and ratios, no
+pass/fail).
+
+`speed` puts LoRA/LoCon training through `train()` beside a plain diffusers + peft loop (see `bench/speed.py`);
+`gpu-check` runs its full-size GPU plans in one go (`bench/gpu_check.py`).
 
 `quality` trains every method on the bundled micro-world model and writes its table and figures (see
 `bench/quality.py`)."""
@@ -8,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import dreambooth, lora, quality
+from . import dreambooth, gpu_check, lora, quality, speed
 from ..models.bundle import ModelFamily
 
 SCENARIOS = {
@@ -39,9 +43,21 @@ def main() -> int:
         commands.add_parser(module.CHILD_COMMAND, help=argparse.SUPPRESS).add_argument("settings")
     quality.add_arguments(commands.add_parser("quality", help="Customization quality of every method on the micro-world "
                                                                 "model: JSON, Markdown table and PNG grids."))
+    speed.add_arguments(commands.add_parser("speed", help="LoRA/LoCon steps/s, memory and first-step time of train() "
+                                                          "beside a plain diffusers + peft loop, with the ratio."))
+    commands.add_parser(speed.CHILD_COMMAND, help=argparse.SUPPRESS).add_argument("settings")
+    gpu_check.add_arguments(commands.add_parser("gpu-check", help="Full-size SD1.5 and SDXL LoRA on one GPU, ours "
+                                                                 "beside the reference, 30 steps each (--dry-run: tiny, CPU)."))
     args = parser.parse_args()
     if args.command == "quality":
         return quality.main(args)
+    if args.command == "speed":
+        return speed.main(args)
+    if args.command == "gpu-check":
+        return gpu_check.main(args)
+    if args.command == speed.CHILD_COMMAND:
+        speed.child(args.settings)
+        return 0
     children = {module.CHILD_COMMAND: module for module, _, _ in SCENARIOS.values()}
     if args.command in children:
         children[args.command].child(args.settings)

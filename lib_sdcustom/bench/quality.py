@@ -45,6 +45,7 @@ from ..microworld.model import shipped_checkpoint, text_encoder_folder_name
 from ..microworld.quality import GUIDANCE, SAMPLE_STEPS
 from ..microworld.teach import (INSTANCE_IMAGES, TI_TRIGGER, Prompts, Sampler, base_run_config, instance_images,
                                 prompts_for, sampler, subject_hits, trained_sampler, write_instances)
+from ..methods.registry import method_spec
 from ..microworld.world import CONCEPTS, IMAGE_SIZE, Concept
 
 logger = logging.getLogger(__name__)
@@ -67,13 +68,11 @@ class Recipe:
     batch_size: int = 4
     prior_preservation: bool = False
     rank: int = 8
-    # The pretraining's weighting (first micro model, 300-step LoCon on the heart: 0.69 fidelity with it, 0.19 without).
-    min_snr_gamma: float = 5.0
+    min_snr_gamma: float = 5.0  # the pretraining's weighting (docs/bench/tuning.md)
 
 
-# Tuned on the bundled model with the heart: networks bind the made-up 'sks' through the text encoder's
-# LoRA, which needs a higher rate than the UNet's; batch 4 learns faster per second than batch 2 here.
-# DreamBooth trains the text encoder too (with it frozen, 'a shape' turned into the subject instead of 'sks').
+# Tuned on the bundled model with the heart (docs/bench/tuning.md): networks bind the made-up 'sks' through
+# the text encoder's LoRA, which needs a higher rate than the UNet's; DreamBooth trains the text encoder too.
 _NETWORK = {"steps": 600, "lr": 3e-3, "text_encoder_lr": 6e-3}
 RECIPES: Tuple[Recipe, ...] = (
     Recipe("textual_inversion", "textual_inversion", steps=400, lr=5e-2),
@@ -91,7 +90,7 @@ CLASS_IMAGES = 40
 def run_config(recipe: Recipe, concept: Concept, folder: Path, base: Path, class_folder: Path) -> RunConfig:
     """The recipe's run on five pictures of `concept`, everything under `folder`."""
     prompts = prompts_for(concept, recipe.method)
-    name = TI_TRIGGER if recipe.method == "textual_inversion" else f"{recipe.key}_{concept.name}"
+    name = f"{recipe.key}_{concept.name}" if method_spec(recipe.method).uses_token else TI_TRIGGER
     config = base_run_config(recipe.method, base, write_instances(folder / "images", concept, prompts), name=name,
                              out=folder / "out", run_dir=folder / "run")
     config.output.save_precision = "fp32"
@@ -301,7 +300,7 @@ def markdown(result: BenchResult) -> str:
     for key, runs in result.runs.items():
         lines.append(f"| {key} | " + " | ".join(f"{runs[c]['subject_fidelity']:.2f}" for c in concepts) + " |")
     lines += ["", "Recipes (steps, lr, batch, rank): " + "; ".join(
-        f"{r['key']} {r['steps']} / {r['lr']:g} / {r['batch_size']}" + (f" / {r['rank']}" if r["method"] != "textual_inversion" else "")
+        f"{r['key']} {r['steps']} / {r['lr']:g} / {r['batch_size']}" + (f" / {r['rank']}" if method_spec(r["method"]).uses_network else "")
         for r in result.settings["recipes"]) + ".",  # type: ignore[union-attr]
         "", "Figures: " + ", ".join(f"[{name}]({name})" for name in result.figures) +
         ". Per concept, three rows: 'a sks <class>', '... on a blue background', the bare class prompt "

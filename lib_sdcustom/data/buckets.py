@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -21,7 +20,7 @@ from PIL import Image
 from ..errors import ConfigError
 
 #: (width, height) in pixels.
-Size = Tuple[int, int]
+Size = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -36,11 +35,11 @@ class BucketSet:
 
     resolution: int = 512
     enabled: bool = True
-    min_side: Optional[int] = None
-    max_side: Optional[int] = None
+    min_side: int | None = None
+    max_side: int | None = None
     step: int = 64
     no_upscale: bool = False
-    sizes: Tuple[Size, ...] = field(init=False, repr=False)
+    sizes: tuple[Size, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("resolution", "step"):
@@ -66,7 +65,7 @@ class BucketSet:
     def area(self) -> int:
         return self.resolution * self.resolution
 
-    def _make_sizes(self) -> Tuple[Size, ...]:
+    def _make_sizes(self) -> tuple[Size, ...]:
         """The square plus, for every width from min to max side, the tallest height within the area."""
         square = (self.resolution, self.resolution)
         if not self.enabled:
@@ -103,7 +102,7 @@ def cover_size(size: Size, bucket: Size) -> Size:
     return max(bucket[0], round(width * scale)), max(bucket[1], round(height * scale))
 
 
-def crop_offset(covering: Size, bucket: Size, rng: Optional[random.Random] = None) -> Size:
+def crop_offset(covering: Size, bucket: Size, rng: random.Random | None = None) -> Size:
     """(left, top) of the `bucket` cut from a picture of size `covering`: centred, or drawn from `rng`."""
     spare_x, spare_y = covering[0] - bucket[0], covering[1] - bucket[1]
     if rng is None:
@@ -119,7 +118,7 @@ def resize_to_cover(image: Image.Image, bucket: Size) -> Image.Image:
     return image.resize(new_size, Image.Resampling.LANCZOS)
 
 
-def crop_to(image: Image.Image, bucket: Size, rng: Optional[random.Random] = None) -> Image.Image:
+def crop_to(image: Image.Image, bucket: Size, rng: random.Random | None = None) -> Image.Image:
     """Cut `bucket` out of an image that covers it: centred, or at a random offset drawn from `rng`."""
     if image.size == bucket:
         return image
@@ -128,7 +127,7 @@ def crop_to(image: Image.Image, bucket: Size, rng: Optional[random.Random] = Non
 
 
 def image_to_tensor(image: Image.Image, bucket: Size, *, flip: bool,
-                    crop_rng: Optional[random.Random] = None) -> torch.Tensor:
+                    crop_rng: random.Random | None = None) -> torch.Tensor:
     """An RGB image as the VAE's input: float32 [3, H, W] in [-1, 1] at the bucket's size.
 
     `crop_rng` given means a random crop drawn from it; None means a centre crop.

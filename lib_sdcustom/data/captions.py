@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Sequence
 
 from ..errors import ConfigError
 
@@ -45,7 +45,7 @@ class CaptionOptions:
         return self.shuffle or self.caption_dropout > 0 or self.tag_dropout > 0
 
 
-def split_tags(caption: str) -> List[str]:
+def split_tags(caption: str) -> list[str]:
     """Comma-separated tags, stripped, empty ones removed."""
     return [tag.strip() for tag in caption.split(",") if tag.strip()]
 
@@ -85,8 +85,8 @@ def process_caption(caption: str, rng: random.Random, options: CaptionOptions) -
     return caption
 
 
-def overlong_captions_warning(captions: Sequence[Tuple[str, str]], count_tokens: Callable[[str], int], limit: int,
-                              shown: int = 5) -> Optional[str]:
+def overlong_captions_warning(captions: Sequence[tuple[str, str]], count_tokens: Callable[[str], int], limit: int,
+                              shown: int = 5) -> str | None:
     """One warning naming the images whose caption is longer than the `limit` tokens the text encoder
     reads (the rest is cut off and never learned), or None. `captions` holds (image name, caption)."""
     long = [(name, count) for name, caption in captions if (count := count_tokens(caption)) > limit]

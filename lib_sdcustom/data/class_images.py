@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from ..errors import DatasetError
 from ..files import write_atomically, write_text_atomically
@@ -66,7 +66,7 @@ def is_user_folder(folder: Path) -> bool:
 
 
 def prepare_class_images(folder: Path, recipe: ClassImageRecipe, count: int, *, bundle: Any, seed: int,
-                         batch_size: int = 4, progress: Optional[Progress] = None) -> ClassImages:
+                         batch_size: int = 4, progress: Progress | None = None) -> ClassImages:
     """The class images for a run: the user's folder as it is, or `count` generated ones (reused or topped up).
 
     Image k of a recipe is generated from seed `seed + k` (the lowest seeds not yet used), so two runs asking
@@ -144,7 +144,7 @@ def _write_manifest(folder: Path, entries: list[dict[str, Any]]) -> None:
 
 
 def _generate(folder: Path, recipe: ClassImageRecipe, seeds: list[int], entries: list[dict[str, Any]], *, bundle: Any,
-              batch_size: int, progress: Optional[Progress]) -> list[dict[str, Any]]:
+              batch_size: int, progress: Progress | None) -> list[dict[str, Any]]:
     """Generate one image per seed into `folder`, recording each in the manifest as soon as it is written."""
     from ..sampling import generate
 

@@ -11,7 +11,6 @@ import hashlib
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
 
 import torch
 
@@ -31,8 +30,8 @@ class TrainingOptions:
 
     resolution: int = 512
     buckets: bool = True
-    min_bucket_side: Optional[int] = None
-    max_bucket_side: Optional[int] = None
+    min_bucket_side: int | None = None
+    max_bucket_side: int | None = None
     bucket_step: int = 64
     no_upscale: bool = False
     batch_size: int = 1
@@ -60,7 +59,7 @@ class Example:
     bucket: Size
     flip: bool
     caption: str
-    crop_seed: Optional[int]
+    crop_seed: int | None
 
 
 class TrainingSet:
@@ -71,23 +70,23 @@ class TrainingSet:
         self.records = scan.records
         self.options = options
         self.bucket_set = options.bucket_set()
-        self.buckets: List[Size] = [self.bucket_set.assign(*record.size) for record in self.records]
+        self.buckets: list[Size] = [self.bucket_set.assign(*record.size) for record in self.records]
 
     def record(self, example: Example) -> ImageRecord:
         return self.records[example.record_index]
 
-    def bucket_counts(self) -> Dict[Size, int]:
+    def bucket_counts(self) -> dict[Size, int]:
         """Examples per epoch (repeats included) in each bucket, in bucket order."""
-        counts: Dict[Size, int] = {}
+        counts: dict[Size, int] = {}
         for record, bucket in sorted(zip(self.records, self.buckets), key=lambda pair: pair[1]):
             counts[bucket] = counts.get(bucket, 0) + record.repeats
         return counts
 
-    def batches_for_epoch(self, epoch: int) -> List[List[Example]]:
+    def batches_for_epoch(self, epoch: int) -> list[list[Example]]:
         """Every record `repeats` times, grouped into batches of one bucket each, in an order that
         depends only on (seed, epoch). The last batch of a bucket may be smaller than the batch size."""
         order = random.Random(_derive_seed(self.options.seed, "order", epoch))
-        index_batches: List[List[int]] = []
+        index_batches: list[list[int]] = []
         for bucket in self.bucket_counts():
             entries = [index for index, record in enumerate(self.records) if self.buckets[index] == bucket
                        for _ in range(record.repeats)]
@@ -95,7 +94,7 @@ class TrainingSet:
             size = self.options.batch_size
             index_batches += [entries[start:start + size] for start in range(0, len(entries), size)]
         order.shuffle(index_batches)
-        batches: List[List[Example]] = []
+        batches: list[list[Example]] = []
         position = 0
         for indices in index_batches:
             batches.append([self._example(index, epoch, position + offset) for offset, index in enumerate(indices)])
@@ -120,11 +119,11 @@ class TrainingSet:
         """SDXL's size and crop conditioning for the example, computed without opening the picture."""
         return size_conditioning(self.record(example).size, example.bucket, crop_seed=example.crop_seed, flip=example.flip)
 
-    def load_batch_pixels(self, batch: List[Example]) -> torch.Tensor:
+    def load_batch_pixels(self, batch: list[Example]) -> torch.Tensor:
         """[B, 3, H, W] for a batch from `batches_for_epoch` (all one bucket)."""
         return torch.stack([self.load_pixels(example) for example in batch])
 
-    def steps_per_epoch(self, batch_size: Optional[int] = None) -> int:
+    def steps_per_epoch(self, batch_size: int | None = None) -> int:
         """Batches per epoch: each bucket fills its own batches, so this can exceed images / batch."""
         size = self.options.batch_size if batch_size is None else batch_size
         _require_positive("batch_size", size, "Use a batch size of 1 or more.")
@@ -137,28 +136,8 @@ class TrainingSet:
         _require_positive("gradient_accumulation", gradient_accumulation, "Use 1 to turn accumulation off.")
         return math.ceil(self.steps_per_epoch() / gradient_accumulation) * epochs
 
-    def describe_steps(self, epochs: int, *, gradient_accumulation: int = 1) -> str:
-        """The step arithmetic in words, e.g. '12 images x 10 repeats x 2 epochs / batch 4 = 60 steps'."""
-        total = self.total_steps(epochs, gradient_accumulation=gradient_accumulation)
-        images = len(self.records)
-        per_epoch = sum(record.repeats for record in self.records)
-        repeat_counts = {record.repeats for record in self.records}
-        if len(repeat_counts) == 1:
-            seen = f"{_count(images, 'image')} x {_count(repeat_counts.pop(), 'repeat')}"
-        else:
-            seen = f"{_count(images, 'image')} ({per_epoch} with repeats)"
-        text = f"{seen} x {_count(epochs, 'epoch')} / batch {self.options.batch_size}"
-        if gradient_accumulation > 1:
-            text += f" / accumulation {gradient_accumulation}"
-        text += f" = {_count(total, 'step')}"
-        batches = self.steps_per_epoch()
-        if batches != math.ceil(per_epoch / self.options.batch_size):
-            text += (f" ({batches} batches per epoch: a batch holds one image size, "
-                     f"{len(self.bucket_counts())} sizes in use)")
-        return text
 
-
-def size_conditioning(image_size: Size, bucket: Size, *, crop_seed: Optional[int] = None,
+def size_conditioning(image_size: Size, bucket: Size, *, crop_seed: int | None = None,
                       flip: bool = False) -> SizeConditioning:
     """What SDXL is told about a picture of `image_size` (width, height) fitted to `bucket`: its original size,
     where the crop was cut from the resized picture (mirrored with the picture when flipped, as kohya does) and
@@ -179,7 +158,3 @@ def _derive_seed(*parts: object) -> int:
 def _require_positive(name: str, value: object, fix: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}.", fix)
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"

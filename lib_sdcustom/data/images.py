@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import Tuple
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -63,7 +62,7 @@ def decode_rgb(data: bytes, path: Path) -> Image.Image:
     return rgb
 
 
-def check_size(size: Tuple[int, int], path: Path) -> None:
+def check_size(size: tuple[int, int], path: Path) -> None:
     """Refuse pictures too small to train on (see `MIN_SIDE`)."""
     width, height = size
     if min(width, height) < MIN_SIDE:
@@ -158,7 +157,7 @@ def _corrupt(path: Path, error: BaseException) -> DatasetError:
                         "Re-download or re-export the file, or remove it from the folder.")
 
 
-def _too_large(path: Path, size: "Tuple[int, int] | None") -> DatasetError:
+def _too_large(path: Path, size: tuple[int, int] | None) -> DatasetError:
     shown = f"{size[0]}x{size[1]} pixels" if size else "larger than Pillow's safety limit"
     return DatasetError(
         f"Image {path} is {shown}; images over {MAX_PIXELS / 1e6:.0f} megapixels are refused so a "

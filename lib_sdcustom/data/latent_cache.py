@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -46,7 +46,7 @@ class LatentCache:
     when `folder` is None (stored and handed out as copies: callers may modify what they get in place). `vae_identity` must change whenever the latents would: e.g. the VAE file's
     hash plus the dtype and scaling factor the encoder uses."""
 
-    def __init__(self, folder: Optional[Path], vae_identity: str, *, random_crop: bool = False) -> None:
+    def __init__(self, folder: Path | None, vae_identity: str, *, random_crop: bool = False) -> None:
         if random_crop:
             raise ConfigError(
                 "Latent caching cannot be combined with random crop: a cached latent keeps one crop, so "
@@ -58,13 +58,13 @@ class LatentCache:
         self.vae_identity = vae_identity
         self.hits = 0
         self.misses = 0
-        self._memory: Dict[str, torch.Tensor] = {}
+        self._memory: dict[str, torch.Tensor] = {}
 
     def key(self, record: ImageRecord, bucket: Size, flip: bool) -> str:
         return "|".join([CACHE_FORMAT, record.sha256, f"{bucket[0]}x{bucket[1]}", f"flip={int(flip)}",
                          f"crop={_CROP_MODE}", f"vae={self.vae_identity}"])
 
-    def path_for(self, record: ImageRecord, bucket: Size, flip: bool) -> Optional[Path]:
+    def path_for(self, record: ImageRecord, bucket: Size, flip: bool) -> Path | None:
         """Where the latent is stored on disk (None for an in-memory cache)."""
         if self.folder is None:
             return None
@@ -84,7 +84,7 @@ class LatentCache:
         return latents
 
     def fill(self, training_set: TrainingSet, encode: Encoder,
-             on_progress: Optional[Callable[[int, int], None]] = None) -> int:
+             on_progress: Callable[[int, int], None] | None = None) -> int:
         """Encode every latent the run can ask for (both flips when flip is on) before training, so the
         VAE can leave the GPU afterwards. Returns how many were encoded (the rest were cached);
         `on_progress(done, total)` is called after each."""
@@ -98,7 +98,7 @@ class LatentCache:
                 on_progress(done, len(wanted))
         return self.misses - misses_before
 
-    def _read(self, key: str, path: Optional[Path]) -> Optional[torch.Tensor]:
+    def _read(self, key: str, path: Path | None) -> torch.Tensor | None:
         if path is None:
             stored = self._memory.get(key)
             return None if stored is None else stored.clone()
@@ -113,7 +113,7 @@ class LatentCache:
             logger.warning("Re-encoding %s: the cached latent cannot be read (%s).", path, error)
             return None
 
-    def _write(self, key: str, path: Optional[Path], latents: torch.Tensor) -> None:
+    def _write(self, key: str, path: Path | None, latents: torch.Tensor) -> None:
         if path is None:
             self._memory[key] = latents.clone()
             return

@@ -17,7 +17,6 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 from ..errors import ConfigError, DatasetError
 from .images import decode_rgb, truncated_images_undetectable
@@ -43,7 +42,7 @@ class ImageRecord:
     caption: str
     repeats: int
     subfolder: str
-    size: Tuple[int, int]
+    size: tuple[int, int]
     sha256: str
     caption_source: str
 
@@ -59,9 +58,9 @@ class DatasetScan:
     """What `scan_dataset` found: usable records in a stable order, plus what it left out and why."""
 
     folder: Path
-    records: Tuple[ImageRecord, ...]
-    skipped: Tuple[SkippedFile, ...]
-    warnings: Tuple[str, ...]
+    records: tuple[ImageRecord, ...]
+    skipped: tuple[SkippedFile, ...]
+    warnings: tuple[str, ...]
 
     @property
     def images_per_epoch(self) -> int:
@@ -91,15 +90,15 @@ def scan_dataset(folder: Path, *, caption_extension: str = ".txt", default_repea
     if isinstance(default_repeats, bool) or not isinstance(default_repeats, int) or default_repeats < 1:
         raise ConfigError(f"Repeats must be a whole number of at least 1, got {default_repeats!r}.",
                           "Set repeats to 1 or more.")
-    warnings: List[str] = []
-    skipped: List[SkippedFile] = []
+    warnings: list[str] = []
+    skipped: list[SkippedFile] = []
     groups = [_Group(folder, "", default_repeats, default_caption.strip())]
     groups += _repeat_subfolders(folder, warnings)
     candidates = [(group, path) for group in groups for path in _image_files(group, warnings)]
     if not candidates:
         raise _no_images_error(folder, groups)
 
-    records: List[ImageRecord] = []
+    records: list[ImageRecord] = []
     for group, path in candidates:
         record = _scan_image(path, group, extension, skipped, warnings)
         if record is not None:
@@ -113,7 +112,7 @@ def scan_dataset(folder: Path, *, caption_extension: str = ".txt", default_repea
     return DatasetScan(folder, tuple(records), tuple(skipped), tuple(warnings))
 
 
-def parse_repeat_folder(name: str) -> Optional[Tuple[int, str]]:
+def parse_repeat_folder(name: str) -> tuple[int, str] | None:
     """('10_sks dog') -> (10, 'sks dog'); None when the name does not follow the `N_caption` pattern."""
     match = _REPEAT_FOLDER.match(name)
     if match is None:
@@ -165,13 +164,13 @@ def _caption_extension(extension: str) -> str:
     return extension if extension.startswith(".") else f".{extension}"
 
 
-def _visible_entries(directory: Path) -> List[Path]:
+def _visible_entries(directory: Path) -> list[Path]:
     """Entries in name order, without hidden ones (`.cache`, macOS `._photo.jpg` resource forks)."""
     return sorted((entry for entry in directory.iterdir() if not entry.name.startswith(".")),
                   key=lambda entry: entry.name)
 
 
-def _repeat_subfolders(folder: Path, warnings: List[str]) -> List[_Group]:
+def _repeat_subfolders(folder: Path, warnings: list[str]) -> list[_Group]:
     groups = []
     for entry in _visible_entries(folder):
         if not entry.is_dir():
@@ -187,7 +186,7 @@ def _repeat_subfolders(folder: Path, warnings: List[str]) -> List[_Group]:
     return groups
 
 
-def _image_files(group: _Group, warnings: List[str]) -> List[Path]:
+def _image_files(group: _Group, warnings: list[str]) -> list[Path]:
     files = []
     for entry in _visible_entries(group.directory):
         if entry.is_dir():
@@ -198,8 +197,8 @@ def _image_files(group: _Group, warnings: List[str]) -> List[Path]:
     return files
 
 
-def _scan_image(path: Path, group: _Group, caption_extension: str, skipped: List[SkippedFile],
-                warnings: List[str]) -> Optional[ImageRecord]:
+def _scan_image(path: Path, group: _Group, caption_extension: str, skipped: list[SkippedFile],
+                warnings: list[str]) -> ImageRecord | None:
     """The record for one image, or None after noting in `skipped` and `warnings` why it is left out."""
     try:
         data = path.read_bytes()
@@ -219,7 +218,7 @@ def _scan_image(path: Path, group: _Group, caption_extension: str, skipped: List
     return None
 
 
-def _caption_for(path: Path, group: _Group, caption_extension: str, warnings: List[str]) -> Tuple[str, str]:
+def _caption_for(path: Path, group: _Group, caption_extension: str, warnings: list[str]) -> tuple[str, str]:
     caption_file = path.parent / f"{path.stem}{caption_extension}"
     if caption_file.is_file():
         caption = read_caption(caption_file)
@@ -230,9 +229,9 @@ def _caption_for(path: Path, group: _Group, caption_extension: str, warnings: Li
     return (group.caption, "folder") if group.caption else ("", "none")
 
 
-def _content_warnings(records: List[ImageRecord]) -> List[str]:
+def _content_warnings(records: list[ImageRecord]) -> list[str]:
     warnings = []
-    by_hash: Dict[str, List[Path]] = {}
+    by_hash: dict[str, list[Path]] = {}
     for record in records:
         by_hash.setdefault(record.sha256, []).append(record.path)
     for paths in by_hash.values():
@@ -246,7 +245,7 @@ def _content_warnings(records: List[ImageRecord]) -> List[str]:
     return warnings
 
 
-def _no_images_error(folder: Path, groups: List[_Group]) -> DatasetError:
+def _no_images_error(folder: Path, groups: list[_Group]) -> DatasetError:
     others = [entry.name for group in groups for entry in _visible_entries(group.directory) if entry.is_file()]
     found = (f"It holds {len(others)} other file(s), e.g. {', '.join(others[:3])}." if others
              else "It is empty.")
@@ -257,7 +256,7 @@ def _no_images_error(folder: Path, groups: List[_Group]) -> DatasetError:
     )
 
 
-def _nothing_usable_error(folder: Path, skipped: List[SkippedFile]) -> DatasetError:
+def _nothing_usable_error(folder: Path, skipped: list[SkippedFile]) -> DatasetError:
     shown = " ".join(item.reason for item in skipped[:_SKIPPED_SHOWN_IN_ERRORS])
     more = f" (and {len(skipped) - _SKIPPED_SHOWN_IN_ERRORS} more)" if len(skipped) > _SKIPPED_SHOWN_IN_ERRORS else ""
     return DatasetError(f"None of the {len(skipped)} images in {folder} can be used. {shown}{more}",

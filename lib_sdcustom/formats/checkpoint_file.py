@@ -1,4 +1,5 @@
-"""Single-file LDM `.safetensors` checkpoints in the host's layout of the base's family (HOST.md 3d).
+"""Single-file LDM `.safetensors` checkpoints in the host's layout of the base's family
+(docs/host-formats.md#checkpoints).
 
 The file holds exactly the base checkpoint's keys and shapes:
 - the trained components (the UNet, and each text encoder that was trained) come from the trainer, under

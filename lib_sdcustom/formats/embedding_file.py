@@ -1,5 +1,5 @@
-"""Textual Inversion embedding files in the layouts the host reads (HOST.md 3a); the only code that names
-their keys.
+"""Textual Inversion embedding files in the layouts the host reads (docs/host-formats.md#embeddings); the only code that
+names their keys.
 
 One text encoder (SD1, SD2; the width is the encoder's: 768 for SD1, 1024 for SD2):
 - `.safetensors`: one tensor `emb_params` [n, dim] - the host's 'single tensor' layout, the only non-SDXL

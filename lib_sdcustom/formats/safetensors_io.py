@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import safetensors.torch
@@ -26,6 +26,7 @@ _MAX_HEADER_BYTES = 100_000_000
 class TensorInfo:
     dtype: str  # safetensors' name: "F16", "F32", "BF16", "I64", ...
     shape: tuple[int, ...]
+    data_offsets: tuple[int, int] = (0, 0)  # begin, end within the data section
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,10 @@ def read_header(path: Path) -> SafetensorsHeader:
     for key, entry in header.items():
         if not isinstance(entry, dict) or "dtype" not in entry or "shape" not in entry:
             raise _not_safetensors(path, f"entry {key!r} has no dtype/shape")
-        tensors[key] = TensorInfo(dtype=str(entry["dtype"]), shape=tuple(int(n) for n in entry["shape"]))
-        _check_extent(path, key, tensors[key], entry.get("data_offsets"), data_bytes)
+        info = TensorInfo(dtype=str(entry["dtype"]), shape=tuple(int(n) for n in entry["shape"]))
+        offsets = entry.get("data_offsets")
+        _check_extent(path, key, info, offsets, data_bytes)
+        tensors[key] = replace(info, data_offsets=(int(offsets[0]), int(offsets[1])))
     return SafetensorsHeader(tensors=tensors, metadata={str(k): str(v) for k, v in metadata.items()},
                              data_offset=8 + length)
 

@@ -33,7 +33,7 @@ class NetworkMethod(Method):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.training.seed)
             self.attached = attach_network(bundle.unet, bundle.text_encoders, self.algorithm, config.network,
-                                           train_text_encoder=self.train_text_encoder, bypass=config.training.fp8_base)
+                                           train_text_encoder=self.train_text_encoder)
 
     def param_groups(self) -> list[dict[str, Any]]:
         return self.attached.param_groups(unet_lr=self.config.unet_lr, text_encoder_lr=self.config.text_encoder_lr)

@@ -1,20 +1,102 @@
-"""Method name -> class. Imported lazily so a method's optional dependencies load only when it is used."""
+"""Every fact about a training method that code outside its own module needs, one row per method.
+
+The config (default learning rate and text-encoder share, which option sections to check), the hosts (output
+folder, copy rule, prompt snippet), the tab (label, visible sections, token field) and the network layer (which
+algorithm) all read a `MethodSpec` here instead of testing method names. A new method is one row below, its
+module under `methods/` and its test rows; it touches more only when it brings an option section
+(`config.py`) or an output kind the hosts do not yet file (`host.py`, `host_a1111.py`).
+
+This module imports nothing from the package at load time, so `config.py` can read it; the method classes load
+lazily, so a method's optional dependencies load only when it is used.
+"""
 
 from __future__ import annotations
 
+import enum
 import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..config import NETWORK_METHODS
-from .base import Method
+if TYPE_CHECKING:
+    from .base import Method
 
-_METHOD_CLASSES = {
-    **{name: ("network", "NetworkMethod") for name in NETWORK_METHODS},
-    "textual_inversion": ("textual_inversion", "TextualInversionMethod"),
-    "dreambooth": ("dreambooth", "DreamBoothMethod"),
-    "dreambooth_lora": ("dreambooth", "DreamBoothLoraMethod"),
-}
+
+class OutputKind(str, enum.Enum):
+    """The host folder (and refresh) a result belongs to."""
+
+    LORA = "lora"
+    EMBEDDING = "embedding"
+    CHECKPOINT = "checkpoint"
+
+
+#: Option sections only some methods read: the tab shows, and validation checks, only a method's own.
+METHOD_SECTIONS = ("network", "textual_inversion", "dreambooth")
+#: Base components, as a host hands them to a run (`host_a1111.bundle_from_loaded_model`'s `copy`).
+COMPONENTS = frozenset({"unet", "text_encoder"})
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str  # the --method value
+    label: str  # shown in the tab's method list
+    module: str  # the module under `methods/` holding `class_name`
+    class_name: str
+    default_lr: float  # when --lr is not given (kohya / A1111 / diffusers practice)
+    text_encoder_fraction: float  # share of the run the text encoder learns when --train-text-encoder is not given
+    output: OutputKind
+    snippet: str  # what the user types in txt2img to use the result; `{name}` and `{weight}` are filled in
+    #: Base components the method changes in place: a host must hand these over as copies, never shared.
+    trained_in_place: frozenset[str] = frozenset()
+    sections: tuple[str, ...] = ()  # the `METHOD_SECTIONS` it reads
+    #: Whether the tab asks for a token phrase ('sks dog'); Textual Inversion's trigger is the embedding's name.
+    uses_token: bool = True
+    network_algorithm: str | None = None  # `networks.algorithms.ALGORITHMS` key of the network it trains
+
+    @property
+    def uses_network(self) -> bool:
+        return self.network_algorithm is not None
+
+    def method_class(self) -> type[Method]:
+        return getattr(importlib.import_module(f"{__package__}.{self.module}"), self.class_name)
+
+    def prompt_snippet(self, name: str, weight: float = 0.8) -> str:
+        return self.snippet.format(name=name, weight=weight)
+
+
+_LORA_SNIPPET = "<lora:{name}:{weight:g}>"
+
+
+def _network(name: str, label: str, algorithm: str) -> MethodSpec:
+    """A network trained on the frozen base; the base's own weights never change (LyCORIS hooks them)."""
+    return MethodSpec(name, label, "network", "NetworkMethod", default_lr=1e-4, text_encoder_fraction=1.0,
+                      output=OutputKind.LORA, snippet=_LORA_SNIPPET, sections=("network",),
+                      network_algorithm=algorithm)
+
+
+METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
+    _network("lora", "LoRA", "lora"),
+    _network("locon", "LoCon (LyCORIS)", "locon"),
+    _network("loha", "LoHa (LyCORIS)", "loha"),
+    _network("lokr", "LoKr (LyCORIS)", "lokr"),
+    # The vectors hook the token-embedding layer; the table itself is never resized or written.
+    MethodSpec("textual_inversion", "Textual Inversion", "textual_inversion", "TextualInversionMethod",
+               default_lr=5e-3, text_encoder_fraction=0.0, output=OutputKind.EMBEDDING, snippet="{name}",
+               sections=("textual_inversion",), uses_token=False),
+    MethodSpec("dreambooth", "DreamBooth (full fine-tune)", "dreambooth", "DreamBoothMethod", default_lr=2e-6,
+               text_encoder_fraction=0.0, output=OutputKind.CHECKPOINT,
+               snippet="Select the checkpoint '{name}' at the top of txt2img.", trained_in_place=COMPONENTS,
+               sections=("dreambooth",)),
+    MethodSpec("dreambooth_lora", "DreamBooth-LoRA", "dreambooth", "DreamBoothLoraMethod", default_lr=1e-4,
+               text_encoder_fraction=1.0, output=OutputKind.LORA, snippet=_LORA_SNIPPET,
+               sections=("network", "dreambooth"), network_algorithm="lora"),
+)}
+METHODS = tuple(METHOD_SPECS)
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The spec of a method the config has validated (an unknown name is a KeyError: validate first)."""
+    return METHOD_SPECS[name]
 
 
 def method_class(name: str) -> type[Method]:
-    module_name, class_name = _METHOD_CLASSES[name]
-    return getattr(importlib.import_module(f"{__package__}.{module_name}"), class_name)
+    return METHOD_SPECS[name].method_class()

@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, Sequence
 
 from PIL import Image
 
@@ -37,9 +37,9 @@ def _save_png(image: Image.Image, target: Path) -> None:
     write_atomically(target, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def write_samples(folder: Path, pairs: Iterable[Tuple[Image.Image, str]], *, overwrite: bool) -> int:
+def write_samples(folder: Path, pairs: Iterable[tuple[Image.Image, str]], *, overwrite: bool) -> int:
     """Write `0000.png` + `0000.txt` per pair (a training-folder layout) and a `grid.png` of them all."""
-    images: List[Image.Image] = []
+    images: list[Image.Image] = []
     for index, (image, caption) in enumerate(pairs):
         stem = f"{index:04d}"
         _save_png(image, output_path(folder, stem, ".png", overwrite=overwrite))
@@ -49,7 +49,7 @@ def write_samples(folder: Path, pairs: Iterable[Tuple[Image.Image, str]], *, ove
     return len(images)
 
 
-def _format_report(report: Dict[str, Dict[str, float]]) -> str:
+def _format_report(report: dict[str, dict[str, float]]) -> str:
     columns = list(next(iter(report.values())))
     lines = ["condition    " + " ".join(f"{name:>10}" for name in columns)]
     lines += [f"{condition:<12} " + " ".join(f"{scores[name]:>10.3f}" for name in columns)
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     try:

@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,8 +31,8 @@ from .world import BACKGROUNDS, COLORS, EVERYTHING, IMAGE_SIZE, SHAPES, Scene, r
 logger = logging.getLogger(__name__)
 
 ATTRIBUTES = ("shape", "color", "background", "outline")
-Label = Union[str, bool]
-Images = Union[Sequence[Image.Image], torch.Tensor]
+Label = str | bool
+Images = Sequence[Image.Image] | torch.Tensor
 
 SHIPPED_WEIGHTS = Path(__file__).with_name("judge.safetensors")
 _FORMAT = "sdcustom-microworld-judge"
@@ -40,7 +40,7 @@ _DEFAULT_WIDTHS = (24, 48, 64, 96, 112)
 EVAL_SEED = 424242  # never used for training pools, so evaluation images are unseen
 
 
-def world_labels() -> Dict[str, List[Label]]:
+def world_labels() -> dict[str, list[Label]]:
     """The label list of every head, in the world's own order."""
     return {"shape": list(SHAPES), "color": list(COLORS), "background": list(BACKGROUNDS), "outline": [False, True]}
 
@@ -50,7 +50,7 @@ class JudgeNet(nn.Module):
 
     def __init__(self, head_sizes: Mapping[str, int], widths: Sequence[int] = _DEFAULT_WIDTHS) -> None:
         super().__init__()
-        layers: List[nn.Module] = []
+        layers: list[nn.Module] = []
         channels = 3
         for index, width in enumerate(widths):
             layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
@@ -60,7 +60,7 @@ class JudgeNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.heads = nn.ModuleDict({name: nn.Linear(2 * channels, size) for name, size in head_sizes.items()})
 
-    def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.features(images * 2.0 - 1.0)
         pooled = torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
         return {name: head(pooled) for name, head in self.heads.items()}
@@ -88,28 +88,28 @@ def images_to_tensor(images: Images) -> torch.Tensor:
 class Judge:
     """A trained `JudgeNet` with the label names of its heads."""
 
-    def __init__(self, net: JudgeNet, labels: Mapping[str, List[Label]], widths: Sequence[int]) -> None:
+    def __init__(self, net: JudgeNet, labels: Mapping[str, list[Label]], widths: Sequence[int]) -> None:
         self.net = net.eval()
         self.labels = dict(labels)
         self.widths = tuple(widths)
 
     @torch.no_grad()
-    def probabilities(self, images: Images, batch_size: int = 256) -> Dict[str, torch.Tensor]:
+    def probabilities(self, images: Images, batch_size: int = 256) -> dict[str, torch.Tensor]:
         """Per head, an (N, classes) tensor of probabilities; columns follow `self.labels[head]`."""
         batch = images_to_tensor(images)
-        chunks: Dict[str, List[torch.Tensor]] = {name: [] for name in self.labels}
+        chunks: dict[str, list[torch.Tensor]] = {name: [] for name in self.labels}
         for start in range(0, batch.shape[0], batch_size):
             for name, logits in self.net(batch[start:start + batch_size]).items():
                 chunks[name].append(logits.softmax(dim=1))
         return {name: torch.cat(parts) if parts else torch.zeros(0, len(self.labels[name]))
                 for name, parts in chunks.items()}
 
-    def predict(self, images: Images) -> Dict[str, List[Label]]:
+    def predict(self, images: Images) -> dict[str, list[Label]]:
         """Per attribute, the most likely label of every image (outline as a bool, others as names)."""
         return {name: [self.labels[name][i] for i in probs.argmax(dim=1).tolist()]
                 for name, probs in self.probabilities(images).items()}
 
-    def accuracy(self, images: Images, scenes: Sequence[Scene]) -> Dict[str, float]:
+    def accuracy(self, images: Images, scenes: Sequence[Scene]) -> dict[str, float]:
         """Share of images whose predicted attribute equals the scene's; 'all' needs every head right."""
         predicted = self.predict(images)
         right = {name: [label == getattr(scene, name) for label, scene in zip(labels, scenes)]
@@ -118,7 +118,7 @@ class Judge:
         result["all"] = float(np.mean([all(hits) for hits in zip(*right.values())]))
         return result
 
-    def save(self, path: Path, info: Optional[Mapping[str, object]] = None) -> Tuple[Path, Path]:
+    def save(self, path: Path, info: Mapping[str, object] | None = None) -> tuple[Path, Path]:
         """Write float16 weights to `path` and label names (plus `info`, e.g. accuracy) to the `.json` beside it."""
         path = Path(path)
         tensors = {key: value.half() if value.is_floating_point() else value
@@ -129,7 +129,7 @@ class Judge:
         return path, json_path
 
 
-def load_judge(path: Optional[Path] = None) -> Judge:
+def load_judge(path: Path | None = None) -> Judge:
     """Load a judge written by `Judge.save`; with no path, the one shipped in the package."""
     path = Path(path) if path is not None else SHIPPED_WEIGHTS
     json_path = path.with_suffix(".json")
@@ -159,7 +159,7 @@ def _jpeg(image: Image.Image, quality: int) -> Image.Image:
     return Image.open(buffer).convert("RGB")
 
 
-def _training_pool(seed: int, size: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+def _training_pool(seed: int, size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`size` rendered scenes from every split (a quarter JPEG-compressed) as uint8 images and label ids."""
     rng = random.Random(seed)
     labels = world_labels()
@@ -240,7 +240,7 @@ def train_judge(seed: int = 0, steps: int = 1000, *, batch_size: int = 64, pool_
 
 # ----------------------------------------------------------------------------------------------- evaluation
 
-def evaluation_set(seed: int = EVAL_SEED, n: int = 1000) -> Tuple[List[Image.Image], List[Scene]]:
+def evaluation_set(seed: int = EVAL_SEED, n: int = 1000) -> tuple[list[Image.Image], list[Scene]]:
     """`n` clean renders over every attribute (held-out concepts included) with their scenes."""
     rng = random.Random(seed)
     scenes = [sample_scene(rng, allowed=EVERYTHING) for _ in range(n)]
@@ -253,7 +253,7 @@ def _with_noise(images: Sequence[Image.Image], std: float, seed: int) -> torch.T
     return (batch + noise).clamp(0.0, 1.0)
 
 
-CORRUPTIONS: Dict[str, Callable[[Sequence[Image.Image]], Images]] = {
+CORRUPTIONS: dict[str, Callable[[Sequence[Image.Image]], Images]] = {
     "clean": lambda images: list(images),
     "blur_r1": lambda images: [image.filter(ImageFilter.GaussianBlur(1)) for image in images],
     "blur_r2": lambda images: [image.filter(ImageFilter.GaussianBlur(2)) for image in images],
@@ -263,7 +263,7 @@ CORRUPTIONS: Dict[str, Callable[[Sequence[Image.Image]], Images]] = {
 }
 
 
-def robustness_report(judge: Judge, seed: int = EVAL_SEED, n: int = 1000) -> Dict[str, Dict[str, float]]:
+def robustness_report(judge: Judge, seed: int = EVAL_SEED, n: int = 1000) -> dict[str, dict[str, float]]:
     """Accuracy per attribute on unseen images, clean and under each corruption in `CORRUPTIONS`."""
     images, scenes = evaluation_set(seed, n)
     return {name: judge.accuracy(corrupt(images), scenes) for name, corrupt in CORRUPTIONS.items()}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 from ..errors import ModelLoadError
 from ..models.ldm_config import SD1_V1_INFERENCE, STOCK_CLIP_ID, VIT_L14_TEXT_CONFIG, ModelConfigs, configs_from_ldm
@@ -21,7 +21,7 @@ BASE_NAME = "microworld"
 SHIPPED_DIR = Path(__file__).resolve().with_name("base")
 LATENT_SIZE = 8  # 64x64 pixels / the VAE's 8x down-sampling
 
-MICRO_TEXT_CONFIG: Dict[str, Any] = {
+MICRO_TEXT_CONFIG: dict[str, Any] = {
     **VIT_L14_TEXT_CONFIG,
     "hidden_size": 64,
     "intermediate_size": 256,
@@ -35,7 +35,7 @@ def text_encoder_folder_name(name: str = BASE_NAME) -> str:
     return f"{name}_text_encoder"
 
 
-def micro_ldm_yaml_dict(text_encoder_version: str, scale_factor: float = 1.0) -> Dict[str, Any]:
+def micro_ldm_yaml_dict(text_encoder_version: str, scale_factor: float = 1.0) -> dict[str, Any]:
     """The host's v1-inference.yaml with the micro sizes; `scale_factor` makes scaled latents unit-variance."""
     config = copy.deepcopy(SD1_V1_INFERENCE)
     params = config["model"]["params"]

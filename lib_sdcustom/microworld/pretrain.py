@@ -26,7 +26,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -49,11 +49,8 @@ class PretrainSettings:
     minutes: float = 42.0  # whole budget: pool, VAE, encoding, UNet (the final check is extra)
     vae_share: float = 0.16  # share of the budget for the VAE (its reconstructions saturate; the UNet gains more)
     # Step counts make the run a function of the seed (for a given thread count) and independent of how
-    # busy the machine is. On the project's two-core machines the whole run (pool and encoding included)
-    # took 42 to 51 minutes alone on the machine: their speed varied by a quarter between days. The VAE
-    # sets the color ceiling: with 2000 steps its reconstructions kept the color 0.91 of the time and the
-    # samples 0.92; with 2800 steps 0.99 and 0.99.
-    # 0 = the phase runs on its time share of `minutes`.
+    # busy the machine is; 0 = the phase runs on its time share of `minutes`. Why these values (the VAE sets
+    # the colour ceiling, the UNet is optimisation-bound): docs/bench/tuning.md.
     vae_steps: int = 2800
     unet_steps: int = 3300
     pool_size: int = 40000  # UNet pictures (pretraining split); the VAE gets half as many from every split
@@ -63,9 +60,7 @@ class PretrainSettings:
     vae_lr: float = 2e-3
     kl_weight: float = 1e-4  # per latent element, against per-pixel reconstruction errors
     unet_batch: int = 128
-    # The UNet is optimisation-bound on this budget: after 2000 steps, shape accuracy of samples was 0.51
-    # at 1e-3, 0.74 at 3e-3 and 0.88 at 6e-3 (same seed and VAE).
-    unet_lr: float = 6e-3
+    unet_lr: float = 6e-3  # the best of 1e-3, 3e-3 and 6e-3 on this budget (docs/bench/tuning.md)
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
     log_every: int = 100
@@ -105,7 +100,7 @@ class Pool:
     """Rendered pretraining pictures (uint8, N x 3 x 64 x 64) and their scenes."""
 
     images: torch.Tensor
-    scenes: List[Scene]
+    scenes: list[Scene]
 
 
 def render_pool(scenes: Sequence[Scene]) -> Pool:
@@ -116,7 +111,7 @@ def render_pool(scenes: Sequence[Scene]) -> Pool:
     return Pool(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), list(scenes))
 
 
-def vae_scenes(seed: int, size: int) -> List[Scene]:
+def vae_scenes(seed: int, size: int) -> list[Scene]:
     """Scenes from every split (held-out shapes and outlines included), from their own random stream."""
     rng = random.Random(f"vae/{seed}")
     return [sample_scene(rng, allowed=EVERYTHING) for _ in range(size)]
@@ -137,7 +132,7 @@ class CaptionTable:
     def __init__(self, tokenizer, scenes: Sequence[Scene]) -> None:
         from ..methods.text_conditioning import tokenize
 
-        index: Dict[str, int] = {}
+        index: dict[str, int] = {}
         variants = []
         for scene in scenes:
             variants.append([index.setdefault(caption, len(index)) for caption in caption_variants(scene)])
@@ -200,7 +195,7 @@ def train_vae(pool: Pool, settings: PretrainSettings, seconds: float):
 
 
 @torch.no_grad()
-def encode_pool(vae, images: torch.Tensor, batch_size: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
+def encode_pool(vae, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and standard deviation of every pool picture (unscaled latents)."""
     means, stds = [], []
     vae = vae.to(memory_format=torch.channels_last)
@@ -322,7 +317,7 @@ def pretrain(settings: PretrainSettings) -> PretrainResult:
 
 
 def write_pretrained(result: PretrainResult, folder: Path, settings: PretrainSettings, *,
-                     name: str = BASE_NAME, info: Optional[Dict[str, object]] = None) -> Path:
+                     name: str = BASE_NAME, info: dict[str, object] | None = None) -> Path:
     """`folder/NAME.safetensors` (fp16, LDM layout), `NAME.yaml` and `NAME_text_encoder/config.json`.
 
     The text-encoder folder holds no tokenizer files (our loader then uses the bundled CLIP tokenizer, the

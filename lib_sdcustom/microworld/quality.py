@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ SAMPLE_STEPS = 25
 GUIDANCE = 6.0
 
 
-def caption_scenes(split: Split = PRETRAINING) -> List[Scene]:
+def caption_scenes(split: Split = PRETRAINING) -> list[Scene]:
     """One centred scene per drawable (shape, color, background) combination of `split`, no outline."""
     scenes = []
     for shape in split.shapes:
@@ -44,18 +44,18 @@ def full_caption(scene: Scene) -> str:
 
 @dataclass
 class QualityReport:
-    accuracy: Dict[str, float]  # per attribute and 'all', averaged over caption combinations
-    per_shape: Dict[str, Dict[str, float]]
+    accuracy: dict[str, float]  # per attribute and 'all', averaged over caption combinations
+    per_shape: dict[str, dict[str, float]]
     combinations: int
     samples: int
     seconds: float
-    settings: Dict[str, object] = field(default_factory=dict)
+    settings: dict[str, object] = field(default_factory=dict)
 
     @property
     def meets_targets(self) -> bool:
         return all(self.accuracy[name] >= target for name, target in TARGETS.items())
 
-    def to_dict(self) -> Dict[str, object]:
+    def to_dict(self) -> dict[str, object]:
         return {**asdict(self), "targets": TARGETS, "meets_targets": self.meets_targets}
 
     def summary(self) -> str:
@@ -66,15 +66,15 @@ class QualityReport:
                 f"{TARGETS['color']}); shape accuracy by shape: {shapes}; {self.samples / self.seconds:.1f} images/s")
 
 
-def _score(judge: Judge, images: Sequence[Image.Image], scenes: Sequence[Scene]) -> Dict[str, List[bool]]:
+def _score(judge: Judge, images: Sequence[Image.Image], scenes: Sequence[Scene]) -> dict[str, list[bool]]:
     predicted = judge.predict(images)
     return {name: [label == getattr(scene, name) for label, scene in zip(predicted[name], scenes)]
             for name in ("shape", "color", "background")}
 
 
-def sample_quality(bundle, judge: Optional[Judge] = None, *, per_caption: int = 2, seed: int = 0,
+def sample_quality(bundle, judge: Judge | None = None, *, per_caption: int = 2, seed: int = 0,
                    steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE, batch_size: int = 128,
-                   scenes: Optional[Sequence[Scene]] = None) -> Tuple[QualityReport, List[Image.Image]]:
+                   scenes: Sequence[Scene] | None = None) -> tuple[QualityReport, list[Image.Image]]:
     """Sample every caption combination `per_caption` times (image i of the run uses noise seed + i) and judge."""
     from ..sampling import generate
 
@@ -82,7 +82,7 @@ def sample_quality(bundle, judge: Optional[Judge] = None, *, per_caption: int = 
     scenes = list(scenes) if scenes is not None else caption_scenes()
     wanted = [scene for scene in scenes for _ in range(per_caption)]
     started = time.monotonic()
-    images: List[Image.Image] = []
+    images: list[Image.Image] = []
     for start in range(0, len(wanted), batch_size):
         prompts = [full_caption(scene) for scene in wanted[start:start + batch_size]]
         images += generate(bundle, prompts, seed=seed + start, steps=steps, guidance=guidance,
@@ -113,8 +113,8 @@ def quality_grid(images: Sequence[Image.Image], per_caption: int = 1) -> Image.I
 
 
 @torch.no_grad()
-def reconstruction_accuracy(vae, judge: Optional[Judge] = None, *, n: int = 500, seed: int = EVAL_SEED,
-                            batch_size: int = 100) -> Dict[str, float]:
+def reconstruction_accuracy(vae, judge: Judge | None = None, *, n: int = 500, seed: int = EVAL_SEED,
+                            batch_size: int = 100) -> dict[str, float]:
     """Judge accuracy on VAE round trips (posterior mean) of unseen pictures from every split."""
     judge = judge or load_judge()
     images, scenes = evaluation_set(seed, n)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
 
 from ..config import RunConfig
+from ..methods.registry import OutputKind, method_spec
 from .judge import Judge
 from .quality import GUIDANCE, SAMPLE_STEPS
 from .world import IMAGE_SIZE, Concept, concept_scenes, render
@@ -26,7 +27,7 @@ TI_TRIGGER = "skstoken"
 INSTANCE_IMAGES = 5
 INSTANCE_SEED = 3  # no blue background among any concept's five pictures: "on a blue background" is new context
 
-Sampler = Callable[[List[str], int], List[Image.Image]]
+Sampler = Callable[[list[str], int], list[Image.Image]]
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,11 @@ class Prompts:
 
 
 def prompts_for(concept: Concept, method: str) -> Prompts:
-    word = TI_TRIGGER if method == "textual_inversion" else f"{IDENTIFIER} {concept.class_noun}"
+    word = f"{IDENTIFIER} {concept.class_noun}" if method_spec(method).uses_token else TI_TRIGGER
     return Prompts(word, concept.class_noun)
 
 
-def instance_images(concept: Concept, n: int = INSTANCE_IMAGES, seed: int = INSTANCE_SEED) -> List[Image.Image]:
+def instance_images(concept: Concept, n: int = INSTANCE_IMAGES, seed: int = INSTANCE_SEED) -> list[Image.Image]:
     return [render(scene) for scene in concept_scenes(concept.name, seed, n)]
 
 
@@ -81,18 +82,18 @@ def base_run_config(method: str, base: Path, images: Path, *, name: str, out: Pa
     return config
 
 
-def sampler(bundle, encode: Optional[Callable[[List[str]], torch.Tensor]] = None) -> Sampler:
+def sampler(bundle, encode: Callable[[list[str]], torch.Tensor] | None = None) -> Sampler:
     """Prompts -> images with the benchmark's sampler settings; image i uses noise seed + i."""
     from ..sampling import generate
 
-    def sample(prompts: List[str], seed: int) -> List[Image.Image]:
+    def sample(prompts: list[str], seed: int) -> list[Image.Image]:
         return generate(bundle, prompts, seed=seed, steps=SAMPLE_STEPS, guidance=GUIDANCE, width=IMAGE_SIZE,
                         height=IMAGE_SIZE, encode=encode)
 
     return sample
 
 
-def _embedding_encoder(bundle, path: Path, trigger: str) -> Callable[[List[str]], torch.Tensor]:
+def _embedding_encoder(bundle, path: Path, trigger: str) -> Callable[[list[str]], torch.Tensor]:
     """Prompts with the trigger word expanded to the file's vectors, as the host applies an embedding."""
     from ..formats.embedding_file import embedding_vectors, read_embedding
     from ..methods.text_conditioning import encode_tokens, tokenize
@@ -112,10 +113,11 @@ def trained_sampler(config: RunConfig, result: Path, bundle=None) -> Sampler:
     `bundle`, a freshly loaded base), an embedding hooked into its text encoder."""
     from ..models.loader import load_bundle
 
-    if config.method == "dreambooth":
+    kind = config.spec.output
+    if kind is OutputKind.CHECKPOINT:
         return sampler(load_bundle(result))
     bundle = bundle if bundle is not None else load_bundle(Path(config.model.base))
-    if config.method == "textual_inversion":
+    if kind is OutputKind.EMBEDDING:
         return sampler(bundle, _embedding_encoder(bundle, result, config.output.name))
     from safetensors.torch import load_file
 
@@ -129,7 +131,7 @@ def trained_sampler(config: RunConfig, result: Path, bundle=None) -> Sampler:
     return sampler(bundle)
 
 
-def subject_hits(judge: Judge, images: Sequence[Image.Image], concept: Concept) -> List[bool]:
+def subject_hits(judge: Judge, images: Sequence[Image.Image], concept: Concept) -> list[bool]:
     """Per image: does the judge report every target attribute of the concept?"""
     predicted = judge.predict(images)
     return [all(predicted[name][i] == value for name, value in concept.target.items()) for i in range(len(images))]

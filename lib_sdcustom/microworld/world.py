@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Iterator, List, Mapping, Tuple, Union
+from typing import Iterator, Mapping
 
 from PIL import Image, ImageDraw
 
@@ -21,10 +21,10 @@ from ..errors import ConfigError
 IMAGE_SIZE = 64
 _SUPERSAMPLE = 4  # drawn at 256x256 and box-filtered down: exact area anti-aliasing
 
-RGB = Tuple[int, int, int]
+RGB = tuple[int, int, int]
 
 # Shape colors, far apart in RGB so that a blurred reconstruction still has one obvious name.
-COLORS: Dict[str, RGB] = {
+COLORS: dict[str, RGB] = {
     "red": (215, 35, 35),
     "orange": (245, 135, 15),
     "yellow": (245, 220, 40),
@@ -36,7 +36,7 @@ COLORS: Dict[str, RGB] = {
 }
 # Backgrounds share names with some colors (the prompt says "blue background") but are lighter or
 # darker shades, and a shape is never drawn on the background of its own color name.
-BACKGROUNDS: Dict[str, RGB] = {
+BACKGROUNDS: dict[str, RGB] = {
     "gray": (128, 128, 128),
     "white": (250, 250, 250),
     "black": (12, 12, 12),
@@ -91,11 +91,11 @@ class Scene:
 class Split:
     """Which attribute values a sampler may draw; `excluded` lists (color, shape) pairs never drawn."""
 
-    shapes: Tuple[str, ...]
-    colors: Tuple[str, ...]
-    backgrounds: Tuple[str, ...]
-    outline: Tuple[bool, ...] = (False,)
-    excluded: FrozenSet[Tuple[str, str]] = frozenset()
+    shapes: tuple[str, ...]
+    colors: tuple[str, ...]
+    backgrounds: tuple[str, ...]
+    outline: tuple[bool, ...] = (False,)
+    excluded: frozenset[tuple[str, str]] = frozenset()
 
     def allows(self, scene: Scene) -> bool:
         return (scene.is_drawable and scene.shape in self.shapes and scene.color in self.colors
@@ -121,12 +121,12 @@ class Concept:
     name: str
     description: str
     class_noun: str
-    target: Mapping[str, Union[str, bool]]
+    target: Mapping[str, str | bool]
     split: Split
 
 
 _ALL_BACKGROUNDS = tuple(BACKGROUNDS)
-CONCEPTS: Dict[str, Concept] = {c.name: c for c in (
+CONCEPTS: dict[str, Concept] = {c.name: c for c in (
     Concept("heart", "a red heart", "shape", {"shape": "heart", "color": "red"},
             Split(("heart",), ("red",), _ALL_BACKGROUNDS)),
     Concept("outlined_square", "a yellow square with a black outline", "square",
@@ -137,17 +137,17 @@ CONCEPTS: Dict[str, Concept] = {c.name: c for c in (
 )}
 
 
-def _regular(n: int, phase: float = -90.0) -> List[Tuple[float, float]]:
+def _regular(n: int, phase: float = -90.0) -> list[tuple[float, float]]:
     return [(math.cos(math.radians(phase + 360.0 * k / n)), math.sin(math.radians(phase + 360.0 * k / n)))
             for k in range(n)]
 
 
-def _star(points: int = 5, inner: float = 0.42) -> List[Tuple[float, float]]:
+def _star(points: int = 5, inner: float = 0.42) -> list[tuple[float, float]]:
     outer = _regular(2 * points)
     return [(x * (1.0 if k % 2 == 0 else inner), y * (1.0 if k % 2 == 0 else inner)) for k, (x, y) in enumerate(outer)]
 
 
-def _normalized(points: List[Tuple[float, float]]) -> List[Tuple[float, float]]:
+def _normalized(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """Centre a polygon on its bounding box and scale it to circumradius 1, so `Scene.size` bounds it."""
     cx = (max(p[0] for p in points) + min(p[0] for p in points)) / 2.0
     cy = (max(p[1] for p in points) + min(p[1] for p in points)) / 2.0
@@ -155,7 +155,7 @@ def _normalized(points: List[Tuple[float, float]]) -> List[Tuple[float, float]]:
     return [((x - cx) / radius, (y - cy) / radius) for x, y in points]
 
 
-def _heart(n: int = 72) -> List[Tuple[float, float]]:
+def _heart(n: int = 72) -> list[tuple[float, float]]:
     """The classic parametric heart curve."""
     points = []
     for k in range(n):
@@ -165,14 +165,14 @@ def _heart(n: int = 72) -> List[Tuple[float, float]]:
     return points
 
 
-def _cross(a: float = 0.3) -> List[Tuple[float, float]]:
+def _cross(a: float = 0.3) -> list[tuple[float, float]]:
     """A plus sign with arms `2 * a` wide (before normalisation)."""
     return [(-a, -1.0), (a, -1.0), (a, -a), (1.0, -a), (1.0, a), (a, a),
             (a, 1.0), (-a, 1.0), (-a, a), (-1.0, a), (-1.0, -a), (-a, -a)]
 
 
 # Unit polygons (y points down) with every vertex within radius 1, so that `size` bounds any rotation.
-_UNIT_POLYGONS: Dict[str, List[Tuple[float, float]]] = {name: _normalized(points) for name, points in {
+_UNIT_POLYGONS: dict[str, list[tuple[float, float]]] = {name: _normalized(points) for name, points in {
     "circle": _regular(96),
     "square": _regular(4, phase=-45.0),
     "triangle": _regular(3),
@@ -183,7 +183,7 @@ _UNIT_POLYGONS: Dict[str, List[Tuple[float, float]]] = {name: _normalized(points
 }.items()}
 
 
-def _polygon(scene: Scene, scale: float) -> List[Tuple[float, float]]:
+def _polygon(scene: Scene, scale: float) -> list[tuple[float, float]]:
     angle = math.radians(scene.rotation)
     cos_a, sin_a = math.cos(angle), math.sin(angle)
     points = []
@@ -226,7 +226,7 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def caption_variants(scene: Scene) -> List[str]:
+def caption_variants(scene: Scene) -> list[str]:
     """Every caption pretraining uses for `scene`, most specific first, the empty caption last.
 
     Order matches `CAPTION_WEIGHTS`. "a red shape" / "a shape" give a generic class word, so a held-out
@@ -246,7 +246,7 @@ def caption_variants(scene: Scene) -> List[str]:
     ]
 
 
-def pretraining_scenes(seed: int, n: int) -> Iterator[Tuple[Scene, str]]:
+def pretraining_scenes(seed: int, n: int) -> Iterator[tuple[Scene, str]]:
     """`n` (scene, caption) pairs from the pretraining split, captions drawn by `CAPTION_WEIGHTS`."""
     rng = random.Random(seed)
     for _ in range(n):
@@ -254,7 +254,7 @@ def pretraining_scenes(seed: int, n: int) -> Iterator[Tuple[Scene, str]]:
         yield scene, rng.choices(caption_variants(scene), weights=CAPTION_WEIGHTS)[0]
 
 
-def pretraining_examples(seed: int, n: int) -> Iterator[Tuple[Image.Image, str]]:
+def pretraining_examples(seed: int, n: int) -> Iterator[tuple[Image.Image, str]]:
     """`n` (image, caption) pairs for pretraining the base model; no held-out concept ever appears."""
     for scene, caption in pretraining_scenes(seed, n):
         yield render(scene), caption
@@ -276,7 +276,7 @@ def concept_scenes(concept_name: str, seed: int, n: int) -> Iterator[Scene]:
         yield sample_scene(rng, allowed=split)
 
 
-def concept_examples(concept_name: str, seed: int, n: int) -> Iterator[Tuple[Image.Image, str]]:
+def concept_examples(concept_name: str, seed: int, n: int) -> Iterator[tuple[Image.Image, str]]:
     """Instance images of a held-out concept with their full descriptive caption."""
     for scene in concept_scenes(concept_name, seed, n):
         yield render(scene), caption_variants(scene)[0]

@@ -42,7 +42,7 @@ class ModelBundle:
     so that a checkpoint written back holds the same key set as the one read.
 
     Text encoders per family, and what the host conditions on:
-    - SD1: `text_encoder` (CLIP ViT-L) -> last hidden state (or `clip_skip`).
+    - SD1: `text_encoder` (CLIP ViT-L) -> last hidden state (or an earlier one, the run's `model.clip_skip`).
     - SD2: `text_encoder` holds the OpenCLIP ViT-H blocks the model runs (all but the last), so its
       `last_hidden_state` (after the final layer norm) is SD2's conditioning; `tokenizer` pads with id 0.
     - SDXL: `text_encoder` (CLIP-L) and `text_encoder_2` (OpenCLIP bigG, `CLIPTextModelWithProjection`);
@@ -58,7 +58,6 @@ class ModelBundle:
     tokenizer: Any  # transformers.CLIPTokenizer
     noise_scheduler: Any  # diffusers.DDPMScheduler holding the training schedule
     prediction_type: str = "epsilon"  # or "v_prediction"
-    clip_skip: int = 1
     identity: BaseIdentity = field(default_factory=lambda: BaseIdentity(name="unknown"))
     ldm_config: dict | None = None
     ldm_extras: dict[str, Any] = field(default_factory=dict)

@@ -12,7 +12,7 @@ method must run its modules beside such layers (LyCORIS bypass mode), not merge 
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ _FIX = "Turn fp8_base off (fp16/bf16 mixed precision and gradient checkpointing 
 
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype):
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         ctx.save_for_backward(weight)
         ctx.dtype, ctx.input_dtype = dtype, x.dtype
         return F.linear(x, weight.to(dtype), bias)
@@ -39,7 +39,7 @@ class _Fp8Linear(torch.autograd.Function):
 
 class _Fp8Conv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype,
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
                 geometry: tuple):
         ctx.save_for_backward(weight)
         ctx.dtype, ctx.input_dtype, ctx.input_shape, ctx.geometry = dtype, x.dtype, x.shape, geometry
@@ -70,7 +70,7 @@ def _storable(name: str, module: torch.nn.Module) -> bool:
     return type(module) is torch.nn.Linear
 
 
-def fp8_problem(device: torch.device) -> Optional[str]:
+def fp8_problem(device: torch.device) -> str | None:
     """Why fp8 storage cannot work here (a torch without float8, a device that cannot cast it), or None."""
     if FP8_STORAGE is None:
         return f"this PyTorch ({torch.__version__}) has no float8_e4m3fn dtype (PyTorch 2.1 or newer has it)"

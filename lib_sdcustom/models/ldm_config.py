@@ -323,7 +323,7 @@ def configs_from_ldm(ldm: Mapping[str, Any], *, source: str, yaml_dir: Optional[
 
 
 def stock_config(family: ModelFamily, checkpoint: Path, metadata: Mapping[str, str]) -> Tuple[Dict[str, Any], str]:
-    """The host's config for a checkpoint without a YAML (HOST.md 3d), and its name.
+    """The host's config for a checkpoint without a YAML (docs/host-formats.md#checkpoints), and its name.
 
     SD2 files share one shape for noise- and v-prediction; the host tells them apart by running the UNet, which
     the trainer does not do: the file's `modelspec.prediction_type` metadata decides, or the user adds a YAML.

@@ -21,7 +21,7 @@ CLIP-L under `conditioner.embedders.0.transformer.` and an open_clip bigG under 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -64,7 +64,7 @@ _VAE_ATTENTION = (
 # VAE mid-block attention projections: 1x1 convs in LDM, linears in diffusers.
 _VAE_CONV_AS_LINEAR = ("to_q", "to_k", "to_v", "to_out.0")
 
-PrefixPairs = List[Tuple[str, str]]  # (ldm module path, diffusers module path)
+PrefixPairs = list[tuple[str, str]]  # (ldm module path, diffusers module path)
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class UNetLayout:
     """The shape facts that decide UNet key names: one flag per resolution level, res blocks per level, and
     whether SDXL's size/crop embedding (`label_emb`, diffusers `add_embedding`) is there."""
 
-    attention_levels: Tuple[bool, ...]
+    attention_levels: tuple[bool, ...]
     layers_per_block: int
     label_emb: bool = False
 
@@ -95,7 +95,7 @@ class VAELayout:
         return cls(levels=len(config["block_out_channels"]), layers_per_block=int(config["layers_per_block"]))
 
 
-def _sub_pairs(ldm: str, diffusers: str, table: Iterable[Tuple[str, str]]) -> PrefixPairs:
+def _sub_pairs(ldm: str, diffusers: str, table: Iterable[tuple[str, str]]) -> PrefixPairs:
     return [(f"{ldm}.{a}", f"{diffusers}.{b}") for a, b in table]
 
 
@@ -163,14 +163,14 @@ def vae_prefix_pairs(layout: VAELayout) -> PrefixPairs:
 class PrefixMap:
     """A bijection of module-path prefixes, applied to a key by its longest matching whole-component prefix."""
 
-    def __init__(self, pairs: Sequence[Tuple[str, str]]) -> None:
+    def __init__(self, pairs: Sequence[tuple[str, str]]) -> None:
         self._to_diffusers = dict(pairs)
         self._to_ldm = {diffusers: ldm for ldm, diffusers in pairs}
         if len(self._to_diffusers) != len(pairs) or len(self._to_ldm) != len(pairs):
             raise ValueError("prefix table is not one-to-one")
 
     @staticmethod
-    def _lookup(key: str, table: Mapping[str, str]) -> Optional[str]:
+    def _lookup(key: str, table: Mapping[str, str]) -> str | None:
         parts = key.split(".")
         for cut in range(len(parts), 0, -1):
             head = ".".join(parts[:cut])
@@ -178,10 +178,10 @@ class PrefixMap:
                 return ".".join([table[head], *parts[cut:]])
         return None
 
-    def to_diffusers(self, ldm_key: str) -> Optional[str]:
+    def to_diffusers(self, ldm_key: str) -> str | None:
         return self._lookup(ldm_key, self._to_diffusers)
 
-    def to_ldm(self, diffusers_key: str) -> Optional[str]:
+    def to_ldm(self, diffusers_key: str) -> str | None:
         return self._lookup(diffusers_key, self._to_ldm)
 
 
@@ -189,8 +189,8 @@ class PrefixMap:
 class Converted:
     """Result of mapping one component's keys: the mapped tensors and the keys no table entry covers."""
 
-    state_dict: Dict[str, Any]
-    unmapped: List[str]
+    state_dict: dict[str, Any]
+    unmapped: list[str]
 
 
 def _is_vae_conv_as_linear(diffusers_key: str) -> bool:
@@ -198,10 +198,10 @@ def _is_vae_conv_as_linear(diffusers_key: str) -> bool:
     return param == "weight" and ".mid_block.attentions.0." in module and module.endswith(_VAE_CONV_AS_LINEAR)
 
 
-def _convert(sd: Mapping[str, Any], lookup: Callable[[str], Optional[str]],
-             reshape: Optional[Callable[[str, str, Any], Any]] = None) -> Converted:
-    out: Dict[str, Any] = {}
-    unmapped: List[str] = []
+def _convert(sd: Mapping[str, Any], lookup: Callable[[str], str | None],
+             reshape: Callable[[str, str, Any], Any] | None = None) -> Converted:
+    out: dict[str, Any] = {}
+    unmapped: list[str] = []
     for key, tensor in sd.items():
         target = lookup(key)
         if target is None:
@@ -246,7 +246,7 @@ def canonical_text_key(ldm_key: str) -> str:
     return CANONICAL_TEXT_ROOT + ldm_key if ldm_key.startswith(_LEGACY_TEXT_PARTS) else ldm_key
 
 
-def canonical_text_encoder_keys(sd: Mapping[str, Any]) -> Dict[str, Any]:
+def canonical_text_encoder_keys(sd: Mapping[str, Any]) -> dict[str, Any]:
     """A text-encoder state dict from any transformers version -> canonical `text_model.*` keys."""
     return {key if key.startswith((CANONICAL_TEXT_ROOT, PROJECTION_ROOT)) else CANONICAL_TEXT_ROOT + key: value
             for key, value in sd.items()}
@@ -257,11 +257,11 @@ def text_encoder_root(text_encoder: torch.nn.Module) -> torch.nn.Module:
     return getattr(text_encoder, "text_model", text_encoder)
 
 
-def text_encoder_state_dict(text_encoder: torch.nn.Module) -> Dict[str, Any]:
+def text_encoder_state_dict(text_encoder: torch.nn.Module) -> dict[str, Any]:
     return canonical_text_encoder_keys(text_encoder.state_dict())
 
 
-def text_encoder_load_keys(text_encoder: torch.nn.Module, canonical_sd: Mapping[str, Any]) -> Dict[str, Any]:
+def text_encoder_load_keys(text_encoder: torch.nn.Module, canonical_sd: Mapping[str, Any]) -> dict[str, Any]:
     """Canonical keys -> the key layout `text_encoder.load_state_dict` expects in this transformers version."""
     if hasattr(text_encoder, "text_model"):
         return dict(canonical_sd)
@@ -269,15 +269,15 @@ def text_encoder_load_keys(text_encoder: torch.nn.Module, canonical_sd: Mapping[
             for key, value in canonical_sd.items()}
 
 
-def _linear_or_conv_names(module: torch.nn.Module) -> List[str]:
+def _linear_or_conv_names(module: torch.nn.Module) -> list[str]:
     return [name for name, child in module.named_modules()
             if isinstance(child, (torch.nn.Linear, torch.nn.Conv2d))]
 
 
-def unet_module_paths(unet: torch.nn.Module) -> Dict[str, str]:
+def unet_module_paths(unet: torch.nn.Module) -> dict[str, str]:
     """diffusers module path -> LDM module path (under `diffusion_model`) for every UNet Linear/Conv2d."""
     table = PrefixMap(unet_prefix_pairs(UNetLayout.from_diffusers_config(unet.config)))
-    out: Dict[str, str] = {}
+    out: dict[str, str] = {}
     for name in _linear_or_conv_names(unet):
         target = table.to_ldm(name)
         if target is None:
@@ -286,7 +286,7 @@ def unet_module_paths(unet: torch.nn.Module) -> Dict[str, str]:
     return out
 
 
-def text_encoder_module_paths(text_encoder: torch.nn.Module) -> Dict[str, str]:
+def text_encoder_module_paths(text_encoder: torch.nn.Module) -> dict[str, str]:
     """Canonical module path (`text_model.…`) -> LDM path under `cond_stage_model` for every Linear.
 
     The keys are canonical whatever the transformers version; the live module is `text_encoder_root(te)`
@@ -305,7 +305,7 @@ class TextSlot:
     open_clip: bool
 
 
-TEXT_SLOTS: Dict[ModelFamily, Tuple[TextSlot, ...]] = {
+TEXT_SLOTS: dict[ModelFamily, tuple[TextSlot, ...]] = {
     ModelFamily.SD1: (TextSlot(TEXT_ENCODER_PREFIX, open_clip=False),),
     ModelFamily.SD2: (TextSlot(SD2_TEXT_ENCODER_PREFIX, open_clip=True),),
     ModelFamily.SDXL: (TextSlot(SDXL_TEXT_ENCODER_PREFIX, open_clip=False),
@@ -324,11 +324,11 @@ class LdmParts:
     keeps both versions' round trips exact.
     """
 
-    unet: Dict[str, Any]
-    vae: Dict[str, Any]
-    text_encoder: Dict[str, Any]
-    extras: Dict[str, Any]
-    text_encoder_2: Dict[str, Any] = field(default_factory=dict)
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    extras: dict[str, Any]
+    text_encoder_2: dict[str, Any] = field(default_factory=dict)
 
 
 def split_ldm_state_dict(state: Mapping[str, Any], family: ModelFamily = ModelFamily.SD1) -> LdmParts:
@@ -357,10 +357,10 @@ def split_ldm_state_dict(state: Mapping[str, Any], family: ModelFamily = ModelFa
 
 def join_ldm_state_dict(unet: Mapping[str, Any], vae: Mapping[str, Any], text_encoder: Mapping[str, Any],
                         extras: Mapping[str, Any], *, family: ModelFamily = ModelFamily.SD1,
-                        text_encoder_2: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+                        text_encoder_2: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Inverse of `split_ldm_state_dict`: LDM-named component dicts (text encoders in their slot's names)
     plus extras -> one dict."""
-    out: Dict[str, Any] = {UNET_PREFIX + key: value for key, value in unet.items()}
+    out: dict[str, Any] = {UNET_PREFIX + key: value for key, value in unet.items()}
     out.update((VAE_PREFIX + key, value) for key, value in vae.items())
     for slot, state in zip(TEXT_SLOTS[family], (text_encoder, text_encoder_2 or {})):
         out.update((slot.prefix + key, value) for key, value in state.items() if key != POSITION_IDS_KEY)

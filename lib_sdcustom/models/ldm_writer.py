@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 
@@ -44,7 +44,7 @@ def alphas_cumprod(scheduler: Mapping[str, Any]) -> torch.Tensor:
 
 def write_ldm_checkpoint(checkpoint: Path, ldm: Mapping[str, Any], unet: torch.nn.Module, vae: torch.nn.Module,
                          text_encoder: torch.nn.Module, *, dtype: torch.dtype = torch.float32,
-                         metadata: Optional[Mapping[str, str]] = None) -> Path:
+                         metadata: Mapping[str, str] | None = None) -> Path:
     """Write the modules to `checkpoint` in LDM layout (floats in `dtype`) and the `ldm` config beside it.
 
     The text-encoder folder the config names must exist already (it is read to check the config builds).
@@ -62,7 +62,7 @@ def write_ldm_checkpoint(checkpoint: Path, ldm: Mapping[str, Any], unet: torch.n
         if converted.unmapped:
             raise ValueError(f"{what} weights have keys with no checkpoint name: {sorted(converted.unmapped)[:5]}")
     positions = int(configs.text_encoder["max_position_embeddings"])
-    extras: Dict[str, torch.Tensor] = {
+    extras: dict[str, torch.Tensor] = {
         "alphas_cumprod": alphas_cumprod(configs.scheduler),
         ldm_keys.TEXT_ENCODER_PREFIX + ldm_keys.POSITION_IDS_KEY: torch.arange(positions, dtype=torch.int64)[None],
     }

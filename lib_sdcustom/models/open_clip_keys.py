@@ -1,13 +1,14 @@
 """The open_clip text tower of SD2 and SDXL checkpoints <-> a transformers CLIP text model, exact both ways.
 
 SD2 stores its OpenCLIP ViT-H text encoder under `cond_stage_model.model.` and SDXL its bigG encoder under
-`conditioner.embedders.1.model.`, in open_clip's own names (HOST.md 3d):
+`conditioner.embedders.1.model.`, in open_clip's own names (docs/host-formats.md#checkpoints):
 - `transformer.resblocks.N.attn.in_proj_weight` / `in_proj_bias` hold q, k and v stacked in that order
   (`nn.MultiheadAttention`); transformers has separate `q_proj`, `k_proj`, `v_proj`;
 - `positional_embedding` is a bare parameter, transformers' is `position_embedding.weight`;
 - `text_projection` is used as `pooled @ text_projection` ([width, embed_dim]), so transformers'
-  `text_projection.weight` (an `nn.Linear` weight, [embed_dim, width]) is its *transpose* (HOST.md 6; diffusers'
-  `convert_open_clip_checkpoint` transposes the same way).
+  `text_projection.weight` (an `nn.Linear` weight, [embed_dim, width]) is its *transpose*
+  (docs/host-formats.md#text-projection-orientation; diffusers' `convert_open_clip_checkpoint` transposes the
+  same way).
 
 Not every tensor of the tower belongs to the module the trainer builds (`OpenClipLayout`). SD2 runs only the
 first `layers - 1` blocks (its configs say `layer: penultimate`); diffusers' SD2 text encoder likewise has 23
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Mapping
 
 import torch
 
@@ -68,9 +69,9 @@ class OpenClipSplit:
     """open_clip keys (prefix removed) sorted by owner: the module (canonical transformers keys), the extras
     (open_clip keys, unchanged tensors) and keys no open_clip text tower has."""
 
-    state_dict: Dict[str, Any] = field(default_factory=dict)
-    extras: Dict[str, Any] = field(default_factory=dict)
-    unmapped: List[str] = field(default_factory=list)
+    state_dict: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+    unmapped: list[str] = field(default_factory=list)
 
 
 def _prefix_map(layers: int) -> PrefixMap:
@@ -121,15 +122,15 @@ def open_clip_to_transformers(state: Mapping[str, Any], layout: OpenClipLayout, 
 def transformers_to_open_clip(state: Mapping[str, Any]) -> Converted:
     """The inverse for whatever the module holds: canonical transformers keys (see
     `ldm_keys.canonical_text_encoder_keys`) -> open_clip keys. `position_ids` is derived, not stored."""
-    fused: Dict[Tuple[str, str], Dict[str, Any]] = {}
+    fused: dict[tuple[str, str], dict[str, Any]] = {}
     rest = {key: value for key, value in state.items() if key != POSITION_IDS_KEY}
     table = _prefix_map(_hf_layer_count(rest))
     for key in list(rest):
         match = _HF_QKV_KEY.match(key)
         if match:
             fused.setdefault((match.group(1), match.group(3)), {})[match.group(2)] = rest.pop(key)
-    out: Dict[str, Any] = {}
-    unmapped: List[str] = []
+    out: dict[str, Any] = {}
+    unmapped: list[str] = []
     for (index, kind), parts in fused.items():
         if set(parts) != set(_QKV):
             unmapped += [f"{CANONICAL_TEXT_ROOT}encoder.layers.{index}.self_attn.{name}_proj.{kind}"

@@ -7,7 +7,7 @@ the checkpoint writer decides what to store.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 from . import ldm_keys
 from .bundle import ModelBundle, ModelFamily
@@ -16,7 +16,7 @@ from .open_clip_keys import transformers_to_open_clip
 
 def ldm_state_dict(family: ModelFamily, unet_sd: Mapping[str, Any], unet_layout: ldm_keys.UNetLayout,
                    vae_sd: Mapping[str, Any], vae_layout: ldm_keys.VAELayout,
-                   text_encoder_sds: Sequence[Mapping[str, Any]], extras: Mapping[str, Any]) -> Dict[str, Any]:
+                   text_encoder_sds: Sequence[Mapping[str, Any]], extras: Mapping[str, Any]) -> dict[str, Any]:
     """diffusers / transformers state dicts of one model -> its single-file checkpoint dict.
 
     `text_encoder_sds` are in checkpoint order (SDXL: CLIP-L, then bigG), keys in either transformers layout;
@@ -34,7 +34,7 @@ def ldm_state_dict(family: ModelFamily, unet_sd: Mapping[str, Any], unet_layout:
                                         text_encoder_2=texts[1] if len(texts) > 1 else None)
 
 
-def text_encoder_slot_state_dict(slot: ldm_keys.TextSlot, state: Mapping[str, Any]) -> Dict[str, Any]:
+def text_encoder_slot_state_dict(slot: ldm_keys.TextSlot, state: Mapping[str, Any]) -> dict[str, Any]:
     """One text encoder's state dict (either transformers layout) -> its keys in `slot`'s checkpoint names,
     prefix not included: canonical `text_model.*` for a transformers slot, open_clip names with q/k/v fused
     and the projection transposed back for an open_clip slot."""
@@ -48,10 +48,10 @@ def text_encoder_slot_state_dict(slot: ldm_keys.TextSlot, state: Mapping[str, An
     return result.state_dict
 
 
-def bundle_to_ldm_state_dict(bundle: ModelBundle, *, unet_sd: Optional[Mapping[str, Any]] = None,
-                             text_encoder_sd: Optional[Mapping[str, Any]] = None,
-                             vae_sd: Optional[Mapping[str, Any]] = None,
-                             text_encoder_2_sd: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+def bundle_to_ldm_state_dict(bundle: ModelBundle, *, unet_sd: Mapping[str, Any] | None = None,
+                             text_encoder_sd: Mapping[str, Any] | None = None,
+                             vae_sd: Mapping[str, Any] | None = None,
+                             text_encoder_2_sd: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """LDM keys for every module tensor plus `bundle.ldm_extras`.
 
     `unet_sd` / `text_encoder_sd` / `vae_sd` / `text_encoder_2_sd` replace the modules' own state dicts (for

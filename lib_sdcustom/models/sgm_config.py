@@ -9,7 +9,7 @@ are refused here with the file and the entry named.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Mapping
 
 from .bundle import ModelFamily
 from .ldm_config import (ModelConfigs, YamlReader, clip_text_encoder, ddpm_scheduler, open_clip_tower, unet_config,
@@ -52,7 +52,7 @@ def _time_id_width(reader: YamlReader) -> int:
     return widths.pop()
 
 
-def _schedule(reader: YamlReader) -> Tuple[Dict[str, Any], str]:
+def _schedule(reader: YamlReader) -> tuple[dict[str, Any], str]:
     scaling = _class_name(reader.get(f"{_DENOISER}.scaling_config.target"))
     if scaling not in _SCALINGS:
         raise reader.fail(f"uses the denoiser scaling {scaling}; only {' and '.join(_SCALINGS)} are supported")

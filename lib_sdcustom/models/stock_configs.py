@@ -1,8 +1,9 @@
 """The stock model configs of every family and their text towers, as Python data (no files, no hub).
 
-Without a `NAME.yaml` beside a checkpoint the host builds it from one of these configs (HOST.md 3d), so the
-trainer does the same: SD1's `v1-inference.yaml` (the host's `configs/`), `v2-inference.yaml` (SD 2.x
-512-base, noise prediction) and `v2-inference-v.yaml` (SD 2.x 768-v, v-prediction) from
+Without a `NAME.yaml` beside a checkpoint the host builds it from one of these configs
+(docs/host-formats.md#checkpoints), so the trainer does the same: SD1's `v1-inference.yaml` (the host's
+`configs/`), `v2-inference.yaml` (SD 2.x 512-base, noise prediction) and `v2-inference-v.yaml` (SD 2.x 768-v,
+v-prediction) from
 Stability-AI/stablediffusion `configs/stable-diffusion/`, and `sd_xl_base.yaml` from
 Stability-AI/generative-models `configs/inference/`. Training-only entries are left out; everything that
 decides a module's shape is kept as published.

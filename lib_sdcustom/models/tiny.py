@@ -2,8 +2,9 @@
 
 It is written the way a user's custom checkpoint arrives: `NAME.safetensors` in LDM layout, `NAME.yaml`
 beside it (the host's v1-inference shape with small numbers) and a local text-encoder folder that the YAML
-names as the FrozenCLIPEmbedder `version`. The same three files load in the stock host (HOST.md section 8),
-so a tiny model exercises the loader, the exporters and the host with the real layout.
+names as the FrozenCLIPEmbedder `version`. The same three files load in the stock host
+(docs/host-formats.md#a-tiny-model-in-the-stock-host), so a tiny model exercises the loader, the exporters and the host
+with the real layout.
 
 Constraints that come from the host's LDM code: UNet and VAE widths are multiples of 32 (GroupNorm(32) is
 hard-coded there), and the VAE keeps four levels so latents are images / 8.
@@ -13,14 +14,14 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 import torch
 
 from .ldm_config import SD1_V1_INFERENCE, VIT_L14_TEXT_CONFIG, configs_from_ldm
 from .ldm_writer import write_ldm_checkpoint, write_text_encoder_folder
 
-TINY_TEXT_CONFIG: Dict[str, Any] = {
+TINY_TEXT_CONFIG: dict[str, Any] = {
     **VIT_L14_TEXT_CONFIG,
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -30,7 +31,7 @@ TINY_TEXT_CONFIG: Dict[str, Any] = {
 }
 
 
-def tiny_ldm_yaml_dict(text_encoder_version: str) -> Dict[str, Any]:
+def tiny_ldm_yaml_dict(text_encoder_version: str) -> dict[str, Any]:
     """The host's v1-inference.yaml with tiny sizes; `text_encoder_version` is the local text-encoder folder."""
     config = copy.deepcopy(SD1_V1_INFERENCE)
     params = config["model"]["params"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -29,7 +29,7 @@ from .stock_configs import VIT_BIGG14_TEXT_CONFIG, VIT_L14_TEXT_CONFIG, stock_ld
 
 # Small towers of the stock shapes. Projection widths differ from the hidden widths on purpose, so that a
 # transposed `text_projection` cannot go unnoticed.
-TINY_OPEN_CLIP_TEXT_CONFIG: Dict[str, Any] = {
+TINY_OPEN_CLIP_TEXT_CONFIG: dict[str, Any] = {
     **VIT_BIGG14_TEXT_CONFIG,
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -37,7 +37,7 @@ TINY_OPEN_CLIP_TEXT_CONFIG: Dict[str, Any] = {
     "num_hidden_layers": 3,
     "num_attention_heads": 2,
 }
-TINY_CLIP_L_TEXT_CONFIG: Dict[str, Any] = {
+TINY_CLIP_L_TEXT_CONFIG: dict[str, Any] = {
     **VIT_L14_TEXT_CONFIG,
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -50,7 +50,7 @@ _OPEN_CLIP_LOGIT_SCALE = math.log(1 / 0.07)  # open_clip's initial value
 _VAE = {"ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1}  # four levels: latents are images / 8
 
 
-def tiny_sd2_yaml_dict(tower_folder: str, *, v_prediction: bool = False) -> Dict[str, Any]:
+def tiny_sd2_yaml_dict(tower_folder: str, *, v_prediction: bool = False) -> dict[str, Any]:
     """v2-inference(-v).yaml with tiny sizes; `tower_folder` holds the open_clip tower's config.json."""
     config = stock_ldm_config(ModelFamily.SD2, "v_prediction" if v_prediction else "epsilon")
     params = config["model"]["params"]
@@ -68,7 +68,7 @@ def tiny_sd2_yaml_dict(tower_folder: str, *, v_prediction: bool = False) -> Dict
     return config
 
 
-def tiny_sdxl_yaml_dict(clip_l_folder: str, tower_folder: str, *, v_prediction: bool = False) -> Dict[str, Any]:
+def tiny_sdxl_yaml_dict(clip_l_folder: str, tower_folder: str, *, v_prediction: bool = False) -> dict[str, Any]:
     """sd_xl_base.yaml with tiny sizes (3 levels, per-level transformer depth, size/crop embedding)."""
     config = stock_ldm_config(ModelFamily.SDXL, "v_prediction" if v_prediction else "epsilon")
     params = config["model"]["params"]
@@ -82,7 +82,7 @@ def tiny_sdxl_yaml_dict(clip_l_folder: str, tower_folder: str, *, v_prediction: 
         "transformer_depth": [1, 1, 2],
         "context_dim": TINY_CLIP_L_TEXT_CONFIG["hidden_size"] + TINY_OPEN_CLIP_TEXT_CONFIG["hidden_size"],
     })
-    embedders: List[Dict[str, Any]] = params["conditioner_config"]["params"]["emb_models"]
+    embedders: list[dict[str, Any]] = params["conditioner_config"]["params"]["emb_models"]
     embedders[0]["params"].update({"version": clip_l_folder,
                                    "layer_idx": TINY_CLIP_L_TEXT_CONFIG["num_hidden_layers"] - 1})
     embedders[1]["params"]["arch"] = tower_folder
@@ -92,7 +92,7 @@ def tiny_sdxl_yaml_dict(clip_l_folder: str, tower_folder: str, *, v_prediction: 
     return config
 
 
-def _open_clip_tower() -> Dict[str, torch.Tensor]:
+def _open_clip_tower() -> dict[str, torch.Tensor]:
     """The whole tiny open_clip text tower in open_clip names, built through transformers with a projection."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelLoadError
 
@@ -28,7 +28,7 @@ def bundled_tokenizer_dir() -> Path:
     return Path(__file__).resolve().parent / "clip_tokenizer"
 
 
-def load_clip_tokenizer(directory: Optional[Path] = None, **overrides: Any) -> "CLIPTokenizer":
+def load_clip_tokenizer(directory: Path | None = None, **overrides: Any) -> "CLIPTokenizer":
     """Load a transformers `CLIPTokenizer` from a local folder (the bundled files when `directory` is None).
 
     Only local files are read (`local_files_only=True`): a folder path must never turn into a hub lookup.
@@ -54,7 +54,7 @@ def load_clip_tokenizer(directory: Optional[Path] = None, **overrides: Any) -> "
     return tokenizer
 
 
-def load_open_clip_tokenizer(directory: Optional[Path] = None) -> "CLIPTokenizer":
+def load_open_clip_tokenizer(directory: Path | None = None) -> "CLIPTokenizer":
     """The tokenizer of an OpenCLIP text encoder (SD2, SDXL's second): CLIP's vocabulary, padded with id 0.
 
     open_clip pads with 0 (the id of '!'), and the host does too for these encoders (`id_pad = 0` in its

@@ -17,7 +17,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Sequence
 
 from ..errors import ConfigError
 from ..files import write_atomically
@@ -33,7 +33,7 @@ MODEL_MAX_LENGTH = 77
 MERGE_COUNT = 49152 - 256 - 2
 
 
-def byte_symbols() -> List[str]:
+def byte_symbols() -> list[str]:
     """The 256 printable stand-ins that GPT-2 style BPE uses for raw bytes, in CLIP's vocabulary order.
 
     Printable Latin-1 bytes stand for themselves and come first; the other bytes follow, mapped to code
@@ -45,7 +45,7 @@ def byte_symbols() -> List[str]:
     return [chr(byte) for byte in printable] + [chr(256 + index) for index in range(len(others))]
 
 
-def read_merges(gz_path: Path) -> List[Tuple[str, str]]:
+def read_merges(gz_path: Path) -> list[tuple[str, str]]:
     """The merge pairs CLIP uses: lines 1..MERGE_COUNT of the BPE file (line 0 is a header)."""
     try:
         with gzip.open(gz_path, "rt", encoding="utf-8") as handle:
@@ -65,7 +65,7 @@ def read_merges(gz_path: Path) -> List[Tuple[str, str]]:
     return pairs  # type: ignore[return-value]
 
 
-def build_vocab(merges: Sequence[Tuple[str, str]]) -> Dict[str, int]:
+def build_vocab(merges: Sequence[tuple[str, str]]) -> dict[str, int]:
     """Token -> id in CLIP's order: bytes, bytes with '</w>', each merge result, then bos and eos."""
     symbols = byte_symbols()
     tokens = symbols + [symbol + "</w>" for symbol in symbols] + [left + right for left, right in merges]
@@ -79,7 +79,7 @@ def build_vocab(merges: Sequence[Tuple[str, str]]) -> Dict[str, int]:
     return vocab
 
 
-def tokenizer_files(merges: Sequence[Tuple[str, str]]) -> Dict[str, str]:
+def tokenizer_files(merges: Sequence[tuple[str, str]]) -> dict[str, str]:
     """File name -> exact text of each file in the tokenizer folder."""
     special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
     config = dict(
@@ -99,7 +99,7 @@ def tokenizer_files(merges: Sequence[Tuple[str, str]]) -> Dict[str, str]:
     }
 
 
-def build(gz_path: Path, out_dir: Path) -> List[Path]:
+def build(gz_path: Path, out_dir: Path) -> list[Path]:
     """Write the tokenizer folder built from `gz_path` into `out_dir`; returns the files written."""
     written = []
     for name, text in tokenizer_files(read_merges(gz_path)).items():
@@ -110,7 +110,7 @@ def build(gz_path: Path, out_dir: Path) -> List[Path]:
     return written
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("gz_path", type=Path, help="bpe_simple_vocab_16e6.txt.gz from the open-clip-torch wheel")
     parser.add_argument("out_dir", type=Path, help="folder to write the tokenizer files into")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..methods.registry import method_spec
+
 # kohya's targets: attention blocks of the UNet and the CLIP attention/MLP blocks; LoCon-style
 # algorithms add the ResNet, down- and up-sampler blocks. conv_in/conv_out/time embedding stay out.
 UNET_ATTENTION_BLOCKS = ("Transformer2DModel",)
@@ -38,10 +40,11 @@ ALGORITHMS: dict[str, NetworkAlgorithm] = {
     )
 }
 
-#: Methods that train a network under another name: DreamBooth-LoRA is a LoRA trained on DreamBooth batches.
-_METHOD_ALGORITHM = {"dreambooth_lora": "lora"}
-
 
 def algorithm_for(method: str) -> NetworkAlgorithm:
-    """The network algorithm a training method trains."""
-    return ALGORITHMS[_METHOD_ALGORITHM.get(method, method)]
+    """The network algorithm a training method trains (its spec's `network_algorithm`: DreamBooth-LoRA is a
+    LoRA trained on DreamBooth batches)."""
+    algorithm = method_spec(method).network_algorithm
+    if algorithm is None:
+        raise ValueError(f"{method} trains no network")
+    return ALGORITHMS[algorithm]

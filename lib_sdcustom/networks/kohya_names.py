@@ -5,8 +5,8 @@ That is kohya's SD1/SD2 layout, and the host converts it to its LDM modules with
 assumes SD1's layout: two resnets per level (three LDM blocks) and no attention in the first up block. For
 SDXL kohya writes the LDM layout itself (`lora_unet_input_blocks_4_1_...`, `lora_unet_output_blocks_2_2_conv`),
 and the host depends on it: its converter would put SDXL's up-samplers at the wrong index and drop them
-(HOST.md 3b). The same holds for any other UNet the arithmetic does not fit (a custom small model: there it
-would even hit the wrong block). So every UNet but SD1's layout is written with LDM names, which the host
+(docs/host-formats.md#lora-files). The same holds for any other UNet the arithmetic does not fit (a custom small model:
+there it would even hit the wrong block). So every UNet but SD1's layout is written with LDM names, which the host
 maps directly (its 'lora_unet' -> 'diffusion_model' rule); they are renamed on the way to the file and back
 on the way in. Text-encoder names (`lora_te_`, `lora_te1_`, `lora_te2_`) are the same in both.
 """

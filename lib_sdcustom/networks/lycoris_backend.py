@@ -23,6 +23,7 @@ from torch import nn
 from ..config import NetworkOptions
 from .algorithms import TEXT_ENCODER_BLOCKS, NetworkAlgorithm
 from .kohya_names import from_file_names
+from .lean_forward import use_lean_forward
 
 _PRESET_LOCK = threading.Lock()
 _PRESET_FIELDS = ("ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "TEXT_ENCODER_TARGET_REPLACE_MODULE",
@@ -109,12 +110,17 @@ def text_encoder_views(text_encoders: nn.Module | Sequence[nn.Module]) -> TextMo
 
 
 def attach_network(unet: nn.Module, text_encoder: nn.Module | Sequence[nn.Module], algorithm: NetworkAlgorithm,
-                   options: NetworkOptions, *, train_text_encoder: bool, bypass: bool = False) -> AttachedNetwork:
+                   options: NetworkOptions, *, train_text_encoder: bool, bypass: bool = True) -> AttachedNetwork:
     """Build the LyCORIS modules for `algorithm` and hook them into `unet` (and the text encoders: one
     module, or `bundle.text_encoders`).
 
-    `bypass` adds the network's output to the layer's instead of merging the update into the layer's weight
-    (LyCORIS `bypass_mode`): needed when the base weights are stored in fp8, which cannot be added to."""
+    `bypass` (LyCORIS `bypass_mode`, the default) adds the network's output to the layer's: LoRA and LoCon
+    run `W x + up(down(x))` and never build a weight update (`lean_forward`). Without it LyCORIS runs each
+    layer twice, once with its weight and once with a freshly built full-size update (3-5x slower on
+    full-size models); that merged-weight form is kept only as the reference the tests compare against. Bypass is also the
+    only form that works on fp8-stored base weights. The weights, names and files are the same either way.
+    One difference: the network dropout acts on the network's output in bypass mode, while LyCORIS's
+    merged-weight LoRA ignores it."""
     conv_rank = (options.conv_rank or options.rank) if algorithm.trains_convolutions else 0
     conv_alpha = options.conv_alpha or options.alpha
     text_view = text_encoder_views(text_encoder)
@@ -125,8 +131,12 @@ def attach_network(unet: nn.Module, text_encoder: nn.Module | Sequence[nn.Module
             conv_lora_dim=conv_rank, conv_alpha=conv_alpha,
             dropout=options.dropout, network_module=algorithm.lycoris_algo,
             factor=options.lokr_factor, warn_on_unmatched=False,
-            **({"bypass_mode": True} if bypass else {}),  # otherwise LyCORIS decides per layer, as before
+            bypass_mode=bypass,
         )
     network.apply_to(text_view if train_text_encoder else None, unet, train_text_encoder, True)
+    # LyCORIS builds its modules on the CPU; on a GPU they would otherwise be copied to it every forward
+    # and the optimizer would step on the CPU. They stay fp32 (the frozen base may be bf16 or fp16).
+    network.to(device=next(unet.parameters()).device, dtype=torch.float32)
     network.requires_grad_(True)
+    use_lean_forward(network.loras)
     return AttachedNetwork(network=network, algorithm=algorithm, unet=unet)

@@ -28,10 +28,22 @@ def _import_optional(optimizer: str) -> Any:
         ) from error
 
 
+def _fused_adamw(param_groups: list[dict[str, Any]]) -> bool:
+    """Whether torch's fused AdamW applies: one kernel for all parameters' updates instead of a Python loop
+    over them (3-5x faster for a network's few hundred small tensors). CUDA has it since torch 2.0, the CPU
+    since 2.4; it is documented as the fastest form where available."""
+    params = [p for group in param_groups for p in group["params"]]
+    devices = {p.device.type for p in params}
+    if not params or not all(p.is_floating_point() for p in params) or len(devices) != 1:
+        return False
+    return devices == {"cuda"} or (devices == {"cpu"} and torch.torch_version.TorchVersion(torch.__version__) >= "2.4")
+
+
 def build_optimizer(name: str, param_groups: list[dict[str, Any]], *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """`param_groups` carry their own 'lr' (e.g. UNet and text-encoder rates); `lr` is the default."""
     if name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, 
+                                 fused=_fused_adamw(param_groups) or None)
     if name == "sgd":
         return torch.optim.SGD(param_groups, lr=lr, weight_decay=weight_decay, momentum=0.9)
     if name == "adamw8bit":

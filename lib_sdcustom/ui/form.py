@@ -10,8 +10,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..config import NETWORK_METHODS, SECTIONS, RunConfig, config_from_dict
+from ..config import SECTIONS, RunConfig, config_from_dict
 from ..errors import ConfigError
+from ..methods.registry import METHOD_SECTIONS, METHOD_SPECS
 
 #: Inputs the tab lays out itself (or the host decides), not in the option accordions.
 MAIN_FIELDS = {("model", "base"), ("data", "data"), ("output", "name"), ("output", "out"), ("output", "run_dir")}
@@ -20,15 +21,7 @@ SECTION_TITLES = {
     "textual_inversion": "Textual Inversion", "dreambooth": "DreamBooth", "optimizer": "Optimizer",
     "training": "Training", "output": "Output",
 }
-#: Sections that only mean something for some methods; the others always show.
-SECTION_METHODS = {
-    "network": NETWORK_METHODS + ("dreambooth_lora",),
-    "textual_inversion": ("textual_inversion",),
-    "dreambooth": ("dreambooth", "dreambooth_lora"),
-}
-METHOD_LABELS = {"lora": "LoRA", "locon": "LoCon (LyCORIS)", "loha": "LoHa (LyCORIS)", "lokr": "LoKr (LyCORIS)",
-                 "textual_inversion": "Textual Inversion", "dreambooth": "DreamBooth (full fine-tune)",
-                 "dreambooth_lora": "DreamBooth-LoRA"}
+METHOD_LABELS = {name: spec.label for name, spec in METHOD_SPECS.items()}
 METHOD_HELP = ("lora, locon, loha, lokr: a small add-on file switched on in a prompt (LoCon, LoHa and LoKr are "
                "LyCORIS variants); textual_inversion: a new word; dreambooth: a new checkpoint; dreambooth_lora: "
                "DreamBooth's recipe saved as a LoRA.")
@@ -78,13 +71,17 @@ def option_fields() -> List[OptionField]:
     return found
 
 
-def section_visible(section: str, method: str) -> bool:
-    return method in SECTION_METHODS.get(section, (method,))
+def section_visible(section: str, method: str | None) -> bool:
+    """Sections only some methods read show for those; the others always show (`method` is None while the
+    dropdown is cleared)."""
+    spec = METHOD_SPECS.get(method or "")
+    return section not in METHOD_SECTIONS or (spec is not None and section in spec.sections)
 
 
-def uses_token(method: str) -> bool:
-    """Textual Inversion's trigger is the embedding's name; every other method learns a token phrase."""
-    return method != "textual_inversion"
+def uses_token(method: str | None) -> bool:
+    """Whether the method learns a token phrase (Textual Inversion's trigger is the embedding's name)."""
+    spec = METHOD_SPECS.get(method or "")
+    return spec is None or spec.uses_token
 
 
 def apply_subject(config: RunConfig, token: str, subject_class: str) -> None:
@@ -100,7 +97,7 @@ def apply_subject(config: RunConfig, token: str, subject_class: str) -> None:
     phrase = f"{token} {subject_class}".strip()
     if not config.data.default_caption:
         config.data.default_caption = phrase
-    if config.method in SECTION_METHODS["dreambooth"]:
+    if "dreambooth" in config.spec.sections:
         dreambooth = config.dreambooth
         dreambooth.instance_prompt = dreambooth.instance_prompt or f"a photo of {phrase}"
         if subject_class and not dreambooth.class_prompt:

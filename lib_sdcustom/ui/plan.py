@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 from ..config import DataOptions, RunConfig
 from ..family_defaults import native_resolution
 from ..host import ModelKind
+from ..methods.registry import OutputKind
 from ..models.bundle import ModelFamily
 
 _e = html.escape
@@ -111,8 +112,9 @@ def training_resolution(config: RunConfig, kind: Optional[ModelKind]) -> int:
 
 
 def text_encoders_learn(config: RunConfig) -> bool:
-    """Whether gradients reach a text encoder: its LoRA, its weights (DreamBooth) or its token vectors (TI)."""
-    return config.method == "textual_inversion" or config.text_encoder_fraction > 0
+    """Whether gradients reach a text encoder: its LoRA, its weights (DreamBooth) or, for a method whose result
+    is an embedding, the token vectors hooked into its embedding layer."""
+    return config.spec.output is OutputKind.EMBEDDING or config.text_encoder_fraction > 0
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,7 @@ def estimate_memory(config: RunConfig, base_parameters: Optional[int], family: M
     frozen_bytes = 1 if fp8 else 2 if half else 4
     per_trainable = _TRAINABLE_BYTES + _OPTIMIZER_STATE.get(config.optimizer.optimizer, 8)
     text_learns = text_encoders_learn(config)
-    if config.method == "dreambooth":
+    if "unet" in config.spec.trained_in_place:  # a full fine-tune
         trainable = unet + (text if text_learns else 0)
         frozen = vae + (0 if text_learns else text)
     else:
@@ -153,7 +155,7 @@ def estimate_memory(config: RunConfig, base_parameters: Optional[int], family: M
         else:  # textual inversion: the gradient reaches the whole token-embedding tables
             trainable = shape.embedding_tables * scale
         frozen = unet + vae + text
-    prior = config.method.startswith("dreambooth") and config.dreambooth.prior_preservation
+    prior = "dreambooth" in config.spec.sections and config.dreambooth.prior_preservation
     samples = training.batch_size * (2 if prior else 1)
     latent_pixels = ((resolution or config.data.resolution) / 8) ** 2
     activation_scale = samples * (2 if half else 4) / 4 * (_CHECKPOINTED_SHARE if training.gradient_checkpointing else 1.0)

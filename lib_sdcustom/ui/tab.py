@@ -101,7 +101,7 @@ class TabController:
 
     @property
     def method_sections(self) -> List[str]:
-        return [section for section in form.SECTION_METHODS if any(f.section == section for f in self.fields)]
+        return [section for section in form.METHOD_SECTIONS if any(f.section == section for f in self.fields)]
 
     # ----- training -----
     def busy_html(self) -> str:

@@ -89,7 +89,7 @@ def _v_prediction(yaml: dict, family) -> bool:
 
 def build_sd_model(checkpoint: Path) -> torch.nn.Module:
     """An SD1/SD2 `LatentDiffusion` or SDXL `DiffusionEngine` stand-in holding the checkpoint's tensors where
-    the host keeps them (HOST.md 2.1), with its type flags and `parameterization`."""
+    the host keeps them (docs/host-formats.md#the-loaded-model), with its type flags and `parameterization`."""
     import yaml as pyyaml
     from safetensors.torch import load_file
 

@@ -1,4 +1,4 @@
-"""Fake top-level `networks` module of the built-in Lora extension (HOST.md 2.5)."""
+"""Fake top-level `networks` module of the built-in Lora extension (docs/host-formats.md#refresh-without-a-restart)."""
 
 from modules import shared
 

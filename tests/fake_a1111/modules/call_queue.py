@@ -1,4 +1,5 @@
-"""Fake `modules.call_queue`: the host's GPU queue lock and its wrapper, with the same contract (HOST.md 1.9)."""
+"""Fake `modules.call_queue`: the host's GPU queue lock and its wrapper, with the same contract
+(docs/host-formats.md#extension-loading)."""
 
 import html
 import threading
