@@ -76,8 +76,6 @@ UNRELATED: tuple[tuple[str, dict[str, str]], ...] = (
     ("an orange square on a green background", {"shape": "square", "color": "orange", "background": "green"}),
     ("a red star on a white background", {"shape": "star", "color": "red", "background": "white"}),
 )
-
-
 CLASS_IMAGES = 40
 
 
