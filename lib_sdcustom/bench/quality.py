@@ -199,9 +199,10 @@ def _as_ints(flags: Sequence[bool]) -> list[int]:
 
 
 def unrelated_prompts(samples: int) -> tuple[list[str], list[dict[str, str]]]:
-    """`samples` split evenly over `UNRELATED` (at least one each): the prompts and what each asks for."""
-    per_prompt = max(1, samples // len(UNRELATED))
-    chosen = [item for item in UNRELATED for _ in range(per_prompt)]
+    """`samples` split evenly over `UNRELATED` (at least one each), taking turns so that a figure's first
+    row shows every prompt: the prompts and what each asks for."""
+    rounds = max(1, samples // len(UNRELATED))
+    chosen = [item for _ in range(rounds) for item in UNRELATED]
     return [prompt for prompt, _ in chosen], [asked for _, asked in chosen]
 
 
