@@ -40,7 +40,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -194,7 +194,7 @@ class Baseline:
     instance_diversity: float
 
 
-def _as_ints(flags: Sequence[bool]) -> list[int]:
+def _as_ints(flags: Iterable[bool]) -> list[int]:
     return [int(flag) for flag in flags]
 
 
@@ -207,9 +207,9 @@ def unrelated_prompts(samples: int) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def sample_groups(sample: Sampler, groups: Sequence[list[str]], batch_size: int = 128) -> list[list[Image.Image]]:
-    """Every group's prompts in as few sampler batches as fit `batch_size` (a 25-step batch costs about the same
-    for 14 prompts as for 2); image i of the joined list uses noise seed `SAMPLE_SEED + i`, so base and trained
-    models answer each prompt with the same noise."""
+    """Every group's prompts in as few sampler batches as fit `batch_size` (on this model a 25-step batch of
+    14 prompts costs little more than one of 2); image i of the joined list uses noise seed `SAMPLE_SEED + i`,
+    so base and trained models answer each prompt with the same noise."""
     prompts = [prompt for group in groups for prompt in group]
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):
@@ -257,10 +257,12 @@ def baseline(base_sampler: Sampler, judge: Judge, concept: Concept, samples: int
 
 @dataclass
 class BenchResult:
-    base_quality: dict[str, object]  # empty under --quick
-    baselines: dict[str, dict[str, object]]  # concept -> {"scores": Scores as a dict, "instance_diversity"}
-    runs: dict[str, dict[str, dict[str, dict[str, object]]]]  # recipe key -> concept -> training seed -> Scores
-    settings: dict[str, object]
+    """Everything a report shows, as plain JSON values (a merged report is read back from JSON files)."""
+
+    base_quality: dict[str, Any]  # empty under --quick
+    baselines: dict[str, dict[str, Any]]  # concept -> {"scores": Scores as a dict, "instance_diversity"}
+    runs: dict[str, dict[str, dict[str, dict[str, Any]]]]  # recipe key -> concept -> training seed -> Scores
+    settings: dict[str, Any]
     figures: list[str]
 
 
@@ -276,7 +278,7 @@ def _save_png(image: Image.Image, path: Path) -> None:
     write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def _base_quality(bundle, judge: Judge) -> dict[str, object]:
+def _base_quality(bundle, judge: Judge) -> dict[str, Any]:
     from ..microworld.quality import reconstruction_accuracy, sample_quality
 
     report, _ = sample_quality(bundle, judge, per_caption=1)
@@ -324,7 +326,7 @@ def run(out: Path, workdir: Path, *, recipes: Sequence[Recipe] = RECIPES, concep
     figures = [out / "quality_reference.png"]
     _save_png(_grid(reference_rows, min(samples, 8)), figures[0])
 
-    runs: dict[str, dict[str, dict[str, dict[str, object]]]] = {}
+    runs: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     for recipe in recipes:
         rows = []
         for name in concepts:
@@ -360,13 +362,18 @@ COLUMNS = (("subject", "subject fidelity"), ("prompt", "blue bg"), ("prompt_and_
 _TRAINED_ONLY = ("class_distance", "train_seconds")
 
 
-def estimate(runs: dict[str, dict[str, dict[str, object]]], concepts: Sequence[str], key: str) -> Estimate:
+def estimate(runs: dict[str, dict[str, dict[str, Any]]], concepts: Sequence[str], key: str) -> Estimate:
     """One figure over `concepts` (each with its seeds and samples) with its bootstrap interval."""
-    def values(scores: dict[str, object]) -> list[float]:
+    def values(scores: dict[str, Any]) -> list[float]:
         value = scores[key]
-        return list(value) if isinstance(value, list) else [float(value)]  # type: ignore[arg-type]
+        return list(value) if isinstance(value, list) else [float(value)]
 
     return bootstrap_mean([[values(scores) for scores in runs[name].values()] for name in concepts])
+
+
+def _base_runs(result: BenchResult) -> dict[str, dict[str, dict[str, Any]]]:
+    """The base model's scores shaped like a recipe's runs (one 'seed'), so `estimate` reads both."""
+    return {name: {"base": baseline["scores"]} for name, baseline in result.baselines.items()}
 
 
 def _cell(figure: Estimate, key: str) -> str:
@@ -380,46 +387,52 @@ def _kind_table(result: BenchResult, kind: ConceptKind) -> list[str]:
     if not concepts:
         return []
     tested = [name for name in concepts if CONCEPTS[name].role is Role.TEST]
-    base_runs = {name: {"base": baseline["scores"]} for name, baseline in result.baselines.items()}
+    base = _base_runs(result)
     lines = [f"### {kind.value.capitalize()}: {', '.join(concepts)}" + (f" (test: {', '.join(tested)})" if tested else ""),
              "", "| method | " + " | ".join(header for _, header in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS),
-             "| base | " + " | ".join("-" if key in _TRAINED_ONLY else _cell(estimate(base_runs, concepts, key), key)
-                                     for key, _ in COLUMNS) + " |"]  # type: ignore[arg-type]
+             "| base | " + " | ".join("-" if key in _TRAINED_ONLY else _cell(estimate(base, concepts, key), key)
+                                     for key, _ in COLUMNS) + " |"]
     for recipe, runs in result.runs.items():
         lines.append(f"| {recipe} | " + " | ".join(_cell(estimate(runs, concepts, key), key) for key, _ in COLUMNS) + " |")
     return lines + [""]
 
 
-def _machine(settings: dict[str, object]) -> str:
-    processes = int(settings.get("processes", 1))  # type: ignore[arg-type]
+def _machine(settings: dict[str, Any]) -> str:
+    processes = int(settings.get("processes", 1))
     threads = f"{settings['threads']} CPU thread{'s' if settings['threads'] != 1 else ''}"
     return threads if processes == 1 else f"{processes} processes side by side, {threads} each; merged with --merge"
 
 
-def _base_line(base_quality: dict[str, object]) -> str:
+def _base_line(base_quality: dict[str, Any]) -> str:
     if not base_quality:
         return "Base model check over every caption combination: skipped (--quick)."
-    base = base_quality["samples"]["accuracy"]  # type: ignore[index]
-    rec = base_quality["reconstruction"]
+    base, rec = base_quality["samples"]["accuracy"], base_quality["reconstruction"]
     return (f"Base model: judge accuracy on samples of every caption combination: shape {base['shape']:.3f}, color "
             f"{base['color']:.3f}, background {base['background']:.3f}; on VAE reconstructions: shape "
-            f"{rec['shape']:.3f}, color {rec['color']:.3f}, background {rec['background']:.3f}, outline "  # type: ignore[index]
-            f"{rec['outline']:.3f}.")  # type: ignore[index]
+            f"{rec['shape']:.3f}, color {rec['color']:.3f}, background {rec['background']:.3f}, outline "
+            f"{rec['outline']:.3f}.")
+
+
+def _recipe_line(recipes: Sequence[dict[str, Any]]) -> str:
+    def settings(r: dict[str, Any]) -> str:
+        rank = f" / {r['rank']}" if method_spec(r["method"]).uses_network else ""
+        return f"{r['key']} {r['steps']} / {r['lr']:g} / {r['batch_size']}{rank}"
+
+    return "Recipes (steps, lr, batch, rank): " + "; ".join(settings(r) for r in recipes) + "."
 
 
 def markdown(result: BenchResult) -> str:
     settings = result.settings
     concepts = list(result.baselines)
-    samples = int(settings["samples"])  # type: ignore[arg-type]
-    unrelated = len(unrelated_prompts(samples)[0])
+    samples = int(settings["samples"])
     lines = [
         "# Customization quality on the micro-world model",
         "",
         f"Produced by `python -m lib_sdcustom.bench quality` ({_machine(settings)}). Base model `{settings['base']}`; "
         f"{settings['instance_images']} instance pictures per concept; training seeds "
-        f"{', '.join(map(str, settings['seeds']))}; {samples} samples per prompt and run "  # type: ignore[arg-type]
-        f"({unrelated} over the {len(settings['unrelated_prompts'])} prompts without the trigger), DDIM "  # type: ignore[arg-type]
-        f"{settings['sample_steps']} steps, guidance {settings['guidance']}.",
+        f"{', '.join(map(str, settings['seeds']))}; {samples} samples per prompt and run "
+        f"({len(unrelated_prompts(samples)[0])} over the {len(settings['unrelated_prompts'])} prompts without the "
+        f"trigger), DDIM {settings['sample_steps']} steps, guidance {settings['guidance']}.",
         "",
         "Each figure is a mean over the kind's concepts, their training seeds and samples, with its 95% interval "
         "in brackets: a two-stage percentile bootstrap (training seeds resampled within each concept, samples "
@@ -432,22 +445,18 @@ def markdown(result: BenchResult) -> str:
     for kind in ConceptKind:
         lines += _kind_table(result, kind)
     instance_diversity = float(np.mean([b["instance_diversity"] for b in result.baselines.values()]))
-    base_runs = {name: {"base": baseline["scores"]} for name, baseline in result.baselines.items()}
     lines += [f"Diversity of the instance pictures themselves: {instance_diversity:.3f}.", "",
               "Subject fidelity per concept:", "",
               "| method | " + " | ".join(f"{name} ({CONCEPTS[name].role.value})" for name in concepts) + " |",
-              "|---|" + "---|" * len(concepts),
-              "| base | " + " | ".join(str(estimate(base_runs, [c], "subject")) for c in concepts) + " |"]  # type: ignore[arg-type]
-    for key, runs in result.runs.items():
+              "|---|" + "---|" * len(concepts)]
+    for key, runs in {"base": _base_runs(result), **result.runs}.items():
         lines.append(f"| {key} | " + " | ".join(str(estimate(runs, [c], "subject")) for c in concepts) + " |")
-    lines += ["", "Prompts without the trigger: " + "; ".join(f"'{p}'" for p in settings["unrelated_prompts"]) + ".",  # type: ignore[union-attr]
-              "", "Recipes (steps, lr, batch, rank): " + "; ".join(
-        f"{r['key']} {r['steps']} / {r['lr']:g} / {r['batch_size']}" + (f" / {r['rank']}" if method_spec(r["method"]).uses_network else "")
-        for r in settings["recipes"]) + ".",  # type: ignore[union-attr]
-        "", "Figures: " + ", ".join(f"[{name}]({name})" for name in result.figures) +
-        ". Per concept, four rows from the first training seed: 'a sks <class>', '... on a blue background', the "
-        "bare class prompt, the prompts without the trigger (reference: instance pictures, then the base model "
-        "on the same three prompt groups)."]
+    lines += ["", "Prompts without the trigger: " + "; ".join(f"'{p}'" for p in settings["unrelated_prompts"]) + ".",
+              "", _recipe_line(settings["recipes"]),
+              "", "Figures: " + ", ".join(f"[{name}]({name})" for name in result.figures) +
+              ". Per concept, four rows from the first training seed: 'a sks <class>', '... on a blue background', "
+              "the bare class prompt, the prompts without the trigger (reference: instance pictures, then the base "
+              "model on the same three prompt groups)."]
     return "\n".join(lines) + "\n"
 
 
@@ -469,8 +478,8 @@ def merge_reports(folders: Sequence[Path], out: Path) -> BenchResult:
         parts.append(json.loads(path.read_text()))
     first = parts[0]
     shared = {key: value for key, value in first["settings"].items() if key != "recipes"}
-    runs: dict[str, dict[str, dict[str, dict[str, object]]]] = {}
-    recipes: list[dict[str, object]] = []
+    runs: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    recipes: list[dict[str, Any]] = []
     figures = first["figures"][:1]  # the base model's reference grid, the same in every shard
     out.mkdir(parents=True, exist_ok=True)
     for folder, part in zip(folders, parts):
