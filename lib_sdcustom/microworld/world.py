@@ -185,8 +185,8 @@ CONCEPTS: dict[str, Concept] = {c.name: c for c in (
     _subject("red_circle", "a red circle", "circle", "red", kind=_KNOWN),
     _subject("purple_triangle", "a purple triangle", "triangle", "purple", kind=_KNOWN),
     _subject("white_diamond", "a white diamond", "diamond", "white", kind=_KNOWN, role=Role.TEST),
-    # Styles across every pretraining shape and color: the outline alone (never seen), a color (known),
-    # an outline in one color (both at once).
+    # Styles across every pretraining shape: the outline alone on any color (never seen), one color (known),
+    # an outline on one color (both at once). A style's samples count when they show its attributes.
     _style("outline_style", "any shape and color with a black outline", {"outline": True},
            Split(PRETRAINING_SHAPES, _STYLE_COLORS, _NO_BLUE_BACKGROUND, (True,))),
     _style("yellow_style", "any shape painted yellow", {"color": "yellow"},
