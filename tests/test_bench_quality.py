@@ -1,5 +1,6 @@
-"""`python -m lib_sdcustom.bench quality` end to end at a toy size: every stage runs and the report holds
-the figures it claims (the real table lives in docs/bench/, produced by the same command at full size)."""
+"""`python -m lib_sdcustom.bench quality --quick` end to end: every stage runs and the report holds the
+figures it claims, with intervals (the real table lives in docs/bench/, produced by the same command at
+full size)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ import pytest
 from PIL import Image
 
 from lib_sdcustom.bench.__main__ import main
+from lib_sdcustom.bench.quality import QUICK, UNRELATED
 
-SCORES = {"subject_fidelity", "prompt_fidelity", "prompt_and_subject", "class_subject_share", "class_distance",
-          "diversity", "train_seconds"}
-METHODS = ("textual_inversion", "dreambooth")
+VERDICTS = {"subject", "prompt", "prompt_and_subject", "class_subject", "unrelated_subject", "unrelated_fidelity"}
+FIGURES = {"class_distance", "diversity", "train_seconds"}
+METHODS = QUICK.methods
+KINDS = ("Unseen combination", "Known subject", "Style")
 
 
 def run_bench(monkeypatch, *args: str) -> int:
@@ -40,12 +43,12 @@ class BenchRun:
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory) -> BenchRun:
-    """One toy-size run (Textual Inversion and DreamBooth, one concept, 2 steps), shared: it is the slow part."""
+    """The --quick run (Textual Inversion and DreamBooth, one concept of each kind, two seeds, two steps),
+    shared: it is the slow part."""
     root = tmp_path_factory.mktemp("quality")
     out, printed = root / "report", io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
-        code = run_bench(patch, "--out", str(out), "--workdir", str(root / "runs"), "--methods", *METHODS,
-                         "--concepts", "heart", "--steps", "2", "--samples", "2")
+        code = run_bench(patch, "--quick", "--out", str(out), "--workdir", str(root / "runs"))
     return BenchRun(root, out, code, printed.getvalue())
 
 
@@ -67,24 +70,34 @@ def write_shards(run: BenchRun, folder: Path) -> list[Path]:
 def test_quality_command_writes_json_table_and_grids(bench_run):
     assert bench_run.exit_code == 0
     report = bench_run.report
-    assert set(report["runs"]) == set(METHODS)
+    assert set(report["runs"]) == set(METHODS) and list(report["baselines"]) == list(QUICK.concepts)
     for runs in report["runs"].values():
-        scores = runs["heart"]
-        assert set(scores) == SCORES
-        assert all(0.0 <= scores[key] <= 1.0 for key in SCORES - {"train_seconds", "diversity"}), scores
-        assert scores["train_seconds"] > 0
-    base = report["base_quality"]
-    assert set(base["reconstruction"]) >= {"shape", "color", "background", "outline"}
-    assert base["samples"]["combinations"] == 211
+        assert set(runs) == set(QUICK.concepts)
+        for seeds in runs.values():
+            assert set(seeds) == {"0", "1"}
+            for scores in seeds.values():
+                assert set(scores) == VERDICTS | FIGURES
+                assert all(len(scores[key]) == 2 and set(scores[key]) <= {0, 1} for key in VERDICTS - {
+                    "unrelated_subject", "unrelated_fidelity"}), scores
+                # at least one sample of every prompt without the trigger
+                assert len(scores["unrelated_subject"]) == len(scores["unrelated_fidelity"]) == len(UNRELATED)
+                assert 0.0 <= scores["class_distance"] <= 1.0 and scores["train_seconds"] > 0
+    assert report["base_quality"] == {}  # --quick skips the base model's check over every caption
 
     table = (bench_run.out / "quality.md").read_text()
-    assert "| textual_inversion |" in table and "| dreambooth |" in table
     assert table in bench_run.printed
+    for kind in KINDS:
+        assert f"### {kind}:" in table
+    rows = [line for line in table.splitlines() if line.startswith(("| textual_inversion |", "| dreambooth |"))]
+    assert len(rows) == 2 * 4  # a row per method in each kind's table and in the per-concept one
+    assert all(line.count(" [") >= 3 for line in rows), "every figure carries its interval"
     assert report["figures"] == ["quality_reference.png", "quality_textual_inversion.png", "quality_dreambooth.png"]
-    for name in report["figures"]:  # one concept: three rows of two samples each
-        assert Image.open(bench_run.out / name).size == (2 * 64, 3 * 64), name
+    for name in report["figures"]:  # three concepts, four rows of two samples each
+        assert Image.open(bench_run.out / name).size == (2 * 64, 3 * 4 * 64), name
     # A checkpoint exported by DreamBooth finds the base's text-encoder folder beside it, as the YAML says.
-    assert (bench_run.root / "runs" / "dreambooth" / "heart" / "out" / "microworld_text_encoder" / "config.json").is_file()
+    concept = QUICK.concepts[0]
+    assert (bench_run.root / "runs" / "dreambooth" / concept / "seed0" / "out" / "microworld_text_encoder" /
+            "config.json").is_file()
 
 
 def test_shards_of_one_run_merge_into_the_same_report(bench_run, tmp_path, monkeypatch):

@@ -1,22 +1,31 @@
-"""`python -m lib_sdcustom.bench quality`: does each method teach the micro-world model a held-out concept,
-and what does that cost the rest of the model?
+"""`python -m lib_sdcustom.bench quality`: does each method teach the micro-world model a concept, and what
+does that cost the rest of the model? Built to tell methods apart (issue 14).
 
-For every method and held-out concept (`world.CONCEPTS`: a heart, never seen; a yellow square with a black
-outline, never seen outlined; an orange star, a color/shape pair never seen together) one run trains on
-five instance pictures through the same `train()` users run, with fixed seeds, and the result is loaded
-back from the exported file the way a consumer would (network file attached, embedding hooked into the
-text encoder, checkpoint loaded). The shipped judge then scores fixed-seed samples:
+Concepts (`world.BENCH_CONCEPTS`, three of each `world.ConceptKind`): subjects whose features pretraining
+never saw together, subjects the base model already draws from plain words, and styles across shapes and
+colors. Each kind has two concepts to tune recipes on and one to check them on (`world.Role`); the first
+three concepts (heart, outlined square, orange star) can still be named with `--concepts`.
 
-- subject fidelity: share of 'a sks <class>' samples the judge calls the concept (every target attribute);
+For every method, concept and training seed one run trains on five instance pictures through the same
+`train()` users run, and the result is loaded back from the exported file the way a consumer would
+(network file attached, embedding hooked into the text encoder, checkpoint loaded). The shipped judge then
+scores fixed-seed samples, 64 per prompt by default:
+
+- subject fidelity: share of 'a sks <class>' samples the judge calls the concept (every target attribute;
+  for a style, its style attributes);
 - prompt fidelity: share of 'a sks <class> on a blue background' samples on a blue background (and, in a
-  second column, also showing the concept);
-- prior preservation: samples of the bare class prompt ('a shape', 'a square', 'a star') with the same
-  seeds as the base model's: the share showing the subject's attributes (base -> trained), and the
-  total-variation distance between the judge's attribute distributions of base and trained samples
-  (mean over shape, color, background, outline; 0 = the class prompt is unchanged);
+  second column, also showing the concept); no instance picture has a blue background;
+- drift on the class prompt: share of bare class-prompt samples ('a shape', 'a circle') showing the concept,
+  and the total-variation distance between the judge's attribute distributions of base and trained samples
+  with the same seeds (mean over shape, color, background, outline; 0 = unchanged);
+- drift on unrelated prompts without the trigger (`UNRELATED`, the samples split evenly over them): the share
+  showing the concept (a style's leak) and the share still drawn as asked;
 - diversity: mean pairwise RMS pixel distance between the subject samples (the instance pictures' own
-  value is reported beside it);
-- wall time of the training call.
+  value is reported beside it), and the wall time of the training call.
+
+The base model answers the same prompts (with 'sks' as an unknown word) as the reference row. Every figure
+carries a 95% interval from a two-stage bootstrap (`bench/intervals.py`): seeds resampled within each
+concept, samples within each seed. `--quick` runs the whole pipeline at toy size for a CI smoke test.
 
 Textual Inversion learns one made-up word standing for the whole concept ('a skstoken'), since it cannot
 bind an existing word; everything else uses the DreamBooth-style identifier 'sks' plus the class word.
@@ -31,7 +40,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -40,19 +49,34 @@ from PIL import Image
 from ..config import RunConfig
 from ..errors import UserFacingError
 from ..files import write_atomically, write_text_atomically
+from ..methods.registry import method_spec
 from ..microworld.judge import Judge, load_judge
 from ..microworld.model import shipped_checkpoint, text_encoder_folder_name
 from ..microworld.quality import GUIDANCE, SAMPLE_STEPS
 from ..microworld.teach import (INSTANCE_IMAGES, TI_TRIGGER, Prompts, Sampler, base_run_config, instance_images,
                                 prompts_for, sampler, subject_hits, trained_sampler, write_instances)
-from ..methods.registry import method_spec
-from ..microworld.world import CONCEPTS, IMAGE_SIZE, Concept
+from ..microworld.world import BENCH_CONCEPTS, CONCEPTS, IMAGE_SIZE, Concept, ConceptKind, Role
+from .intervals import Estimate, bootstrap_mean
 
 logger = logging.getLogger(__name__)
 
 ATTRIBUTES = ("shape", "color", "background", "outline")
-TRAIN_SEED = 0
-SUBJECT_SEED, PROMPT_SEED, CLASS_SEED = 1000, 2000, 3000
+TRAIN_SEEDS = (0, 1)
+SAMPLES = 64
+SAMPLE_SEED = 1000
+#: Prompts without the trigger word and what each asks for: is the rest of the model intact, and does the
+#: concept (a style above all) creep in? Half leave the color open, where a color style would show first.
+UNRELATED: tuple[tuple[str, dict[str, str]], ...] = (
+    ("a circle on a gray background", {"shape": "circle", "background": "gray"}),
+    ("a square on a white background", {"shape": "square", "background": "white"}),
+    ("a triangle on a green background", {"shape": "triangle", "background": "green"}),
+    ("a star on a black background", {"shape": "star", "background": "black"}),
+    ("a green diamond on a white background", {"shape": "diamond", "color": "green", "background": "white"}),
+    ("a blue cross on a gray background", {"shape": "cross", "color": "blue", "background": "gray"}),
+    ("an orange square on a green background", {"shape": "square", "color": "orange", "background": "green"}),
+    ("a red star on a white background", {"shape": "star", "color": "red", "background": "white"}),
+)
+CLASS_IMAGES = 40
 
 
 @dataclass(frozen=True)
@@ -69,12 +93,13 @@ class Recipe:
     prior_preservation: bool = False
     rank: int = 8
     min_snr_gamma: float = 5.0  # the pretraining's weighting (docs/bench/tuning.md)
+    class_images: int = CLASS_IMAGES  # used with prior preservation
 
 
 # Tuned on the bundled model with the heart (docs/bench/tuning.md): networks bind the made-up 'sks' through
 # the text encoder's LoRA, which needs a higher rate than the UNet's; DreamBooth trains the text encoder too.
 _NETWORK = {"steps": 600, "lr": 3e-3, "text_encoder_lr": 6e-3}
-RECIPES: Tuple[Recipe, ...] = (
+RECIPES: tuple[Recipe, ...] = (
     Recipe("textual_inversion", "textual_inversion", steps=400, lr=5e-2),
     Recipe("lora", "lora", **_NETWORK),
     Recipe("locon", "locon", **_NETWORK),
@@ -84,11 +109,29 @@ RECIPES: Tuple[Recipe, ...] = (
     Recipe("dreambooth_no_prior", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0),
     Recipe("dreambooth_lora", "dreambooth_lora", prior_preservation=True, **_NETWORK),
 )
-CLASS_IMAGES = 40
 
 
-def run_config(recipe: Recipe, concept: Concept, folder: Path, base: Path, class_folder: Path) -> RunConfig:
-    """The recipe's run on five pictures of `concept`, everything under `folder`."""
+@dataclass(frozen=True)
+class Size:
+    """What a run covers unless the command line says otherwise."""
+
+    concepts: tuple[str, ...]
+    methods: tuple[str, ...]
+    samples: int
+    steps: int  # 0 = each recipe's own
+    class_images: int = 0  # for the recipes with prior preservation; 0 = each recipe's own
+
+
+FULL = Size(BENCH_CONCEPTS, tuple(recipe.key for recipe in RECIPES), SAMPLES, 0)
+#: --quick: the whole pipeline at toy size (the test concept of each kind, a network-free and a checkpoint
+#: method, two samples, two steps, four class images, no base-model check), for a CI smoke test.
+QUICK = Size(tuple(name for name in BENCH_CONCEPTS if CONCEPTS[name].role is Role.TEST),
+             ("textual_inversion", "dreambooth"), 2, 2, 4)
+
+
+def run_config(recipe: Recipe, concept: Concept, folder: Path, base: Path, class_folder: Path,
+               seed: int = TRAIN_SEEDS[0]) -> RunConfig:
+    """The recipe's run with training seed `seed` on five pictures of `concept`, everything under `folder`."""
     prompts = prompts_for(concept, recipe.method)
     name = f"{recipe.key}_{concept.name}" if method_spec(recipe.method).uses_token else TI_TRIGGER
     config = base_run_config(recipe.method, base, write_instances(folder / "images", concept, prompts), name=name,
@@ -96,13 +139,13 @@ def run_config(recipe: Recipe, concept: Concept, folder: Path, base: Path, class
     config.output.save_precision = "fp32"
     config.optimizer.lr, config.optimizer.text_encoder_lr = recipe.lr, recipe.text_encoder_lr
     config.network.rank, config.network.alpha = recipe.rank, float(recipe.rank)
-    config.training.steps, config.training.batch_size, config.training.seed = recipe.steps, recipe.batch_size, TRAIN_SEED
+    config.training.steps, config.training.batch_size, config.training.seed = recipe.steps, recipe.batch_size, seed
     config.training.train_text_encoder, config.training.min_snr_gamma = recipe.train_text_encoder, recipe.min_snr_gamma
     config.textual_inversion.vectors, config.textual_inversion.init_text = 2, concept.class_noun
     config.textual_inversion.template = "captions"  # the caption files, which hold the trigger word
     db = config.dreambooth
     db.instance_prompt, db.class_prompt = "[filewords]", prompts.class_prompt
-    db.prior_preservation, db.num_class_images = recipe.prior_preservation, CLASS_IMAGES
+    db.prior_preservation, db.num_class_images = recipe.prior_preservation, recipe.class_images
     db.class_sample_steps, db.class_guidance, db.class_data = SAMPLE_STEPS, GUIDANCE, str(class_folder)
     return config
 
@@ -121,18 +164,22 @@ def attribute_distance(judge: Judge, before: Sequence[Image.Image], after: Seque
 
 
 def diversity(images: Sequence[Image.Image]) -> float:
-    """Mean pairwise RMS distance of pixel values in [0, 1]."""
+    """Mean pairwise RMS distance of pixel values in [0, 1] (0 for a single image)."""
     arrays = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in images]).reshape(len(images), -1)
     pairs = [(i, j) for i in range(len(arrays)) for j in range(i + 1, len(arrays))]
-    return float(np.mean([np.sqrt(np.mean((arrays[i] - arrays[j]) ** 2)) for i, j in pairs]))
+    return float(np.mean([np.sqrt(np.mean((arrays[i] - arrays[j]) ** 2)) for i, j in pairs])) if pairs else 0.0
 
 
 @dataclass
 class Scores:
-    subject_fidelity: float
-    prompt_fidelity: float
-    prompt_and_subject: float
-    class_subject_share: float
+    """One model's answers for one concept: per-sample verdicts (1 = yes), then figures of the whole run."""
+
+    subject: list[int]  # 'a sks <class>' shows the concept
+    prompt: list[int]  # 'a sks <class> on a blue background' is on blue
+    prompt_and_subject: list[int]  # ... and shows the concept
+    class_subject: list[int]  # the bare class prompt shows the concept
+    unrelated_subject: list[int]  # a prompt without the trigger shows the concept
+    unrelated_fidelity: list[int]  # a prompt without the trigger is drawn as asked
     class_distance: float
     diversity: float
     train_seconds: float
@@ -142,47 +189,81 @@ class Scores:
 class Baseline:
     """The base model's answers for one concept, against which every trained run is compared."""
 
-    subject_fidelity: float
-    class_subject_share: float
-    class_images: List[Image.Image]
+    scores: Scores
+    class_images: list[Image.Image]
     instance_diversity: float
 
 
+def _as_ints(flags: Iterable[bool]) -> list[int]:
+    return [int(flag) for flag in flags]
+
+
+def unrelated_prompts(samples: int) -> tuple[list[str], list[dict[str, str]]]:
+    """`samples` split evenly over `UNRELATED` (at least one each), taking turns so that a figure's first
+    row shows every prompt: the prompts and what each asks for."""
+    rounds = max(1, samples // len(UNRELATED))
+    chosen = [item for _ in range(rounds) for item in UNRELATED]
+    return [prompt for prompt, _ in chosen], [asked for _, asked in chosen]
+
+
+def sample_groups(sample: Sampler, groups: Sequence[list[str]], batch_size: int = 128) -> list[list[Image.Image]]:
+    """Every group's prompts in as few sampler batches as fit `batch_size` (on this model a 25-step batch of
+    14 prompts costs little more than one of 2); image i of the joined list uses noise seed `SAMPLE_SEED + i`,
+    so base and trained models answer each prompt with the same noise."""
+    prompts = [prompt for group in groups for prompt in group]
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), batch_size):
+        images += sample(prompts[start:start + batch_size], SAMPLE_SEED + start)
+    split, start = [], 0
+    for group in groups:
+        split.append(images[start:start + len(group)])
+        start += len(group)
+    return split
+
+
 def evaluate(sample: Sampler, judge: Judge, concept: Concept, prompts: Prompts, samples: int,
-             baseline_class: Sequence[Image.Image], seconds: float) -> Tuple[Scores, List[Image.Image]]:
-    subject = sample([prompts.subject] * samples, SUBJECT_SEED)
-    on_blue = sample([prompts.on_blue] * samples, PROMPT_SEED)
-    class_images = sample([prompts.class_prompt] * samples, CLASS_SEED)
+             reference_class: Sequence[Image.Image] | None = None,
+             seconds: float = 0.0) -> tuple[Scores, list[list[Image.Image]]]:
+    """Score one model; the class drift is measured against `reference_class` (None: the base model itself,
+    drift 0). Returns the scores and the images per prompt group (subject, blue, class, unrelated)."""
+    other_prompts, asked = unrelated_prompts(samples)
+    subject, on_blue, class_images, unrelated = sample_groups(
+        sample, [[prompts.subject] * samples, [prompts.on_blue] * samples, [prompts.class_prompt] * samples,
+                 other_prompts])
     blue = [label == "blue" for label in judge.predict(on_blue)["background"]]
-    blue_subject = [b and s for b, s in zip(blue, subject_hits(judge, on_blue, concept))]
+    judged = judge.predict(unrelated)
     scores = Scores(
-        subject_fidelity=float(np.mean(subject_hits(judge, subject, concept))),
-        prompt_fidelity=float(np.mean(blue)), prompt_and_subject=float(np.mean(blue_subject)),
-        class_subject_share=float(np.mean(subject_hits(judge, class_images, concept))),
-        class_distance=attribute_distance(judge, baseline_class, class_images),
+        subject=_as_ints(subject_hits(judge, subject, concept)),
+        prompt=_as_ints(blue),
+        prompt_and_subject=_as_ints(b and s for b, s in zip(blue, subject_hits(judge, on_blue, concept))),
+        class_subject=_as_ints(subject_hits(judge, class_images, concept)),
+        unrelated_subject=_as_ints(subject_hits(judge, unrelated, concept)),
+        unrelated_fidelity=_as_ints(all(judged[name][i] == value for name, value in wants.items())
+                                    for i, wants in enumerate(asked)),
+        class_distance=attribute_distance(judge, class_images if reference_class is None else reference_class,
+                                          class_images),
         diversity=diversity(subject), train_seconds=seconds)
-    return scores, subject + on_blue + class_images
+    return scores, [subject, on_blue, class_images, unrelated]
 
 
-def baseline(base_sampler: Sampler, judge: Judge, concept: Concept, samples: int) -> Tuple[Baseline, List[Image.Image]]:
-    prompts = prompts_for(concept, "dreambooth")
-    subject = base_sampler([prompts.subject] * samples, SUBJECT_SEED)
-    class_images = base_sampler([prompts.class_prompt] * samples, CLASS_SEED)
+def baseline(base_sampler: Sampler, judge: Judge, concept: Concept, samples: int) -> tuple[Baseline, list[list[Image.Image]]]:
+    """The base model on the prompts of the 'sks' methods; rows: instance pictures, then its samples."""
+    scores, images = evaluate(base_sampler, judge, concept, prompts_for(concept, "dreambooth"), samples)
     instances = instance_images(concept)
-    result = Baseline(float(np.mean(subject_hits(judge, subject, concept))),
-                      float(np.mean(subject_hits(judge, class_images, concept))), class_images, diversity(instances))
-    return result, instances + subject + class_images
+    return Baseline(scores, images[2], diversity(instances)), [instances, images[0], images[2], images[3]]
 
 
 # ----------------------------------------------------------------------------------------------- the run
 
 @dataclass
 class BenchResult:
-    base_quality: Dict[str, object]
-    baselines: Dict[str, Dict[str, float]]
-    runs: Dict[str, Dict[str, Dict[str, float]]]  # recipe key -> concept -> scores
-    settings: Dict[str, object]
-    figures: List[str]
+    """Everything a report shows, as plain JSON values (a merged report is read back from JSON files)."""
+
+    base_quality: dict[str, Any]  # empty under --quick
+    baselines: dict[str, dict[str, Any]]  # concept -> {"scores": Scores as a dict, "instance_diversity"}
+    runs: dict[str, dict[str, dict[str, dict[str, Any]]]]  # recipe key -> concept -> training seed -> Scores
+    settings: dict[str, Any]
+    figures: list[str]
 
 
 def _grid(rows: Sequence[Sequence[Image.Image]], columns: int) -> Image.Image:
@@ -197,118 +278,189 @@ def _save_png(image: Image.Image, path: Path) -> None:
     write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def run(out: Path, workdir: Path, *, recipes: Sequence[Recipe] = RECIPES, concepts: Sequence[str] = tuple(CONCEPTS),
-        samples: int = 16, base_per_caption: int = 1, base: Optional[Path] = None) -> BenchResult:
-    """Train and score every recipe on every concept; write figures to `out` and return the figures."""
+def _base_quality(bundle, judge: Judge) -> dict[str, Any]:
     from ..microworld.quality import reconstruction_accuracy, sample_quality
-    from ..models.loader import load_bundle
+
+    report, _ = sample_quality(bundle, judge, per_caption=1)
+    logger.info("base model: %s", report.summary())
+    return {"reconstruction": reconstruction_accuracy(bundle.vae, judge), "samples": report.to_dict()}
+
+
+def _train_and_score(recipe: Recipe, concept: Concept, seed: int, workdir: Path, base: Path, judge: Judge,
+                     samples: int, reference_class: Sequence[Image.Image]) -> tuple[Scores, list[list[Image.Image]]]:
     from ..train import train
+
+    folder = workdir / recipe.key / concept.name / f"seed{seed}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    config = run_config(recipe, concept, folder, base, workdir / f"class_images_{concept.name}", seed)
+    # The base's YAML names its text-encoder folder relative to itself; a checkpoint exported
+    # elsewhere needs the folder beside it too.
+    text_folder = text_encoder_folder_name(base.stem)
+    shutil.copytree(base.parent / text_folder, Path(config.output.out) / text_folder)
+    started = time.monotonic()
+    result = train(config)
+    seconds = time.monotonic() - started
+    return evaluate(trained_sampler(config, result.outputs[0]), judge, concept, prompts_for(concept, recipe.method),
+                    samples, reference_class, seconds)
+
+
+def run(out: Path, workdir: Path, *, recipes: Sequence[Recipe] = RECIPES, concepts: Sequence[str] = BENCH_CONCEPTS,
+        seeds: Sequence[int] = TRAIN_SEEDS, samples: int = SAMPLES, base: Path | None = None,
+        check_base: bool = True) -> BenchResult:
+    """Train and score every recipe on every concept with every training seed; write the figures (samples of
+    the first seed) to `out`. `check_base` also measures the base model over every caption combination."""
+    from ..models.loader import load_bundle
 
     base = Path(base) if base is not None else shipped_checkpoint()
     judge = load_judge()
     out.mkdir(parents=True, exist_ok=True)
     base_bundle = load_bundle(base)
-    report, _ = sample_quality(base_bundle, judge, per_caption=base_per_caption)
-    base_quality = {"reconstruction": reconstruction_accuracy(base_bundle.vae, judge), "samples": report.to_dict()}
-    logger.info("base model: %s", report.summary())
+    base_quality = _base_quality(base_bundle, judge) if check_base else {}
     base_sampler = sampler(base_bundle)
-    baselines: Dict[str, Baseline] = {}
-    reference_rows: List[List[Image.Image]] = []
+    baselines: dict[str, Baseline] = {}
+    reference_rows: list[list[Image.Image]] = []
     for name in concepts:
-        baselines[name], images = baseline(base_sampler, judge, CONCEPTS[name], samples)
-        reference_rows += [images[:INSTANCE_IMAGES], images[INSTANCE_IMAGES:INSTANCE_IMAGES + samples],
-                           images[INSTANCE_IMAGES + samples:]]
+        baselines[name], rows = baseline(base_sampler, judge, CONCEPTS[name], samples)
+        reference_rows += rows
     figures = [out / "quality_reference.png"]
     _save_png(_grid(reference_rows, min(samples, 8)), figures[0])
 
-    runs: Dict[str, Dict[str, Dict[str, float]]] = {}
+    runs: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     for recipe in recipes:
-        rows: List[List[Image.Image]] = []
+        rows = []
         for name in concepts:
-            concept = CONCEPTS[name]
-            folder = workdir / recipe.key / name
-            if folder.exists():
-                shutil.rmtree(folder)
-            config = run_config(recipe, concept, folder, base, workdir / f"class_images_{name}")
-            # The base's YAML names its text-encoder folder relative to itself; a checkpoint exported
-            # elsewhere needs the folder beside it too.
-            text_folder = text_encoder_folder_name(base.stem)
-            shutil.copytree(base.parent / text_folder, Path(config.output.out) / text_folder)
-            started = time.monotonic()
-            result = train(config)
-            seconds = time.monotonic() - started
-            scores, images = evaluate(trained_sampler(config, result.outputs[0]), judge, concept,
-                                      prompts_for(concept, recipe.method), samples, baselines[name].class_images, seconds)
-            runs.setdefault(recipe.key, {})[name] = asdict(scores)
-            logger.info("%s / %s: %s", recipe.key, name, ", ".join(f"{k} {v:.3f}" for k, v in asdict(scores).items()))
-            rows += [images[:samples], images[samples:2 * samples], images[2 * samples:]]
+            for seed in seeds:
+                scores, images = _train_and_score(recipe, CONCEPTS[name], seed, workdir, base, judge, samples,
+                                                  baselines[name].class_images)
+                runs.setdefault(recipe.key, {}).setdefault(name, {})[str(seed)] = asdict(scores)
+                logger.info("%s / %s / seed %d: subject %.2f, blue %.2f, class shows subject %.2f, unrelated show "
+                            "subject %.2f, %.0fs", recipe.key, name, seed, np.mean(scores.subject),
+                            np.mean(scores.prompt), np.mean(scores.class_subject),
+                            np.mean(scores.unrelated_subject), scores.train_seconds)
+                if seed == seeds[0]:
+                    rows += images
         figure = out / f"quality_{recipe.key}.png"
         _save_png(_grid(rows, min(samples, 8)), figure)
         figures.append(figure)
-    settings = {"base": base.name, "instance_images": INSTANCE_IMAGES, "samples": samples, "sample_steps": SAMPLE_STEPS,
-                "guidance": GUIDANCE, "class_images": CLASS_IMAGES, "threads": torch.get_num_threads(),
+    settings = {"base": base.name, "instance_images": INSTANCE_IMAGES, "samples": samples, "seeds": list(seeds),
+                "unrelated_prompts": [prompt for prompt, _ in UNRELATED], "sample_steps": SAMPLE_STEPS,
+                "guidance": GUIDANCE, "threads": torch.get_num_threads(),
                 "recipes": [asdict(recipe) for recipe in recipes]}
-    return BenchResult(base_quality, {name: {k: v for k, v in asdict(b).items() if k != "class_images"}
+    return BenchResult(base_quality, {name: {"scores": asdict(b.scores), "instance_diversity": b.instance_diversity}
                                       for name, b in baselines.items()},
                        runs, settings, [figure.name for figure in figures])
 
 
 # ----------------------------------------------------------------------------------------------- report
 
-def _mean(runs: Dict[str, Dict[str, float]], key: str) -> float:
-    return float(np.mean([scores[key] for scores in runs.values()]))
+#: Table columns: (Scores field, header); the class-drift and time columns make no sense for the base row.
+COLUMNS = (("subject", "subject fidelity"), ("prompt", "blue bg"), ("prompt_and_subject", "blue bg + subject"),
+           ("class_subject", "class prompt shows subject"), ("unrelated_subject", "no-trigger prompts show subject"),
+           ("unrelated_fidelity", "no-trigger prompts as asked"), ("class_distance", "class drift (TV)"),
+           ("diversity", "diversity"), ("train_seconds", "train s"))
+_TRAINED_ONLY = ("class_distance", "train_seconds")
 
 
-def _machine(settings: Dict[str, object]) -> str:
-    processes = int(settings.get("processes", 1))  # type: ignore[arg-type]
+def estimate(runs: dict[str, dict[str, dict[str, Any]]], concepts: Sequence[str], key: str) -> Estimate:
+    """One figure over `concepts` (each with its seeds and samples) with its bootstrap interval."""
+    def values(scores: dict[str, Any]) -> list[float]:
+        value = scores[key]
+        return list(value) if isinstance(value, list) else [float(value)]
+
+    return bootstrap_mean([[values(scores) for scores in runs[name].values()] for name in concepts])
+
+
+def _base_runs(result: BenchResult) -> dict[str, dict[str, dict[str, Any]]]:
+    """The base model's scores shaped like a recipe's runs (one 'seed'), so `estimate` reads both."""
+    return {name: {"base": baseline["scores"]} for name, baseline in result.baselines.items()}
+
+
+def _cell(figure: Estimate, key: str) -> str:
+    if key == "train_seconds":
+        return f"{figure.mean:.0f} [{figure.low:.0f}, {figure.high:.0f}]"
+    return str(figure)
+
+
+def _kind_table(result: BenchResult, kind: ConceptKind) -> list[str]:
+    concepts = [name for name in result.baselines if CONCEPTS[name].kind is kind]
+    if not concepts:
+        return []
+    tested = [name for name in concepts if CONCEPTS[name].role is Role.TEST]
+    base = _base_runs(result)
+    lines = [f"### {kind.value.capitalize()}: {', '.join(concepts)}" + (f" (test: {', '.join(tested)})" if tested else ""),
+             "", "| method | " + " | ".join(header for _, header in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS),
+             "| base | " + " | ".join("-" if key in _TRAINED_ONLY else _cell(estimate(base, concepts, key), key)
+                                     for key, _ in COLUMNS) + " |"]
+    for recipe, runs in result.runs.items():
+        lines.append(f"| {recipe} | " + " | ".join(_cell(estimate(runs, concepts, key), key) for key, _ in COLUMNS) + " |")
+    return lines + [""]
+
+
+def _machine(settings: dict[str, Any]) -> str:
+    processes = int(settings.get("processes", 1))
     threads = f"{settings['threads']} CPU thread{'s' if settings['threads'] != 1 else ''}"
     return threads if processes == 1 else f"{processes} processes side by side, {threads} each; merged with --merge"
 
 
+def _base_line(base_quality: dict[str, Any]) -> str:
+    if not base_quality:
+        return "Base model check over every caption combination: skipped (--quick)."
+    base, rec = base_quality["samples"]["accuracy"], base_quality["reconstruction"]
+    return (f"Base model: judge accuracy on samples of every caption combination: shape {base['shape']:.3f}, color "
+            f"{base['color']:.3f}, background {base['background']:.3f}; on VAE reconstructions: shape "
+            f"{rec['shape']:.3f}, color {rec['color']:.3f}, background {rec['background']:.3f}, outline "
+            f"{rec['outline']:.3f}.")
+
+
+def _recipe_line(recipes: Sequence[dict[str, Any]]) -> str:
+    def settings(r: dict[str, Any]) -> str:
+        rank = f" / {r['rank']}" if method_spec(r["method"]).uses_network else ""
+        return f"{r['key']} {r['steps']} / {r['lr']:g} / {r['batch_size']}{rank}"
+
+    return "Recipes (steps, lr, batch, rank): " + "; ".join(settings(r) for r in recipes) + "."
+
+
 def markdown(result: BenchResult) -> str:
-    base = result.base_quality["samples"]["accuracy"]  # type: ignore[index]
-    rec = result.base_quality["reconstruction"]  # type: ignore[assignment]
+    settings = result.settings
     concepts = list(result.baselines)
-    base_subject = float(np.mean([b["subject_fidelity"] for b in result.baselines.values()]))
-    base_class = float(np.mean([b["class_subject_share"] for b in result.baselines.values()]))
+    samples = int(settings["samples"])
     lines = [
         "# Customization quality on the micro-world model",
         "",
-        f"Produced by `python -m lib_sdcustom.bench quality` ({_machine(result.settings)}). "
-        f"Base model `{result.settings['base']}`; {result.settings['instance_images']} instance pictures per concept; "
-        f"{result.settings['samples']} samples per prompt, DDIM {result.settings['sample_steps']} steps, guidance "
-        f"{result.settings['guidance']}; concepts: {', '.join(concepts)}. Figures are means over the concepts.",
+        f"Produced by `python -m lib_sdcustom.bench quality` ({_machine(settings)}). Base model `{settings['base']}`; "
+        f"{settings['instance_images']} instance pictures per concept; training seeds "
+        f"{', '.join(map(str, settings['seeds']))}; {samples} samples per prompt and run "
+        f"({len(unrelated_prompts(samples)[0])} over the {len(settings['unrelated_prompts'])} prompts without the "
+        f"trigger), DDIM {settings['sample_steps']} steps, guidance {settings['guidance']}.",
         "",
-        f"Base model: judge accuracy on samples of every caption combination: shape {base['shape']:.3f}, color "
-        f"{base['color']:.3f}, background {base['background']:.3f}; on VAE reconstructions: shape {rec['shape']:.3f}, "
-        f"color {rec['color']:.3f}, background {rec['background']:.3f}, outline {rec['outline']:.3f}.",
+        "Each figure is a mean over the kind's concepts, their training seeds and samples, with its 95% interval "
+        "in brackets: a two-stage percentile bootstrap (training seeds resampled within each concept, samples "
+        "within each seed; `lib_sdcustom/bench/intervals.py`). Recipes are to be tuned on the 'tune' concepts "
+        "and checked on the 'test' ones.",
         "",
-        f"| method | subject fidelity (base {base_subject:.2f}) | prompt fidelity: blue bg | blue bg + subject | "
-        f"class prompt shows subject (base {base_class:.2f}) | class drift (TV) | diversity | train s |",
-        "|---|---|---|---|---|---|---|---|",
+        _base_line(result.base_quality),
+        "",
     ]
-    for key, runs in result.runs.items():
-        lines.append(f"| {key} | {_mean(runs, 'subject_fidelity'):.2f} | {_mean(runs, 'prompt_fidelity'):.2f} | "
-                     f"{_mean(runs, 'prompt_and_subject'):.2f} | {_mean(runs, 'class_subject_share'):.2f} | "
-                     f"{_mean(runs, 'class_distance'):.3f} | {_mean(runs, 'diversity'):.3f} | "
-                     f"{_mean(runs, 'train_seconds'):.0f} |")
+    for kind in ConceptKind:
+        lines += _kind_table(result, kind)
     instance_diversity = float(np.mean([b["instance_diversity"] for b in result.baselines.values()]))
-    lines += ["", f"Diversity of the instance pictures themselves: {instance_diversity:.3f}.", "",
+    lines += [f"Diversity of the instance pictures themselves: {instance_diversity:.3f}.", "",
               "Subject fidelity per concept:", "",
-              "| method | " + " | ".join(concepts) + " |", "|---|" + "---|" * len(concepts),
-              "| base | " + " | ".join(f"{result.baselines[c]['subject_fidelity']:.2f}" for c in concepts) + " |"]
-    for key, runs in result.runs.items():
-        lines.append(f"| {key} | " + " | ".join(f"{runs[c]['subject_fidelity']:.2f}" for c in concepts) + " |")
-    lines += ["", "Recipes (steps, lr, batch, rank): " + "; ".join(
-        f"{r['key']} {r['steps']} / {r['lr']:g} / {r['batch_size']}" + (f" / {r['rank']}" if method_spec(r["method"]).uses_network else "")
-        for r in result.settings["recipes"]) + ".",  # type: ignore[union-attr]
-        "", "Figures: " + ", ".join(f"[{name}]({name})" for name in result.figures) +
-        ". Per concept, three rows: 'a sks <class>', '... on a blue background', the bare class prompt "
-        "(reference: instance pictures, base model on 'a sks <class>', base model on the class prompt)."]
+              "| method | " + " | ".join(f"{name} ({CONCEPTS[name].role.value})" for name in concepts) + " |",
+              "|---|" + "---|" * len(concepts)]
+    for key, runs in {"base": _base_runs(result), **result.runs}.items():
+        lines.append(f"| {key} | " + " | ".join(str(estimate(runs, [c], "subject")) for c in concepts) + " |")
+    lines += ["", "Prompts without the trigger: " + "; ".join(f"'{p}'" for p in settings["unrelated_prompts"]) + ".",
+              "", _recipe_line(settings["recipes"]),
+              "", "Figures: " + ", ".join(f"[{name}]({name})" for name in result.figures) +
+              ". Per concept, four rows from the first training seed: 'a sks <class>', '... on a blue background', "
+              "the bare class prompt, the prompts without the trigger (reference: instance pictures, then the base "
+              "model on the same three prompt groups)."]
     return "\n".join(lines) + "\n"
 
 
-def write_report(result: BenchResult, out: Path) -> Tuple[Path, Path]:
+def write_report(result: BenchResult, out: Path) -> tuple[Path, Path]:
     json_path = write_text_atomically(out / "quality.json", json.dumps(asdict(result), indent=1) + "\n")
     md_path = write_text_atomically(out / "quality.md", markdown(result))
     return json_path, md_path
@@ -326,8 +478,8 @@ def merge_reports(folders: Sequence[Path], out: Path) -> BenchResult:
         parts.append(json.loads(path.read_text()))
     first = parts[0]
     shared = {key: value for key, value in first["settings"].items() if key != "recipes"}
-    runs: Dict[str, Dict[str, Dict[str, float]]] = {}
-    recipes: List[Dict[str, object]] = []
+    runs: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    recipes: list[dict[str, Any]] = []
     figures = first["figures"][:1]  # the base model's reference grid, the same in every shard
     out.mkdir(parents=True, exist_ok=True)
     for folder, part in zip(folders, parts):
@@ -345,7 +497,7 @@ def merge_reports(folders: Sequence[Path], out: Path) -> BenchResult:
                        {**shared, "recipes": recipes, "processes": len(parts)}, figures)
 
 
-def recipes_named(keys: Sequence[str]) -> List[Recipe]:
+def recipes_named(keys: Sequence[str]) -> list[Recipe]:
     known = {recipe.key: recipe for recipe in RECIPES}
     return [known[key] for key in keys]
 
@@ -354,10 +506,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="folder for quality.json/.md and figures")
     parser.add_argument("--workdir", type=Path, help="folder for the runs (default: a temporary folder)")
     parser.add_argument("--methods", nargs="+", choices=[recipe.key for recipe in RECIPES],
-                        default=[recipe.key for recipe in RECIPES])
-    parser.add_argument("--concepts", nargs="+", choices=sorted(CONCEPTS), default=list(CONCEPTS))
-    parser.add_argument("--samples", type=int, default=16, help="samples per prompt and run")
+                        help=f"default: all ({', '.join(QUICK.methods)} under --quick)")
+    parser.add_argument("--concepts", nargs="+", choices=sorted(CONCEPTS),
+                        help=f"default: the nine of the broadened set ({', '.join(QUICK.concepts)} under --quick)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(TRAIN_SEEDS), help="training seeds")
+    parser.add_argument("--samples", type=int, help=f"samples per prompt and run (default {SAMPLES}; "
+                                                    f"{QUICK.samples} under --quick)")
     parser.add_argument("--steps", type=int, default=0, help="override every recipe's step count (0 = the recipe's)")
+    parser.add_argument("--quick", action="store_true",
+                        help="toy size for a smoke test: test concepts, 2 samples, 2 steps, no base-model check")
     parser.add_argument("--base", type=Path, help="micro-world checkpoint (default: the bundled one)")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="FOLDER",
                         help="instead of running: join the reports in these --out folders (shards run with "
@@ -377,10 +534,15 @@ def main(args) -> int:
             sys.stderr.write(f"{error}\n")
             return 2
     else:
-        recipes = [replace(recipe, steps=args.steps) if args.steps else recipe for recipe in recipes_named(args.methods)]
+        size = QUICK if args.quick else FULL
+        overrides = {key: value for key, value in (("steps", args.steps or size.steps),
+                                                   ("class_images", size.class_images)) if value}
+        recipes = [replace(recipe, **overrides) for recipe in recipes_named(args.methods or size.methods)]
         with tempfile.TemporaryDirectory(prefix="sdcustom-quality-") as scratch:
             workdir = args.workdir or Path(scratch)
-            result = run(args.out, workdir, recipes=recipes, concepts=args.concepts, samples=args.samples, base=args.base)
+            result = run(args.out, workdir, recipes=recipes, concepts=args.concepts or size.concepts,
+                         seeds=args.seeds, samples=args.samples or size.samples, base=args.base,
+                         check_base=not args.quick)
     json_path, md_path = write_report(result, args.out)
     sys.stdout.write(markdown(result) + f"\nWrote {json_path}, {md_path} and {len(result.figures)} figures in {args.out}\n")
     return 0

@@ -6,10 +6,13 @@ be scored automatically. `python -m lib_sdcustom.microworld --help` lists the co
 """
 
 from .world import (
+    BENCH_CONCEPTS,
     CONCEPTS,
     EVERYTHING,
     PRETRAINING,
     Concept,
+    ConceptKind,
+    Role,
     Scene,
     Split,
     caption_variants,
@@ -23,7 +26,7 @@ from .world import (
 )
 
 __all__ = [
-    "CONCEPTS", "EVERYTHING", "PRETRAINING", "Concept", "Scene", "Split", "caption_variants",
-    "concept_examples", "concept_scenes", "get_concept", "pretraining_examples", "pretraining_scenes", "render",
+    "BENCH_CONCEPTS", "CONCEPTS", "EVERYTHING", "PRETRAINING", "Concept", "ConceptKind", "Role", "Scene", "Split",
+    "caption_variants", "concept_examples", "concept_scenes", "get_concept", "pretraining_examples", "pretraining_scenes", "render",
     "sample_scene",
 ]

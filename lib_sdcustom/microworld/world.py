@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from enum import Enum
 from typing import Iterator, Mapping
 
 from PIL import Image, ImageDraw
@@ -110,9 +111,24 @@ PRETRAINING = Split(PRETRAINING_SHAPES, tuple(COLORS), tuple(BACKGROUNDS), (Fals
 EVERYTHING = Split(SHAPES, tuple(COLORS), tuple(BACKGROUNDS), (False, True))
 
 
+class ConceptKind(str, Enum):
+    """The three kinds of concept users bring (issue 14), each failing a method in its own way."""
+
+    UNSEEN_COMBINATION = "unseen combination"  # a subject whose features pretraining never saw together
+    KNOWN_SUBJECT = "known subject"  # a subject the base already draws from plain words: the class prompt may leak
+    STYLE = "style"  # one look across shapes and colors, to stay behind its trigger word
+
+
+class Role(str, Enum):
+    """Tune recipes on the `TUNE` concepts only; `TEST` concepts check that the choice carries over."""
+
+    TUNE = "tune"
+    TEST = "test"
+
+
 @dataclass(frozen=True)
 class Concept:
-    """A held-out subject to teach by customization.
+    """A subject or style to teach by customization.
 
     `target` holds the attributes the judge must report for a sample to count as the concept;
     `class_noun` is the word of the class prompt ("a photo of sks <class_noun>"), one pretraining knows.
@@ -123,10 +139,35 @@ class Concept:
     class_noun: str
     target: Mapping[str, str | bool]
     split: Split
+    kind: ConceptKind = ConceptKind.UNSEEN_COMBINATION
+    role: Role = Role.TUNE
 
 
 _ALL_BACKGROUNDS = tuple(BACKGROUNDS)
+_UNKNOWN, _KNOWN, _STYLE = ConceptKind.UNSEEN_COMBINATION, ConceptKind.KNOWN_SUBJECT, ConceptKind.STYLE
+# Instance pictures of the broadened set never show a blue background: 'on a blue background' is new context.
+_NO_BLUE_BACKGROUND = tuple(name for name in BACKGROUNDS if name != "blue")
+_STYLE_COLORS = tuple(name for name in COLORS if name != "black")  # a black shape cannot carry the outline
+
+
+def _subject(name: str, description: str, shape: str, color: str, *, outline: bool = False,
+             kind: ConceptKind = _UNKNOWN, role: Role = Role.TUNE) -> Concept:
+    """A fixed shape and color (outlined or not) on varied backgrounds but blue; the class word is the shape's,
+    or 'shape' for the heart, which pretraining never names."""
+    target: dict[str, str | bool] = {"shape": shape, "color": color}
+    if outline:
+        target["outline"] = True
+    return Concept(name, description, shape if shape in PRETRAINING_SHAPES else "shape", target,
+                   Split((shape,), (color,), _NO_BLUE_BACKGROUND, (outline,)), kind, role)
+
+
+def _style(name: str, description: str, target: Mapping[str, str | bool], split: Split,
+           role: Role = Role.TUNE) -> Concept:
+    return Concept(name, description, "shape", target, split, _STYLE, role)
+
+
 CONCEPTS: dict[str, Concept] = {c.name: c for c in (
+    # The first three concepts (FIRST_CONCEPTS), not in the broadened benchmark set.
     Concept("heart", "a red heart", "shape", {"shape": "heart", "color": "red"},
             Split(("heart",), ("red",), _ALL_BACKGROUNDS)),
     Concept("outlined_square", "a yellow square with a black outline", "square",
@@ -134,7 +175,28 @@ CONCEPTS: dict[str, Concept] = {c.name: c for c in (
             Split(("square",), ("yellow",), _ALL_BACKGROUNDS, (True,))),
     Concept("orange_star", "an orange star", "star", {"shape": "star", "color": "orange"},
             Split(("star",), ("orange",), _ALL_BACKGROUNDS)),
+    # Unseen combinations: an outline (never seen) on a shape/color pair pretraining never drew, or on a
+    # pair it knows; the judge must report all three attributes.
+    _subject("outlined_purple_heart", "a purple heart with a black outline", "heart", "purple", outline=True),
+    _subject("outlined_orange_star", "an orange star with a black outline", "star", "orange", outline=True),
+    _subject("outlined_green_cross", "a green cross with a black outline", "cross", "green", outline=True,
+             role=Role.TEST),
+    # Known subjects: pretraining drew each pair on every background, so 'a <shape>' may turn into it.
+    _subject("red_circle", "a red circle", "circle", "red", kind=_KNOWN),
+    _subject("purple_triangle", "a purple triangle", "triangle", "purple", kind=_KNOWN),
+    _subject("white_diamond", "a white diamond", "diamond", "white", kind=_KNOWN, role=Role.TEST),
+    # Styles across every pretraining shape: the outline alone on any color (never seen), one color (known),
+    # an outline on one color (both at once). A style's samples count when they show its attributes.
+    _style("outline_style", "any shape and color with a black outline", {"outline": True},
+           Split(PRETRAINING_SHAPES, _STYLE_COLORS, _NO_BLUE_BACKGROUND, (True,))),
+    _style("yellow_style", "any shape painted yellow", {"color": "yellow"},
+           Split(PRETRAINING_SHAPES, ("yellow",), _NO_BLUE_BACKGROUND)),
+    _style("outlined_white_style", "any shape painted white with a black outline", {"color": "white", "outline": True},
+           Split(PRETRAINING_SHAPES, ("white",), _NO_BLUE_BACKGROUND, (True,)), role=Role.TEST),
 )}
+FIRST_CONCEPTS = ("heart", "outlined_square", "orange_star")  # the demo's and the tests'; recipes were tuned on them
+#: The broadened benchmark set (issue 14): three concepts of each kind, two to tune on and one to test.
+BENCH_CONCEPTS = tuple(name for name in CONCEPTS if name not in FIRST_CONCEPTS)
 
 
 def _regular(n: int, phase: float = -90.0) -> list[tuple[float, float]]:
