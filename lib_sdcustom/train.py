@@ -162,6 +162,9 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
         bundle.unet.enable_gradient_checkpointing()
         for encoder in bundle.text_encoders:
             encoder.gradient_checkpointing_enable()
+            # transformers < 4.35 checkpoints with the re-entrant variant, which gives a block no gradients when
+            # none of its inputs requires one: a text-encoder LoRA would silently stay at its initial weights.
+            encoder.enable_input_require_grads()
     if config.training.compile_unet:
         _compile_unet(bundle.unet)
     bundle.unet.train(config.training.gradient_checkpointing)  # diffusers checkpoints only in train mode
