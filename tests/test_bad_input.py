@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -489,8 +490,11 @@ INSPECT_CASES = [
          "not a family SD Customize supports"),
     Case("ckpt pickled object", lambda ws: ["inspect", str(_evil_ckpt(ws.root / "evil.ckpt"))], 2,
          "pickled Python object", ".safetensors"),
-    Case("ckpt garbage", lambda ws: ["inspect", str(_text(ws.root / "g.ckpt", os.urandom(300)))], 2,
-         "damaged, incomplete", "re-download"),
+    # Random bytes fail the unpickler in many ways; these seeds give UnpicklingError, IndexError, KeyError and
+    # UnicodeDecodeError, each of which must read as a damaged file.
+    *(Case(f"ckpt garbage {seed}",
+           lambda ws, seed=seed: ["inspect", str(_text(ws.root / "g.ckpt", random.Random(seed).randbytes(300)))],
+           2, "damaged, incomplete", "re-download") for seed in (0, 2, 20, 195)),
     Case("ckpt zip cut", lambda ws: ["inspect", str(_zip_ckpt_cut(ws.root / "z.ckpt"))], 2, "damaged, incomplete",
          "re-download"),
 ]

@@ -10,9 +10,6 @@ scalars), so inspecting a large checkpoint costs no tensor loading; pickled file
 from __future__ import annotations
 
 import json
-import pickle
-import re
-import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +19,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..hashing import addnet_hash_file
+from ..models.checkpoint_io import read_pickle_weights_only
 from . import safetensors_io
 from .network_file import BUNDLE_PREFIX, group_network_keys, host_module_type, module_type_of, prefix_of
 
@@ -71,27 +69,8 @@ def _read_safetensors(path: Path) -> _Contents:
     )
 
 
-_UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|Unsupported class) ([\w.]+)")
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        # mmap avoids reading a multi-GB checkpoint into memory; only the zip format supports it.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, OSError) as error:
-        # torch's own text advises `weights_only=False`, i.e. running the file's code: never pass that on.
-        found = _UNSAFE_GLOBAL.search(str(error))
-        why = (f"it holds a pickled Python object ({found.group(1)}), not only tensors, and such objects can run "
-               "code when opened" if found else "it is damaged, incomplete, or not a PyTorch file")
-        raise ModelLoadError(
-            f"{path} could not be read as plain tensors: {why}.",
-            "Use a .safetensors version of the file, or re-download it; inspect never opens a pickle that "
-            "needs more than tensors, numbers and strings.",
-        ) from error
-
-
 def _read_pickle(path: Path) -> _Contents:
-    data = _torch_load(path)
+    data = read_pickle_weights_only(path)
     if not isinstance(data, dict):
         raise _unreadable(path, f"it holds a {type(data).__name__}, not a dict of tensors")
     if isinstance(data.get("state_dict"), dict):

@@ -15,6 +15,8 @@ import contextlib
 import json
 import logging
 import pickle
+import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -46,7 +48,10 @@ def read_checkpoint(path: Path, *, dtype: Optional[torch.dtype] = None,
         return _read_safetensors(path, dtype, device)
     if suffix not in PICKLE_SUFFIXES:
         raise ModelLoadError(f"{path} is not a model file this trainer reads ('{path.suffix}').", _FORMAT_FIX)
-    state = _read_pickle_weights_only(path)
+    state = read_pickle_weights_only(path)
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{path} does not hold a state dict (it holds a {type(state).__name__}).",
+                             _FORMAT_FIX)
     if isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     for key, value in state.items():  # one tensor at a time, each old one freed as its copy is made
@@ -144,24 +149,39 @@ def _allowing_lightning_callback():
     return safe_globals([_LightningModelCheckpoint]) if safe_globals else contextlib.nullcontext()
 
 
-def _read_pickle_weights_only(path: Path) -> Dict[str, Any]:
+_UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|Unsupported class) ([\w.]+)")
+
+
+def read_pickle_weights_only(path: Path) -> Any:
+    """What a `.ckpt`/`.pt` holds, read by torch's weights-only unpickler and never by the full one.
+
+    A zip-format file is memory-mapped, so a multi-GB checkpoint is not read into RAM before conversion.
+    Damaged bytes fail the unpickler in arbitrary ways (IndexError, KeyError, UnicodeDecodeError, ...), so
+    every failure that is not a refused Python object reads as a damaged file. torch's own text advises
+    `weights_only=False`, i.e. running the file's code; that advice is never passed on."""
     try:
         with _allowing_lightning_callback():
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as error:  # noqa: BLE001 - see the docstring
+        found = _UNSAFE_GLOBAL.search(str(error))
+        if found:
+            raise ModelLoadError(
+                f"{path} was refused: it holds a pickled Python object ({found.group(1)}), not only tensors, and such "
+                "objects can run code when opened.",
+                "Use the .safetensors release of the model, or convert it to .safetensors with a tool you trust "
+                "(for example the WebUI's checkpoint merger with safetensors output).",
+            ) from error
         raise ModelLoadError(
-            f"{path} was refused: it is not a plain weights file (it carries pickled Python objects, which "
-            "could run code when loaded, or it is damaged).",
-            "Convert it to .safetensors with a tool you trust (for example the WebUI's checkpoint merger with "
-            "safetensors output), or use the .safetensors release of the model.",
-        ) from error
-    except (OSError, RuntimeError, EOFError) as error:
-        raise ModelLoadError(f"{path} could not be read: {error}",
-                             "The file is damaged or incomplete; download it again.") from error
-    if not isinstance(state, dict):
-        raise ModelLoadError(f"{path} does not hold a state dict (it holds a {type(state).__name__}).",
-                             _FORMAT_FIX)
-    return state
+            f"{path} could not be read: it is damaged, incomplete, or not a PyTorch file "
+            f"({_unpickler_complaint(error)}).",
+            "Re-download the file, or use a .safetensors version of it.") from error
+
+
+def _unpickler_complaint(error: Exception) -> str:
+    """The unpickler's own complaint, without the advice torch wraps around it."""
+    detail = str(error).rpartition("WeightsUnpickler error:")[2].strip()
+    detail = detail.splitlines()[0] if detail else ""
+    return f"{type(error).__name__}: {detail}" if detail and "weights_only" not in detail else type(error).__name__
 
 
 def is_diffusers_folder(path: Path) -> bool:
