@@ -53,6 +53,9 @@ class Measured:
     peak_rss_gib: float
     peak_cuda_gib: Optional[float]
     layers: int
+    # Peak GPU memory over the steps after the first: training alone, without the one-off peaks before it
+    # (loading, the VAE encoding the latent cache).
+    steady_cuda_gib: Optional[float] = None
     skipped: str = ""  # why this side did not run (a missing package), else empty
 
 
@@ -76,11 +79,20 @@ def _timed(run: Callable[[Callable[[], None]], int]) -> Measured:
     started = time.perf_counter()
     stamps: list[tuple[float, float]] = []
     clock = step_clock()
-    layers = run(lambda: stamps.append((time.perf_counter(), clock())))
+    peak_before_steps: list[float] = []
+
+    def on_step() -> None:
+        stamps.append((time.perf_counter(), clock()))
+        if len(stamps) == 1 and torch.cuda.is_available():
+            peak_before_steps.append(torch.cuda.max_memory_allocated() / 2**30)
+            torch.cuda.reset_peak_memory_stats()
+
+    layers = run(on_step)
     durations = [later[1] - earlier[1] for earlier, later in zip(stamps, stamps[1:])]
     rate = 1.0 / statistics.median(durations) if durations else float("nan")
-    rss, cuda = _peaks()
-    return Measured(rate, stamps[0][0] - started, rss, cuda, layers)
+    rss, steady = _peaks()
+    peak = max(peak_before_steps + [steady]) if steady is not None else None
+    return Measured(rate, stamps[0][0] - started, rss, peak, layers, steady_cuda_gib=steady)
 
 
 def _ours(settings: dict[str, Any], on_step: Callable[[], None]) -> int:
@@ -246,8 +258,9 @@ def report(result: dict[str, Any]) -> str:
              f"{result['device']}, {result['clock']}; "
              f"load average {before:.1f} before, {after:.1f} after ({result['cpu_count']} CPUs)", "",
              "| network | batch | ours steps/s | reference steps/s | ours/reference | ours images/s | "
-             "first step s (ours / ref) | peak RSS GiB (ours / ref) | peak GPU GiB (ours / ref) | layers (ours / ref) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "first step s (ours / ref) | peak RSS GiB (ours / ref) | peak GPU GiB (ours / ref) | "
+             "GPU GiB in steps after the first (ours / ref) | layers (ours / ref) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for row in result["rows"]:
         ours, ref = row["ours"], row["reference"]
@@ -258,7 +271,8 @@ def report(result: dict[str, Any]) -> str:
             f"{_number(ours['steps_per_second'] * row['batch_size'])} | "
             f"{_number(ours['first_step_seconds'], 1)} / {_number(ref['first_step_seconds'], 1)} | "
             f"{_number(ours['peak_rss_gib'])} / {_number(ref['peak_rss_gib'] or None)} | "
-            f"{_number(ours['peak_cuda_gib'])} / {_number(ref['peak_cuda_gib'])} | {ours['layers']} / {ref['layers']} |")
+            f"{_number(ours['peak_cuda_gib'])} / {_number(ref['peak_cuda_gib'])} | "
+            f"{_number(ours['steady_cuda_gib'])} / {_number(ref['steady_cuda_gib'])} | {ours['layers']} / {ref['layers']} |")
         if ref["skipped"]:
             notes.append(f"reference not run: {ref['skipped']}")
         for name in plan["variants"]:
