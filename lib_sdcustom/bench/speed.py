@@ -53,8 +53,8 @@ class Measured:
     peak_rss_gib: float
     peak_cuda_gib: Optional[float]
     layers: int
-    # Peak GPU memory over the steps after the first: training alone, without the one-off peaks before it
-    # (loading, the VAE encoding the latent cache).
+    # Peak GPU memory over the steps after the first: training alone, without the one-off peaks around it
+    # (loading and the VAE encoding the latent cache before; ours' final preview, decoded by the VAE, after).
     steady_cuda_gib: Optional[float] = None
     skipped: str = ""  # why this side did not run (a missing package), else empty
 
@@ -79,19 +79,24 @@ def _timed(run: Callable[[Callable[[], None]], int]) -> Measured:
     started = time.perf_counter()
     stamps: list[tuple[float, float]] = []
     clock = step_clock()
-    peak_before_steps: list[float] = []
+    cuda_peaks: dict[str, float] = {}  # "to the first step", then "over the later steps", in GiB
 
     def on_step() -> None:
         stamps.append((time.perf_counter(), clock()))
-        if len(stamps) == 1 and torch.cuda.is_available():
-            peak_before_steps.append(torch.cuda.max_memory_allocated() / 2**30)
+        if not torch.cuda.is_available():
+            return
+        if len(stamps) == 1:
+            cuda_peaks["to the first step"] = torch.cuda.max_memory_allocated() / 2**30
             torch.cuda.reset_peak_memory_stats()
+        else:
+            cuda_peaks["over the later steps"] = torch.cuda.max_memory_allocated() / 2**30
 
     layers = run(on_step)
     durations = [later[1] - earlier[1] for earlier, later in zip(stamps, stamps[1:])]
     rate = 1.0 / statistics.median(durations) if durations else float("nan")
-    rss, steady = _peaks()
-    peak = max(peak_before_steps + [steady]) if steady is not None else None
+    rss, peak_to_end = _peaks()  # to the end: ours renders its final preview after the last step
+    peak = max([*cuda_peaks.values(), peak_to_end]) if peak_to_end is not None else None
+    steady = cuda_peaks.get("over the later steps")
     return Measured(rate, stamps[0][0] - started, rss, peak, layers, steady_cuda_gib=steady)
 
 
