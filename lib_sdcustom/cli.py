@@ -189,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
         result = run_demo(args.out, steps=args.steps, callbacks=[ProgressPrinter(args.quiet)])
         print(result.report())
         return 0
-    from .train import train
+    from .run.train import train
 
     config = config_from_args(args)
     cancel = CancelToken()

@@ -75,7 +75,7 @@ def run_demo(folder: Path, *, steps: int = DEMO_STEPS, callbacks: list[Callback]
     from .microworld.world import CONCEPTS
     from .models.loader import load_bundle
     from .sampling import image_grid
-    from .train import train
+    from .run.train import train
 
     folder = Path(folder)
     config = demo_config(folder, steps=steps)

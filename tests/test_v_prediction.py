@@ -17,11 +17,11 @@ from lib_sdcustom.data.captions import CaptionOptions
 from lib_sdcustom.data.dataset import TrainingOptions, TrainingSet, size_conditioning
 from lib_sdcustom.data.scan import scan_dataset
 from lib_sdcustom.errors import ConfigError, ModelLoadError
-from lib_sdcustom.family_defaults import apply_family_defaults, native_resolution
+from lib_sdcustom.run.family_defaults import apply_family_defaults, native_resolution
 from lib_sdcustom.models.bundle import ModelFamily
 from lib_sdcustom.models.loader import load_bundle
-from lib_sdcustom.models.tiny_families import write_tiny_sd2, write_tiny_sdxl
-from lib_sdcustom.train import train
+from lib_sdcustom.testing.tiny_families import write_tiny_sd2, write_tiny_sdxl
+from lib_sdcustom.run.train import train
 from lib_sdcustom.training import objectives
 from lib_sdcustom.training.conditioning import Conditioning, SizeConditioning, time_ids
 

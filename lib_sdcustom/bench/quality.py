@@ -288,7 +288,7 @@ def _base_quality(bundle, judge: Judge) -> dict[str, Any]:
 
 def _train_and_score(recipe: Recipe, concept: Concept, seed: int, workdir: Path, base: Path, judge: Judge,
                      samples: int, reference_class: Sequence[Image.Image]) -> tuple[Scores, list[list[Image.Image]]]:
-    from ..train import train
+    from ..run.train import train
 
     folder = workdir / recipe.key / concept.name / f"seed{seed}"
     if folder.exists():

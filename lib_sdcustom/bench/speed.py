@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..files import write_text_atomically
-from .fixtures import write_sample_images
+from ..testing.sample_images import write_sample_images
 from .runner import device_description
 
 CHILD_COMMAND = "speed-one"
@@ -92,7 +92,7 @@ def _ours(settings: dict[str, Any], on_step: Callable[[], None]) -> int:
 def _train_ours(settings: dict[str, Any], on_step: Callable[[], None], workdir: Path) -> int:
     from ..config import RunConfig
     from ..events import RunStarted, StepDone
-    from ..train import train
+    from ..run.train import train
 
     config = RunConfig(method=settings["network"])
     config.model.base = settings["base"]
@@ -185,8 +185,8 @@ VARIANTS = {"compile": {"compile": True}}  # extra runs of ours with an opt-in o
 
 def checkpoint_for(plan: Plan, workdir: Path) -> Path:
     """The model both sides read: a tiny checkpoint, or a full-size random one (written once, then reused)."""
-    from ..models.tiny import write_tiny_sd1
-    from ..models.tiny_families import write_tiny_sdxl
+    from ..testing.tiny import write_tiny_sd1
+    from ..testing.tiny_families import write_tiny_sdxl
     from .full_size import write_random_checkpoint
 
     if plan.size == "tiny":

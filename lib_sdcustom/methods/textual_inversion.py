@@ -34,7 +34,7 @@ from ..config import RunConfig
 from ..data.prompt_templates import BUILT_IN, fill_template, load_templates
 from ..errors import ConfigError
 from ..formats.embedding_file import SUFFIXES, embedding_preview_path, write_embedding, write_embedding_preview
-from ..run_context import RunContext
+from ..run.context import RunContext
 from ..training.conditioning import Conditioning
 from .base import Method
 from .text_conditioning import encode_ids, tokenize

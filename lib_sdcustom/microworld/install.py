@@ -20,7 +20,7 @@ from ..models.tokenizer import TOKENIZER_FILES, bundled_tokenizer_dir
 from .model import BASE_NAME, SHIPPED_DIR, shipped_checkpoint, text_encoder_folder_name
 
 if TYPE_CHECKING:
-    from ..host import Host
+    from ..host.base import Host
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def install_micro_model(folder: Path, *, overwrite: bool = False) -> Installed:
 
 def install_into_host(host: "Host", *, overwrite: bool = False) -> Installed:
     """Install into the host's checkpoint folder and refresh its checkpoint list, so the model can be picked."""
-    from ..host import OutputKind
+    from ..host.base import OutputKind
 
     installed = install_micro_model(host.facts().output_dirs[OutputKind.CHECKPOINT], overwrite=overwrite)
     if installed.written:

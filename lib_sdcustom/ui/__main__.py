@@ -37,10 +37,10 @@ def _read(path: Path) -> str:
 def launch(args: argparse.Namespace) -> Tuple[Any, str]:
     """Start the server without blocking; (gradio Blocks, local URL). One `Credentials` guards the page's
     endpoints (gradio's login) and the API; the host confines both to the same roots."""
-    from ..access import parse_credentials
-    from ..api import register_routes
-    from ..host import StandaloneHost
-    from ..runs import RunManager
+    from ..host.access import parse_credentials
+    from ..host.api import register_routes
+    from ..host.base import StandaloneHost
+    from ..run.manager import RunManager
     from . import build_tab, compat
 
     credentials = parse_credentials(args.api_auth)

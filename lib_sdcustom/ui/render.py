@@ -12,8 +12,8 @@ import math
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from ..run_folders import RunFolder
-from ..runs import CANCELLED, FAILED, FINISHED, RUNNING, RunStatus
+from ..run.folders import RunFolder
+from ..run.manager import CANCELLED, FAILED, FINISHED, RUNNING, RunStatus
 
 _e = html.escape
 

@@ -13,14 +13,14 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-from .. import presets
+from ..run import presets
 from ..config import RunConfig
 from ..errors import DatasetError, UserFacingError
-from ..host import HostFacts, output_kind
+from ..host.base import HostFacts, output_kind
 from ..methods.registry import method_class
 from ..microworld.install import install_into_host
-from ..run_folders import clear_finished, run_folders
-from ..runs import RunManager, RunStatus
+from ..run.folders import clear_finished, run_folders
+from ..run.manager import RunManager, RunStatus
 from . import compat, form, plan, render
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """What the tab, the run manager and the API need from whoever hosts them, and a host over plain folders.
 
-The WebUI adapter (`host_a1111.py`) and `StandaloneHost` below implement the same small interface, so the
+The WebUI adapter (`a1111.py`) and `StandaloneHost` below implement the same small interface, so the
 tab and the API are written once and tested without the WebUI: the tab gets a `HostFacts` dataclass and
 never reaches for the host's globals.
 """
@@ -15,11 +15,11 @@ from types import SimpleNamespace
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from .access import PathRoots
-from .config import RunConfig
-from .errors import ConfigError
-from .events import Event
-from .methods.registry import OutputKind, method_spec
-from .models.bundle import ModelBundle, ModelFamily
+from ..config import RunConfig
+from ..errors import ConfigError
+from ..events import Event
+from ..methods.registry import OutputKind, method_spec
+from ..models.bundle import ModelBundle, ModelFamily
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class StandaloneHost(Host):
                       if path.suffix.lower() in CHECKPOINT_SUFFIXES and path.is_file())
 
     def facts(self) -> HostFacts:
-        from .deps import missing_runtime
+        from ..deps import missing_runtime
 
         return HostFacts(
             name="standalone",
@@ -207,9 +207,9 @@ class StandaloneHost(Host):
         return total
 
     def model_kind(self, checkpoint: str = "") -> Optional[ModelKind]:
-        from .errors import UserFacingError
-        from .models.checkpoint_io import read_metadata
-        from .models.ldm_config import configs_for_checkpoint
+        from ..errors import UserFacingError
+        from ..models.checkpoint_io import read_metadata
+        from ..models.ldm_config import configs_for_checkpoint
 
         if not checkpoint:
             return None
@@ -229,7 +229,7 @@ class StandaloneHost(Host):
     @staticmethod
     def _family_of(path: Path) -> Optional[ModelFamily]:
         """The family from a .safetensors header's keys (None for other files, read after loading)."""
-        from .models.detect import detect_family
+        from ..models.detect import detect_family
 
         if path.suffix.lower() != ".safetensors" or not path.is_file():
             return None

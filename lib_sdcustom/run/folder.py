@@ -13,8 +13,8 @@ import shutil
 import uuid
 from pathlib import Path
 
-from .errors import ConfigError
-from .files import write_text_atomically
+from ..errors import ConfigError
+from ..files import write_text_atomically
 
 RUN_FILE = "run.json"
 
@@ -30,7 +30,7 @@ def read_run_id(run_dir: Path) -> str | None:
 
 
 def _state_folder(run_dir: Path) -> Path:
-    from .training.state import state_root  # late: training.state reads the run id from here
+    from ..training.state import state_root  # late: training.state reads the run id from here
 
     return state_root(run_dir)
 

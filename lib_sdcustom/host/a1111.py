@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
-from .config import RunConfig
-from .errors import ConfigError, ModelLoadError
-from .events import Event, RunFinished, RunStarted, SamplesRendered, StepDone
-from .host import RUNS_FOLDER, Host, HostFacts, ModelKind, OutputKind, output_kind, trained_in_place
-from .models.bundle import BaseIdentity, ModelBundle, ModelFamily
+from ..config import RunConfig
+from ..errors import ConfigError, ModelLoadError
+from ..events import Event, RunFinished, RunStarted, SamplesRendered, StepDone
+from .base import RUNS_FOLDER, Host, HostFacts, ModelKind, OutputKind, output_kind, trained_in_place
+from ..models.bundle import BaseIdentity, ModelBundle, ModelFamily
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _ldm_config(sd_model: Any, family: ModelFamily, prediction_type: str):
     """The YAML the host built this model from (its `used_config`), else the family's stock config."""
     import copy
 
-    from .models.ldm_config import PREDICTION_METADATA_KEY, configs_from_ldm, read_ldm_yaml, stock_config
+    from ..models.ldm_config import PREDICTION_METADATA_KEY, configs_from_ldm, read_ldm_yaml, stock_config
 
     used = getattr(sd_model, "used_config", None)
     if used and Path(used).is_file():
@@ -137,7 +137,7 @@ def _host_ldm_state(sd_model: Any, family: ModelFamily, copy: frozenset) -> Dict
 
     "text_encoder" in `copy` covers every text encoder of the family (SDXL's Textual Inversion grows both).
     """
-    from .models import ldm_keys
+    from ..models import ldm_keys
 
     state = {ldm_keys.UNET_PREFIX + key: value
              for key, value in _tensors(sd_model.model.diffusion_model, "unet" in copy).items()}
@@ -157,8 +157,8 @@ def bundle_from_loaded_model(sd_model: Any, *, copy: frozenset = frozenset()) ->
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from .models import ldm_keys
-    from .models.loader import (build_with_weights, finish_modules, mapped_or_fail, text_encoder_factory,
+    from ..models import ldm_keys
+    from ..models.loader import (build_with_weights, finish_modules, mapped_or_fail, text_encoder_factory,
                                 text_encoder_weights, training_scheduler)
 
     family = _family(sd_model)
@@ -222,7 +222,7 @@ def _tokenizers(sd_model: Any, family: ModelFamily, own: bool) -> List[Any]:
     open_clip slots get the bundled tokenizer of the same vocabulary that pads with id 0, as open_clip does."""
     import copy
 
-    from .models.tokenizer import load_open_clip_tokenizer
+    from ..models.tokenizer import load_open_clip_tokenizer
 
     if family is ModelFamily.SD2:
         return [load_open_clip_tokenizer()]
@@ -276,7 +276,7 @@ class A1111Host(Host):
     def facts(self) -> HostFacts:
         from modules import paths
 
-        from .deps import missing_runtime
+        from ..deps import missing_runtime
 
         folders = self._output_dirs()
         return HostFacts(
@@ -315,7 +315,7 @@ class A1111Host(Host):
         return ModelKind(_family(model), _prediction_type(model))
 
     def loaded_model_digest(self) -> Optional[str]:
-        from .hashing import state_digest
+        from ..hashing import state_digest
 
         model = self._model(required=False)
         return state_digest(model) if model is not None else None
@@ -448,14 +448,14 @@ def manager():
     """One run manager per WebUI process, shared by the tab and the API."""
     global _MANAGER
     if _MANAGER is None:
-        from .runs import RunManager
+        from ..run.manager import RunManager
 
         _MANAGER = RunManager(A1111Host())
     return _MANAGER
 
 
 def ui_tabs() -> list:
-    from .ui import build_tab
+    from ..ui import build_tab
 
     runs = manager()
     return [(build_tab(runs.host.facts(), runs), TAB_TITLE, TAB_ID)]

@@ -16,9 +16,9 @@ from fastapi import Body, Depends, FastAPI, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from .access import Credentials, PathRoots, parse_credentials  # noqa: F401 - the hosts' entry point
-from .config import config_from_dict
-from .errors import UserFacingError
-from .runs import RunManager, RunnerBusy
+from ..config import config_from_dict
+from ..errors import UserFacingError
+from ..run.manager import RunManager, RunnerBusy
 
 PREFIX = "/sdcustom/v1"
 
@@ -66,7 +66,7 @@ def register_routes(app: FastAPI, manager: RunManager, *, roots: Sequence[Path],
 
     def install_micro_model(payload: Dict[str, Any] = Body(default={})) -> Dict[str, Any]:
         """The bundled micro-world model into the host's checkpoint folder (see microworld/install.py)."""
-        from .microworld.install import install_into_host
+        from ..microworld.install import install_into_host
 
         try:
             installed = install_into_host(manager.host, overwrite=bool(payload.get("overwrite", False)))

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection, List
 
-from .config import load_config
-from .errors import UserFacingError
-from .run_folder import read_run_id
-from .training.state import latest_state
+from ..config import load_config
+from ..errors import UserFacingError
+from .folder import read_run_id
+from ..training.state import latest_state
 
 logger = logging.getLogger(__name__)
 

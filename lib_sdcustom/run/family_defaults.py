@@ -12,9 +12,9 @@ from __future__ import annotations
 import copy
 from dataclasses import fields
 
-from .config import DataOptions, RunConfig
-from .errors import ConfigError
-from .models.bundle import ModelBundle, ModelFamily
+from ..config import DataOptions, RunConfig
+from ..errors import ConfigError
+from ..models.bundle import ModelBundle, ModelFamily
 
 _DEFAULTS = {item.name: item.default for item in fields(DataOptions)}
 
