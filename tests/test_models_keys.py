@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lib_sdcustom.models import ldm_keys
-from lib_sdcustom.models.ldm_config import SD1_V1_INFERENCE, configs_from_ldm
+from lib_sdcustom.models.ldm_config import configs_from_ldm
+from lib_sdcustom.models.stock_configs import SD1_V1_INFERENCE
 
 diffusers = pytest.importorskip("diffusers")
 single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")

@@ -33,8 +33,8 @@ from ..models import ldm_keys
 from ..models.bundle import ModelBundle
 from ..models.checkpoint_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, read_checkpoint
 from ..models.bundle import ModelFamily
-from ..models.ldm_config import with_absolute_folders, yaml_beside
-from ..models.saver import bundle_to_ldm_state_dict, text_encoder_slot_state_dict
+from ..models.model_yaml import with_absolute_folders, yaml_beside
+from ..models.writer import bundle_to_ldm_state_dict, text_encoder_slot_state_dict
 from ..models.stock_configs import stock_ldm_config
 from .safetensors_io import load_tensors, read_header
 

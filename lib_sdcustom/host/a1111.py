@@ -63,7 +63,9 @@ def _ldm_config(sd_model: Any, family: ModelFamily, prediction_type: str):
     """The YAML the host built this model from (its `used_config`), else the family's stock config."""
     import copy
 
-    from ..models.ldm_config import PREDICTION_METADATA_KEY, configs_from_ldm, read_ldm_yaml, stock_config
+    from ..models.ldm_config import PREDICTION_METADATA_KEY, configs_from_ldm, stock_config
+
+    from ..models.model_yaml import read_ldm_yaml
 
     used = getattr(sd_model, "used_config", None)
     if used and Path(used).is_file():

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Dict, List
 
 from ..errors import ConfigError
 from ..files import write_atomically
-from ..models.ldm_config import read_ldm_yaml, with_absolute_folders, yaml_beside
+from ..models.model_yaml import read_ldm_yaml, with_absolute_folders, yaml_beside
 from ..models.tokenizer import TOKENIZER_FILES, bundled_tokenizer_dir
 from .model import BASE_NAME, SHIPPED_DIR, shipped_checkpoint, text_encoder_folder_name
 

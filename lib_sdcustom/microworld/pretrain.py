@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..models.bundle import BaseIdentity, ModelBundle, ModelFamily
-from ..models.ldm_writer import write_ldm_checkpoint, write_text_encoder_folder
+from ..models.writer import write_ldm_checkpoint, write_text_encoder_folder
 from ..models.tokenizer import load_clip_tokenizer
 from ..training.ema import ExponentialMovingAverage
 from ..training.objectives import add_noise, min_snr_weights, per_sample_mse, sample_timesteps

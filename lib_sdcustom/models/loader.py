@@ -25,8 +25,9 @@ from . import ldm_keys
 from .bundle import BaseIdentity, ModelBundle, ModelFamily
 from .checkpoint_io import is_diffusers_folder, load_diffusers_folder, read_checkpoint, read_metadata
 from .detect import detect_diffusers_family, detect_family
-from .ldm_config import (SD1_V1_INFERENCE, STOCK_CONFIG_NAME, ModelConfigs, configs_for_checkpoint, configs_from_ldm,
-                         yaml_beside)
+from .ldm_config import configs_for_checkpoint, configs_from_ldm
+from .model_yaml import ModelConfigs, yaml_beside
+from .stock_configs import SD1_V1_INFERENCE, STOCK_CONFIG_NAME
 from .open_clip_keys import open_clip_to_transformers
 from .tokenizer import load_clip_tokenizer, load_open_clip_tokenizer
 

@@ -259,3 +259,11 @@ def stock_ldm_config(family: str, prediction_type: str) -> Dict[str, Any]:
                 denoiser[part]["target"] = denoiser[part]["target"].replace(eps, v_name)
         return config
     raise ValueError(f"unknown model family {family!r}")
+
+
+# How a stock config is named where a YAML path would be (`ModelConfigs.source`).
+STOCK_CLIP_ID = "openai/clip-vit-large-patch14"
+STOCK_CONFIG_NAME = "the built-in SD1 v1-inference config"
+SD2_STOCK_NAMES = {prediction: f"the built-in SD2 {name[:-5]} config" for prediction, name in SD2_CONFIG_NAMES.items()}
+SDXL_STOCK_NAME = f"the built-in SDXL {SDXL_CONFIG_NAME[:-5]} config"
+STOCK_SOURCES = frozenset({STOCK_CONFIG_NAME, SDXL_STOCK_NAME, *SD2_STOCK_NAMES.values()})

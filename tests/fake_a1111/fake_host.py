@@ -48,7 +48,7 @@ def _clip_transformer(text_dir: Path, state: Dict[str, torch.Tensor]) -> torch.n
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from lib_sdcustom.models import ldm_keys
-    from lib_sdcustom.models.ldm_config import read_text_encoder_folder
+    from lib_sdcustom.models.model_yaml import read_text_encoder_folder
 
     transformer = CLIPTextModel(CLIPTextConfig.from_dict(read_text_encoder_folder(text_dir)))
     transformer.load_state_dict(ldm_keys.text_encoder_load_keys(transformer, state), strict=False)
