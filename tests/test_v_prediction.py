@@ -87,12 +87,12 @@ def test_min_snr_weights_for_v_give_the_same_x0_weighting_as_for_epsilon():
 
 
 def test_zero_terminal_snr_rescale_matches_diffusers():
+    from diffusers import DDPMScheduler
     from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
 
     from lib_sdcustom.models.model_yaml import ddpm_scheduler
-    from lib_sdcustom.models.loader import training_scheduler
 
-    scheduler = training_scheduler(ddpm_scheduler(1000, 0.00085, 0.012, "v_prediction"))
+    scheduler = DDPMScheduler(**ddpm_scheduler(1000, 0.00085, 0.012, "v_prediction"))
     ours = objectives.rescale_zero_terminal_snr(scheduler.alphas_cumprod)
     theirs = torch.cumprod(1 - rescale_zero_terminal_snr(scheduler.betas), dim=0)
     assert ours[-1] == 0 and ours[0] == pytest.approx(float(scheduler.alphas_cumprod[0]))

@@ -160,8 +160,8 @@ def bundle_from_loaded_model(sd_model: Any, *, copy: frozenset = frozenset()) ->
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from ..models import ldm_keys
-    from ..models.loader import (build_with_weights, finish_modules, mapped_or_fail, text_encoder_factory,
-                                text_encoder_weights, training_scheduler)
+    from ..models.loader import (build_with_weights, bundle_from_modules, mapped_or_fail, text_encoder_factory,
+                                text_encoder_weights)
 
     family = _family(sd_model)
     prediction_type = _prediction_type(sd_model)
@@ -189,27 +189,15 @@ def bundle_from_loaded_model(sd_model: Any, *, copy: frozenset = frozenset()) ->
                            text_encoder_factory(text_configs[index]) if slot.open_clip else _clip_factory(live[index]),
                            state, _dtype_of(state), mismatch, canonical_text=True)
         for index, (slot, state) in enumerate(zip(ldm_keys.TEXT_SLOTS[family], text_sds))]
-    unet, vae, *text_encoders = finish_modules(unet, vae, *text_encoders)
     info = getattr(sd_model, "sd_checkpoint_info", None)
     filename = getattr(info, "filename", None)
     identity = BaseIdentity(name=getattr(info, "name_for_extra", None) or (Path(filename).stem if filename else "loaded model"),
                             path=Path(filename) if filename else None, sha256=getattr(info, "sha256", None),
                             legacy_hash=getattr(info, "hash", None))
     tokenizers = _tokenizers(sd_model, family, own="text_encoder" in copy)
-    return ModelBundle(
-        family=family,
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoders[0],
-        tokenizer=tokenizers[0],
-        noise_scheduler=training_scheduler({**configs.scheduler, "prediction_type": prediction_type}),
-        prediction_type=prediction_type,
-        identity=identity,
-        ldm_config=ldm,
-        ldm_extras={**parts.extras, **_extras(sd_model, family)},
-        text_encoder_2=text_encoders[1] if len(text_encoders) > 1 else None,
-        tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None,
-    )
+    return bundle_from_modules(family, unet, vae, text_encoders, tokenizers,
+                               {**configs.scheduler, "prediction_type": prediction_type}, identity=identity,
+                               ldm_config=ldm, ldm_extras={**parts.extras, **_extras(sd_model, family)})
 
 
 def _clip_factory(live: Any) -> Callable[[], Any]:

@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from ..models.bundle import BaseIdentity, ModelBundle, ModelFamily
-from ..models.writer import write_ldm_checkpoint, write_text_encoder_folder
+from ..models.loader import bundle_from_modules
 from ..models.tokenizer import load_clip_tokenizer
+from ..models.writer import write_ldm_checkpoint, write_text_encoder_folder
 from ..training.ema import ExponentialMovingAverage
 from ..training.objectives import add_noise, min_snr_weights, per_sample_mse, sample_timesteps
 from .model import BASE_NAME, MICRO_TEXT_CONFIG, micro_configs, micro_ldm_yaml_dict, text_encoder_folder_name
@@ -308,11 +309,8 @@ def pretrain(settings: PretrainSettings) -> PretrainResult:
     unet, text_encoder, unet_steps = train_unet(mean, std, captions, scale_factor, settings, budget - used())
     logger.info("pretraining took %.1f budget minutes (%.1f wall-clock minutes)", used() / 60,
                 (time.monotonic() - wall_started) / 60)
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
-    bundle = ModelBundle(family=ModelFamily.SD1, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                         noise_scheduler=_ddpm_scheduler(micro_configs(scale_factor)),
-                         identity=BaseIdentity(name=BASE_NAME))
+    bundle = bundle_from_modules(ModelFamily.SD1, unet, vae, [text_encoder], [tokenizer],
+                                 micro_configs(scale_factor).scheduler, identity=BaseIdentity(name=BASE_NAME))
     return PretrainResult(bundle, vae_steps, unet_steps, scale_factor, used())
 
 

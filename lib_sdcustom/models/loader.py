@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -78,21 +78,10 @@ def _load_single_file(path: Path, dtype: torch.dtype, device: Union[str, torch.d
     tokenizers = _tokenizers(family, [_tokenizer_dir(folder)
                                       for folder in (configs.text_encoder_dir, configs.text_encoder_2_dir)])
     logger.info("Loaded %s (%s, config: %s)", path, family.value, configs.source)
-    return ModelBundle(
-        family=family,
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoders[0],
-        tokenizer=tokenizers[0],
-        noise_scheduler=training_scheduler(configs.scheduler),
-        prediction_type=configs.prediction_type,
-        identity=BaseIdentity(name=path.stem, path=path.resolve(), sha256=sha256_file(path),
-                              legacy_hash=legacy_model_hash(path)),
-        ldm_config=ldm,
-        ldm_extras=parts.extras,
-        text_encoder_2=text_encoders[1] if len(text_encoders) > 1 else None,
-        tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None,
-    )
+    identity = BaseIdentity(name=path.stem, path=path.resolve(), sha256=sha256_file(path),
+                            legacy_hash=legacy_model_hash(path))
+    return bundle_from_modules(family, unet, vae, text_encoders, tokenizers, configs.scheduler, identity=identity,
+                               ldm_config=ldm, ldm_extras=parts.extras)
 
 
 def _family_name(family: ModelFamily) -> str:
@@ -167,7 +156,7 @@ def _build_modules(configs: ModelConfigs, unet_sd: Dict[str, Any], vae_sd: Dict[
     text_encoders = [build_with_weights(name, text_encoder_factory(config), state, dtype, mismatch,
                                         canonical_text=True)
                      for name, config, state in zip(names, text_configs, text_sds)]
-    return finish_modules(unet, vae, *text_encoders)
+    return (unet, vae, *text_encoders)
 
 
 def build_with_weights(what: str, factory: Callable[[], torch.nn.Module], state: Mapping[str, Any], dtype: torch.dtype,
@@ -215,29 +204,11 @@ def _short_load_error(module: torch.nn.Module, weights: Mapping[str, Any]) -> st
     return "; ".join(problems) or "the tensors do not fit the model"
 
 
-def finish_modules(unet: Any, vae: Any, text_encoder: Any, *more_text_encoders: Any):
-    """Frozen, eval-mode modules with SDPA attention; each method unfreezes what it trains. Returns them all."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    unet.set_attn_processor(AttnProcessor2_0())
-    modules = (unet, vae, text_encoder, *more_text_encoders)
-    for module in modules:
-        module.requires_grad_(False)
-        module.eval()
-    return modules
-
-
 def _tokenizer_dir(text_encoder_dir: Optional[Path]) -> Optional[Path]:
     if text_encoder_dir is not None and (text_encoder_dir / "vocab.json").is_file() \
             and (text_encoder_dir / "merges.txt").is_file():
         return text_encoder_dir
     return None
-
-
-def training_scheduler(scheduler: Mapping[str, Any]) -> Any:
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(**scheduler)
 
 
 def _tokenizers(family: ModelFamily, folders: List[Optional[Path]]) -> List[Any]:
@@ -259,18 +230,40 @@ def _load_diffusers(folder: Path, dtype: torch.dtype, device: Union[str, torch.d
     scheduler = {key: parts.scheduler_config.get(key, default) for key, default in stock.items()}
     scheduler["clip_sample"] = False
     encoders = [parts.text_encoder] + ([parts.text_encoder_2] if parts.text_encoder_2 is not None else [])
-    unet, vae, *text_encoders = finish_modules(parts.unet, parts.vae, *encoders)
     tokenizers = _tokenizers(family, [parts.tokenizer_dir, parts.tokenizer_2_dir])
     logger.info("Loaded diffusers model %s (%s)", folder, family.value)
+    return bundle_from_modules(family, parts.unet, parts.vae, encoders, tokenizers, scheduler,
+                               identity=BaseIdentity(name=folder.name, path=folder.resolve()))
+
+
+def bundle_from_modules(family: ModelFamily, unet: Any, vae: Any, text_encoders: Sequence[Any],
+                        tokenizers: Sequence[Any], scheduler: Mapping[str, Any], *, identity: BaseIdentity,
+                        ldm_config: dict[str, Any] | None = None,
+                        ldm_extras: Mapping[str, Any] | None = None) -> ModelBundle:
+    """The one place a `ModelBundle` is put together, for a file, a diffusers folder or the host's model.
+
+    The modules come out frozen, in eval mode and with SDPA attention (each method unfreezes what it
+    trains); `scheduler` is the DDPMScheduler kwargs of the training schedule, whose `prediction_type` is
+    the bundle's. Text encoders and tokenizers are in checkpoint order (SDXL: CLIP-L, then bigG).
+    """
+    from diffusers import DDPMScheduler
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())
+    for module in (unet, vae, *text_encoders):
+        module.requires_grad_(False)
+        module.eval()
     return ModelBundle(
         family=family,
         unet=unet,
         vae=vae,
         text_encoder=text_encoders[0],
         tokenizer=tokenizers[0],
-        noise_scheduler=training_scheduler(scheduler),
-        prediction_type=scheduler["prediction_type"],
-        identity=BaseIdentity(name=folder.name, path=folder.resolve()),
+        noise_scheduler=DDPMScheduler(**scheduler),
+        prediction_type=str(scheduler["prediction_type"]),
+        identity=identity,
+        ldm_config=ldm_config,
+        ldm_extras=dict(ldm_extras or {}),
         text_encoder_2=text_encoders[1] if len(text_encoders) > 1 else None,
         tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None,
     )
