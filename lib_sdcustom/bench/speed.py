@@ -160,7 +160,8 @@ def _in_child(settings: dict[str, Any]) -> dict[str, Any]:
                                    capture_output=True, text=True)
     if child_process.returncode != 0:
         raise RuntimeError(f"speed benchmark child {settings} failed:\n{child_process.stderr[-4000:]}")
-    return json.loads(child_process.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(child_process.stdout.strip().splitlines()[-1])
+    return result
 
 
 # ----------------------------------------------------------------------------------------------- the run

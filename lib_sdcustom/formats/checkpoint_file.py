@@ -142,7 +142,7 @@ def estimated_checkpoint_bytes(bundle: ModelBundle, trained: TrainedWeights, dty
     return total + 2**20  # the JSON header: ~100 bytes per key plus metadata
 
 
-def config_beside(bundle: ModelBundle) -> Optional[dict]:
+def config_beside(bundle: ModelBundle) -> Optional[dict[str, Any]]:
     """The LDM config to write as `NAME.yaml` beside a checkpoint of `bundle` (see the module docstring), or
     None where the host's default is right (SD1 and SDXL noise prediction)."""
     if bundle.ldm_config is not None:

@@ -18,13 +18,20 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from ..config import RunConfig
 from ..errors import ConfigError, ModelLoadError
 from ..events import Event, RunFinished, RunStarted, SamplesRendered, StepDone
-from .base import RUNS_FOLDER, Host, HostFacts, ModelKind, OutputKind, output_kind, trained_in_place
+from ..methods.registry import OutputKind
 from ..models.bundle import BaseIdentity, ModelBundle, ModelFamily
+from .base import RUNS_FOLDER, Host, HostFacts, ModelKind, output_kind, trained_in_place
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..models.model_yaml import ModelConfigs
+    from ..run.manager import RunManager
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +66,7 @@ def _prediction_type(sd_model: Any) -> str:
     return "v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon"
 
 
-def _ldm_config(sd_model: Any, family: ModelFamily, prediction_type: str):
+def _ldm_config(sd_model: Any, family: ModelFamily, prediction_type: str) -> tuple[ModelConfigs, dict[str, Any] | None]:
     """The YAML the host built this model from (its `used_config`), else the family's stock config."""
     import copy
 
@@ -89,7 +96,7 @@ def _tensors(module: Any, copy: bool) -> Dict[str, Any]:
     return {key: value.detach().clone() for key, value in state.items()} if copy else dict(state)
 
 
-def _dtype_of(state: Dict[str, Any]):
+def _dtype_of(state: Dict[str, Any]) -> torch.dtype:
     import torch
 
     return next((value.dtype for value in state.values() if value.is_floating_point()), torch.float32)
@@ -134,7 +141,7 @@ def _text_modules(sd_model: Any, family: ModelFamily) -> List[Any]:
     return [embedder.model if family is ModelFamily.SD2 else embedder.transformer]
 
 
-def _host_ldm_state(sd_model: Any, family: ModelFamily, copy: frozenset) -> Dict[str, Any]:
+def _host_ldm_state(sd_model: Any, family: ModelFamily, copy: frozenset[str]) -> Dict[str, Any]:
     """The loaded model's tensors under checkpoint keys, as a file of the same model holds them.
 
     "text_encoder" in `copy` covers every text encoder of the family (SDXL's Textual Inversion grows both).
@@ -150,7 +157,7 @@ def _host_ldm_state(sd_model: Any, family: ModelFamily, copy: frozenset) -> Dict
     return state
 
 
-def bundle_from_loaded_model(sd_model: Any, *, copy: frozenset = frozenset()) -> ModelBundle:
+def bundle_from_loaded_model(sd_model: Any, *, copy: frozenset[str] = frozenset()) -> ModelBundle:
     """Diffusers/transformers modules over the host's in-memory SD1, SD2 or SDXL model (see the module docstring).
 
     The host's weights are arranged as a checkpoint file holds them and then take the file loader's path
@@ -183,7 +190,7 @@ def bundle_from_loaded_model(sd_model: Any, *, copy: frozenset = frozenset()) ->
     unet = build_with_weights("UNet", lambda: UNet2DConditionModel(**configs.unet), unet_sd, _dtype_of(unet_sd), mismatch)
     vae = build_with_weights("VAE", lambda: AutoencoderKL(**configs.vae), vae_sd, _dtype_of(vae_sd), mismatch)
     live = _text_modules(sd_model, family)
-    text_configs = [configs.text_encoder, configs.text_encoder_2]
+    text_configs = [configs.text_encoder] + ([configs.text_encoder_2] if configs.text_encoder_2 is not None else [])
     text_encoders = [
         build_with_weights(f"text encoder {index + 1}",
                            text_encoder_factory(text_configs[index]) if slot.open_clip else _clip_factory(live[index]),
@@ -423,18 +430,19 @@ class A1111Host(Host):
             finally:
                 shared.state.end()
 
-    def wrap_tab_call(self, function: Callable[..., list], extra_outputs: list) -> Callable[..., list]:
+    def wrap_tab_call(self, function: Callable[..., list[Any]], extra_outputs: list[Any]) -> Callable[..., list[Any]]:
         from modules.call_queue import wrap_gradio_gpu_call
 
-        return wrap_gradio_gpu_call(function, extra_outputs=extra_outputs)
+        wrapped: Callable[..., list[Any]] = wrap_gradio_gpu_call(function, extra_outputs=extra_outputs)
+        return wrapped
 
 
 # ----- callbacks registered by scripts/sdcustom.py -----
 
-_MANAGER = None
+_MANAGER: RunManager | None = None
 
 
-def manager():
+def manager() -> RunManager:
     """One run manager per WebUI process, shared by the tab and the API."""
     global _MANAGER
     if _MANAGER is None:
@@ -444,7 +452,7 @@ def manager():
     return _MANAGER
 
 
-def ui_tabs() -> list:
+def ui_tabs() -> list[Any]:
     from ..ui import build_tab
 
     runs = manager()
@@ -474,7 +482,8 @@ def app_started(demo: Any, app: Any) -> None:
     """API routes, only when the host serves its API (--api, or --nowebui), behind --api-auth like its own."""
     from modules import shared
 
-    from .api import parse_credentials, register_routes
+    from .access import parse_credentials
+    from .api import register_routes
 
     cmd_opts = shared.cmd_opts
     if not (getattr(cmd_opts, "api", False) or getattr(cmd_opts, "nowebui", False)):

@@ -120,7 +120,7 @@ class Host:
         """Run `work` holding the host's GPU queue (for runs started outside a queued UI call)."""
         return work()
 
-    def wrap_tab_call(self, function: Callable[..., list], extra_outputs: list) -> Callable[..., list]:
+    def wrap_tab_call(self, function: Callable[..., list[Any]], extra_outputs: list[Any]) -> Callable[..., list[Any]]:
         """Wrap the Train button's callback in the host's GPU queue call."""
         return function
 

@@ -57,7 +57,8 @@ class MethodSpec:
         return self.network_algorithm is not None
 
     def method_class(self) -> type[Method]:
-        return getattr(importlib.import_module(f"{__package__}.{self.module}"), self.class_name)
+        method: type[Method] = getattr(importlib.import_module(f"{__package__}.{self.module}"), self.class_name)
+        return method
 
     def prompt_snippet(self, name: str, weight: float = 0.8) -> str:
         return self.snippet.format(name=name, weight=weight)

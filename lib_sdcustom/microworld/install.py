@@ -9,6 +9,7 @@ replaced unless asked: an identical install is left as it is, a different file o
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List
@@ -65,13 +66,13 @@ def install_micro_model(folder: Path, *, overwrite: bool = False) -> Installed:
     missing = [path for path in files if not path.exists() or path in differing]
     for path in missing:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, lambda tmp, data=files[path]: tmp.write_bytes(data))
+        write_atomically(path, functools.partial(Path.write_bytes, data=files[path]))
     return Installed(checkpoint, missing)
 
 
 def install_into_host(host: "Host", *, overwrite: bool = False) -> Installed:
     """Install into the host's checkpoint folder and refresh its checkpoint list, so the model can be picked."""
-    from ..host.base import OutputKind
+    from ..methods.registry import OutputKind
 
     installed = install_micro_model(host.facts().output_dirs[OutputKind.CHECKPOINT], overwrite=overwrite)
     if installed.written:

@@ -19,7 +19,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Union, cast
 
 import torch
 
@@ -57,7 +57,7 @@ def read_checkpoint(path: Path, *, dtype: Optional[torch.dtype] = None,
     for key, value in state.items():  # one tensor at a time, each old one freed as its copy is made
         if torch.is_tensor(value):
             state[key] = _converted(value, dtype, device)
-    return state
+    return cast(Dict[str, Any], state)
 
 
 def _converted(tensor: torch.Tensor, dtype: Optional[torch.dtype], device: Union[str, torch.device, None]) -> torch.Tensor:
@@ -114,7 +114,7 @@ def _read_safetensors(path: Path, dtype: Optional[torch.dtype], device: Union[st
                                      damaged)
             buffer = torch.empty(end - begin, dtype=torch.uint8)
             handle.seek(header.data_offset + begin)
-            if handle.readinto(memoryview(buffer.numpy())) != end - begin:
+            if handle.readinto(memoryview(buffer.numpy())) != end - begin:  # type: ignore[arg-type]
                 raise ModelLoadError(f"{path} could not be read as safetensors: the file ends inside tensor {key}.",
                                      damaged)
             try:
@@ -143,7 +143,7 @@ _LightningModelCheckpoint.__module__ = "pytorch_lightning.callbacks.model_checkp
 _LightningModelCheckpoint.__name__ = _LightningModelCheckpoint.__qualname__ = "ModelCheckpoint"
 
 
-def _allowing_lightning_callback():
+def _allowing_lightning_callback() -> contextlib.AbstractContextManager[object]:
     """torch >= 2.5 can allow extra names in its weights-only unpickler; older torch refuses them."""
     safe_globals = getattr(torch.serialization, "safe_globals", None)
     return safe_globals([_LightningModelCheckpoint]) if safe_globals else contextlib.nullcontext()

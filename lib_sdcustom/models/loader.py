@@ -127,6 +127,8 @@ def text_encoder_weights(parts: ldm_keys.LdmParts, configs: ModelConfigs,
         if not slot.open_clip:
             out.append(raw)
             continue
+        if configs.open_clip is None:
+            raise mismatch("its config names no open_clip layout for an open_clip text encoder")
         split = open_clip_to_transformers(raw, configs.open_clip, views=views)
         if split.unmapped:
             raise mismatch(f"it has tensors the config does not describe: "
@@ -146,7 +148,8 @@ def text_encoder_factory(config: Mapping[str, Any]) -> Callable[[], torch.nn.Mod
 
 
 def _build_modules(configs: ModelConfigs, unet_sd: Dict[str, Any], vae_sd: Dict[str, Any],
-                   text_sds: List[Dict[str, Any]], dtype: torch.dtype, mismatch: Callable[[str], ModelLoadError]):
+                   text_sds: List[Dict[str, Any]], dtype: torch.dtype,
+                   mismatch: Callable[[str], ModelLoadError]) -> tuple[torch.nn.Module, ...]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     unet = build_with_weights("UNet", lambda: UNet2DConditionModel(**configs.unet), unet_sd, dtype, mismatch)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 from ..errors import ModelLoadError
 from .bundle import ModelFamily
@@ -178,7 +178,7 @@ def read_text_encoder_folder(folder: Path) -> dict[str, Any]:
                              "The folder must hold a transformers CLIPTextConfig config.json.") from error
     if isinstance(config.get("text_config"), dict):
         config = config["text_config"]
-    return config
+    return cast(dict[str, Any], config)
 
 
 def _local_folder(reader: YamlReader, name: str) -> Path | None:
@@ -205,7 +205,7 @@ def with_absolute_folders(ldm: Mapping[str, Any], yaml_dir: Path) -> dict[str, A
             return str((Path(yaml_dir) / version).resolve())
         return version
 
-    return walk(ldm)
+    return cast(dict[str, Any], walk(ldm))
 
 
 def clip_text_encoder(reader: YamlReader, params: str) -> tuple[dict[str, Any], Path | None]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
@@ -27,6 +27,9 @@ from .ldm_config import configs_from_ldm
 from .model_yaml import yaml_beside
 from .open_clip_keys import transformers_to_open_clip
 from .tokenizer import TOKENIZER_FILES, bundled_tokenizer_dir
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
 
 def write_text_encoder_folder(folder: Path, text_config: Mapping[str, Any], *, tokenizer_files: bool = True) -> Path:
@@ -51,7 +54,7 @@ def alphas_cumprod(scheduler: Mapping[str, Any]) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
-def write_ldm_checkpoint(checkpoint: Path, ldm: Mapping[str, Any], unet: torch.nn.Module, vae: torch.nn.Module,
+def write_ldm_checkpoint(checkpoint: Path, ldm: Mapping[str, Any], unet: UNet2DConditionModel, vae: AutoencoderKL,
                          text_encoder: torch.nn.Module, *, dtype: torch.dtype = torch.float32,
                          metadata: Mapping[str, str] | None = None) -> Path:
     """Write the modules to `checkpoint` in LDM layout (floats in `dtype`) and the `ldm` config beside it.

@@ -13,12 +13,12 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-from ..run import presets
 from ..config import RunConfig
 from ..errors import DatasetError, UserFacingError
 from ..host.base import HostFacts, output_kind
-from ..methods.registry import method_class
+from ..methods.registry import METHOD_SECTIONS, method_class
 from ..microworld.install import install_into_host
+from ..run import presets
 from ..run.folders import clear_finished, run_folders
 from ..run.manager import RunManager, RunStatus
 from . import compat, form, plan, render
@@ -30,7 +30,7 @@ _PREVIEWS_SHOWN = 8
 _NO_CHANGE = object()  # "leave this widget as it is": the builder swaps it for gr.update()
 
 
-def _thumbnails(paths: Sequence[Path], side: int = _THUMBNAIL_SIDE) -> list:
+def _thumbnails(paths: Sequence[Path], side: int = _THUMBNAIL_SIDE) -> list[Any]:
     from PIL import Image
 
     images = []
@@ -65,7 +65,7 @@ class TabController:
         return config
 
     # ----- before training -----
-    def check_folder(self, *form_values: Any) -> Tuple[str, list, str, int]:
+    def check_folder(self, *form_values: Any) -> Tuple[str, list[Any], str, int]:
         """(dataset panel, thumbnails, plan panel, images per epoch) for the folder in the form."""
         try:
             config = self.config(*form_values, subject=False)
@@ -101,7 +101,7 @@ class TabController:
 
     @property
     def method_sections(self) -> List[str]:
-        return [section for section in form.METHOD_SECTIONS if any(f.section == section for f in self.fields)]
+        return [section for section in METHOD_SECTIONS if any(f.section == section for f in self.fields)]
 
     # ----- training -----
     def busy_html(self) -> str:
@@ -213,7 +213,7 @@ def _widget(gr: Any, field: form.OptionField, value: Any) -> Any:
     return gr.Textbox(value=value, **common)
 
 
-def _updates(gr: Any, values: Sequence[Any]) -> list:
+def _updates(gr: Any, values: Sequence[Any]) -> list[Any]:
     return [gr.update() if value is _NO_CHANGE else value for value in values]
 
 
@@ -293,7 +293,7 @@ def build_tab(facts: HostFacts, manager: RunManager) -> Any:
         form_inputs = [method, checkpoint, folder, name, token, subject_class, *widgets]
         sections = control.method_sections
 
-        def method_updates(value: str) -> list:
+        def method_updates(value: str) -> list[Any]:
             shown = control.method_changed(value)
             return [gr.update(visible=flag) for flag in shown]
 
@@ -324,7 +324,7 @@ def build_tab(facts: HostFacts, manager: RunManager) -> Any:
         poll.click(lambda key: _updates(gr, control.poll(key)), inputs=[poll_state],
                    outputs=[poll_state, progress, chart, previews, result, runs_info], queue=False)
 
-        def preset_list(message_and_names: Tuple[str, List[str]], selected: str) -> list:
+        def preset_list(message_and_names: Tuple[str, List[str]], selected: str) -> list[Any]:
             message, names = message_and_names
             return [message, gr.update(choices=names, value=selected if selected in names else None)]
 
