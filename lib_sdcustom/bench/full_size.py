@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -26,7 +26,7 @@ from ..models.stock_configs import stock_ldm_config
 _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
 
 
-def _meta_state_dicts(family: ModelFamily) -> Dict[str, torch.Tensor]:
+def _meta_state_dicts(family: ModelFamily) -> dict[str, torch.Tensor]:
     """LDM key -> a tensor of the right shape and dtype (meta for weights; real for integer buffers)."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -55,7 +55,7 @@ def _random_like(key: str, like: torch.Tensor, dtype: torch.dtype, generator: to
 
 
 def _header(shapes: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> bytes:
-    entries: Dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for key, (dtype, shape) in shapes.items():
         size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()

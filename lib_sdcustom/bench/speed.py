@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -51,12 +51,12 @@ class Measured:
     steps_per_second: float
     first_step_seconds: float
     peak_rss_gib: float
-    peak_cuda_gib: Optional[float]
+    peak_cuda_gib: float | None
     layers: int
     skipped: str = ""  # why this side did not run (a missing package), else empty
 
 
-def _peaks() -> tuple[float, Optional[float]]:
+def _peaks() -> tuple[float, float | None]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
     cuda = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return rss, cuda
@@ -230,7 +230,7 @@ def run(plan: Plan, workdir: Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------- report
 
-def _number(value: Optional[float], digits: int = 2) -> str:
+def _number(value: float | None, digits: int = 2) -> str:
     return "-" if value is None or value != value else f"{value:.{digits}f}"
 
 

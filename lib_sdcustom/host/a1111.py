@@ -18,7 +18,7 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ..config import RunConfig
 from ..errors import ConfigError, ModelLoadError
@@ -85,18 +85,18 @@ def _ldm_config(sd_model: Any, family: ModelFamily, prediction_type: str) -> tup
     return configs_from_ldm(copy.deepcopy(stock), source=name), None
 
 
-def _without_wrappers(state: Dict[str, Any]) -> Dict[str, Any]:
+def _without_wrappers(state: dict[str, Any]) -> dict[str, Any]:
     """The host wraps token embeddings (`EmbeddingsWithFixes`); their weights then sit under `.wrapped.`."""
     return {key.replace(".wrapped.", "."): value for key, value in state.items()}
 
 
-def _tensors(module: Any, copy: bool) -> Dict[str, Any]:
+def _tensors(module: Any, copy: bool) -> dict[str, Any]:
     """A module's tensors: the host's own storage, or detached clones when the method trains them."""
     state = module.state_dict()
     return {key: value.detach().clone() for key, value in state.items()} if copy else dict(state)
 
 
-def _dtype_of(state: Dict[str, Any]) -> torch.dtype:
+def _dtype_of(state: dict[str, Any]) -> torch.dtype:
     import torch
 
     return next((value.dtype for value in state.values() if value.is_floating_point()), torch.float32)
@@ -131,7 +131,7 @@ def _embedder(module: Any) -> Any:
     return getattr(module, "wrapped", module)
 
 
-def _text_modules(sd_model: Any, family: ModelFamily) -> List[Any]:
+def _text_modules(sd_model: Any, family: ModelFamily) -> list[Any]:
     """The host's text-encoder modules in checkpoint order (docs/host-formats.md#the-loaded-model): transformers CLIP or
     open_clip."""
     if family is ModelFamily.SDXL:
@@ -141,7 +141,7 @@ def _text_modules(sd_model: Any, family: ModelFamily) -> List[Any]:
     return [embedder.model if family is ModelFamily.SD2 else embedder.transformer]
 
 
-def _host_ldm_state(sd_model: Any, family: ModelFamily, copy: frozenset[str]) -> Dict[str, Any]:
+def _host_ldm_state(sd_model: Any, family: ModelFamily, copy: frozenset[str]) -> dict[str, Any]:
     """The loaded model's tensors under checkpoint keys, as a file of the same model holds them.
 
     "text_encoder" in `copy` covers every text encoder of the family (SDXL's Textual Inversion grows both).
@@ -214,7 +214,7 @@ def _clip_factory(live: Any) -> Callable[[], Any]:
     return lambda: CLIPTextModel(live.config)
 
 
-def _tokenizers(sd_model: Any, family: ModelFamily, own: bool) -> List[Any]:
+def _tokenizers(sd_model: Any, family: ModelFamily, own: bool) -> list[Any]:
     """The host's CLIP tokenizer (copied when Textual Inversion adds tokens, so the host's stays as it was);
     open_clip slots get the bundled tokenizer of the same vocabulary that pads with id 0, as open_clip does."""
     import copy
@@ -228,7 +228,7 @@ def _tokenizers(sd_model: Any, family: ModelFamily, own: bool) -> List[Any]:
     return [first, load_open_clip_tokenizer()] if family is ModelFamily.SDXL else [first]
 
 
-def _extras(sd_model: Any, family: ModelFamily) -> Dict[str, Any]:
+def _extras(sd_model: Any, family: ModelFamily) -> dict[str, Any]:
     """The schedule an SD1/SD2 checkpoint carried (the host may have replaced `alphas_cumprod` for a sampler
     option); SDXL files hold none (sgm computes it), so none is added."""
     if family is ModelFamily.SDXL:
@@ -259,7 +259,7 @@ class A1111Host(Host):
     def __init__(self) -> None:
         self._label = ""
 
-    def _output_dirs(self) -> Dict[OutputKind, Path]:
+    def _output_dirs(self) -> dict[OutputKind, Path]:
         from modules import paths, sd_models, shared
 
         opts = shared.cmd_opts
@@ -301,17 +301,17 @@ class A1111Host(Host):
         info = getattr(self._model(required=False), "sd_checkpoint_info", None)
         return getattr(info, "title", "") or getattr(info, "name", "") or ""
 
-    def base_parameters(self, checkpoint: str = "") -> Optional[int]:
+    def base_parameters(self, checkpoint: str = "") -> int | None:
         model = self._model(required=False)
         return sum(parameter.numel() for parameter in model.parameters()) if model is not None else None
 
-    def model_kind(self, checkpoint: str = "") -> Optional[ModelKind]:
+    def model_kind(self, checkpoint: str = "") -> ModelKind | None:
         model = self._model(required=False)
         if model is None:
             return None
         return ModelKind(_family(model), _prediction_type(model))
 
-    def loaded_model_digest(self) -> Optional[str]:
+    def loaded_model_digest(self) -> str | None:
         from ..hashing import state_digest
 
         model = self._model(required=False)
@@ -363,7 +363,7 @@ class A1111Host(Host):
                               "Turn fp8_base off here (bf16 and gradient checkpointing save memory in the WebUI), or "
                               "use fp8 with the command line trainer.")
 
-    def bundle_for(self, config: RunConfig) -> Optional[ModelBundle]:
+    def bundle_for(self, config: RunConfig) -> ModelBundle | None:
         model = self._model()
         restored = restore_network_backups(model)
         if restored:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from ..files import write_atomically
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Installed:
     checkpoint: Path
-    written: List[Path]  # empty when an identical copy was there already
+    written: list[Path]  # empty when an identical copy was there already
 
     def message(self) -> str:
         if not self.written:
@@ -36,7 +36,7 @@ class Installed:
                 f"'{self.checkpoint.name}' as the checkpoint (refresh the list first).")
 
 
-def _planned_files(folder: Path) -> Dict[Path, bytes]:
+def _planned_files(folder: Path) -> dict[Path, bytes]:
     """Every file of the installed model under `folder`, with its contents."""
     import yaml
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -36,8 +36,8 @@ logger = logging.getLogger(__name__)
 _SHOWN_KEYS = 3
 
 
-def load_bundle(path: Union[str, Path], *, dtype: torch.dtype = torch.float32,
-                device: Union[str, torch.device, None] = None) -> ModelBundle:
+def load_bundle(path: str | Path, *, dtype: torch.dtype = torch.float32,
+                device: str | torch.device | None = None) -> ModelBundle:
     """Load an SD1, SD2 or SDXL single-file checkpoint (`.safetensors`, `.ckpt`) or a diffusers model folder,
     with floating-point weights in `dtype` on `device` (default: the CPU)."""
     path = Path(path).expanduser()
@@ -52,7 +52,7 @@ def load_bundle(path: Union[str, Path], *, dtype: torch.dtype = torch.float32,
     return _load_single_file(path, dtype, device)
 
 
-def _load_single_file(path: Path, dtype: torch.dtype, device: Union[str, torch.device, None]) -> ModelBundle:
+def _load_single_file(path: Path, dtype: torch.dtype, device: str | torch.device | None) -> ModelBundle:
     state = read_checkpoint(path, dtype=dtype, device=device)
     family = detect_family(state, path)
     configs, ldm = configs_for_checkpoint(path, family, read_metadata(path))
@@ -101,13 +101,13 @@ def _mismatch_error(path: Path, configs: ModelConfigs, detail: str) -> ModelLoad
     )
 
 
-def _key_list(keys: List[str]) -> str:
+def _key_list(keys: list[str]) -> str:
     shown = ", ".join(sorted(keys)[:_SHOWN_KEYS])
     return shown + (f" and {len(keys) - _SHOWN_KEYS} more" if len(keys) > _SHOWN_KEYS else "")
 
 
 def mapped_or_fail(converted: ldm_keys.Converted, prefix: str,
-                    mismatch: Callable[[str], ModelLoadError]) -> Dict[str, Any]:
+                    mismatch: Callable[[str], ModelLoadError]) -> dict[str, Any]:
     if converted.unmapped:
         raise mismatch(f"it has tensors the config does not describe: "
                        f"{_key_list([prefix + key for key in converted.unmapped])}")
@@ -115,14 +115,14 @@ def mapped_or_fail(converted: ldm_keys.Converted, prefix: str,
 
 
 def text_encoder_weights(parts: ldm_keys.LdmParts, configs: ModelConfigs,
-                         mismatch: Callable[[str], ModelLoadError], *, views: bool = False) -> List[Dict[str, Any]]:
+                         mismatch: Callable[[str], ModelLoadError], *, views: bool = False) -> list[dict[str, Any]]:
     """Each text encoder's tensors in canonical transformers keys, in checkpoint order.
 
     open_clip towers are translated (`views`: see `open_clip_to_transformers`); their tensors that the module
     does not own (SD2's last block and projection, `logit_scale`) move to `parts.extras` under their
     checkpoint keys.
     """
-    out: List[Dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     for slot, raw in zip(ldm_keys.TEXT_SLOTS[configs.family], (parts.text_encoder, parts.text_encoder_2)):
         if not slot.open_clip:
             out.append(raw)
@@ -147,8 +147,8 @@ def text_encoder_factory(config: Mapping[str, Any]) -> Callable[[], torch.nn.Mod
     return lambda: cls(CLIPTextConfig.from_dict(dict(config)))
 
 
-def _build_modules(configs: ModelConfigs, unet_sd: Dict[str, Any], vae_sd: Dict[str, Any],
-                   text_sds: List[Dict[str, Any]], dtype: torch.dtype,
+def _build_modules(configs: ModelConfigs, unet_sd: dict[str, Any], vae_sd: dict[str, Any],
+                   text_sds: list[dict[str, Any]], dtype: torch.dtype,
                    mismatch: Callable[[str], ModelLoadError]) -> tuple[torch.nn.Module, ...]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -207,21 +207,21 @@ def _short_load_error(module: torch.nn.Module, weights: Mapping[str, Any]) -> st
     return "; ".join(problems) or "the tensors do not fit the model"
 
 
-def _tokenizer_dir(text_encoder_dir: Optional[Path]) -> Optional[Path]:
+def _tokenizer_dir(text_encoder_dir: Path | None) -> Path | None:
     if text_encoder_dir is not None and (text_encoder_dir / "vocab.json").is_file() \
             and (text_encoder_dir / "merges.txt").is_file():
         return text_encoder_dir
     return None
 
 
-def _tokenizers(family: ModelFamily, folders: List[Optional[Path]]) -> List[Any]:
+def _tokenizers(family: ModelFamily, folders: list[Path | None]) -> list[Any]:
     """One tokenizer per text encoder (a None folder: the bundled files): CLIP's for transformers slots,
     open_clip's (padding with id 0) for open_clip ones."""
     return [(load_open_clip_tokenizer if slot.open_clip else load_clip_tokenizer)(folder)
             for slot, folder in zip(ldm_keys.TEXT_SLOTS[family], folders)]
 
 
-def _load_diffusers(folder: Path, dtype: torch.dtype, device: Union[str, torch.device, None]) -> ModelBundle:
+def _load_diffusers(folder: Path, dtype: torch.dtype, device: str | torch.device | None) -> ModelBundle:
     family = detect_diffusers_family(folder)
     parts = load_diffusers_folder(folder, dtype, second_text_encoder=family is ModelFamily.SDXL)
     if device is not None:

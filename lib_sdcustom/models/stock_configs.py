@@ -15,14 +15,14 @@ How many blocks the trainer's module keeps is decided by the YAML's `layer` (see
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict
+from typing import Any
 
 SD2_CONFIG_NAMES = {"epsilon": "v2-inference.yaml", "v_prediction": "v2-inference-v.yaml"}
 SDXL_CONFIG_NAME = "sd_xl_base.yaml"
 OPEN_CLIP_EMBEDDER = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"
 
 # The host's configs/v1-inference.yaml (A1111 1.10.1), minus training-only entries.
-SD1_V1_INFERENCE: Dict[str, Any] = {
+SD1_V1_INFERENCE: dict[str, Any] = {
     "model": {
         "base_learning_rate": 1.0e-04,
         "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
@@ -85,7 +85,7 @@ SD1_V1_INFERENCE: Dict[str, Any] = {
 }
 
 # transformers CLIPTextConfig of openai/clip-vit-large-patch14's text tower (SD1's text encoder).
-VIT_L14_TEXT_CONFIG: Dict[str, Any] = {
+VIT_L14_TEXT_CONFIG: dict[str, Any] = {
     "model_type": "clip_text_model",
     "architectures": ["CLIPTextModel"],
     "vocab_size": 49408,
@@ -107,7 +107,7 @@ VIT_L14_TEXT_CONFIG: Dict[str, Any] = {
 }
 
 
-def _sd2(parameterization: str) -> Dict[str, Any]:
+def _sd2(parameterization: str) -> dict[str, Any]:
     """v2-inference(-v).yaml: the SD1 layout with OpenCLIP ViT-H, linear transformer projections and 64-channel
     heads. The two files differ only in `parameterization`."""
     config = copy.deepcopy(SD1_V1_INFERENCE)
@@ -121,11 +121,11 @@ def _sd2(parameterization: str) -> Dict[str, Any]:
     return config
 
 
-SD2_V2_INFERENCE: Dict[str, Any] = _sd2("eps")
-SD2_V2_INFERENCE_V: Dict[str, Any] = _sd2("v")
+SD2_V2_INFERENCE: dict[str, Any] = _sd2("eps")
+SD2_V2_INFERENCE_V: dict[str, Any] = _sd2("v")
 
 _SGM = "sgm.modules"
-SDXL_BASE: Dict[str, Any] = {
+SDXL_BASE: dict[str, Any] = {
     "model": {
         "target": "sgm.models.diffusion.DiffusionEngine",
         "params": {
@@ -210,7 +210,7 @@ SDXL_BASE: Dict[str, Any] = {
 }
 
 # open_clip ViT-H-14's text tower (SD2): 24 blocks of width 1024, exact GELU, projection 1024 x 1024.
-VIT_H14_TEXT_CONFIG: Dict[str, Any] = {
+VIT_H14_TEXT_CONFIG: dict[str, Any] = {
     **VIT_L14_TEXT_CONFIG,
     "hidden_size": 1024,
     "intermediate_size": 4096,
@@ -221,7 +221,7 @@ VIT_H14_TEXT_CONFIG: Dict[str, Any] = {
 }
 
 # open_clip ViT-bigG-14's text tower (SDXL's second encoder): 32 blocks of width 1280, projection 1280 x 1280.
-VIT_BIGG14_TEXT_CONFIG: Dict[str, Any] = {
+VIT_BIGG14_TEXT_CONFIG: dict[str, Any] = {
     **VIT_L14_TEXT_CONFIG,
     "architectures": ["CLIPTextModelWithProjection"],
     "hidden_size": 1280,
@@ -232,10 +232,10 @@ VIT_BIGG14_TEXT_CONFIG: Dict[str, Any] = {
     "hidden_act": "gelu",
 }
 
-OPEN_CLIP_TOWERS: Dict[str, Dict[str, Any]] = {"ViT-H-14": VIT_H14_TEXT_CONFIG, "ViT-bigG-14": VIT_BIGG14_TEXT_CONFIG}
+OPEN_CLIP_TOWERS: dict[str, dict[str, Any]] = {"ViT-H-14": VIT_H14_TEXT_CONFIG, "ViT-bigG-14": VIT_BIGG14_TEXT_CONFIG}
 
 
-def stock_ldm_config(family: str, prediction_type: str) -> Dict[str, Any]:
+def stock_ldm_config(family: str, prediction_type: str) -> dict[str, Any]:
     """A fresh copy of the stock config of `family` ("sd1", "sd2", "sdxl" or a `ModelFamily`) for
     `prediction_type` ("epsilon" or "v_prediction"): what the host needs as `NAME.yaml` to run a checkpoint
     of that kind without guessing. SD1 and SDXL have no published v config; theirs is the base config with
