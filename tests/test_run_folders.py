@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from lib_sdcustom.config import RunConfig, dumps_toml
-from lib_sdcustom.run.folder import RUN_FILE
+from lib_sdcustom.run.run_id import RUN_FILE
 from lib_sdcustom.run.folders import clear_finished, run_folders
 
 

@@ -15,10 +15,10 @@ from typing import Any, Callable, Sequence
 from fastapi import Body, Depends, FastAPI, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from .access import Credentials, PathRoots, parse_credentials  # noqa: F401 - the hosts' entry point
 from ..config import config_from_dict
 from ..errors import UserFacingError
 from ..run.manager import RunManager, RunnerBusy
+from .access import Credentials, PathRoots
 
 PREFIX = "/sdcustom/v1"
 

@@ -14,12 +14,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Sequence
 
-from .access import PathRoots
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..events import Event
 from ..methods.registry import OutputKind, method_spec
 from ..models.bundle import ModelBundle, ModelFamily
+from .access import PathRoots
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from .checkpoint_io import is_diffusers_folder, load_diffusers_folder, read_chec
 from .detect import detect_diffusers_family, detect_family
 from .ldm_config import configs_for_checkpoint, configs_from_ldm
 from .model_yaml import ModelConfigs, yaml_beside
-from .stock_configs import SD1_V1_INFERENCE, STOCK_CONFIG_NAME
 from .open_clip_keys import open_clip_to_transformers
+from .stock_configs import SD1_V1_INFERENCE, STOCK_CONFIG_NAME
 from .tokenizer import load_clip_tokenizer, load_open_clip_tokenizer
 
 logger = logging.getLogger(__name__)

@@ -21,6 +21,29 @@ SD2_CONFIG_NAMES = {"epsilon": "v2-inference.yaml", "v_prediction": "v2-inferenc
 SDXL_CONFIG_NAME = "sd_xl_base.yaml"
 OPEN_CLIP_EMBEDDER = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"
 
+
+def _vae_params(**ddconfig_first: Any) -> dict[str, Any]:
+    """The first-stage (VAE) params every family publishes alike; sgm's names its attention type first."""
+    return {
+        "embed_dim": 4,
+        "monitor": "val/rec_loss",
+        "ddconfig": {
+            **ddconfig_first,
+            "double_z": True,
+            "z_channels": 4,
+            "resolution": 256,
+            "in_channels": 3,
+            "out_ch": 3,
+            "ch": 128,
+            "ch_mult": [1, 2, 4, 4],
+            "num_res_blocks": 2,
+            "attn_resolutions": [],
+            "dropout": 0.0,
+        },
+        "lossconfig": {"target": "torch.nn.Identity"},
+    }
+
+
 # The host's configs/v1-inference.yaml (A1111 1.10.1), minus training-only entries.
 SD1_V1_INFERENCE: dict[str, Any] = {
     "model": {
@@ -61,23 +84,7 @@ SD1_V1_INFERENCE: dict[str, Any] = {
             },
             "first_stage_config": {
                 "target": "ldm.models.autoencoder.AutoencoderKL",
-                "params": {
-                    "embed_dim": 4,
-                    "monitor": "val/rec_loss",
-                    "ddconfig": {
-                        "double_z": True,
-                        "z_channels": 4,
-                        "resolution": 256,
-                        "in_channels": 3,
-                        "out_ch": 3,
-                        "ch": 128,
-                        "ch_mult": [1, 2, 4, 4],
-                        "num_res_blocks": 2,
-                        "attn_resolutions": [],
-                        "dropout": 0.0,
-                    },
-                    "lossconfig": {"target": "torch.nn.Identity"},
-                },
+                "params": _vae_params(),
             },
             "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"},
         },
@@ -186,24 +193,7 @@ SDXL_BASE: dict[str, Any] = {
             },
             "first_stage_config": {
                 "target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper",
-                "params": {
-                    "embed_dim": 4,
-                    "monitor": "val/rec_loss",
-                    "ddconfig": {
-                        "attn_type": "vanilla-xformers",
-                        "double_z": True,
-                        "z_channels": 4,
-                        "resolution": 256,
-                        "in_channels": 3,
-                        "out_ch": 3,
-                        "ch": 128,
-                        "ch_mult": [1, 2, 4, 4],
-                        "num_res_blocks": 2,
-                        "attn_resolutions": [],
-                        "dropout": 0.0,
-                    },
-                    "lossconfig": {"target": "torch.nn.Identity"},
-                },
+                "params": _vae_params(attn_type="vanilla-xformers"),
             },
         },
     }

@@ -17,8 +17,8 @@ from typing import Collection
 
 from ..config import load_config
 from ..errors import UserFacingError
-from .folder import read_run_id
 from ..training.state import latest_state
+from .run_id import read_run_id
 
 logger = logging.getLogger(__name__)
 

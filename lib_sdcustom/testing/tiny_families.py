@@ -24,9 +24,9 @@ from ..models import ldm_keys
 from ..models.bundle import ModelFamily
 from ..models.ldm_config import configs_from_ldm
 from ..models.model_yaml import yaml_beside
-from ..models.writer import alphas_cumprod, write_text_encoder_folder
 from ..models.open_clip_keys import LOGIT_SCALE_KEY, transformers_to_open_clip
 from ..models.stock_configs import VIT_BIGG14_TEXT_CONFIG, VIT_L14_TEXT_CONFIG, stock_ldm_config
+from ..models.writer import alphas_cumprod, write_text_encoder_folder
 
 # Small towers of the stock shapes. Projection widths differ from the hidden widths on purpose, so that a
 # transposed `text_projection` cannot go unnoticed.
