@@ -22,14 +22,14 @@ from .events import CancelToken, Event, FileSaved, PhaseProgress, RunFinished, R
 logger = logging.getLogger(__name__)
 
 
-def _flag(field: dataclasses.Field) -> str:
+def _flag(field: dataclasses.Field[Any]) -> str:
     return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
 
-def _config_fields() -> list[tuple[str | None, dataclasses.Field, Any]]:
+def _config_fields() -> list[tuple[str | None, dataclasses.Field[Any], Any]]:
     """(section or None for top level, field, default) for every setting."""
     defaults = RunConfig()
-    found: list[tuple[str | None, dataclasses.Field, Any]] = []
+    found: list[tuple[str | None, dataclasses.Field[Any], Any]] = []
     for field in dataclasses.fields(RunConfig):
         if field.name in SECTIONS:
             section = getattr(defaults, field.name)
@@ -152,11 +152,11 @@ class _StopOnSignal:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+    def _handle(self, signum: int, frame: object) -> None:  # noqa: ARG002 - signal handler signature
         if self.cancel.cancelled:
             raise KeyboardInterrupt
         self.received = signum
-        print(f"\n{_SIGNALS[signum]}: stopping after this step and saving state (again to abort)...", file=sys.stderr)
+        print(f"\n{_SIGNALS[signal.Signals(signum)]}: stopping after this step and saving state (again to abort)...", file=sys.stderr)
         self.cancel.cancel()
 
 
@@ -186,10 +186,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        result = run_demo(args.out, steps=args.steps, callbacks=[ProgressPrinter(args.quiet)])
-        print(result.report())
+        demo = run_demo(args.out, steps=args.steps, callbacks=[ProgressPrinter(args.quiet)])
+        print(demo.report())
         return 0
-    from .train import train
+    from .run.train import train
 
     config = config_from_args(args)
     cancel = CancelToken()

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .errors import ConfigError
 from .methods.registry import METHODS, MethodSpec, method_spec
@@ -353,14 +354,14 @@ def _coerce(value: Any, current: Any, where: str) -> Any:
     return value
 
 
-def _toml_module():
+def _toml_module() -> types.ModuleType:
     """tomllib, or tomli on Python 3.10 (the A1111 venv); imported late so that a missing tomli costs only
     preset loading, not the import of the whole extension."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:
         import tomli as tomllib
-    return tomllib
+    return cast(types.ModuleType, tomllib)
 
 
 def load_config(path: Path) -> RunConfig:

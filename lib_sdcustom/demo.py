@@ -13,8 +13,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .events import Callback
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +54,7 @@ class DemoResult:
                 f"{self.hits_after}/{self.judged} after.")
 
 
-def demo_config(folder: Path, *, steps: int = DEMO_STEPS):
+def demo_config(folder: Path, *, steps: int = DEMO_STEPS) -> RunConfig:
     """The demo's run: five heart pictures, a rank-8 LoCon, rates that learn in a few hundred steps."""
     from .microworld.model import shipped_checkpoint
     from .microworld.teach import base_run_config, prompts_for, write_instances
@@ -75,7 +79,7 @@ def run_demo(folder: Path, *, steps: int = DEMO_STEPS, callbacks: list[Callback]
     from .microworld.world import CONCEPTS
     from .models.loader import load_bundle
     from .sampling import image_grid
-    from .train import train
+    from .run.train import train
 
     folder = Path(folder)
     config = demo_config(folder, steps=steps)

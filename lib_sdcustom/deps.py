@@ -12,7 +12,7 @@ import importlib.metadata
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Iterable
 
 try:
     from packaging.markers import Marker
@@ -56,9 +56,9 @@ class Requirement:
             return True  # an odd local version string is the host's business, not ours
 
 
-def read_requirements(path: Path = REQUIREMENTS_FILE) -> List[Requirement]:
+def read_requirements(path: Path = REQUIREMENTS_FILE) -> list[Requirement]:
     """Requirement lines that apply to this interpreter (markers evaluated), comments skipped."""
-    found: List[Requirement] = []
+    found: list[Requirement] = []
     for raw in Path(path).read_text(encoding="utf-8").splitlines():
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -73,9 +73,9 @@ def read_requirements(path: Path = REQUIREMENTS_FILE) -> List[Requirement]:
     return found
 
 
-def installed_versions() -> Dict[str, str]:
+def installed_versions() -> dict[str, str]:
     """Canonical distribution name -> version for everything importlib.metadata sees on sys.path."""
-    versions: Dict[str, str] = {}
+    versions: dict[str, str] = {}
     for dist in importlib.metadata.distributions():
         name, version = dist.metadata["Name"], dist.version
         if name and version:
@@ -83,7 +83,7 @@ def installed_versions() -> Dict[str, str]:
     return versions
 
 
-def fitted_to_host(requirements: Iterable[Requirement], installed: Dict[str, str]) -> List[Requirement]:
+def fitted_to_host(requirements: Iterable[Requirement], installed: dict[str, str]) -> list[Requirement]:
     """Tighten our ranges where the host's installed versions demand it (the diffusers cap)."""
     limit, cap = _DIFFUSERS_CAP_BELOW_TRANSFORMERS
     transformers = installed.get("transformers")
@@ -116,22 +116,22 @@ def _older_than(version: str, limit: str) -> bool:
         return False
 
 
-def missing(requirements: Iterable[Requirement], installed: Dict[str, str]) -> List[Requirement]:
+def missing(requirements: Iterable[Requirement], installed: dict[str, str]) -> list[Requirement]:
     return [requirement for requirement in requirements if requirement.key not in installed]
 
 
-def mismatched(requirements: Iterable[Requirement], installed: Dict[str, str]) -> List[str]:
+def mismatched(requirements: Iterable[Requirement], installed: dict[str, str]) -> list[str]:
     """'name version (we need SPEC)' for present distributions outside our range."""
     return [f"{r.name} {installed[r.key]} (we need {r.specifier})" for r in requirements
             if r.key in installed and not r.satisfied_by(installed[r.key])]
 
 
-def constraints_text(installed: Dict[str, str]) -> str:
+def constraints_text(installed: dict[str, str]) -> str:
     """`name==version` for every installed distribution: pip may add packages but move none."""
     return "".join(f"{name}=={version}\n" for name, version in sorted(installed.items()))
 
 
-def missing_runtime(path: Optional[Path] = None) -> List[str]:
+def missing_runtime(path: Path | None = None) -> list[str]:
     """Names of runtime requirements absent here (empty when the requirements file is not shipped)."""
     path = path or REQUIREMENTS_FILE
     if not path.is_file():

@@ -10,7 +10,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class FileSaved:
 class SamplesRendered:
     step: int
     prompt: str
-    images: list = field(default_factory=list)  # PIL images
+    images: list[Any] = field(default_factory=list)  # PIL images
 
 
 @dataclass(frozen=True)

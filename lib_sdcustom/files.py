@@ -166,7 +166,7 @@ def _current_umask() -> int:
     return mask
 
 
-def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
+def write_atomically(target: Path, write: Callable[[Path], object]) -> Path:
     """Run `write(tmp_path)` and move the result to `target` in one rename."""
     with atomic_path(target) as tmp:
         write(tmp)

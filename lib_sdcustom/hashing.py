@@ -38,7 +38,7 @@ def legacy_model_hash(path: Path) -> str:
 
 def _safetensors_data_offset(blob: bytes) -> int:
     (header_length,) = struct.unpack("<Q", blob[:8])
-    return 8 + header_length
+    return 8 + int(header_length)
 
 
 def addnet_hash(serialized: bytes) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_sdcustom.bench.fixtures import write_sample_images
+from lib_sdcustom.testing.sample_images import write_sample_images
 
 # Two cores, shared: one intra-op thread is faster for tiny tensors than two fighting threads.
 torch.set_num_threads(1)
@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from lib_sdcustom.models.tiny import write_tiny_sd1
+    from lib_sdcustom.testing.tiny import write_tiny_sd1
 
     return write_tiny_sd1(tmp_path_factory.mktemp("tiny_model"), name="tiny", seed=0)
 

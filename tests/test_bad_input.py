@@ -535,10 +535,10 @@ def api(server_root):
     fastapi = pytest.importorskip("fastapi")
     from http_helpers import serve
 
-    from lib_sdcustom.access import parse_credentials
-    from lib_sdcustom.api import register_routes
-    from lib_sdcustom.host import StandaloneHost
-    from lib_sdcustom.runs import RunManager
+    from lib_sdcustom.host.access import parse_credentials
+    from lib_sdcustom.host.api import register_routes
+    from lib_sdcustom.host.base import StandaloneHost
+    from lib_sdcustom.run.manager import RunManager
 
     host = StandaloneHost(server_root / "models", data_roots=[server_root / "data"])
     app = fastapi.FastAPI()
@@ -596,8 +596,8 @@ def test_api(case, api, server_root):
 
 @pytest.fixture(scope="module")
 def page(server_root):
-    from lib_sdcustom.host import StandaloneHost
-    from lib_sdcustom.runs import RunManager
+    from lib_sdcustom.host.base import StandaloneHost
+    from lib_sdcustom.run.manager import RunManager
     from lib_sdcustom.ui import TabController
 
     host = StandaloneHost(server_root / "models", data_roots=[server_root / "data"])
@@ -641,7 +641,7 @@ def test_reusing_a_run_name_resumes_only_the_run_it_holds(workspace):
     from lib_sdcustom.cli import build_parser, config_from_args
     from lib_sdcustom.errors import TrainingStopped
     from lib_sdcustom.events import CancelToken, StepDone
-    from lib_sdcustom.train import train
+    from lib_sdcustom.run.train import train
 
     ws = workspace
     assert main(ws.train("--steps", "6", "--save-state-every", "2", "--name", "stale")) == 0  # keeps step 4 and 6
@@ -821,12 +821,12 @@ def test_the_cli_gives_the_signal_handlers_back(workspace, capsys):
 
 
 def test_an_internal_error_is_one_line_and_a_file(workspace, capsys, monkeypatch):
-    import lib_sdcustom.train
+    import lib_sdcustom.run.train
 
     def broken(*args, **kwargs):
         raise RuntimeError("an invariant broke")
 
-    monkeypatch.setattr(lib_sdcustom.train, "train", broken)
+    monkeypatch.setattr(lib_sdcustom.run.train, "train", broken)
     code, output = run_main(workspace.train(), capsys)
     assert code == 3 and "Traceback" not in output and "internal error RuntimeError: an invariant broke" in output
     details = Path(output.split("details in ", 1)[1].split()[0].rstrip("."))

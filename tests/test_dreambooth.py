@@ -27,7 +27,7 @@ from lib_sdcustom.models.loader import load_bundle
 from lib_sdcustom.training.ema import ExponentialMovingAverage, ema_decay
 from lib_sdcustom.training.loop import Batch
 from lib_sdcustom.training.objectives import weighted_loss
-from lib_sdcustom.train import train
+from lib_sdcustom.run.train import train
 
 INSTANCE, CLASS = "a photo of sks dog, [filewords]", "a photo of a dog"
 

@@ -28,14 +28,14 @@ def _forget_fake_modules() -> None:
 @pytest.fixture(scope="module")
 def tiny_families(tmp_path_factory) -> dict:
     """Tiny SD2 (v-prediction) and SDXL checkpoints in the LDM layout, with their YAMLs."""
-    from lib_sdcustom.models.tiny_families import write_tiny_sd2, write_tiny_sdxl
+    from lib_sdcustom.testing.tiny_families import write_tiny_sd2, write_tiny_sdxl
 
     folder = tmp_path_factory.mktemp("tiny_families")
     return {"sd2": write_tiny_sd2(folder, name="tiny_sd2v", v_prediction=True), "sdxl": write_tiny_sdxl(folder)}
 
 
 def _webui(tmp_path: Path, checkpoint: Path, monkeypatch):
-    from lib_sdcustom import host_a1111
+    from lib_sdcustom.host import a1111
 
     _forget_fake_modules()
     monkeypatch.syspath_prepend(str(FAKE))
@@ -43,7 +43,7 @@ def _webui(tmp_path: Path, checkpoint: Path, monkeypatch):
     from modules import call_queue, script_callbacks, shared
 
     model = fake_host.configure(tmp_path / "webui", checkpoint)
-    monkeypatch.setattr(host_a1111, "_MANAGER", None)
+    monkeypatch.setattr(a1111, "_MANAGER", None)
     return SimpleNamespace(root=tmp_path / "webui", lora=tmp_path / "webui" / "models" / "Lora", model=model,
                            fake=fake_host, shared=shared, callbacks=script_callbacks, call_queue=call_queue,
                            images=_images(tmp_path / "images"))
@@ -141,7 +141,7 @@ def test_tab_trains_a_lora_into_the_host_folder_and_leaves_the_host_model_identi
 
 
 def test_bundle_shares_the_host_tensors_and_matches_the_file_loader(webui, tiny_checkpoint):
-    from lib_sdcustom.host_a1111 import bundle_from_loaded_model
+    from lib_sdcustom.host.a1111 import bundle_from_loaded_model
     from lib_sdcustom.models.loader import load_bundle
 
     shared_bundle = bundle_from_loaded_model(webui.model)
@@ -201,7 +201,7 @@ def _assert_same_outputs(bundle, reference) -> None:
 
 
 def test_sd2_and_sdxl_bundles_share_the_host_tensors_and_match_the_file_loader(family_webui):
-    from lib_sdcustom.host_a1111 import bundle_from_loaded_model
+    from lib_sdcustom.host.a1111 import bundle_from_loaded_model
     from lib_sdcustom.models.bundle import ModelFamily
     from lib_sdcustom.models.loader import load_bundle
 
@@ -228,7 +228,7 @@ def test_sd2_and_sdxl_bundles_share_the_host_tensors_and_match_the_file_loader(f
 
 
 def test_host_parameterization_decides_the_prediction_type(family_webui):
-    from lib_sdcustom.host_a1111 import bundle_from_loaded_model
+    from lib_sdcustom.host.a1111 import bundle_from_loaded_model
 
     family_webui.model.parameterization = "eps" if family_webui.family == "sd2" else "v"
     bundle = bundle_from_loaded_model(family_webui.model)
@@ -238,7 +238,7 @@ def test_host_parameterization_decides_the_prediction_type(family_webui):
 
 def test_without_its_yaml_the_loaded_model_is_read_with_its_familys_stock_config(family_webui):
     from lib_sdcustom.errors import ModelLoadError
-    from lib_sdcustom.host_a1111 import bundle_from_loaded_model
+    from lib_sdcustom.host.a1111 import bundle_from_loaded_model
 
     family_webui.model.used_config = None  # the host found no YAML: it used its stock config, so do we
     with pytest.raises(ModelLoadError) as refused:
@@ -250,7 +250,7 @@ def test_without_its_yaml_the_loaded_model_is_read_with_its_familys_stock_config
 def test_an_sdxl_refiner_is_refused_before_anything_runs(family_webui_for):
     from lib_sdcustom.config import RunConfig
     from lib_sdcustom.errors import ModelLoadError
-    from lib_sdcustom.host_a1111 import A1111Host
+    from lib_sdcustom.host.a1111 import A1111Host
 
     webui = family_webui_for("sdxl")
     embedders = webui.model.conditioner.embedders
@@ -260,7 +260,7 @@ def test_an_sdxl_refiner_is_refused_before_anything_runs(family_webui_for):
 
 
 def test_lora_merged_by_the_last_generation_is_undone_before_training(webui, tiny_checkpoint):
-    from lib_sdcustom.host_a1111 import A1111Host
+    from lib_sdcustom.host.a1111 import A1111Host
     from lib_sdcustom.models.loader import load_bundle
     from lib_sdcustom.config import RunConfig
 
@@ -369,7 +369,7 @@ def test_methods_that_change_base_weights_leave_the_host_model_identical(family_
 
 def test_the_hosts_interrupt_button_cancels_cleanly(webui, monkeypatch):
     from lib_sdcustom.events import StepDone
-    from lib_sdcustom.host_a1111 import A1111Host
+    from lib_sdcustom.host.a1111 import A1111Host
 
     controller, train_call = tab_and_train_call(webui)
     original = A1111Host.on_event
@@ -428,8 +428,8 @@ def test_api_routes_need_api_flag_and_honour_api_auth(webui):
 
 def test_refresh_per_output_kind_and_parking_for_full_fine_tunes(webui):
     from lib_sdcustom.config import RunConfig
-    from lib_sdcustom.host import OutputKind
-    from lib_sdcustom.host_a1111 import A1111Host
+    from lib_sdcustom.host.base import OutputKind
+    from lib_sdcustom.host.a1111 import A1111Host
 
     from modules import processing
 
@@ -465,7 +465,7 @@ def test_micro_model_installs_in_a_form_the_webui_loads_and_once(webui, tmp_path
     import yaml
 
     from lib_sdcustom.errors import ConfigError
-    from lib_sdcustom.host_a1111 import A1111Host
+    from lib_sdcustom.host.a1111 import A1111Host
     from lib_sdcustom.microworld.install import install_into_host
     from lib_sdcustom.models.loader import load_bundle
     from lib_sdcustom.models.tokenizer import TOKENIZER_FILES
@@ -490,7 +490,7 @@ def test_train_while_an_api_run_is_active_says_whose_run_at_once(webui, monkeypa
     import threading
 
     from lib_sdcustom.events import StepDone
-    from lib_sdcustom.host_a1111 import A1111Host, manager
+    from lib_sdcustom.host.a1111 import A1111Host, manager
 
     controller, train_call = tab_and_train_call(webui)
     running, release = threading.Event(), threading.Event()
@@ -517,7 +517,7 @@ def test_train_while_an_api_run_is_active_says_whose_run_at_once(webui, monkeypa
 
 
 def test_run_folders_share_one_place_and_keep_no_state_after_a_finished_run(webui):
-    from lib_sdcustom.host_a1111 import A1111Host
+    from lib_sdcustom.host.a1111 import A1111Host
 
     controller, train_call = tab_and_train_call(webui)
     runs = webui.root / "models" / "sdcustom-runs"

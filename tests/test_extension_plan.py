@@ -10,8 +10,8 @@ import dataclasses
 import pytest
 
 from lib_sdcustom.config import RunConfig
-from lib_sdcustom.family_defaults import native_resolution
-from lib_sdcustom.host import ModelKind
+from lib_sdcustom.run.family_defaults import native_resolution
+from lib_sdcustom.host.base import ModelKind
 from lib_sdcustom.models.bundle import ModelFamily
 from lib_sdcustom.ui.plan import estimate_memory, plan_html
 
@@ -97,9 +97,9 @@ def test_plan_names_the_family_and_the_resolution_the_run_will_use():
 
 
 def test_standalone_host_tells_family_and_prediction_type_of_a_checkpoint(tmp_path):
-    from lib_sdcustom.host import StandaloneHost
-    from lib_sdcustom.models.tiny import write_tiny_sd1
-    from lib_sdcustom.models.tiny_families import write_tiny_sd2, write_tiny_sdxl
+    from lib_sdcustom.host.base import StandaloneHost
+    from lib_sdcustom.testing.tiny import write_tiny_sd1
+    from lib_sdcustom.testing.tiny_families import write_tiny_sd2, write_tiny_sdxl
 
     folder = tmp_path / "Stable-diffusion"
     write_tiny_sd1(folder, name="one")

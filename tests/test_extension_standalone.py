@@ -10,8 +10,8 @@ import time
 import pytest
 
 from lib_sdcustom.config import load_config
-from lib_sdcustom.host import OutputKind, StandaloneHost, prompt_snippet
-from lib_sdcustom.runs import RunManager
+from lib_sdcustom.host.base import OutputKind, StandaloneHost, prompt_snippet
+from lib_sdcustom.run.manager import RunManager
 from lib_sdcustom.ui import TabController
 from lib_sdcustom.ui.render import loss_chart_svg
 
@@ -52,7 +52,7 @@ def test_facts_folder_check_and_plan(standalone):
 
 
 def test_plan_follows_the_family_of_the_picked_checkpoint(standalone):
-    from lib_sdcustom.models.tiny_families import write_tiny_sdxl
+    from lib_sdcustom.testing.tiny_families import write_tiny_sdxl
 
     controller, models, images = standalone
     write_tiny_sdxl(models / "Stable-diffusion", name="xl")
@@ -138,7 +138,7 @@ def test_api_confines_paths_and_runs_in_the_background(standalone):
     fastapi = pytest.importorskip("fastapi")
     from http_helpers import http, serve
 
-    from lib_sdcustom.api import register_routes
+    from lib_sdcustom.host.api import register_routes
 
     controller, models, images = standalone
     app = fastapi.FastAPI()

@@ -4,6 +4,7 @@ caller's back: no host imports, no print/exit outside the CLI entry points, no a
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lib_sdcustom"
 CONSOLE_ENTRY_POINTS = {"cli.py", "__main__.py"}
 #: The one host adapter may import the WebUI, but only inside functions, so importing it needs no WebUI.
-HOST_ADAPTER = PACKAGE / "host_a1111.py"
+HOST_ADAPTER = PACKAGE / "host" / "a1111.py"
 
 
 def _sources() -> list[Path]:
@@ -65,3 +66,18 @@ def test_no_host_imports_prints_exits_or_asserts(path: Path) -> None:
                 and node.value.id == "sys" and path.name != "__main__.py":
             problems.append(f"line {node.lineno}: sys.exit")
     assert not problems, f"{path.relative_to(PACKAGE)}: " + "; ".join(problems)
+
+
+def _layout_entries() -> set[str]:
+    """The names in the first column of README.md's Layout table."""
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    return {name for cell in rows for name in re.findall(r"`([^`]+)`", cell)}
+
+
+def test_readme_layout_lists_every_package_and_module() -> None:
+    on_disk = {f"{path.name}/" if path.is_dir() else path.name for path in PACKAGE.iterdir()
+               if path.name != "__init__.py" and path.name != "__pycache__"
+               and (path.suffix == ".py" or (path / "__init__.py").is_file())}
+    assert _layout_entries() == on_disk

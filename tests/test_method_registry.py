@@ -7,7 +7,7 @@ import pytest
 
 from lib_sdcustom import config as config_module
 from lib_sdcustom.config import SECTIONS, RunConfig
-from lib_sdcustom.host import StandaloneHost, output_kind, prompt_snippet, trained_in_place
+from lib_sdcustom.host.base import StandaloneHost, output_kind, prompt_snippet, trained_in_place
 from lib_sdcustom.methods.base import Method
 from lib_sdcustom.methods.registry import COMPONENTS, METHOD_SECTIONS, METHOD_SPECS, METHODS, OutputKind
 from lib_sdcustom.networks.algorithms import ALGORITHMS, algorithm_for

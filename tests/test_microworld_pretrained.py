@@ -60,7 +60,7 @@ def test_samples_follow_their_captions(bundle, judge):
 
 def test_a_lora_teaches_the_base_model_a_shape_it_never_saw(tmp_path, judge):
     from lib_sdcustom.demo import demo_config
-    from lib_sdcustom.train import train
+    from lib_sdcustom.run.train import train
 
     concept = CONCEPTS["heart"]
     prompt = prompts_for(concept, "lora").subject

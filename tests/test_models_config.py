@@ -10,15 +10,9 @@ from pathlib import Path
 import pytest
 
 from lib_sdcustom.errors import ModelLoadError
-from lib_sdcustom.models.ldm_config import (
-    SD1_V1_INFERENCE,
-    STOCK_CLIP_ID,
-    VIT_L14_TEXT_CONFIG,
-    configs_for_checkpoint,
-    configs_from_ldm,
-    read_ldm_yaml,
-    yaml_beside,
-)
+from lib_sdcustom.models.ldm_config import configs_for_checkpoint, configs_from_ldm
+from lib_sdcustom.models.model_yaml import read_ldm_yaml, yaml_beside
+from lib_sdcustom.models.stock_configs import SD1_V1_INFERENCE, STOCK_CLIP_ID, VIT_L14_TEXT_CONFIG
 
 yaml = pytest.importorskip("yaml")
 

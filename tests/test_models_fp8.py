@@ -93,8 +93,8 @@ def test_dreambooth_cannot_store_its_trained_unet_in_fp8(tmp_path):
 @pytest.mark.parametrize("method, family", [("lora", "sd1"), ("locon", "sd1"), ("textual_inversion", "sd1"),
                                             ("lora", "sdxl")])
 def test_a_run_with_fp8_base_trains_and_exports(tiny_checkpoint, image_folder, tmp_path, method, family):
-    from lib_sdcustom.models.tiny_families import write_tiny_sdxl
-    from lib_sdcustom.train import train
+    from lib_sdcustom.testing.tiny_families import write_tiny_sdxl
+    from lib_sdcustom.run.train import train
 
     config = RunConfig(method=method)
     base = tiny_checkpoint if family == "sd1" else write_tiny_sdxl(tmp_path / "model")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lib_sdcustom.models import ldm_keys
-from lib_sdcustom.models.ldm_config import SD1_V1_INFERENCE, configs_from_ldm
+from lib_sdcustom.models.ldm_config import configs_from_ldm
+from lib_sdcustom.models.stock_configs import SD1_V1_INFERENCE
 
 diffusers = pytest.importorskip("diffusers")
 single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
@@ -77,7 +78,7 @@ def test_our_ldm_to_diffusers_equals_diffusers_converter(configs_name, sd15_mode
         configs, models = SD15, sd15_models
     else:
         from lib_sdcustom.models.ldm_config import configs_for_checkpoint
-        from lib_sdcustom.models.tiny import write_tiny_sd1
+        from lib_sdcustom.testing.tiny import write_tiny_sd1
 
         configs, _ = configs_for_checkpoint(write_tiny_sd1(tmp_path))
         models = _meta_models(configs)

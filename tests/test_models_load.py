@@ -13,8 +13,8 @@ from lib_sdcustom.errors import ModelLoadError
 from lib_sdcustom.hashing import legacy_model_hash, sha256_file
 from lib_sdcustom.models.bundle import ModelFamily
 from lib_sdcustom.models.loader import load_bundle
-from lib_sdcustom.models.saver import bundle_to_ldm_state_dict
-from lib_sdcustom.models.tiny import write_tiny_sd1
+from lib_sdcustom.models.writer import bundle_to_ldm_state_dict
+from lib_sdcustom.testing.tiny import write_tiny_sd1
 
 pytest.importorskip("diffusers")
 from safetensors.torch import load_file, save_file  # noqa: E402

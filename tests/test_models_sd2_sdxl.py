@@ -20,10 +20,10 @@ from lib_sdcustom.models.ldm_config import configs_for_checkpoint, configs_from_
 from lib_sdcustom.models.loader import load_bundle
 from lib_sdcustom.models.open_clip_keys import (OpenClipLayout, open_clip_to_transformers,
                                                 transformers_to_open_clip)
-from lib_sdcustom.models.saver import bundle_to_ldm_state_dict
+from lib_sdcustom.models.writer import bundle_to_ldm_state_dict
 from lib_sdcustom.models.stock_configs import (SD2_V2_INFERENCE, SD2_V2_INFERENCE_V, SDXL_BASE,
                                                VIT_L14_TEXT_CONFIG)
-from lib_sdcustom.models.tiny_families import (TINY_OPEN_CLIP_TEXT_CONFIG, write_tiny_sd2, write_tiny_sdxl)
+from lib_sdcustom.testing.tiny_families import (TINY_OPEN_CLIP_TEXT_CONFIG, write_tiny_sd2, write_tiny_sdxl)
 
 diffusers = pytest.importorskip("diffusers")
 single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")

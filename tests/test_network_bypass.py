@@ -24,8 +24,8 @@ from lib_sdcustom.config import NetworkOptions
 from lib_sdcustom.formats.network_file import write_network_file
 from lib_sdcustom.formats.safetensors_io import read_header
 from lib_sdcustom.models.loader import load_bundle
-from lib_sdcustom.models.tiny import write_tiny_sd1
-from lib_sdcustom.models.tiny_families import write_tiny_sdxl
+from lib_sdcustom.testing.tiny import write_tiny_sd1
+from lib_sdcustom.testing.tiny_families import write_tiny_sdxl
 from lib_sdcustom.networks.algorithms import ALGORITHMS
 from lib_sdcustom.networks.kohya_names import to_file_names
 from lib_sdcustom.networks.lycoris_backend import attach_network

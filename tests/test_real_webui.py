@@ -406,7 +406,7 @@ def test_train_in_the_tab_while_an_api_run_is_active_says_whose_run(webui, brows
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_tiny_sd2_and_sdxl_where_the_webui_loads_them(webui, micro, family):
-    from lib_sdcustom.models.tiny_families import write_tiny_sd2, write_tiny_sdxl
+    from lib_sdcustom.testing.tiny_families import write_tiny_sd2, write_tiny_sdxl
 
     name = f"{PREFIX}tiny_{family}"
     (write_tiny_sd2 if family == "sd2" else write_tiny_sdxl)(webui.root / "models" / "Stable-diffusion", name=name)

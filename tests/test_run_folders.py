@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from lib_sdcustom.config import RunConfig, dumps_toml
-from lib_sdcustom.run_folder import RUN_FILE
-from lib_sdcustom.run_folders import clear_finished, run_folders
+from lib_sdcustom.run.run_id import RUN_FILE
+from lib_sdcustom.run.folders import clear_finished, run_folders
 
 
 def _run(root: Path, name: str, *, steps: int, saved_step: int | None) -> Path:

@@ -26,8 +26,8 @@ from lib_sdcustom.models.bundle import ModelFamily
 from lib_sdcustom.models.ldm_config import configs_from_ldm
 from lib_sdcustom.models.loader import load_bundle
 from lib_sdcustom.models.stock_configs import stock_ldm_config
-from lib_sdcustom.models.tiny_families import write_tiny_sd2, write_tiny_sdxl
-from lib_sdcustom.train import train
+from lib_sdcustom.testing.tiny_families import write_tiny_sd2, write_tiny_sdxl
+from lib_sdcustom.run.train import train
 from lib_sdcustom.training.conditioning import SizeConditioning
 from test_dreambooth import fresh_accelerate_state  # noqa: F401 - a fixture
 

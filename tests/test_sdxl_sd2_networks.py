@@ -20,12 +20,12 @@ from lib_sdcustom.methods.text_conditioning import encode_prompts
 from lib_sdcustom.models import ldm_keys
 from lib_sdcustom.models.bundle import ModelFamily
 from lib_sdcustom.models.loader import load_bundle
-from lib_sdcustom.models.tiny import write_tiny_sd1
-from lib_sdcustom.models.tiny_families import write_tiny_sd2, write_tiny_sdxl
+from lib_sdcustom.testing.tiny import write_tiny_sd1
+from lib_sdcustom.testing.tiny_families import write_tiny_sd2, write_tiny_sdxl
 from lib_sdcustom.networks.algorithms import algorithm_for
 from lib_sdcustom.networks.kohya_names import from_file_names, ldm_unet_names, to_file_names
 from lib_sdcustom.networks.lycoris_backend import attach_network, kohya_targets, text_encoder_views
-from lib_sdcustom.train import train
+from lib_sdcustom.run.train import train
 from lib_sdcustom.training.conditioning import SizeConditioning
 
 METHODS = ("lora", "locon", "loha", "lokr", "dreambooth_lora")

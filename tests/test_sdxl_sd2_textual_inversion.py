@@ -21,10 +21,10 @@ from lib_sdcustom.hashing import sha256_file
 from lib_sdcustom.methods.textual_inversion import TextualInversionMethod
 from lib_sdcustom.models.bundle import BaseIdentity
 from lib_sdcustom.models.loader import load_bundle
-from lib_sdcustom.models.tiny_families import (TINY_CLIP_L_TEXT_CONFIG, TINY_OPEN_CLIP_TEXT_CONFIG, write_tiny_sd2,
+from lib_sdcustom.testing.tiny_families import (TINY_CLIP_L_TEXT_CONFIG, TINY_OPEN_CLIP_TEXT_CONFIG, write_tiny_sd2,
                                                write_tiny_sdxl)
-from lib_sdcustom.run_context import RunContext
-from lib_sdcustom.train import train
+from lib_sdcustom.run.context import RunContext
+from lib_sdcustom.run.train import train
 from test_textual_inversion import HOST_ZIP_ENTRY, HostUnpickler
 
 TRIGGER = "sks-toy"

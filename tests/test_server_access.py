@@ -1,4 +1,4 @@
-"""The standalone server's one access layer (`access.py`): every route of the page (gradio) and of the API
+"""The standalone server's one access layer (`host/access.py`): every route of the page (gradio) and of the API
 refuses a request without the configured login, and every path a request names must lie inside the
 configured roots, whether given absolute, with `..` or through a symbolic link; the run folder a run
 would default to as well (an output folder that is a root itself puts it outside)."""
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import write_images
-from lib_sdcustom.access import PathRoots, parse_credentials
-from lib_sdcustom.host import StandaloneHost
-from lib_sdcustom.runs import RunManager
+from lib_sdcustom.host.access import PathRoots, parse_credentials
+from lib_sdcustom.host.base import StandaloneHost
+from lib_sdcustom.run.manager import RunManager
 
 gradio = pytest.importorskip("gradio")
 fastapi = pytest.importorskip("fastapi")
@@ -157,7 +157,7 @@ def test_the_page_refuses_image_folders_outside_the_roots(confined, kind):
 def test_the_api_refuses_paths_outside_the_roots(confined, kind, setting):
     from http_helpers import http, serve
 
-    from lib_sdcustom.api import register_routes
+    from lib_sdcustom.host.api import register_routes
 
     controller, models, images, outside = confined
     app = fastapi.FastAPI()

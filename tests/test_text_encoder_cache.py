@@ -12,8 +12,8 @@ from conftest import write_images
 from lib_sdcustom.config import RunConfig
 from lib_sdcustom.events import Warning_
 from lib_sdcustom.methods import text_conditioning
-from lib_sdcustom.models.tiny_families import write_tiny_sdxl
-from lib_sdcustom.train import train
+from lib_sdcustom.testing.tiny_families import write_tiny_sdxl
+from lib_sdcustom.run.train import train
 from lib_sdcustom.training.conditioning import Conditioning
 from lib_sdcustom.training.text_cache import TextEncoderCache
 

@@ -23,8 +23,8 @@ from lib_sdcustom.formats.embedding_file import classify_embedding, embedding_ve
 from lib_sdcustom.hashing import sha256_file
 from lib_sdcustom.methods.textual_inversion import TemplatedSource, TextualInversionMethod
 from lib_sdcustom.models.loader import load_bundle
-from lib_sdcustom.run_context import RunContext
-from lib_sdcustom.train import train
+from lib_sdcustom.run.context import RunContext
+from lib_sdcustom.run.train import train
 from lib_sdcustom.training.loop import Batch
 
 TRIGGER = "sks-toy"

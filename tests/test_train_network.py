@@ -20,7 +20,7 @@ from lib_sdcustom.models import ldm_keys
 from lib_sdcustom.models.loader import load_bundle
 from lib_sdcustom.networks.algorithms import ALGORITHMS
 from lib_sdcustom.networks.lycoris_backend import TextModelView, attach_network, kohya_targets
-from lib_sdcustom.train import train
+from lib_sdcustom.run.train import train
 
 
 def make_config(tiny_checkpoint: Path, images: Path, out: Path, *, method: str = "lora", steps: int = 6) -> RunConfig:

@@ -17,11 +17,11 @@ from lib_sdcustom.data.captions import CaptionOptions
 from lib_sdcustom.data.dataset import TrainingOptions, TrainingSet, size_conditioning
 from lib_sdcustom.data.scan import scan_dataset
 from lib_sdcustom.errors import ConfigError, ModelLoadError
-from lib_sdcustom.family_defaults import apply_family_defaults, native_resolution
+from lib_sdcustom.run.family_defaults import apply_family_defaults, native_resolution
 from lib_sdcustom.models.bundle import ModelFamily
 from lib_sdcustom.models.loader import load_bundle
-from lib_sdcustom.models.tiny_families import write_tiny_sd2, write_tiny_sdxl
-from lib_sdcustom.train import train
+from lib_sdcustom.testing.tiny_families import write_tiny_sd2, write_tiny_sdxl
+from lib_sdcustom.run.train import train
 from lib_sdcustom.training import objectives
 from lib_sdcustom.training.conditioning import Conditioning, SizeConditioning, time_ids
 
@@ -87,12 +87,12 @@ def test_min_snr_weights_for_v_give_the_same_x0_weighting_as_for_epsilon():
 
 
 def test_zero_terminal_snr_rescale_matches_diffusers():
+    from diffusers import DDPMScheduler
     from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
 
-    from lib_sdcustom.models.ldm_config import ddpm_scheduler
-    from lib_sdcustom.models.loader import training_scheduler
+    from lib_sdcustom.models.model_yaml import ddpm_scheduler
 
-    scheduler = training_scheduler(ddpm_scheduler(1000, 0.00085, 0.012, "v_prediction"))
+    scheduler = DDPMScheduler(**ddpm_scheduler(1000, 0.00085, 0.012, "v_prediction"))
     ours = objectives.rescale_zero_terminal_snr(scheduler.alphas_cumprod)
     theirs = torch.cumprod(1 - rescale_zero_terminal_snr(scheduler.betas), dim=0)
     assert ours[-1] == 0 and ours[0] == pytest.approx(float(scheduler.alphas_cumprod[0]))

@@ -18,7 +18,7 @@ from lib_sdcustom.demo import DEMO_CONCEPT, demo_config
 from lib_sdcustom.microworld.judge import load_judge
 from lib_sdcustom.microworld.teach import prompts_for, subject_hits, trained_sampler
 from lib_sdcustom.microworld.world import CONCEPTS
-from lib_sdcustom.train import train
+from lib_sdcustom.run.train import train
 
 SAMPLE_SEED = 1000
 

@@ -1,7 +1,7 @@
 """A full-size SD1.5 or SDXL checkpoint with random weights, for the speed and memory benchmarks.
 
 Nothing is downloaded: the modules come from the stock configs (`models/stock_configs.py`) on the meta
-device, our own saver (`models/saver.ldm_state_dict`) gives every tensor its checkpoint name, and the file
+device, our own writer (`models/writer.ldm_state_dict`) gives every tensor its checkpoint name, and the file
 is written one tensor at a time, so writing a 6.6 GB SDXL file needs about one tensor of memory. The
 values are seeded and shaped like a default initialisation (uniform within +-1/sqrt(fan_in) for weights,
 ones for norm scales, zeros for biases): the loss stays finite, which is all a speed benchmark needs.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -20,13 +20,13 @@ from ..files import write_atomically
 from ..models import ldm_keys
 from ..models.bundle import ModelFamily
 from ..models.ldm_config import configs_from_ldm
-from ..models.saver import ldm_state_dict
+from ..models.writer import ldm_state_dict
 from ..models.stock_configs import stock_ldm_config
 
 _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
 
 
-def _meta_state_dicts(family: ModelFamily) -> Dict[str, torch.Tensor]:
+def _meta_state_dicts(family: ModelFamily) -> dict[str, torch.Tensor]:
     """LDM key -> a tensor of the right shape and dtype (meta for weights; real for integer buffers)."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -55,7 +55,7 @@ def _random_like(key: str, like: torch.Tensor, dtype: torch.dtype, generator: to
 
 
 def _header(shapes: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> bytes:
-    entries: Dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for key, (dtype, shape) in shapes.items():
         size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()

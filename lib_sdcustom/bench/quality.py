@@ -34,6 +34,7 @@ Captions follow the world's own style: 'a sks shape on a gray background'.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import shutil
@@ -56,6 +57,7 @@ from ..microworld.quality import GUIDANCE, SAMPLE_STEPS
 from ..microworld.teach import (INSTANCE_IMAGES, TI_TRIGGER, Prompts, Sampler, base_run_config, instance_images,
                                 prompts_for, sampler, subject_hits, trained_sampler, write_instances)
 from ..microworld.world import BENCH_CONCEPTS, CONCEPTS, IMAGE_SIZE, Concept, ConceptKind, Role
+from ..models.bundle import ModelBundle
 from .intervals import Estimate, bootstrap_mean
 
 logger = logging.getLogger(__name__)
@@ -98,7 +100,7 @@ class Recipe:
 
 # Tuned on the bundled model with the heart (docs/bench/tuning.md): networks bind the made-up 'sks' through
 # the text encoder's LoRA, which needs a higher rate than the UNet's; DreamBooth trains the text encoder too.
-_NETWORK = {"steps": 600, "lr": 3e-3, "text_encoder_lr": 6e-3}
+_NETWORK: dict[str, Any] = {"steps": 600, "lr": 3e-3, "text_encoder_lr": 6e-3}
 RECIPES: tuple[Recipe, ...] = (
     Recipe("textual_inversion", "textual_inversion", steps=400, lr=5e-2),
     Recipe("lora", "lora", **_NETWORK),
@@ -278,7 +280,7 @@ def _save_png(image: Image.Image, path: Path) -> None:
     write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def _base_quality(bundle, judge: Judge) -> dict[str, Any]:
+def _base_quality(bundle: ModelBundle, judge: Judge) -> dict[str, Any]:
     from ..microworld.quality import reconstruction_accuracy, sample_quality
 
     report, _ = sample_quality(bundle, judge, per_caption=1)
@@ -288,7 +290,7 @@ def _base_quality(bundle, judge: Judge) -> dict[str, Any]:
 
 def _train_and_score(recipe: Recipe, concept: Concept, seed: int, workdir: Path, base: Path, judge: Judge,
                      samples: int, reference_class: Sequence[Image.Image]) -> tuple[Scores, list[list[Image.Image]]]:
-    from ..train import train
+    from ..run.train import train
 
     folder = workdir / recipe.key / concept.name / f"seed{seed}"
     if folder.exists():
@@ -502,7 +504,7 @@ def recipes_named(keys: Sequence[str]) -> list[Recipe]:
     return [known[key] for key in keys]
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="folder for quality.json/.md and figures")
     parser.add_argument("--workdir", type=Path, help="folder for the runs (default: a temporary folder)")
     parser.add_argument("--methods", nargs="+", choices=[recipe.key for recipe in RECIPES],
@@ -521,7 +523,7 @@ def add_arguments(parser) -> None:
                              "different --methods) into one report in --out")
 
 
-def main(args) -> int:
+def main(args: argparse.Namespace) -> int:
     """Run the benchmark, write quality.json, quality.md and the figures, print the table."""
     import sys
     import tempfile
@@ -535,7 +537,7 @@ def main(args) -> int:
             return 2
     else:
         size = QUICK if args.quick else FULL
-        overrides = {key: value for key, value in (("steps", args.steps or size.steps),
+        overrides: dict[str, Any] = {key: value for key, value in (("steps", args.steps or size.steps),
                                                    ("class_images", size.class_images)) if value}
         recipes = [replace(recipe, **overrides) for recipe in recipes_named(args.methods or size.methods)]
         with tempfile.TemporaryDirectory(prefix="sdcustom-quality-") as scratch:

@@ -17,7 +17,7 @@ import torch
 
 from ..config import RunConfig
 from ..events import StepDone
-from .fixtures import write_sample_images
+from ..testing.sample_images import write_sample_images
 
 
 @dataclass
@@ -29,8 +29,8 @@ class Timing:
 
 def _tiny_base(family: str, folder: Path) -> Path:
     """The tiny checkpoint of a family (SD2 as its 768-v variant, so the v-prediction objective is timed)."""
-    from ..models.tiny import write_tiny_sd1
-    from ..models.tiny_families import write_tiny_sd2, write_tiny_sdxl
+    from ..testing.tiny import write_tiny_sd1
+    from ..testing.tiny_families import write_tiny_sd2, write_tiny_sdxl
 
     writers = {"sd1": write_tiny_sd1, "sd2": lambda where: write_tiny_sd2(where, v_prediction=True),
                "sdxl": write_tiny_sdxl}
@@ -50,7 +50,7 @@ def tiny_run_config(method: str, workdir: Path, *, images: int, family: str = "s
 
 def timed_training(config: RunConfig) -> Timing:
     """Train in this process; time only the steps after the first (warm-up, caches, class images)."""
-    from ..train import train
+    from ..run.train import train
 
     stamps: list[float] = []
     if torch.cuda.is_available():

@@ -30,12 +30,12 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..files import write_text_atomically
-from .fixtures import write_sample_images
+from ..testing.sample_images import write_sample_images
 from .runner import device_description
 
 CHILD_COMMAND = "speed-one"
@@ -51,7 +51,7 @@ class Measured:
     steps_per_second: float
     first_step_seconds: float
     peak_rss_gib: float
-    peak_cuda_gib: Optional[float]
+    peak_cuda_gib: float | None
     layers: int
     # Peak GPU memory over the steps after the first: training alone, without the one-off peaks around it
     # (loading and the VAE encoding the latent cache before; ours' final preview, decoded by the VAE, after).
@@ -59,7 +59,7 @@ class Measured:
     skipped: str = ""  # why this side did not run (a missing package), else empty
 
 
-def _peaks() -> tuple[float, Optional[float]]:
+def _peaks() -> tuple[float, float | None]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
     cuda = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return rss, cuda
@@ -109,7 +109,7 @@ def _ours(settings: dict[str, Any], on_step: Callable[[], None]) -> int:
 def _train_ours(settings: dict[str, Any], on_step: Callable[[], None], workdir: Path) -> int:
     from ..config import RunConfig
     from ..events import RunStarted, StepDone
-    from ..train import train
+    from ..run.train import train
 
     config = RunConfig(method=settings["network"])
     config.model.base = settings["base"]
@@ -177,7 +177,8 @@ def _in_child(settings: dict[str, Any]) -> dict[str, Any]:
                                    capture_output=True, text=True)
     if child_process.returncode != 0:
         raise RuntimeError(f"speed benchmark child {settings} failed:\n{child_process.stderr[-4000:]}")
-    return json.loads(child_process.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(child_process.stdout.strip().splitlines()[-1])
+    return result
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -202,8 +203,8 @@ VARIANTS = {"compile": {"compile": True}}  # extra runs of ours with an opt-in o
 
 def checkpoint_for(plan: Plan, workdir: Path) -> Path:
     """The model both sides read: a tiny checkpoint, or a full-size random one (written once, then reused)."""
-    from ..models.tiny import write_tiny_sd1
-    from ..models.tiny_families import write_tiny_sdxl
+    from ..testing.tiny import write_tiny_sd1
+    from ..testing.tiny_families import write_tiny_sdxl
     from .full_size import write_random_checkpoint
 
     if plan.size == "tiny":
@@ -246,7 +247,7 @@ def run(plan: Plan, workdir: Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------- report
 
-def _number(value: Optional[float], digits: int = 2) -> str:
+def _number(value: float | None, digits: int = 2) -> str:
     return "-" if value is None or value != value else f"{value:.{digits}f}"
 
 

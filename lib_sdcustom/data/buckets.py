@@ -61,6 +61,12 @@ class BucketSet:
         object.__setattr__(self, "max_side", high)
         object.__setattr__(self, "sizes", self._make_sizes())
 
+    def _side_bounds(self) -> tuple[int, int]:
+        """`min_side` and `max_side`, which `__post_init__` has filled in."""
+        if self.min_side is None or self.max_side is None:
+            raise ValueError("BucketSpec sides are set in __post_init__")
+        return self.min_side, self.max_side
+
     @property
     def area(self) -> int:
         return self.resolution * self.resolution
@@ -71,9 +77,10 @@ class BucketSet:
         if not self.enabled:
             return (square,)
         sizes = {square}
-        for width in range(self.min_side, self.max_side + 1, self.step):
-            height = min(self.max_side, self.area // width // self.step * self.step)
-            if height >= self.min_side:
+        low, high = self._side_bounds()
+        for width in range(low, high + 1, self.step):
+            height = min(high, self.area // width // self.step * self.step)
+            if height >= low:
                 sizes.update({(width, height), (height, width)})
         return tuple(sorted(sizes))
 
@@ -89,8 +96,10 @@ class BucketSet:
     def _shrunk_own_size(self, width: int, height: int) -> Size:
         scale = min(1.0, math.sqrt(self.area / (width * height)))
 
+        _, high = self._side_bounds()
+
         def side(length: int) -> int:
-            return min(self.max_side, max(self.step, int(length * scale) // self.step * self.step))
+            return min(high, max(self.step, int(length * scale) // self.step * self.step))
 
         return side(width), side(height)
 

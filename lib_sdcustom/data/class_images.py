@@ -12,6 +12,7 @@ shift the prior loss).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -158,7 +159,7 @@ def _generate(folder: Path, recipe: ClassImageRecipe, seeds: list[int], entries:
                               guidance=recipe.guidance, width=recipe.width, height=recipe.height, clip_skip=recipe.clip_skip)
             for image_seed, image in zip(run, images):
                 name = f"class-{digest}-{image_seed}.png"
-                write_atomically(folder / name, lambda tmp, image=image: image.save(tmp, format="PNG"))
+                write_atomically(folder / name, functools.partial(image.save, format="PNG"))
                 new.append({"file": name, "seed": image_seed, "recipe": digest, **asdict(recipe)})
         rewritten = {entry["file"] for entry in new}  # a regenerated missing file replaces its old entry
         _write_manifest(folder, [entry for entry in entries if entry["file"] not in rewritten] + new)

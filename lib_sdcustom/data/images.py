@@ -12,8 +12,10 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import DatasetError
@@ -130,7 +132,7 @@ def _has_alpha(image: Image.Image) -> bool:
     return image.mode == "P" and image.palette is not None and image.palette.mode == "RGBA"
 
 
-def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+def _scale_to_uint8(values: npt.NDArray[Any], mode: str) -> npt.NDArray[np.uint8]:
     """Map 16-bit, 32-bit and float samples to 0..255 keeping their brightness.
 
     16-bit data (Pillow gives it as mode I;16, or as I in older versions) is divided by 257 so a dark
@@ -149,7 +151,7 @@ def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
         scaled = (values - low) * (255.0 / (high - low))
     else:
         scaled = np.zeros_like(values)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return cast(npt.NDArray[np.uint8], np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
 
 
 def _corrupt(path: Path, error: BaseException) -> DatasetError:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 from safetensors import safe_open
@@ -108,7 +108,7 @@ class LatentCache:
             with safe_open(str(path), framework="pt") as handle:
                 if (handle.metadata() or {}).get(_KEY_FIELD) != key:
                     return None
-                return handle.get_tensor(_TENSOR_NAME)
+                return cast(torch.Tensor, handle.get_tensor(_TENSOR_NAME))
         except Exception as error:  # noqa: BLE001 - any damaged cache file is simply recomputed
             logger.warning("Re-encoding %s: the cached latent cannot be read (%s).", path, error)
             return None

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -33,8 +33,8 @@ from ..models import ldm_keys
 from ..models.bundle import ModelBundle
 from ..models.checkpoint_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, read_checkpoint
 from ..models.bundle import ModelFamily
-from ..models.ldm_config import with_absolute_folders, yaml_beside
-from ..models.saver import bundle_to_ldm_state_dict, text_encoder_slot_state_dict
+from ..models.model_yaml import with_absolute_folders, yaml_beside
+from ..models.writer import bundle_to_ldm_state_dict, text_encoder_slot_state_dict
 from ..models.stock_configs import stock_ldm_config
 from .safetensors_io import load_tensors, read_header
 
@@ -47,12 +47,12 @@ _MAX_STORED_BYTES = 4
 class TrainedWeights:
     """State dicts of the trained modules; None for a component that was not trained."""
 
-    unet: Optional[Mapping[str, torch.Tensor]] = None  # diffusers UNet2DConditionModel layout
-    text_encoder: Optional[Mapping[str, torch.Tensor]] = None  # CLIPTextModel, either transformers layout
-    text_encoder_2: Optional[Mapping[str, torch.Tensor]] = None  # SDXL's CLIPTextModelWithProjection
+    unet: Mapping[str, torch.Tensor] | None = None  # diffusers UNet2DConditionModel layout
+    text_encoder: Mapping[str, torch.Tensor] | None = None  # CLIPTextModel, either transformers layout
+    text_encoder_2: Mapping[str, torch.Tensor] | None = None  # SDXL's CLIPTextModelWithProjection
 
 
-def base_checkpoint_file(bundle: ModelBundle) -> Optional[Path]:
+def base_checkpoint_file(bundle: ModelBundle) -> Path | None:
     """The single file the bundle was loaded from, or None (a diffusers folder, or the file is gone)."""
     path = bundle.identity.path
     if path is None or not Path(path).is_file() or Path(path).suffix.lower() not in _BASE_FILE_SUFFIXES:
@@ -142,7 +142,7 @@ def estimated_checkpoint_bytes(bundle: ModelBundle, trained: TrainedWeights, dty
     return total + 2**20  # the JSON header: ~100 bytes per key plus metadata
 
 
-def config_beside(bundle: ModelBundle) -> Optional[dict]:
+def config_beside(bundle: ModelBundle) -> dict[str, Any] | None:
     """The LDM config to write as `NAME.yaml` beside a checkpoint of `bundle` (see the module docstring), or
     None where the host's default is right (SD1 and SDXL noise prediction)."""
     if bundle.ldm_config is not None:

@@ -107,7 +107,7 @@ def read_embedding(path: Path) -> dict[str, Any]:
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path))
+            return dict(load_file(str(path)))
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # safetensors, zipfile and the unpickler each raise their own types
         raise ModelLoadError(f"Could not read the embedding {path}: {error}.",

@@ -141,7 +141,7 @@ def _size(path: Path) -> str:
     return f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 1024:.1f} KiB"
 
 
-def _counted(counter: Counter, unit: str) -> str:
+def _counted(counter: Counter[Any], unit: str) -> str:
     return ", ".join(f"{value} ({n} {unit})" for value, n in counter.most_common())
 
 
@@ -205,7 +205,7 @@ def _module_rank(module: str, kind: str, shapes: dict[str, tuple[int, ...]]) -> 
     return None
 
 
-def _format_name(kinds: Counter, modules: dict[str, set[str]], shapes: dict[str, tuple[int, ...]]) -> str:
+def _format_name(kinds: Counter[str], modules: dict[str, set[str]], shapes: dict[str, tuple[int, ...]]) -> str:
     names = []
     for kind in kinds:
         if kind != "LoRA":
@@ -223,7 +223,7 @@ def _format_name(kinds: Counter, modules: dict[str, set[str]], shapes: dict[str,
 def _top_tags(metadata: dict[str, str], count: int = 10) -> str | None:
     try:
         per_dir = json.loads(metadata["ss_tag_frequency"])
-        totals: Counter = Counter()
+        totals: Counter[str] = Counter()
         for tags in per_dir.values():
             totals.update({tag: int(n) for tag, n in tags.items()})
     except (KeyError, ValueError, TypeError, AttributeError):
@@ -356,7 +356,7 @@ def _checkpoint_family(keys: list[str]) -> str:
 
 def _checkpoint_report(c: _Contents) -> list[str]:
     keys = list(c.shapes)
-    parts = Counter()
+    parts: Counter[str] = Counter()
     for key in keys:
         if key.startswith("model.diffusion_model."):
             parts["UNet"] += 1

@@ -173,9 +173,9 @@ def validate_network_state(tensors: dict[str, torch.Tensor], metadata: dict[str,
     for key, value in tensors.items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"Network value for {key!r} is {type(value).__name__}, not a tensor.")
-    for key, value in metadata.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise ValueError(f"Metadata {key!r} must map str to str, got {type(value).__name__}.")
+    for name, text in metadata.items():
+        if not isinstance(name, str) or not isinstance(text, str):
+            raise ValueError(f"Metadata {name!r} must map str to str, got {type(text).__name__}.")
     modules, bundled = group_network_keys(list(tensors))
     for module, parts in modules.items():
         _check_module(module, parts, tensors)

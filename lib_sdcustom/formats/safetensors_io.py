@@ -71,8 +71,7 @@ def read_header(path: Path) -> SafetensorsHeader:
             raise _not_safetensors(path, f"entry {key!r} has no dtype/shape")
         info = TensorInfo(dtype=str(entry["dtype"]), shape=tuple(int(n) for n in entry["shape"]))
         offsets = entry.get("data_offsets")
-        _check_extent(path, key, info, offsets, data_bytes)
-        tensors[key] = replace(info, data_offsets=(int(offsets[0]), int(offsets[1])))
+        tensors[key] = replace(info, data_offsets=_check_extent(path, key, info, offsets, data_bytes))
     return SafetensorsHeader(tensors=tensors, metadata={str(k): str(v) for k, v in metadata.items()},
                              data_offset=8 + length)
 
@@ -82,9 +81,9 @@ _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16
                 "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def _check_extent(path: Path, key: str, info: TensorInfo, offsets: object, data_bytes: int) -> None:
-    """A header that promises more data than the file holds is a cut-off download, not a model: say so
-    here rather than report a healthy file and fail at load time."""
+def _check_extent(path: Path, key: str, info: TensorInfo, offsets: object, data_bytes: int) -> tuple[int, int]:
+    """The tensor's (begin, end) in the data section. A header that promises more data than the file holds is
+    a cut-off download, not a model: say so here rather than report a healthy file and fail at load time."""
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)):
         raise _not_safetensors(path, f"entry {key!r} has no valid data_offsets")
     start, end = offsets
@@ -100,11 +99,12 @@ def _check_extent(path: Path, key: str, info: TensorInfo, offsets: object, data_
     if itemsize is not None and (end - start) != numel * itemsize:
         raise _not_safetensors(path, f"tensor {key!r} ({info.dtype} {list(info.shape)}) needs {numel * itemsize} bytes "
                                      f"but its data_offsets span {end - start}")
+    return start, end
 
 
 def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> bytes:
     """The exact bytes of a `.safetensors` file holding `tensors` and `metadata`."""
-    return safetensors.torch.save(tensors, metadata=metadata or None)
+    return bytes(safetensors.torch.save(tensors, metadata=metadata or None))
 
 
 def load_tensors(path: Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:

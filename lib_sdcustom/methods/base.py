@@ -22,7 +22,7 @@ SIDECAR_BYTES = 2**20
 SAVE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 if TYPE_CHECKING:
-    from ..run_context import RunContext
+    from ..run.context import RunContext
     from ..training.conditioning import Conditioning
     from ..training.loop import BatchSource
 

@@ -31,8 +31,9 @@ from ..errors import TrainingStopped
 from ..events import PhaseProgress
 from ..files import check_free_space
 from ..formats.checkpoint_file import TrainedWeights, estimated_checkpoint_bytes, write_checkpoint
-from ..models.ldm_config import PREDICTION_METADATA_KEY, yaml_beside
-from ..run_context import RunContext
+from ..models.ldm_config import PREDICTION_METADATA_KEY
+from ..models.model_yaml import yaml_beside
+from ..run.context import RunContext
 from ..training.batches import LatentBatchSource
 from ..training.conditioning import Conditioning, SizeConditioning
 from ..training.ema import ExponentialMovingAverage

@@ -9,7 +9,7 @@ import torch
 
 from ..networks.algorithms import algorithm_for
 from ..networks.lycoris_backend import attach_network
-from ..run_context import RunContext
+from ..run.context import RunContext
 from ..training.conditioning import Conditioning
 from .base import Method
 from .network_export import export_network

@@ -11,7 +11,7 @@ from ..formats.network_metadata import BucketStat, DatasetDir, NetworkTrainingFa
 from ..formats.sidecars import sd_version_for, write_sidecars
 from ..networks.algorithms import algorithm_for
 from ..networks.kohya_names import to_file_names
-from ..run_context import RunContext
+from ..run.context import RunContext
 from .base import SAVE_DTYPES
 
 PREFERRED_WEIGHT = 0.8

@@ -4,7 +4,7 @@ The config (default learning rate and text-encoder share, which option sections 
 folder, copy rule, prompt snippet), the tab (label, visible sections, token field) and the network layer (which
 algorithm) all read a `MethodSpec` here instead of testing method names. A new method is one row below, its
 module under `methods/` and its test rows; it touches more only when it brings an option section
-(`config.py`) or an output kind the hosts do not yet file (`host.py`, `host_a1111.py`).
+(`config.py`) or an output kind the hosts do not yet file (`host/`).
 
 This module imports nothing from the package at load time, so `config.py` can read it; the method classes load
 lazily, so a method's optional dependencies load only when it is used.
@@ -31,7 +31,7 @@ class OutputKind(str, enum.Enum):
 
 #: Option sections only some methods read: the tab shows, and validation checks, only a method's own.
 METHOD_SECTIONS = ("network", "textual_inversion", "dreambooth")
-#: Base components, as a host hands them to a run (`host_a1111.bundle_from_loaded_model`'s `copy`).
+#: Base components, as a host hands them to a run (`host.a1111.bundle_from_loaded_model`'s `copy`).
 COMPONENTS = frozenset({"unet", "text_encoder"})
 
 
@@ -57,7 +57,8 @@ class MethodSpec:
         return self.network_algorithm is not None
 
     def method_class(self) -> type[Method]:
-        return getattr(importlib.import_module(f"{__package__}.{self.module}"), self.class_name)
+        method: type[Method] = getattr(importlib.import_module(f"{__package__}.{self.module}"), self.class_name)
+        return method
 
     def prompt_snippet(self, name: str, weight: float = 0.8) -> str:
         return self.snippet.format(name=name, weight=weight)

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence, cast
 
 import torch
 from torch import nn
@@ -20,10 +20,13 @@ from ..models.bundle import ModelBundle, ModelFamily
 from ..networks.lycoris_backend import TextModelView
 from ..training.conditioning import Conditioning
 
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+
+def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    return cast(torch.Tensor, tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids)
 
 
 def encode_tokens(text_encoder: nn.Module, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
@@ -32,9 +35,9 @@ def encode_tokens(text_encoder: nn.Module, input_ids: torch.Tensor, clip_skip: i
     device = next(text_encoder.parameters()).device
     output = text_encoder(input_ids.to(device), output_hidden_states=clip_skip > 1)
     if clip_skip <= 1:
-        return output[0]
+        return cast(torch.Tensor, output[0])
     hidden = output.hidden_states[-clip_skip]
-    return TextModelView(text_encoder).text_model.final_layer_norm(hidden)
+    return cast(torch.Tensor, TextModelView(text_encoder).text_model.final_layer_norm(hidden))
 
 
 def encode_sdxl_tokens(text_encoder: nn.Module, text_encoder_2: nn.Module, input_ids: torch.Tensor,

@@ -25,7 +25,7 @@ import logging
 import random
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, cast
 
 import torch
 from torch import nn
@@ -33,13 +33,16 @@ from torch import nn
 from ..config import RunConfig
 from ..data.prompt_templates import BUILT_IN, fill_template, load_templates
 from ..errors import ConfigError
-from ..formats.embedding_file import SUFFIXES, embedding_preview_path, write_embedding, write_embedding_preview
-from ..run_context import RunContext
+from ..formats.embedding_file import (SUFFIXES, EmbeddingFormat, embedding_preview_path, write_embedding,
+                                      write_embedding_preview)
+from ..run.context import RunContext
 from ..training.conditioning import Conditioning
 from .base import Method
 from .text_conditioning import encode_ids, tokenize
 
 if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
+
     from ..training.loop import Batch, BatchSource
 
 logger = logging.getLogger(__name__)
@@ -117,7 +120,7 @@ class TextualInversionMethod(Method):
                               "Resume with the run's own settings and base model (--resume RUN_DIR without --vectors).")
         with torch.no_grad():
             for vectors, item in zip(self.vectors, saved):
-                vectors.copy_(item.to(vectors.device, vectors.dtype))
+                vectors.copy_(cast(torch.Tensor, item).to(vectors.device, vectors.dtype))
 
     def encode_captions(self, captions: list[str]) -> Conditioning:
         """Every occurrence of the trigger word becomes the N learned vectors (also in preview prompts)."""
@@ -146,7 +149,7 @@ class TextualInversionMethod(Method):
     # ----- results -----
     def export(self, target: Path, *, step: int, preview: Any | None = None) -> list[Path]:
         written = [write_embedding(target, [vectors.detach() for vectors in self.vectors], name=target.stem, step=step,
-                                   base=self.bundle.identity, fmt=self.config.textual_inversion.embedding_format)]
+                                   base=self.bundle.identity, fmt=cast(EmbeddingFormat, self.config.textual_inversion.embedding_format))]
         if preview is not None:
             written.append(write_embedding_preview(target, preview))
         return written
@@ -180,12 +183,12 @@ class TextualInversionMethod(Method):
                                   f"(e.g. '{self.trigger}, {missing[0].caption}').")
 
 
-def trigger_pattern(trigger: str) -> re.Pattern:
+def trigger_pattern(trigger: str) -> re.Pattern[str]:
     """The trigger word as a whole word, in any case (the host's CLIP tokenizer lower-cases prompts)."""
     return re.compile(rf"(?<!\w){re.escape(trigger)}(?!\w)", re.IGNORECASE)
 
 
-def refuse_known_word(tokenizer, trigger: str) -> None:
+def refuse_known_word(tokenizer: CLIPTokenizer, trigger: str) -> None:
     """A trigger word that is one token already has a meaning the model learned; training it as a new word
     would be ambiguous in every prompt that uses the old meaning."""
     ids = tokenizer(trigger, add_special_tokens=False).input_ids
@@ -195,7 +198,7 @@ def refuse_known_word(tokenizer, trigger: str) -> None:
             f"Choose a rare or made-up word that does not occur in normal prompts, e.g. 'sks-{trigger}' or 'zwx{trigger}'.")
 
 
-def initial_vectors(table: torch.Tensor, tokenizer, init_text: str, count: int, *, seed: int) -> torch.Tensor:
+def initial_vectors(table: torch.Tensor, tokenizer: CLIPTokenizer, init_text: str, count: int, *, seed: int) -> torch.Tensor:
     """Starting vectors [count, dim] in float32: the init text's token embeddings stretched to `count`
     (each repeated in order, as the host's own trainer does), or random with the table's spread."""
     weights = table.detach()
@@ -214,7 +217,7 @@ def initial_vectors(table: torch.Tensor, tokenizer, init_text: str, count: int, 
     return rows[[index * len(ids) // count for index in range(count)]].clone()
 
 
-def _tokenizer_with_placeholders(tokenizer, count: int):
+def _tokenizer_with_placeholders(tokenizer: CLIPTokenizer, count: int) -> tuple[CLIPTokenizer, int]:
     """A private copy of the tokenizer with `count` placeholder tokens; returns it and the first new id."""
     private = copy.deepcopy(tokenizer)
     placeholders = [PLACEHOLDER.format(i) for i in range(count)]
@@ -255,14 +258,16 @@ class NewTokenRows:
         finally:
             self._placed = None
 
-    def _swap_ids(self, module: nn.Module, args: tuple) -> tuple | None:
+    def _swap_ids(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         if self._placed is not None:
             return None
         self._pending = self._placement(args[0])
         return (args[0].masked_fill(self._pending[0], 0), *args[1:])
 
-    def _insert_vectors(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def _insert_vectors(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         placement, self._pending = self._placed or self._pending, None
+        if placement is None:
+            raise RuntimeError("the embedding layer ran without its pre-hook")
         new, rows = (part.to(output.device) for part in placement)
         if new.shape != output.shape[:-1]:
             raise RuntimeError(f"token embedding output {tuple(output.shape)} does not match the placed ids "

@@ -9,24 +9,25 @@ replaced unless asked: an identical install is left as it is, a different file o
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from ..files import write_atomically
-from ..models.ldm_config import read_ldm_yaml, with_absolute_folders, yaml_beside
+from ..models.model_yaml import read_ldm_yaml, with_absolute_folders, yaml_beside
 from ..models.tokenizer import TOKENIZER_FILES, bundled_tokenizer_dir
 from .model import BASE_NAME, SHIPPED_DIR, shipped_checkpoint, text_encoder_folder_name
 
 if TYPE_CHECKING:
-    from ..host import Host
+    from ..host.base import Host
 
 
 @dataclass(frozen=True)
 class Installed:
     checkpoint: Path
-    written: List[Path]  # empty when an identical copy was there already
+    written: list[Path]  # empty when an identical copy was there already
 
     def message(self) -> str:
         if not self.written:
@@ -35,7 +36,7 @@ class Installed:
                 f"'{self.checkpoint.name}' as the checkpoint (refresh the list first).")
 
 
-def _planned_files(folder: Path) -> Dict[Path, bytes]:
+def _planned_files(folder: Path) -> dict[Path, bytes]:
     """Every file of the installed model under `folder`, with its contents."""
     import yaml
 
@@ -65,13 +66,13 @@ def install_micro_model(folder: Path, *, overwrite: bool = False) -> Installed:
     missing = [path for path in files if not path.exists() or path in differing]
     for path in missing:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, lambda tmp, data=files[path]: tmp.write_bytes(data))
+        write_atomically(path, functools.partial(Path.write_bytes, data=files[path]))
     return Installed(checkpoint, missing)
 
 
 def install_into_host(host: "Host", *, overwrite: bool = False) -> Installed:
     """Install into the host's checkpoint folder and refresh its checkpoint list, so the model can be picked."""
-    from ..host import OutputKind
+    from ..methods.registry import OutputKind
 
     installed = install_micro_model(host.facts().output_dirs[OutputKind.CHECKPOINT], overwrite=overwrite)
     if installed.written:

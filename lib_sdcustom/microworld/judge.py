@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence, cast
 
 import numpy as np
 import torch
@@ -228,7 +228,7 @@ def train_judge(seed: int = 0, steps: int = 1000, *, batch_size: int = 64, pool_
         index = torch.randint(0, pool_size, (batch_size,), generator=generator)
         batch = _augment(pool[index].float() / 255.0, generator)
         outputs = net(batch)
-        loss = sum(F.cross_entropy(outputs[name], targets[name][index]) for name in ATTRIBUTES)
+        loss = cast(torch.Tensor, sum(F.cross_entropy(outputs[name], targets[name][index]) for name in ATTRIBUTES))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

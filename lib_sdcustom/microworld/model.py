@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
-from ..models.ldm_config import SD1_V1_INFERENCE, STOCK_CLIP_ID, VIT_L14_TEXT_CONFIG, ModelConfigs, configs_from_ldm
+from ..models.ldm_config import configs_from_ldm
+from ..models.model_yaml import ModelConfigs
+from ..models.stock_configs import SD1_V1_INFERENCE, STOCK_CLIP_ID, VIT_L14_TEXT_CONFIG
 
 BASE_NAME = "microworld"
 SHIPPED_DIR = Path(__file__).resolve().with_name("base")

@@ -26,19 +26,27 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence, cast
 
 import numpy as np
 import torch
 
 from ..models.bundle import BaseIdentity, ModelBundle, ModelFamily
-from ..models.ldm_writer import write_ldm_checkpoint, write_text_encoder_folder
+from ..models.loader import bundle_from_modules
 from ..models.tokenizer import load_clip_tokenizer
+from ..models.writer import write_ldm_checkpoint, write_text_encoder_folder
 from ..training.ema import ExponentialMovingAverage
 from ..training.objectives import add_noise, min_snr_weights, per_sample_mse, sample_timesteps
 from .model import BASE_NAME, MICRO_TEXT_CONFIG, micro_configs, micro_ldm_yaml_dict, text_encoder_folder_name
 from .world import (CAPTION_WEIGHTS, EVERYTHING, IMAGE_SIZE, Scene, caption_variants, pretraining_scenes, render,
                     sample_scene)
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ..models.model_yaml import ModelConfigs
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +137,7 @@ class CaptionTable:
     spares the optimizer and the EMA three million untouched parameters per step.
     """
 
-    def __init__(self, tokenizer, scenes: Sequence[Scene]) -> None:
+    def __init__(self, tokenizer: CLIPTokenizer, scenes: Sequence[Scene]) -> None:
         from ..methods.text_conditioning import tokenize
 
         index: dict[str, int] = {}
@@ -151,11 +159,11 @@ class CaptionTable:
 
 # ----------------------------------------------------------------------------------------------- VAE
 
-def _kl(posterior) -> torch.Tensor:
-    return 0.5 * (posterior.mean ** 2 + posterior.var - 1.0 - posterior.logvar).mean()
+def _kl(posterior: DiagonalGaussianDistribution) -> torch.Tensor:
+    return cast(torch.Tensor, 0.5 * (posterior.mean ** 2 + posterior.var - 1.0 - posterior.logvar).mean())
 
 
-def train_vae(pool: Pool, settings: PretrainSettings, seconds: float):
+def train_vae(pool: Pool, settings: PretrainSettings, seconds: float) -> tuple[AutoencoderKL, int]:
     """An AutoencoderKL trained on L1 + L2 reconstruction and a small KL term (crops first, then whole)."""
     from diffusers import AutoencoderKL
 
@@ -195,7 +203,7 @@ def train_vae(pool: Pool, settings: PretrainSettings, seconds: float):
 
 
 @torch.no_grad()
-def encode_pool(vae, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_pool(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and standard deviation of every pool picture (unscaled latents)."""
     means, stds = [], []
     vae = vae.to(memory_format=torch.channels_last)
@@ -209,14 +217,14 @@ def encode_pool(vae, images: torch.Tensor, batch_size: int = 256) -> tuple[torch
 
 # ----------------------------------------------------------------------------------------------- UNet
 
-def _ddpm_scheduler(configs):
+def _ddpm_scheduler(configs: ModelConfigs) -> DDPMScheduler:
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(**configs.scheduler)
 
 
 def train_unet(mean: torch.Tensor, std: torch.Tensor, captions: CaptionTable, scale_factor: float,
-               settings: PretrainSettings, seconds: float):
+               settings: PretrainSettings, seconds: float) -> tuple[UNet2DConditionModel, CLIPTextModel, int]:
     """Text encoder and UNet trained together on epsilon prediction, with an EMA copy of both."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -262,7 +270,7 @@ def train_unet(mean: torch.Tensor, std: torch.Tensor, captions: CaptionTable, sc
     return unet.eval(), _full_vocabulary(text_encoder, captions.vocabulary).eval(), step
 
 
-def _full_vocabulary(compact, vocabulary: torch.Tensor):
+def _full_vocabulary(compact: CLIPTextModel, vocabulary: torch.Tensor) -> CLIPTextModel:
     """The text encoder over all of CLIP's tokens: trained rows where captions had them, and the usual random
     initialisation elsewhere (as for any token a model never saw, e.g. 'sks')."""
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -308,11 +316,8 @@ def pretrain(settings: PretrainSettings) -> PretrainResult:
     unet, text_encoder, unet_steps = train_unet(mean, std, captions, scale_factor, settings, budget - used())
     logger.info("pretraining took %.1f budget minutes (%.1f wall-clock minutes)", used() / 60,
                 (time.monotonic() - wall_started) / 60)
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
-    bundle = ModelBundle(family=ModelFamily.SD1, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                         noise_scheduler=_ddpm_scheduler(micro_configs(scale_factor)),
-                         identity=BaseIdentity(name=BASE_NAME))
+    bundle = bundle_from_modules(ModelFamily.SD1, unet, vae, [text_encoder], [tokenizer],
+                                 micro_configs(scale_factor).scheduler, identity=BaseIdentity(name=BASE_NAME))
     return PretrainResult(bundle, vae_steps, unet_steps, scale_factor, used())
 
 

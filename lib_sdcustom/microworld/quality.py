@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,11 @@ from PIL import Image
 
 from .judge import EVAL_SEED, Judge, evaluation_set, images_to_tensor, load_judge
 from .world import BACKGROUNDS, COLORS, IMAGE_SIZE, PRETRAINING, PRETRAINING_SHAPES, Scene, Split, caption_variants
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+    from ..models.bundle import ModelBundle
 
 #: Done-when targets of the base model (judge accuracy averaged over caption combinations).
 TARGETS = {"shape": 0.85, "color": 0.95, "background": 0.95}
@@ -72,7 +77,7 @@ def _score(judge: Judge, images: Sequence[Image.Image], scenes: Sequence[Scene])
             for name in ("shape", "color", "background")}
 
 
-def sample_quality(bundle, judge: Judge | None = None, *, per_caption: int = 2, seed: int = 0,
+def sample_quality(bundle: ModelBundle, judge: Judge | None = None, *, per_caption: int = 2, seed: int = 0,
                    steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE, batch_size: int = 128,
                    scenes: Sequence[Scene] | None = None) -> tuple[QualityReport, list[Image.Image]]:
     """Sample every caption combination `per_caption` times (image i of the run uses noise seed + i) and judge."""
@@ -113,7 +118,7 @@ def quality_grid(images: Sequence[Image.Image], per_caption: int = 1) -> Image.I
 
 
 @torch.no_grad()
-def reconstruction_accuracy(vae, judge: Judge | None = None, *, n: int = 500, seed: int = EVAL_SEED,
+def reconstruction_accuracy(vae: AutoencoderKL, judge: Judge | None = None, *, n: int = 500, seed: int = EVAL_SEED,
                             batch_size: int = 100) -> dict[str, float]:
     """Judge accuracy on VAE round trips (posterior mean) of unseen pictures from every split."""
     judge = judge or load_judge()

@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..config import RunConfig
 from ..methods.registry import OutputKind, method_spec
+from ..models.bundle import ModelBundle
 from .judge import Judge
 from .quality import GUIDANCE, SAMPLE_STEPS
 from .world import IMAGE_SIZE, Concept, concept_scenes, render
@@ -82,7 +83,7 @@ def base_run_config(method: str, base: Path, images: Path, *, name: str, out: Pa
     return config
 
 
-def sampler(bundle, encode: Callable[[list[str]], torch.Tensor] | None = None) -> Sampler:
+def sampler(bundle: ModelBundle, encode: Callable[[list[str]], torch.Tensor] | None = None) -> Sampler:
     """Prompts -> images with the benchmark's sampler settings; image i uses noise seed + i."""
     from ..sampling import generate
 
@@ -93,7 +94,7 @@ def sampler(bundle, encode: Callable[[list[str]], torch.Tensor] | None = None) -
     return sample
 
 
-def _embedding_encoder(bundle, path: Path, trigger: str) -> Callable[[list[str]], torch.Tensor]:
+def _embedding_encoder(bundle: ModelBundle, path: Path, trigger: str) -> Callable[[list[str]], torch.Tensor]:
     """Prompts with the trigger word expanded to the file's vectors, as the host applies an embedding."""
     from ..formats.embedding_file import embedding_vectors, read_embedding
     from ..methods.text_conditioning import encode_tokens, tokenize
@@ -108,7 +109,7 @@ def _embedding_encoder(bundle, path: Path, trigger: str) -> Callable[[list[str]]
                                          tokenize(tokenizer, [pattern.sub(expansion, p) for p in prompts]))
 
 
-def trained_sampler(config: RunConfig, result: Path, bundle=None) -> Sampler:
+def trained_sampler(config: RunConfig, result: Path, bundle: ModelBundle | None = None) -> Sampler:
     """Sample from what a run exported: a checkpoint is loaded, a network file attached to the base (or to
     `bundle`, a freshly loaded base), an embedding hooked into its text encoder."""
     from ..models.loader import load_bundle

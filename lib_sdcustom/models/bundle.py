@@ -5,7 +5,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the heavy libraries load when a model does, not when this module is imported
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 
 class ModelFamily(str, enum.Enum):
@@ -52,23 +56,23 @@ class ModelBundle:
     """
 
     family: ModelFamily
-    unet: Any  # diffusers.UNet2DConditionModel
-    vae: Any  # diffusers.AutoencoderKL
-    text_encoder: Any  # transformers.CLIPTextModel
-    tokenizer: Any  # transformers.CLIPTokenizer
-    noise_scheduler: Any  # diffusers.DDPMScheduler holding the training schedule
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler  # holds the training schedule
     prediction_type: str = "epsilon"  # or "v_prediction"
     identity: BaseIdentity = field(default_factory=lambda: BaseIdentity(name="unknown"))
-    ldm_config: dict | None = None
+    ldm_config: dict[str, Any] | None = None
     ldm_extras: dict[str, Any] = field(default_factory=dict)
-    text_encoder_2: Any = None  # SDXL: transformers.CLIPTextModelWithProjection (OpenCLIP bigG)
-    tokenizer_2: Any = None  # SDXL: transformers.CLIPTokenizer padding with id 0, as open_clip does
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL: OpenCLIP bigG
+    tokenizer_2: CLIPTokenizer | None = None  # SDXL: pads with id 0, as open_clip does
 
     @property
     def vae_scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
 
     @property
-    def text_encoders(self) -> tuple:
+    def text_encoders(self) -> tuple[CLIPTextModel | CLIPTextModelWithProjection, ...]:
         """Every text encoder of the base, in checkpoint order (one for SD1/SD2, two for SDXL)."""
         return tuple(encoder for encoder in (self.text_encoder, self.text_encoder_2) if encoder is not None)

@@ -19,7 +19,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, cast
 
 import torch
 
@@ -33,8 +33,8 @@ DIFFUSERS_PARTS = ("unet", "vae", "text_encoder", "tokenizer")
 _FORMAT_FIX = "Use a .safetensors or .ckpt checkpoint, or a diffusers model folder (with model_index.json)."
 
 
-def read_checkpoint(path: Path, *, dtype: Optional[torch.dtype] = None,
-                    device: Union[str, torch.device, None] = None) -> Dict[str, Any]:
+def read_checkpoint(path: Path, *, dtype: torch.dtype | None = None,
+                    device: str | torch.device | None = None) -> dict[str, Any]:
     """The flat state dict of a single-file checkpoint (a top-level 'state_dict' is unwrapped).
 
     Floating-point tensors are converted to `dtype` and every tensor goes to `device` as it is read (None:
@@ -57,15 +57,15 @@ def read_checkpoint(path: Path, *, dtype: Optional[torch.dtype] = None,
     for key, value in state.items():  # one tensor at a time, each old one freed as its copy is made
         if torch.is_tensor(value):
             state[key] = _converted(value, dtype, device)
-    return state
+    return cast(dict[str, Any], state)
 
 
-def _converted(tensor: torch.Tensor, dtype: Optional[torch.dtype], device: Union[str, torch.device, None]) -> torch.Tensor:
+def _converted(tensor: torch.Tensor, dtype: torch.dtype | None, device: str | torch.device | None) -> torch.Tensor:
     wanted = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
     return tensor.to(device=device or tensor.device, dtype=wanted)
 
 
-def read_metadata(path: Path) -> Dict[str, str]:
+def read_metadata(path: Path) -> dict[str, str]:
     """The `__metadata__` strings of a `.safetensors` file (empty for other files and unreadable headers).
 
     Only decides things the weights cannot (SD2's prediction type without a YAML), so a damaged header is
@@ -90,7 +90,7 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _read_safetensors(path: Path, dtype: Optional[torch.dtype], device: Union[str, torch.device, None]) -> Dict[str, Any]:
+def _read_safetensors(path: Path, dtype: torch.dtype | None, device: str | torch.device | None) -> dict[str, Any]:
     """Each tensor read with a plain file read into its own buffer, converted, and the buffer dropped.
 
     Plain reads instead of safetensors' memory map: file pages read through a map count as the process's
@@ -101,7 +101,7 @@ def _read_safetensors(path: Path, dtype: Optional[torch.dtype], device: Union[st
     header = read_header(path)
     size = path.stat().st_size
     damaged = "The file is damaged or incomplete; download it again."
-    state: Dict[str, Any] = {}
+    state: dict[str, Any] = {}
     with open(path, "rb") as handle:
         for key, info in header.tensors.items():
             begin, end = info.data_offsets
@@ -114,7 +114,7 @@ def _read_safetensors(path: Path, dtype: Optional[torch.dtype], device: Union[st
                                      damaged)
             buffer = torch.empty(end - begin, dtype=torch.uint8)
             handle.seek(header.data_offset + begin)
-            if handle.readinto(memoryview(buffer.numpy())) != end - begin:
+            if handle.readinto(memoryview(buffer.numpy())) != end - begin:  # type: ignore[arg-type]
                 raise ModelLoadError(f"{path} could not be read as safetensors: the file ends inside tensor {key}.",
                                      damaged)
             try:
@@ -143,7 +143,7 @@ _LightningModelCheckpoint.__module__ = "pytorch_lightning.callbacks.model_checkp
 _LightningModelCheckpoint.__name__ = _LightningModelCheckpoint.__qualname__ = "ModelCheckpoint"
 
 
-def _allowing_lightning_callback():
+def _allowing_lightning_callback() -> contextlib.AbstractContextManager[object]:
     """torch >= 2.5 can allow extra names in its weights-only unpickler; older torch refuses them."""
     safe_globals = getattr(torch.serialization, "safe_globals", None)
     return safe_globals([_LightningModelCheckpoint]) if safe_globals else contextlib.nullcontext()
@@ -196,10 +196,10 @@ class DiffusersParts:
     unet: Any
     vae: Any
     text_encoder: Any
-    scheduler_config: Dict[str, Any]
-    tokenizer_dir: Optional[Path]
+    scheduler_config: dict[str, Any]
+    tokenizer_dir: Path | None
     text_encoder_2: Any = None  # SDXL's CLIPTextModelWithProjection
-    tokenizer_2_dir: Optional[Path] = None
+    tokenizer_2_dir: Path | None = None
 
 
 def load_diffusers_folder(folder: Path, dtype: torch.dtype, *, second_text_encoder: bool = False) -> DiffusersParts:
@@ -228,7 +228,7 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype, *, second_text_encod
         raise ModelLoadError(f"Could not load the diffusers model in {folder}: {error}",
                              "Check that every part holds its config.json and weights.") from error
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
-    scheduler_config: Dict[str, Any] = {}
+    scheduler_config: dict[str, Any] = {}
     if scheduler_path.is_file():
         try:
             scheduler_config = json.loads(scheduler_path.read_text(encoding="utf-8"))

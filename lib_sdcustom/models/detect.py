@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 from ..errors import ModelLoadError
 from .bundle import ModelFamily
@@ -81,7 +81,7 @@ def classify(state: Mapping[str, Any]) -> str:
         return EMBEDDING
     if 0 < len(keys) <= 2 and all(len(getattr(value, "shape", ())) == 2 for value in state.values()):
         return EMBEDDING  # a .safetensors embedding: one [n, width] tensor under any name (two for SDXL)
-    if keys and any(key in _HYPERNETWORK_WIDTHS for key in keys if isinstance(key, int)):
+    if keys and any(key in _HYPERNETWORK_WIDTHS for key in keys if isinstance(key, int)):  # type: ignore[comparison-overlap]
         return HYPERNETWORK
     if any(key.startswith(("encoder.conv_in.", "decoder.conv_in.", VAE_PREFIX)) for key in names):
         return VAE
@@ -104,7 +104,7 @@ def _describe(kind: str, in_channels: int) -> str:
     }[kind]
 
 
-def _missing_parts(state: Mapping[str, Any], family: ModelFamily) -> list:
+def _missing_parts(state: Mapping[str, Any], family: ModelFamily) -> list[str]:
     parts = [("UNet", UNET_PREFIX), ("VAE", VAE_PREFIX)]
     parts += [(name, slot.prefix) for name, slot in zip(_PART_NAMES[family], TEXT_SLOTS[family])]
     return [f"{name} ('{prefix}*')" for name, prefix in parts
@@ -143,7 +143,7 @@ def detect_diffusers_family(folder: Path) -> ModelFamily:
     """The family of a diffusers folder, from its model_index.json and component configs."""
     def read(relative: str) -> Mapping[str, Any]:
         try:
-            return json.loads((folder / relative).read_text(encoding="utf-8"))
+            return cast(Mapping[str, Any], json.loads((folder / relative).read_text(encoding="utf-8")))
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"Could not read {folder / relative}: {error}",
                                  "The folder must be a complete diffusers Stable Diffusion model.") from error

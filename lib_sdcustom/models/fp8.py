@@ -12,9 +12,10 @@ method must run its modules beside such layers (LyCORIS bypass mode), not merge 
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
+from torch.nn.grad import conv2d_input
 import torch.nn.functional as F
 
 from ..errors import ConfigError
@@ -26,39 +27,40 @@ _FIX = "Turn fp8_base off (fp16/bf16 mixed precision and gradient checkpointing 
 
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:
         ctx.save_for_backward(weight)
         ctx.dtype, ctx.input_dtype = dtype, x.dtype
         return F.linear(x, weight.to(dtype), bias)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (weight,) = ctx.saved_tensors
         return grad.matmul(weight.to(grad.dtype)).to(ctx.input_dtype), None, None, None
 
 
 class _Fp8Conv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                geometry: tuple):
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                dtype: torch.dtype, geometry: tuple[Any, ...]) -> torch.Tensor:
         ctx.save_for_backward(weight)
         ctx.dtype, ctx.input_dtype, ctx.input_shape, ctx.geometry = dtype, x.dtype, x.shape, geometry
         return F.conv2d(x, weight.to(dtype), bias, *geometry)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         (weight,) = ctx.saved_tensors
-        grad_input = torch.nn.grad.conv2d_input(ctx.input_shape, weight.to(grad.dtype), grad, *ctx.geometry)
+        grad_input = conv2d_input(ctx.input_shape, weight.to(grad.dtype), grad, *ctx.geometry)
         return grad_input.to(ctx.input_dtype), None, None, None, None
 
 
-def _linear_forward(module: torch.nn.Linear, dtype: torch.dtype):
-    return lambda x: _Fp8Linear.apply(x, module.weight, module.bias, dtype)
+def _linear_forward(module: torch.nn.Linear, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: _Fp8Linear.apply(x, module.weight, module.bias, dtype)  # type: ignore[no-untyped-call]
 
 
-def _conv_forward(module: torch.nn.Conv2d, dtype: torch.dtype):
+def _conv_forward(module: torch.nn.Conv2d, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     geometry = (module.stride, module.padding, module.dilation, module.groups)
-    return lambda x: _Fp8Conv2d.apply(x, module.weight, module.bias, dtype, geometry)
+    return lambda x: _Fp8Conv2d.apply(x, module.weight, module.bias, dtype, geometry)  # type: ignore[no-untyped-call]
 
 
 def _storable(name: str, module: torch.nn.Module) -> bool:

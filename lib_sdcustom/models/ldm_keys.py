@@ -21,11 +21,14 @@ CLIP-L under `conditioner.embedders.0.transformer.` and an open_clip bigG under 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from .bundle import ModelFamily
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -274,7 +277,7 @@ def _linear_or_conv_names(module: torch.nn.Module) -> list[str]:
             if isinstance(child, (torch.nn.Linear, torch.nn.Conv2d))]
 
 
-def unet_module_paths(unet: torch.nn.Module) -> dict[str, str]:
+def unet_module_paths(unet: UNet2DConditionModel) -> dict[str, str]:
     """diffusers module path -> LDM module path (under `diffusion_model`) for every UNet Linear/Conv2d."""
     table = PrefixMap(unet_prefix_pairs(UNetLayout.from_diffusers_config(unet.config)))
     out: dict[str, str] = {}

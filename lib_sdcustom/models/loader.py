@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -25,9 +25,10 @@ from . import ldm_keys
 from .bundle import BaseIdentity, ModelBundle, ModelFamily
 from .checkpoint_io import is_diffusers_folder, load_diffusers_folder, read_checkpoint, read_metadata
 from .detect import detect_diffusers_family, detect_family
-from .ldm_config import (SD1_V1_INFERENCE, STOCK_CONFIG_NAME, ModelConfigs, configs_for_checkpoint, configs_from_ldm,
-                         yaml_beside)
+from .ldm_config import configs_for_checkpoint, configs_from_ldm
+from .model_yaml import ModelConfigs, yaml_beside
 from .open_clip_keys import open_clip_to_transformers
+from .stock_configs import SD1_V1_INFERENCE, STOCK_CONFIG_NAME
 from .tokenizer import load_clip_tokenizer, load_open_clip_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,8 @@ logger = logging.getLogger(__name__)
 _SHOWN_KEYS = 3
 
 
-def load_bundle(path: Union[str, Path], *, dtype: torch.dtype = torch.float32,
-                device: Union[str, torch.device, None] = None) -> ModelBundle:
+def load_bundle(path: str | Path, *, dtype: torch.dtype = torch.float32,
+                device: str | torch.device | None = None) -> ModelBundle:
     """Load an SD1, SD2 or SDXL single-file checkpoint (`.safetensors`, `.ckpt`) or a diffusers model folder,
     with floating-point weights in `dtype` on `device` (default: the CPU)."""
     path = Path(path).expanduser()
@@ -51,7 +52,7 @@ def load_bundle(path: Union[str, Path], *, dtype: torch.dtype = torch.float32,
     return _load_single_file(path, dtype, device)
 
 
-def _load_single_file(path: Path, dtype: torch.dtype, device: Union[str, torch.device, None]) -> ModelBundle:
+def _load_single_file(path: Path, dtype: torch.dtype, device: str | torch.device | None) -> ModelBundle:
     state = read_checkpoint(path, dtype=dtype, device=device)
     family = detect_family(state, path)
     configs, ldm = configs_for_checkpoint(path, family, read_metadata(path))
@@ -77,21 +78,10 @@ def _load_single_file(path: Path, dtype: torch.dtype, device: Union[str, torch.d
     tokenizers = _tokenizers(family, [_tokenizer_dir(folder)
                                       for folder in (configs.text_encoder_dir, configs.text_encoder_2_dir)])
     logger.info("Loaded %s (%s, config: %s)", path, family.value, configs.source)
-    return ModelBundle(
-        family=family,
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoders[0],
-        tokenizer=tokenizers[0],
-        noise_scheduler=training_scheduler(configs.scheduler),
-        prediction_type=configs.prediction_type,
-        identity=BaseIdentity(name=path.stem, path=path.resolve(), sha256=sha256_file(path),
-                              legacy_hash=legacy_model_hash(path)),
-        ldm_config=ldm,
-        ldm_extras=parts.extras,
-        text_encoder_2=text_encoders[1] if len(text_encoders) > 1 else None,
-        tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None,
-    )
+    identity = BaseIdentity(name=path.stem, path=path.resolve(), sha256=sha256_file(path),
+                            legacy_hash=legacy_model_hash(path))
+    return bundle_from_modules(family, unet, vae, text_encoders, tokenizers, configs.scheduler, identity=identity,
+                               ldm_config=ldm, ldm_extras=parts.extras)
 
 
 def _family_name(family: ModelFamily) -> str:
@@ -111,13 +101,13 @@ def _mismatch_error(path: Path, configs: ModelConfigs, detail: str) -> ModelLoad
     )
 
 
-def _key_list(keys: List[str]) -> str:
+def _key_list(keys: list[str]) -> str:
     shown = ", ".join(sorted(keys)[:_SHOWN_KEYS])
     return shown + (f" and {len(keys) - _SHOWN_KEYS} more" if len(keys) > _SHOWN_KEYS else "")
 
 
 def mapped_or_fail(converted: ldm_keys.Converted, prefix: str,
-                    mismatch: Callable[[str], ModelLoadError]) -> Dict[str, Any]:
+                    mismatch: Callable[[str], ModelLoadError]) -> dict[str, Any]:
     if converted.unmapped:
         raise mismatch(f"it has tensors the config does not describe: "
                        f"{_key_list([prefix + key for key in converted.unmapped])}")
@@ -125,18 +115,20 @@ def mapped_or_fail(converted: ldm_keys.Converted, prefix: str,
 
 
 def text_encoder_weights(parts: ldm_keys.LdmParts, configs: ModelConfigs,
-                         mismatch: Callable[[str], ModelLoadError], *, views: bool = False) -> List[Dict[str, Any]]:
+                         mismatch: Callable[[str], ModelLoadError], *, views: bool = False) -> list[dict[str, Any]]:
     """Each text encoder's tensors in canonical transformers keys, in checkpoint order.
 
     open_clip towers are translated (`views`: see `open_clip_to_transformers`); their tensors that the module
     does not own (SD2's last block and projection, `logit_scale`) move to `parts.extras` under their
     checkpoint keys.
     """
-    out: List[Dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     for slot, raw in zip(ldm_keys.TEXT_SLOTS[configs.family], (parts.text_encoder, parts.text_encoder_2)):
         if not slot.open_clip:
             out.append(raw)
             continue
+        if configs.open_clip is None:
+            raise mismatch("its config names no open_clip layout for an open_clip text encoder")
         split = open_clip_to_transformers(raw, configs.open_clip, views=views)
         if split.unmapped:
             raise mismatch(f"it has tensors the config does not describe: "
@@ -155,8 +147,9 @@ def text_encoder_factory(config: Mapping[str, Any]) -> Callable[[], torch.nn.Mod
     return lambda: cls(CLIPTextConfig.from_dict(dict(config)))
 
 
-def _build_modules(configs: ModelConfigs, unet_sd: Dict[str, Any], vae_sd: Dict[str, Any],
-                   text_sds: List[Dict[str, Any]], dtype: torch.dtype, mismatch: Callable[[str], ModelLoadError]):
+def _build_modules(configs: ModelConfigs, unet_sd: dict[str, Any], vae_sd: dict[str, Any],
+                   text_sds: list[dict[str, Any]], dtype: torch.dtype,
+                   mismatch: Callable[[str], ModelLoadError]) -> tuple[torch.nn.Module, ...]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     unet = build_with_weights("UNet", lambda: UNet2DConditionModel(**configs.unet), unet_sd, dtype, mismatch)
@@ -166,7 +159,7 @@ def _build_modules(configs: ModelConfigs, unet_sd: Dict[str, Any], vae_sd: Dict[
     text_encoders = [build_with_weights(name, text_encoder_factory(config), state, dtype, mismatch,
                                         canonical_text=True)
                      for name, config, state in zip(names, text_configs, text_sds)]
-    return finish_modules(unet, vae, *text_encoders)
+    return (unet, vae, *text_encoders)
 
 
 def build_with_weights(what: str, factory: Callable[[], torch.nn.Module], state: Mapping[str, Any], dtype: torch.dtype,
@@ -214,39 +207,21 @@ def _short_load_error(module: torch.nn.Module, weights: Mapping[str, Any]) -> st
     return "; ".join(problems) or "the tensors do not fit the model"
 
 
-def finish_modules(unet: Any, vae: Any, text_encoder: Any, *more_text_encoders: Any):
-    """Frozen, eval-mode modules with SDPA attention; each method unfreezes what it trains. Returns them all."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    unet.set_attn_processor(AttnProcessor2_0())
-    modules = (unet, vae, text_encoder, *more_text_encoders)
-    for module in modules:
-        module.requires_grad_(False)
-        module.eval()
-    return modules
-
-
-def _tokenizer_dir(text_encoder_dir: Optional[Path]) -> Optional[Path]:
+def _tokenizer_dir(text_encoder_dir: Path | None) -> Path | None:
     if text_encoder_dir is not None and (text_encoder_dir / "vocab.json").is_file() \
             and (text_encoder_dir / "merges.txt").is_file():
         return text_encoder_dir
     return None
 
 
-def training_scheduler(scheduler: Mapping[str, Any]) -> Any:
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(**scheduler)
-
-
-def _tokenizers(family: ModelFamily, folders: List[Optional[Path]]) -> List[Any]:
+def _tokenizers(family: ModelFamily, folders: list[Path | None]) -> list[Any]:
     """One tokenizer per text encoder (a None folder: the bundled files): CLIP's for transformers slots,
     open_clip's (padding with id 0) for open_clip ones."""
     return [(load_open_clip_tokenizer if slot.open_clip else load_clip_tokenizer)(folder)
             for slot, folder in zip(ldm_keys.TEXT_SLOTS[family], folders)]
 
 
-def _load_diffusers(folder: Path, dtype: torch.dtype, device: Union[str, torch.device, None]) -> ModelBundle:
+def _load_diffusers(folder: Path, dtype: torch.dtype, device: str | torch.device | None) -> ModelBundle:
     family = detect_diffusers_family(folder)
     parts = load_diffusers_folder(folder, dtype, second_text_encoder=family is ModelFamily.SDXL)
     if device is not None:
@@ -258,18 +233,40 @@ def _load_diffusers(folder: Path, dtype: torch.dtype, device: Union[str, torch.d
     scheduler = {key: parts.scheduler_config.get(key, default) for key, default in stock.items()}
     scheduler["clip_sample"] = False
     encoders = [parts.text_encoder] + ([parts.text_encoder_2] if parts.text_encoder_2 is not None else [])
-    unet, vae, *text_encoders = finish_modules(parts.unet, parts.vae, *encoders)
     tokenizers = _tokenizers(family, [parts.tokenizer_dir, parts.tokenizer_2_dir])
     logger.info("Loaded diffusers model %s (%s)", folder, family.value)
+    return bundle_from_modules(family, parts.unet, parts.vae, encoders, tokenizers, scheduler,
+                               identity=BaseIdentity(name=folder.name, path=folder.resolve()))
+
+
+def bundle_from_modules(family: ModelFamily, unet: Any, vae: Any, text_encoders: Sequence[Any],
+                        tokenizers: Sequence[Any], scheduler: Mapping[str, Any], *, identity: BaseIdentity,
+                        ldm_config: dict[str, Any] | None = None,
+                        ldm_extras: Mapping[str, Any] | None = None) -> ModelBundle:
+    """The one place a `ModelBundle` is put together, for a file, a diffusers folder or the host's model.
+
+    The modules come out frozen, in eval mode and with SDPA attention (each method unfreezes what it
+    trains); `scheduler` is the DDPMScheduler kwargs of the training schedule, whose `prediction_type` is
+    the bundle's. Text encoders and tokenizers are in checkpoint order (SDXL: CLIP-L, then bigG).
+    """
+    from diffusers import DDPMScheduler
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())
+    for module in (unet, vae, *text_encoders):
+        module.requires_grad_(False)
+        module.eval()
     return ModelBundle(
         family=family,
         unet=unet,
         vae=vae,
         text_encoder=text_encoders[0],
         tokenizer=tokenizers[0],
-        noise_scheduler=training_scheduler(scheduler),
-        prediction_type=scheduler["prediction_type"],
-        identity=BaseIdentity(name=folder.name, path=folder.resolve()),
+        noise_scheduler=DDPMScheduler(**scheduler),
+        prediction_type=str(scheduler["prediction_type"]),
+        identity=identity,
+        ldm_config=ldm_config,
+        ldm_extras=dict(ldm_extras or {}),
         text_encoder_2=text_encoders[1] if len(text_encoders) > 1 else None,
         tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None,
     )

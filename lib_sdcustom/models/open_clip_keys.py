@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -82,7 +82,7 @@ def _prefix_map(layers: int) -> PrefixMap:
     return PrefixMap(pairs)
 
 
-def _hf_layer_count(keys) -> int:
+def _hf_layer_count(keys: Iterable[str]) -> int:
     return 1 + max((int(match.group(1)) for match in map(_HF_LAYER_KEY.match, keys) if match), default=-1)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from .bundle import ModelFamily
-from .ldm_config import (ModelConfigs, YamlReader, clip_text_encoder, ddpm_scheduler, open_clip_tower, unet_config,
+from .model_yaml import (ModelConfigs, YamlReader, clip_text_encoder, ddpm_scheduler, open_clip_tower, unet_config,
                          vae_config)
 from .open_clip_keys import OpenClipLayout
 

@@ -15,14 +15,37 @@ How many blocks the trainer's module keeps is decided by the YAML's `layer` (see
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict
+from typing import Any
 
 SD2_CONFIG_NAMES = {"epsilon": "v2-inference.yaml", "v_prediction": "v2-inference-v.yaml"}
 SDXL_CONFIG_NAME = "sd_xl_base.yaml"
 OPEN_CLIP_EMBEDDER = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"
 
+
+def _vae_params(**ddconfig_first: Any) -> dict[str, Any]:
+    """The first-stage (VAE) params every family publishes alike; sgm's names its attention type first."""
+    return {
+        "embed_dim": 4,
+        "monitor": "val/rec_loss",
+        "ddconfig": {
+            **ddconfig_first,
+            "double_z": True,
+            "z_channels": 4,
+            "resolution": 256,
+            "in_channels": 3,
+            "out_ch": 3,
+            "ch": 128,
+            "ch_mult": [1, 2, 4, 4],
+            "num_res_blocks": 2,
+            "attn_resolutions": [],
+            "dropout": 0.0,
+        },
+        "lossconfig": {"target": "torch.nn.Identity"},
+    }
+
+
 # The host's configs/v1-inference.yaml (A1111 1.10.1), minus training-only entries.
-SD1_V1_INFERENCE: Dict[str, Any] = {
+SD1_V1_INFERENCE: dict[str, Any] = {
     "model": {
         "base_learning_rate": 1.0e-04,
         "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
@@ -61,23 +84,7 @@ SD1_V1_INFERENCE: Dict[str, Any] = {
             },
             "first_stage_config": {
                 "target": "ldm.models.autoencoder.AutoencoderKL",
-                "params": {
-                    "embed_dim": 4,
-                    "monitor": "val/rec_loss",
-                    "ddconfig": {
-                        "double_z": True,
-                        "z_channels": 4,
-                        "resolution": 256,
-                        "in_channels": 3,
-                        "out_ch": 3,
-                        "ch": 128,
-                        "ch_mult": [1, 2, 4, 4],
-                        "num_res_blocks": 2,
-                        "attn_resolutions": [],
-                        "dropout": 0.0,
-                    },
-                    "lossconfig": {"target": "torch.nn.Identity"},
-                },
+                "params": _vae_params(),
             },
             "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"},
         },
@@ -85,7 +92,7 @@ SD1_V1_INFERENCE: Dict[str, Any] = {
 }
 
 # transformers CLIPTextConfig of openai/clip-vit-large-patch14's text tower (SD1's text encoder).
-VIT_L14_TEXT_CONFIG: Dict[str, Any] = {
+VIT_L14_TEXT_CONFIG: dict[str, Any] = {
     "model_type": "clip_text_model",
     "architectures": ["CLIPTextModel"],
     "vocab_size": 49408,
@@ -107,7 +114,7 @@ VIT_L14_TEXT_CONFIG: Dict[str, Any] = {
 }
 
 
-def _sd2(parameterization: str) -> Dict[str, Any]:
+def _sd2(parameterization: str) -> dict[str, Any]:
     """v2-inference(-v).yaml: the SD1 layout with OpenCLIP ViT-H, linear transformer projections and 64-channel
     heads. The two files differ only in `parameterization`."""
     config = copy.deepcopy(SD1_V1_INFERENCE)
@@ -121,11 +128,11 @@ def _sd2(parameterization: str) -> Dict[str, Any]:
     return config
 
 
-SD2_V2_INFERENCE: Dict[str, Any] = _sd2("eps")
-SD2_V2_INFERENCE_V: Dict[str, Any] = _sd2("v")
+SD2_V2_INFERENCE: dict[str, Any] = _sd2("eps")
+SD2_V2_INFERENCE_V: dict[str, Any] = _sd2("v")
 
 _SGM = "sgm.modules"
-SDXL_BASE: Dict[str, Any] = {
+SDXL_BASE: dict[str, Any] = {
     "model": {
         "target": "sgm.models.diffusion.DiffusionEngine",
         "params": {
@@ -186,31 +193,14 @@ SDXL_BASE: Dict[str, Any] = {
             },
             "first_stage_config": {
                 "target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper",
-                "params": {
-                    "embed_dim": 4,
-                    "monitor": "val/rec_loss",
-                    "ddconfig": {
-                        "attn_type": "vanilla-xformers",
-                        "double_z": True,
-                        "z_channels": 4,
-                        "resolution": 256,
-                        "in_channels": 3,
-                        "out_ch": 3,
-                        "ch": 128,
-                        "ch_mult": [1, 2, 4, 4],
-                        "num_res_blocks": 2,
-                        "attn_resolutions": [],
-                        "dropout": 0.0,
-                    },
-                    "lossconfig": {"target": "torch.nn.Identity"},
-                },
+                "params": _vae_params(attn_type="vanilla-xformers"),
             },
         },
     }
 }
 
 # open_clip ViT-H-14's text tower (SD2): 24 blocks of width 1024, exact GELU, projection 1024 x 1024.
-VIT_H14_TEXT_CONFIG: Dict[str, Any] = {
+VIT_H14_TEXT_CONFIG: dict[str, Any] = {
     **VIT_L14_TEXT_CONFIG,
     "hidden_size": 1024,
     "intermediate_size": 4096,
@@ -221,7 +211,7 @@ VIT_H14_TEXT_CONFIG: Dict[str, Any] = {
 }
 
 # open_clip ViT-bigG-14's text tower (SDXL's second encoder): 32 blocks of width 1280, projection 1280 x 1280.
-VIT_BIGG14_TEXT_CONFIG: Dict[str, Any] = {
+VIT_BIGG14_TEXT_CONFIG: dict[str, Any] = {
     **VIT_L14_TEXT_CONFIG,
     "architectures": ["CLIPTextModelWithProjection"],
     "hidden_size": 1280,
@@ -232,10 +222,10 @@ VIT_BIGG14_TEXT_CONFIG: Dict[str, Any] = {
     "hidden_act": "gelu",
 }
 
-OPEN_CLIP_TOWERS: Dict[str, Dict[str, Any]] = {"ViT-H-14": VIT_H14_TEXT_CONFIG, "ViT-bigG-14": VIT_BIGG14_TEXT_CONFIG}
+OPEN_CLIP_TOWERS: dict[str, dict[str, Any]] = {"ViT-H-14": VIT_H14_TEXT_CONFIG, "ViT-bigG-14": VIT_BIGG14_TEXT_CONFIG}
 
 
-def stock_ldm_config(family: str, prediction_type: str) -> Dict[str, Any]:
+def stock_ldm_config(family: str, prediction_type: str) -> dict[str, Any]:
     """A fresh copy of the stock config of `family` ("sd1", "sd2", "sdxl" or a `ModelFamily`) for
     `prediction_type` ("epsilon" or "v_prediction"): what the host needs as `NAME.yaml` to run a checkpoint
     of that kind without guessing. SD1 and SDXL have no published v config; theirs is the base config with
@@ -259,3 +249,11 @@ def stock_ldm_config(family: str, prediction_type: str) -> Dict[str, Any]:
                 denoiser[part]["target"] = denoiser[part]["target"].replace(eps, v_name)
         return config
     raise ValueError(f"unknown model family {family!r}")
+
+
+# How a stock config is named where a YAML path would be (`ModelConfigs.source`).
+STOCK_CLIP_ID = "openai/clip-vit-large-patch14"
+STOCK_CONFIG_NAME = "the built-in SD1 v1-inference config"
+SD2_STOCK_NAMES = {prediction: f"the built-in SD2 {name[:-5]} config" for prediction, name in SD2_CONFIG_NAMES.items()}
+SDXL_STOCK_NAME = f"the built-in SDXL {SDXL_CONFIG_NAME[:-5]} config"
+STOCK_SOURCES = frozenset({STOCK_CONFIG_NAME, SDXL_STOCK_NAME, *SD2_STOCK_NAMES.values()})

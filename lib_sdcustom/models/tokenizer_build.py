@@ -12,6 +12,7 @@ and the output must equal the committed `clip_tokenizer/` folder byte for byte (
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import logging
@@ -105,7 +106,7 @@ def build(gz_path: Path, out_dir: Path) -> list[Path]:
     for name, text in tokenizer_files(read_merges(gz_path)).items():
         data = text.encode("utf-8")
         # Bytes, not text mode: the files must come out identical on every OS (no CRLF translation).
-        written.append(write_atomically(out_dir / name, lambda tmp, data=data: tmp.write_bytes(data)))
+        written.append(write_atomically(out_dir / name, functools.partial(Path.write_bytes, data=data)))
     logger.info("Wrote CLIP tokenizer files to %s", out_dir)
     return written
 

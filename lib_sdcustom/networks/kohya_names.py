@@ -13,24 +13,27 @@ on the way in. Text-encoder names (`lora_te_`, `lora_te1_`, `lora_te2_`) are the
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 from torch import nn
 
 from ..models.ldm_keys import unet_module_paths
 
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
+
 UNET_PREFIX = "lora_unet_"
 
 
-def uses_ldm_names(unet: nn.Module) -> bool:
+def uses_ldm_names(unet: UNet2DConditionModel) -> bool:
     """Whether the file names this UNet's modules by their LDM paths (every layout but SD1/SD2's)."""
     config = unet.config
     host_converter_fits = int(config.layers_per_block) == 2 and "CrossAttn" not in config.up_block_types[0]
     return not host_converter_fits
 
 
-def ldm_unet_names(unet: nn.Module) -> dict[str, str]:
+def ldm_unet_names(unet: UNet2DConditionModel) -> dict[str, str]:
     """Trainer (diffusers-path) module name -> LDM-path module name for every UNet Linear/Conv2d."""
     return {UNET_PREFIX + diffusers.replace(".", "_"): UNET_PREFIX + ldm.replace(".", "_")
             for diffusers, ldm in unet_module_paths(unet).items()}
@@ -44,12 +47,12 @@ def _rename(tensors: Mapping[str, torch.Tensor], names: Mapping[str, str]) -> di
     return renamed
 
 
-def to_file_names(tensors: Mapping[str, torch.Tensor], unet: nn.Module) -> dict[str, torch.Tensor]:
+def to_file_names(tensors: Mapping[str, torch.Tensor], unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     """The trainer's network tensors under the names the file carries for this UNet."""
     return _rename(tensors, ldm_unet_names(unet)) if uses_ldm_names(unet) else dict(tensors)
 
 
-def from_file_names(tensors: Mapping[str, torch.Tensor], unet: nn.Module) -> dict[str, torch.Tensor]:
+def from_file_names(tensors: Mapping[str, torch.Tensor], unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     """A network file's tensors under the trainer's (LyCORIS on diffusers) names: the inverse of
     `to_file_names`. Names already in the trainer's form pass unchanged (no LDM path is a diffusers path)."""
     if not uses_ldm_names(unet):

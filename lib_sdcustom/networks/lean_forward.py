@@ -12,20 +12,23 @@ hold both to the merged-weight forward.
 from __future__ import annotations
 
 import types
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable, TypeGuard, cast
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from lycoris.modules.locon import LoConModule
 
-def _plain_lora(module: nn.Module) -> bool:
+
+def _plain_lora(module: nn.Module) -> TypeGuard[LoConModule]:
     from lycoris.modules.locon import LoConModule
 
     return (type(module) is LoConModule and bool(module.bypass_mode) and not module.tucker and not module.wd
             and not module.rank_dropout)
 
 
-def _lean_bypass_forward_diff(self: nn.Module, x: torch.Tensor, scale: float = 1) -> torch.Tensor:
+def _lean_bypass_forward_diff(self: LoConModule, x: torch.Tensor, scale: float = 1) -> torch.Tensor:
     down = self.lora_down.weight.to(x)
     up = (self.lora_up.weight * (self.scalar * (self.scale * scale))).to(x)
     if self.isconv:  # down carries the layer's kernel, stride and padding; up is 1x1
@@ -33,7 +36,7 @@ def _lean_bypass_forward_diff(self: nn.Module, x: torch.Tensor, scale: float = 1
         hidden = self.op(x, down, None, layer.stride, layer.padding, layer.dilation, layer.groups)
     else:
         hidden = self.op(x, down)
-    return self.dropout(self.op(hidden, up))
+    return cast(torch.Tensor, self.dropout(self.op(hidden, up)))
 
 
 def use_lean_forward(modules: Iterable[nn.Module]) -> int:

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +25,10 @@ from .algorithms import TEXT_ENCODER_BLOCKS, NetworkAlgorithm
 from .kohya_names import from_file_names
 from .lean_forward import use_lean_forward
 
+if TYPE_CHECKING:
+    from lycoris.kohya import LycorisNetworkKohya
+    from transformers.models.clip.modeling_clip import CLIPTextTransformer
+
 _PRESET_LOCK = threading.Lock()
 _PRESET_FIELDS = ("ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "TEXT_ENCODER_TARGET_REPLACE_MODULE",
                   "TEXT_ENCODER_TARGET_REPLACE_NAME", "MODULE_ALGO_MAP", "NAME_ALGO_MAP", "TARGET_EXCLUDE_NAME")
@@ -32,6 +36,8 @@ _PRESET_FIELDS = ("ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPL
 
 class TextModelView(nn.Module):
     """Presents a CLIP text encoder so that its module paths start with `text_model.` in every transformers version."""
+
+    text_model: CLIPTextTransformer
 
     def __init__(self, text_encoder: nn.Module) -> None:
         super().__init__()
@@ -67,7 +73,7 @@ def kohya_targets(algorithm: NetworkAlgorithm) -> Iterator[type]:
 class AttachedNetwork:
     """A network wired into the models' forward passes; `detach()` restores them exactly."""
 
-    network: nn.Module
+    network: LycorisNetworkKohya
     algorithm: NetworkAlgorithm
     unet: nn.Module
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError, OutputError
 from ..files import temp_prefix
-from ..run_folder import read_run_id
+from ..run.run_id import read_run_id
 
 _PREFIX = "step-"
 STATE_FORMAT = 2  # 2: progress.json names the run that wrote it

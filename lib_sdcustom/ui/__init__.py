@@ -1,4 +1,4 @@
-"""The Customize tab, shared by the WebUI (through `host_a1111`) and the standalone server (`python -m lib_sdcustom.ui`)."""
+"""The Customize tab, shared by the WebUI (through `host/a1111.py`) and the standalone server (`python -m lib_sdcustom.ui`)."""
 
 from .tab import TabController, build_tab
 

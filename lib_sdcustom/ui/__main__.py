@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Sequence
 
 EXTENSION_ROOT = Path(__file__).resolve().parents[2]
 STYLE = EXTENSION_ROOT / "style.css"
@@ -34,13 +34,13 @@ def _read(path: Path) -> str:
     return path.read_text(encoding="utf-8") if path.is_file() else ""
 
 
-def launch(args: argparse.Namespace) -> Tuple[Any, str]:
+def launch(args: argparse.Namespace) -> tuple[Any, str]:
     """Start the server without blocking; (gradio Blocks, local URL). One `Credentials` guards the page's
     endpoints (gradio's login) and the API; the host confines both to the same roots."""
-    from ..access import parse_credentials
-    from ..api import register_routes
-    from ..host import StandaloneHost
-    from ..runs import RunManager
+    from ..host.access import parse_credentials
+    from ..host.api import register_routes
+    from ..host.base import StandaloneHost
+    from ..run.manager import RunManager
     from . import build_tab, compat
 
     credentials = parse_credentials(args.api_auth)
@@ -64,7 +64,7 @@ def launch(args: argparse.Namespace) -> Tuple[Any, str]:
     return demo, local_url
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     demo, local_url = launch(args)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Sequence
 
 from ..config import SECTIONS, RunConfig, config_from_dict
 from ..errors import ConfigError
@@ -34,7 +34,7 @@ class OptionField:
     kind: type
     default: Any
     help: str
-    choices: Optional[Tuple[str, ...]]
+    choices: tuple[str, ...] | None
 
     @property
     def key(self) -> str:
@@ -57,7 +57,7 @@ class OptionField:
         return str(value)
 
 
-def option_fields() -> List[OptionField]:
+def option_fields() -> list[OptionField]:
     defaults = RunConfig()
     found = []
     for section in SECTIONS:
@@ -109,7 +109,7 @@ def config_from_form(method: str, folder: str, name: str, token: str, subject_cl
     """`subject=False` keeps the token out of the settings (a preset must not freeze one subject's captions)."""
     if method not in METHOD_LABELS:  # a cleared dropdown sends None
         raise ConfigError("No method chosen.", "Pick a method in the Method list (LoRA if unsure).")
-    nested: Dict[str, Any] = {"method": method, "data": {"data": (folder or "").strip()},
+    nested: dict[str, Any] = {"method": method, "data": {"data": (folder or "").strip()},
                               "output": {"name": (name or "").strip()}}
     for field, value in zip(fields, values):
         nested.setdefault(field.section, {})[field.name] = field.coerce(value)
@@ -119,6 +119,6 @@ def config_from_form(method: str, folder: str, name: str, token: str, subject_cl
     return config
 
 
-def form_values(config: RunConfig, fields: Sequence[OptionField]) -> List[Any]:
+def form_values(config: RunConfig, fields: Sequence[OptionField]) -> list[Any]:
     """A config (a loaded preset) -> widget values in `fields` order."""
     return [getattr(getattr(config, field.section), field.name) for field in fields]

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..config import DataOptions, RunConfig
-from ..family_defaults import native_resolution
-from ..host import ModelKind
+from ..run.family_defaults import native_resolution
+from ..host.base import ModelKind
 from ..methods.registry import OutputKind
 from ..models.bundle import ModelFamily
 

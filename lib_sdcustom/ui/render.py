@@ -10,15 +10,15 @@ from __future__ import annotations
 import html
 import math
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Sequence
 
-from ..run_folders import RunFolder
-from ..runs import CANCELLED, FAILED, FINISHED, RUNNING, RunStatus
+from ..run.folders import RunFolder
+from ..run.manager import CANCELLED, FAILED, FINISHED, RUNNING, RunStatus
 
 _e = html.escape
 
 
-def duration(seconds: Optional[float]) -> str:
+def duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "-"
     seconds = int(round(seconds))
@@ -37,7 +37,7 @@ def notice_html(text: str) -> str:
     return f"<div class='sdcustom-panel sdcustom-notice'>{_e(text)}</div>"
 
 
-def progress_html(status: Optional[RunStatus]) -> str:
+def progress_html(status: RunStatus | None) -> str:
     if status is None:
         return "<div class='sdcustom-progress' data-state='idle' data-step='0'>No training yet.</div>"
     total = max(status.total_steps, 1)
@@ -62,7 +62,7 @@ def progress_html(status: Optional[RunStatus]) -> str:
             + (f"<ul class='sdcustom-warnings'>{warnings}</ul>" if warnings else "") + "</div>")
 
 
-def _downsample(points: Sequence[Tuple[int, float]], limit: int) -> List[Tuple[int, float]]:
+def _downsample(points: Sequence[tuple[int, float]], limit: int) -> list[tuple[int, float]]:
     finite = [(step, loss) for step, loss in points if math.isfinite(loss)]
     if len(finite) <= limit:
         return finite
@@ -70,7 +70,7 @@ def _downsample(points: Sequence[Tuple[int, float]], limit: int) -> List[Tuple[i
     return [finite[int(i * stride)] for i in range(limit)] + [finite[-1]]
 
 
-def _smoothed(points: Sequence[Tuple[int, float]], weight: float = 0.9) -> List[Tuple[int, float]]:
+def _smoothed(points: Sequence[tuple[int, float]], weight: float = 0.9) -> list[tuple[int, float]]:
     """Bias-corrected exponential moving average, as TensorBoard smooths: the trend under the noise."""
     out, average = [], 0.0
     for index, (step, loss) in enumerate(points, start=1):
@@ -79,7 +79,7 @@ def _smoothed(points: Sequence[Tuple[int, float]], weight: float = 0.9) -> List[
     return out
 
 
-def loss_chart_svg(points: Sequence[Tuple[int, float]], width: int = 480, height: int = 160) -> str:
+def loss_chart_svg(points: Sequence[tuple[int, float]], width: int = 480, height: int = 160) -> str:
     """The loss curve (raw and smoothed) as inline SVG; an empty frame before the first step."""
     pad_left, pad, bottom = 48, 8, 18
     data = _downsample(points, 400)
@@ -111,7 +111,7 @@ def loss_chart_svg(points: Sequence[Tuple[int, float]], width: int = 480, height
             f"<polyline class='smooth' fill='none' stroke='#f97316' stroke-width='2' points='{smooth}'/></svg>")
 
 
-def result_html(status: Optional[RunStatus]) -> str:
+def result_html(status: RunStatus | None) -> str:
     if status is None or status.state == RUNNING:
         return "<div class='sdcustom-panel' data-state='none'></div>"
     if status.state == FINISHED:

@@ -11,16 +11,16 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Sequence
 
-from .. import presets
 from ..config import RunConfig
 from ..errors import DatasetError, UserFacingError
-from ..host import HostFacts, output_kind
-from ..methods.registry import method_class
+from ..host.base import HostFacts, output_kind
+from ..methods.registry import METHOD_SECTIONS, method_class
 from ..microworld.install import install_into_host
-from ..run_folders import clear_finished, run_folders
-from ..runs import RunManager, RunStatus
+from ..run import presets
+from ..run.folders import clear_finished, run_folders
+from ..run.manager import RunManager, RunStatus
 from . import compat, form, plan, render
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ _PREVIEWS_SHOWN = 8
 _NO_CHANGE = object()  # "leave this widget as it is": the builder swaps it for gr.update()
 
 
-def _thumbnails(paths: Sequence[Path], side: int = _THUMBNAIL_SIDE) -> list:
+def _thumbnails(paths: Sequence[Path], side: int = _THUMBNAIL_SIDE) -> list[Any]:
     from PIL import Image
 
     images = []
@@ -65,7 +65,7 @@ class TabController:
         return config
 
     # ----- before training -----
-    def check_folder(self, *form_values: Any) -> Tuple[str, list, str, int]:
+    def check_folder(self, *form_values: Any) -> tuple[str, list[Any], str, int]:
         """(dataset panel, thumbnails, plan panel, images per epoch) for the folder in the form."""
         try:
             config = self.config(*form_values, subject=False)
@@ -82,7 +82,7 @@ class TabController:
         return (plan.dataset_html(summary), _thumbnails(summary.thumbnails), self.plan(summary.seen_per_epoch, *form_values),
                 summary.seen_per_epoch)
 
-    def plan(self, seen_per_epoch: Optional[int], *form_values: Any) -> str:
+    def plan(self, seen_per_epoch: int | None, *form_values: Any) -> str:
         try:
             config = self.config(*form_values, subject=False)
         except UserFacingError as error:
@@ -95,13 +95,13 @@ class TabController:
         return header + plan.plan_html(config, seen_per_epoch or None, self.host.base_parameters(checkpoint),
                                        self.host.model_kind(checkpoint))
 
-    def method_changed(self, method: str) -> List[bool]:
+    def method_changed(self, method: str) -> list[bool]:
         """Visibility of the token box and of each method-specific accordion (in `method_sections` order)."""
         return [form.uses_token(method)] + [form.section_visible(section, method) for section in self.method_sections]
 
     @property
-    def method_sections(self) -> List[str]:
-        return [section for section in form.METHOD_SECTIONS if any(f.section == section for f in self.fields)]
+    def method_sections(self) -> list[str]:
+        return [section for section in METHOD_SECTIONS if any(f.section == section for f in self.fields)]
 
     # ----- training -----
     def busy_html(self) -> str:
@@ -124,7 +124,7 @@ class TabController:
 
         return train_unless_busy
 
-    def train(self, task_id: str, *form_values: Any) -> List[str]:
+    def train(self, task_id: str, *form_values: Any) -> list[str]:
         """The Train button (wrapped in the host's GPU queue call): blocks until the run ends."""
         try:
             config = self._prepared(*form_values)
@@ -138,7 +138,7 @@ class TabController:
         root = self.facts.runs_dir
         return render.runs_html(root, run_folders(root)) if root is not None else ""
 
-    def clear_runs(self) -> Tuple[str, str]:
+    def clear_runs(self) -> tuple[str, str]:
         """(message, runs panel): deletes the finished run folders, never the running one's."""
         status = self.manager.current()
         active = [Path(status.run_dir)] if status and status.active and status.run_dir else []
@@ -158,7 +158,7 @@ class TabController:
             return render.notice_html("Cancelling: training stops after the current step and saves its state.")
         return render.notice_html("Nothing is training.")
 
-    def poll(self, seen: str) -> Tuple[str, Any, Any, Any, Any, Any]:
+    def poll(self, seen: str) -> tuple[str, Any, Any, Any, Any, Any]:
         """(state key, progress, chart, previews, result, run folders); `_NO_CHANGE` where nothing changed since
         `seen` (the page's first poll sends '', so a page opened later still gets the current figures)."""
         status = self.manager.current()
@@ -171,7 +171,7 @@ class TabController:
                 _NO_CHANGE if status and status.active else self.runs_html())
 
     # ----- presets -----
-    def save_preset(self, preset: str, *form_values: Any) -> Tuple[str, List[str]]:
+    def save_preset(self, preset: str, *form_values: Any) -> tuple[str, list[str]]:
         try:
             config = self.config(*form_values, subject=False)
             path = presets.save_preset(self.facts.presets_dir, preset, config)
@@ -179,7 +179,7 @@ class TabController:
             return render.error_html(error.problem, error.fix), self.preset_names()
         return render.notice_html(f"Saved preset {path}"), self.preset_names()
 
-    def load_preset(self, preset: str) -> Tuple[Any, ...]:
+    def load_preset(self, preset: str) -> tuple[Any, ...]:
         """(method, folder, name, *options, message); `_NO_CHANGE` everywhere on failure."""
         try:
             config = presets.load_preset(self.facts.presets_dir, preset or "")
@@ -188,17 +188,17 @@ class TabController:
         return (config.method, config.data.data, config.output.name, *form.form_values(config, self.fields),
                 render.notice_html(f"Loaded preset {preset}"))
 
-    def delete_preset(self, preset: str) -> Tuple[str, List[str]]:
+    def delete_preset(self, preset: str) -> tuple[str, list[str]]:
         try:
             presets.delete_preset(self.facts.presets_dir, preset or "")
         except UserFacingError as error:
             return render.error_html(error.problem, error.fix), self.preset_names()
         return render.notice_html(f"Deleted preset {preset}"), self.preset_names()
 
-    def preset_names(self) -> List[str]:
+    def preset_names(self) -> list[str]:
         return presets.list_presets(self.facts.presets_dir)
 
-    def status(self) -> Optional[RunStatus]:
+    def status(self) -> RunStatus | None:
         return self.manager.current()
 
 
@@ -213,7 +213,7 @@ def _widget(gr: Any, field: form.OptionField, value: Any) -> Any:
     return gr.Textbox(value=value, **common)
 
 
-def _updates(gr: Any, values: Sequence[Any]) -> list:
+def _updates(gr: Any, values: Sequence[Any]) -> list[Any]:
     return [gr.update() if value is _NO_CHANGE else value for value in values]
 
 
@@ -293,7 +293,7 @@ def build_tab(facts: HostFacts, manager: RunManager) -> Any:
         form_inputs = [method, checkpoint, folder, name, token, subject_class, *widgets]
         sections = control.method_sections
 
-        def method_updates(value: str) -> list:
+        def method_updates(value: str) -> list[Any]:
             shown = control.method_changed(value)
             return [gr.update(visible=flag) for flag in shown]
 
@@ -324,7 +324,7 @@ def build_tab(facts: HostFacts, manager: RunManager) -> Any:
         poll.click(lambda key: _updates(gr, control.poll(key)), inputs=[poll_state],
                    outputs=[poll_state, progress, chart, previews, result, runs_info], queue=False)
 
-        def preset_list(message_and_names: Tuple[str, List[str]], selected: str) -> list:
+        def preset_list(message_and_names: tuple[str, list[str]], selected: str) -> list[Any]:
             message, names = message_and_names
             return [message, gr.update(choices=names, value=selected if selected in names else None)]
 

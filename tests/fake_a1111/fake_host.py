@@ -48,7 +48,7 @@ def _clip_transformer(text_dir: Path, state: Dict[str, torch.Tensor]) -> torch.n
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from lib_sdcustom.models import ldm_keys
-    from lib_sdcustom.models.ldm_config import read_text_encoder_folder
+    from lib_sdcustom.models.model_yaml import read_text_encoder_folder
 
     transformer = CLIPTextModel(CLIPTextConfig.from_dict(read_text_encoder_folder(text_dir)))
     transformer.load_state_dict(ldm_keys.text_encoder_load_keys(transformer, state), strict=False)
@@ -91,13 +91,13 @@ def build_sd_model(checkpoint: Path) -> torch.nn.Module:
     """An SD1/SD2 `LatentDiffusion` or SDXL `DiffusionEngine` stand-in holding the checkpoint's tensors where
     the host keeps them (docs/host-formats.md#the-loaded-model), with its type flags and `parameterization`."""
     import yaml as pyyaml
+    from diffusers import DDPMScheduler
     from safetensors.torch import load_file
 
     from lib_sdcustom.models import ldm_keys
     from lib_sdcustom.models.bundle import ModelFamily
     from lib_sdcustom.models.detect import detect_family
     from lib_sdcustom.models.ldm_config import configs_from_ldm
-    from lib_sdcustom.models.loader import training_scheduler
     from lib_sdcustom.models.tokenizer import load_clip_tokenizer
 
     state = load_file(str(checkpoint))
@@ -120,7 +120,7 @@ def build_sd_model(checkpoint: Path) -> torch.nn.Module:
             _wrapper(model=_open_clip_model(parts.text_encoder_2)), *time_embedders])
         model.conditioner.wrapped = torch.nn.Module()  # extend_sdxl: for code that reads cond_stage_model.wrapped
         model.cond_stage_model = model.conditioner  # as sd_hijack does for several text encoders
-        schedule = training_scheduler(configs_from_ldm(yaml, source=str(config_path), yaml_dir=checkpoint.parent).scheduler)
+        schedule = DDPMScheduler(**configs_from_ldm(yaml, source=str(config_path), yaml_dir=checkpoint.parent).scheduler)
         model.alphas_cumprod = schedule.alphas_cumprod.clone()  # extend_sdxl: an attribute, not a file tensor
     elif family is ModelFamily.SD2:
         model.cond_stage_model = _wrapper(model=_open_clip_model(parts.text_encoder))

@@ -13,12 +13,12 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, List
+from typing import Collection
 
-from .config import load_config
-from .errors import UserFacingError
-from .run_folder import read_run_id
-from .training.state import latest_state
+from ..config import load_config
+from ..errors import UserFacingError
+from ..training.state import latest_state
+from .run_id import read_run_id
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def _finished(folder: Path) -> bool:
         return False
 
 
-def run_folders(root: Path) -> List[RunFolder]:
+def run_folders(root: Path) -> list[RunFolder]:
     """Every run folder under `root`, by name."""
     root = Path(root)
     if not root.is_dir():
@@ -54,7 +54,7 @@ def run_folders(root: Path) -> List[RunFolder]:
     return [RunFolder(path, folder_size(path), _finished(path)) for path in sorted(root.iterdir()) if path.is_dir()]
 
 
-def clear_finished(root: Path, active: Collection[Path] = ()) -> List[RunFolder]:
+def clear_finished(root: Path, active: Collection[Path] = ()) -> list[RunFolder]:
     """Delete the finished run folders under `root` except `active` ones; return what was deleted."""
     busy = {Path(path).resolve() for path in active}
     cleared = []

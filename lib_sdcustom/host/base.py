@@ -1,6 +1,6 @@
 """What the tab, the run manager and the API need from whoever hosts them, and a host over plain folders.
 
-The WebUI adapter (`host_a1111.py`) and `StandaloneHost` below implement the same small interface, so the
+The WebUI adapter (`a1111.py`) and `StandaloneHost` below implement the same small interface, so the
 tab and the API are written once and tested without the WebUI: the tab gets a `HostFacts` dataclass and
 never reaches for the host's globals.
 """
@@ -12,14 +12,14 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+from ..config import RunConfig
+from ..errors import ConfigError
+from ..events import Event
+from ..methods.registry import OutputKind, method_spec
+from ..models.bundle import ModelBundle, ModelFamily
 from .access import PathRoots
-from .config import RunConfig
-from .errors import ConfigError
-from .events import Event
-from .methods.registry import OutputKind, method_spec
-from .models.bundle import ModelBundle, ModelFamily
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +49,17 @@ class HostFacts:
     """Everything the tab shows or defaults from its host; built by the host, injected into the tab."""
 
     name: str  # "AUTOMATIC1111" or "standalone", shown in the tab
-    output_dirs: Dict[OutputKind, Path]
+    output_dirs: dict[OutputKind, Path]
     presets_dir: Path
-    checkpoints: List[str] = field(default_factory=list)  # standalone: the base models to pick from
+    checkpoints: list[str] = field(default_factory=list)  # standalone: the base models to pick from
     default_clip_skip: int = 1
     preview_every: int = 0
     queue_note: str = ""  # e.g. "Generation waits while a training runs."
-    train_js: Optional[str] = None  # JS function run in the browser before the Train callback
-    after_train_js: Optional[str] = None  # JS run after it (refresh the extra-networks cards)
-    allowed_roots: List[Path] = field(default_factory=list)  # where API requests may point
-    missing_requirements: List[str] = field(default_factory=list)
-    runs_dir: Optional[Path] = None  # where the host puts run folders (shown in the tab, with their size)
+    train_js: str | None = None  # JS function run in the browser before the Train callback
+    after_train_js: str | None = None  # JS run after it (refresh the extra-networks cards)
+    allowed_roots: list[Path] = field(default_factory=list)  # where API requests may point
+    missing_requirements: list[str] = field(default_factory=list)
+    runs_dir: Path | None = None  # where the host puts run folders (shown in the tab, with their size)
     gradio_css: str = ""  # standalone: the style sheet the host would otherwise load
 
 
@@ -81,15 +81,15 @@ class Host:
         """The model a run trains on when the host decides it (the WebUI's loaded checkpoint); '' if the user picks."""
         return ""
 
-    def base_parameters(self, checkpoint: str = "") -> Optional[int]:
+    def base_parameters(self, checkpoint: str = "") -> int | None:
         """Parameter count of the base a run would train (for the memory estimate); None if unknown."""
         return None
 
-    def model_kind(self, checkpoint: str = "") -> Optional[ModelKind]:
+    def model_kind(self, checkpoint: str = "") -> ModelKind | None:
         """Family and prediction type of the base a run would train (for the plan and estimate); None if unknown."""
         return None
 
-    def loaded_model_digest(self) -> Optional[str]:
+    def loaded_model_digest(self) -> str | None:
         """sha256 of the model the host holds in memory (`hashing.state_digest`), so anyone can check that a run
         left it exactly as it was; None when the host holds none."""
         return None
@@ -97,7 +97,7 @@ class Host:
     def check_fit(self, config: RunConfig) -> None:
         """Raise ModelLoadError when the method cannot train the chosen or loaded model (cheap, no load)."""
 
-    def bundle_for(self, config: RunConfig) -> Optional[ModelBundle]:
+    def bundle_for(self, config: RunConfig) -> ModelBundle | None:
         """The model to train on; None lets `train()` load `config.model.base` itself."""
         return None
 
@@ -120,7 +120,7 @@ class Host:
         """Run `work` holding the host's GPU queue (for runs started outside a queued UI call)."""
         return work()
 
-    def wrap_tab_call(self, function: Callable[..., list], extra_outputs: list) -> Callable[..., list]:
+    def wrap_tab_call(self, function: Callable[..., list[Any]], extra_outputs: list[Any]) -> Callable[..., list[Any]]:
         """Wrap the Train button's callback in the host's GPU queue call."""
         return function
 
@@ -131,10 +131,10 @@ class ModelKind:
     metadata or the host's loaded model tells it (None: not known without loading)."""
 
     family: ModelFamily
-    prediction_type: Optional[str] = None
+    prediction_type: str | None = None
 
 
-def _header_state(path: Path) -> Dict[str, Any]:
+def _header_state(path: Path) -> dict[str, Any]:
     """Keys and shapes of a .safetensors file without reading its tensors (family checks are by keys)."""
     from safetensors import safe_open
 
@@ -156,7 +156,7 @@ class StandaloneHost(Host):
     def checkpoint_dir(self) -> Path:
         return self.models_dir / self.FOLDERS[OutputKind.CHECKPOINT]
 
-    def checkpoints(self) -> List[str]:
+    def checkpoints(self) -> list[str]:
         folder = self.checkpoint_dir
         if not folder.is_dir():
             return []
@@ -164,7 +164,7 @@ class StandaloneHost(Host):
                       if path.suffix.lower() in CHECKPOINT_SUFFIXES and path.is_file())
 
     def facts(self) -> HostFacts:
-        from .deps import missing_runtime
+        from ..deps import missing_runtime
 
         return HostFacts(
             name="standalone",
@@ -194,7 +194,7 @@ class StandaloneHost(Host):
         """The page and the API of this server reach only the models folder and the --data-root folders."""
         self.roots.confine_config(config)
 
-    def base_parameters(self, checkpoint: str = "") -> Optional[int]:
+    def base_parameters(self, checkpoint: str = "") -> int | None:
         path = self.checkpoint_dir / checkpoint
         if not checkpoint or path.suffix.lower() != ".safetensors" or not path.is_file():
             return None
@@ -206,10 +206,10 @@ class StandaloneHost(Host):
             total += count
         return total
 
-    def model_kind(self, checkpoint: str = "") -> Optional[ModelKind]:
-        from .errors import UserFacingError
-        from .models.checkpoint_io import read_metadata
-        from .models.ldm_config import configs_for_checkpoint
+    def model_kind(self, checkpoint: str = "") -> ModelKind | None:
+        from ..errors import UserFacingError
+        from ..models.checkpoint_io import read_metadata
+        from ..models.ldm_config import configs_for_checkpoint
 
         if not checkpoint:
             return None
@@ -221,15 +221,15 @@ class StandaloneHost(Host):
         if family is None:
             return None
         try:  # the YAML beside it or the file's metadata; an SD2 file with neither cannot tell
-            prediction_type: Optional[str] = configs_for_checkpoint(path, family, read_metadata(path))[0].prediction_type
+            prediction_type: str | None = configs_for_checkpoint(path, family, read_metadata(path))[0].prediction_type
         except UserFacingError:
             prediction_type = None
         return ModelKind(family, prediction_type)
 
     @staticmethod
-    def _family_of(path: Path) -> Optional[ModelFamily]:
+    def _family_of(path: Path) -> ModelFamily | None:
         """The family from a .safetensors header's keys (None for other files, read after loading)."""
-        from .models.detect import detect_family
+        from ..models.detect import detect_family
 
         if path.suffix.lower() != ".safetensors" or not path.is_file():
             return None

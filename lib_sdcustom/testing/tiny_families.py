@@ -20,12 +20,13 @@ from typing import Any, Mapping
 import torch
 
 from ..files import write_atomically, write_text_atomically
-from . import ldm_keys
-from .bundle import ModelFamily
-from .ldm_config import configs_from_ldm, yaml_beside
-from .ldm_writer import alphas_cumprod, write_text_encoder_folder
-from .open_clip_keys import LOGIT_SCALE_KEY, transformers_to_open_clip
-from .stock_configs import VIT_BIGG14_TEXT_CONFIG, VIT_L14_TEXT_CONFIG, stock_ldm_config
+from ..models import ldm_keys
+from ..models.bundle import ModelFamily
+from ..models.ldm_config import configs_from_ldm
+from ..models.model_yaml import yaml_beside
+from ..models.open_clip_keys import LOGIT_SCALE_KEY, transformers_to_open_clip
+from ..models.stock_configs import VIT_BIGG14_TEXT_CONFIG, VIT_L14_TEXT_CONFIG, stock_ldm_config
+from ..models.writer import alphas_cumprod, write_text_encoder_folder
 
 # Small towers of the stock shapes. Projection widths differ from the hidden widths on purpose, so that a
 # transposed `text_projection` cannot go unnoticed.

@@ -3,18 +3,18 @@ not a training whose result cannot be saved.
 
 Checked: the result's name and that it (and the card files beside it) would not replace anything without
 --overwrite; that the output folder and the run folder are folders that take new files; and that a fresh
-run does not take over another run's resumable state (`run_folder.py`).
+run does not take over another run's resumable state (`folder.py`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .config import RunConfig
-from .errors import OutputError
-from .files import check_writable_folder, output_path
-from .methods.registry import method_class
-from .run_folder import check_fresh_run_folder
+from ..config import RunConfig
+from ..errors import OutputError
+from ..files import check_writable_folder, output_path
+from ..methods.registry import method_class
+from .folder import check_fresh_run_folder
 
 
 def check_output_locations(config: RunConfig, *, resume: Path | None = None) -> tuple[Path, Path]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import RunConfig, dumps_toml, load_config
-from .errors import ConfigError
-from .files import validate_output_name, write_text_atomically
+from ..config import RunConfig, dumps_toml, load_config
+from ..errors import ConfigError
+from ..files import validate_output_name, write_text_atomically
 
 SUFFIX = ".toml"
 

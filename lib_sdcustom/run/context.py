@@ -9,10 +9,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import RunConfig
-from .data.dataset import TrainingSet
-from .events import CancelToken, EventBus
-from .models.bundle import ModelBundle
+from ..config import RunConfig
+from ..data.dataset import TrainingSet
+from ..events import CancelToken, EventBus
+from ..models.bundle import ModelBundle
 
 
 @dataclass

@@ -14,8 +14,8 @@ import secrets
 from pathlib import Path
 from typing import Iterable
 
-from .config import RunConfig
-from .errors import ConfigError
+from ..config import RunConfig
+from ..errors import ConfigError
 
 #: (section, field) of every setting that names a file or folder.
 PATH_SETTINGS = (("model", "base"), ("data", "data"), ("dreambooth", "class_data"), ("output", "out"),

@@ -18,13 +18,20 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from .config import RunConfig
-from .errors import ConfigError, ModelLoadError
-from .events import Event, RunFinished, RunStarted, SamplesRendered, StepDone
-from .host import RUNS_FOLDER, Host, HostFacts, ModelKind, OutputKind, output_kind, trained_in_place
-from .models.bundle import BaseIdentity, ModelBundle, ModelFamily
+from ..config import RunConfig
+from ..errors import ConfigError, ModelLoadError
+from ..events import Event, RunFinished, RunStarted, SamplesRendered, StepDone
+from ..methods.registry import OutputKind
+from ..models.bundle import BaseIdentity, ModelBundle, ModelFamily
+from .base import RUNS_FOLDER, Host, HostFacts, ModelKind, output_kind, trained_in_place
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..models.model_yaml import ModelConfigs
+    from ..run.manager import RunManager
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +66,13 @@ def _prediction_type(sd_model: Any) -> str:
     return "v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon"
 
 
-def _ldm_config(sd_model: Any, family: ModelFamily, prediction_type: str):
+def _ldm_config(sd_model: Any, family: ModelFamily, prediction_type: str) -> tuple[ModelConfigs, dict[str, Any] | None]:
     """The YAML the host built this model from (its `used_config`), else the family's stock config."""
     import copy
 
-    from .models.ldm_config import PREDICTION_METADATA_KEY, configs_from_ldm, read_ldm_yaml, stock_config
+    from ..models.ldm_config import PREDICTION_METADATA_KEY, configs_from_ldm, stock_config
+
+    from ..models.model_yaml import read_ldm_yaml
 
     used = getattr(sd_model, "used_config", None)
     if used and Path(used).is_file():
@@ -76,18 +85,18 @@ def _ldm_config(sd_model: Any, family: ModelFamily, prediction_type: str):
     return configs_from_ldm(copy.deepcopy(stock), source=name), None
 
 
-def _without_wrappers(state: Dict[str, Any]) -> Dict[str, Any]:
+def _without_wrappers(state: dict[str, Any]) -> dict[str, Any]:
     """The host wraps token embeddings (`EmbeddingsWithFixes`); their weights then sit under `.wrapped.`."""
     return {key.replace(".wrapped.", "."): value for key, value in state.items()}
 
 
-def _tensors(module: Any, copy: bool) -> Dict[str, Any]:
+def _tensors(module: Any, copy: bool) -> dict[str, Any]:
     """A module's tensors: the host's own storage, or detached clones when the method trains them."""
     state = module.state_dict()
     return {key: value.detach().clone() for key, value in state.items()} if copy else dict(state)
 
 
-def _dtype_of(state: Dict[str, Any]):
+def _dtype_of(state: dict[str, Any]) -> torch.dtype:
     import torch
 
     return next((value.dtype for value in state.values() if value.is_floating_point()), torch.float32)
@@ -122,7 +131,7 @@ def _embedder(module: Any) -> Any:
     return getattr(module, "wrapped", module)
 
 
-def _text_modules(sd_model: Any, family: ModelFamily) -> List[Any]:
+def _text_modules(sd_model: Any, family: ModelFamily) -> list[Any]:
     """The host's text-encoder modules in checkpoint order (docs/host-formats.md#the-loaded-model): transformers CLIP or
     open_clip."""
     if family is ModelFamily.SDXL:
@@ -132,12 +141,12 @@ def _text_modules(sd_model: Any, family: ModelFamily) -> List[Any]:
     return [embedder.model if family is ModelFamily.SD2 else embedder.transformer]
 
 
-def _host_ldm_state(sd_model: Any, family: ModelFamily, copy: frozenset) -> Dict[str, Any]:
+def _host_ldm_state(sd_model: Any, family: ModelFamily, copy: frozenset[str]) -> dict[str, Any]:
     """The loaded model's tensors under checkpoint keys, as a file of the same model holds them.
 
     "text_encoder" in `copy` covers every text encoder of the family (SDXL's Textual Inversion grows both).
     """
-    from .models import ldm_keys
+    from ..models import ldm_keys
 
     state = {ldm_keys.UNET_PREFIX + key: value
              for key, value in _tensors(sd_model.model.diffusion_model, "unet" in copy).items()}
@@ -148,7 +157,7 @@ def _host_ldm_state(sd_model: Any, family: ModelFamily, copy: frozenset) -> Dict
     return state
 
 
-def bundle_from_loaded_model(sd_model: Any, *, copy: frozenset = frozenset()) -> ModelBundle:
+def bundle_from_loaded_model(sd_model: Any, *, copy: frozenset[str] = frozenset()) -> ModelBundle:
     """Diffusers/transformers modules over the host's in-memory SD1, SD2 or SDXL model (see the module docstring).
 
     The host's weights are arranged as a checkpoint file holds them and then take the file loader's path
@@ -157,9 +166,9 @@ def bundle_from_loaded_model(sd_model: Any, *, copy: frozenset = frozenset()) ->
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from .models import ldm_keys
-    from .models.loader import (build_with_weights, finish_modules, mapped_or_fail, text_encoder_factory,
-                                text_encoder_weights, training_scheduler)
+    from ..models import ldm_keys
+    from ..models.loader import (build_with_weights, bundle_from_modules, mapped_or_fail, text_encoder_factory,
+                                text_encoder_weights)
 
     family = _family(sd_model)
     prediction_type = _prediction_type(sd_model)
@@ -181,33 +190,21 @@ def bundle_from_loaded_model(sd_model: Any, *, copy: frozenset = frozenset()) ->
     unet = build_with_weights("UNet", lambda: UNet2DConditionModel(**configs.unet), unet_sd, _dtype_of(unet_sd), mismatch)
     vae = build_with_weights("VAE", lambda: AutoencoderKL(**configs.vae), vae_sd, _dtype_of(vae_sd), mismatch)
     live = _text_modules(sd_model, family)
-    text_configs = [configs.text_encoder, configs.text_encoder_2]
+    text_configs = [configs.text_encoder] + ([configs.text_encoder_2] if configs.text_encoder_2 is not None else [])
     text_encoders = [
         build_with_weights(f"text encoder {index + 1}",
                            text_encoder_factory(text_configs[index]) if slot.open_clip else _clip_factory(live[index]),
                            state, _dtype_of(state), mismatch, canonical_text=True)
         for index, (slot, state) in enumerate(zip(ldm_keys.TEXT_SLOTS[family], text_sds))]
-    unet, vae, *text_encoders = finish_modules(unet, vae, *text_encoders)
     info = getattr(sd_model, "sd_checkpoint_info", None)
     filename = getattr(info, "filename", None)
     identity = BaseIdentity(name=getattr(info, "name_for_extra", None) or (Path(filename).stem if filename else "loaded model"),
                             path=Path(filename) if filename else None, sha256=getattr(info, "sha256", None),
                             legacy_hash=getattr(info, "hash", None))
     tokenizers = _tokenizers(sd_model, family, own="text_encoder" in copy)
-    return ModelBundle(
-        family=family,
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoders[0],
-        tokenizer=tokenizers[0],
-        noise_scheduler=training_scheduler({**configs.scheduler, "prediction_type": prediction_type}),
-        prediction_type=prediction_type,
-        identity=identity,
-        ldm_config=ldm,
-        ldm_extras={**parts.extras, **_extras(sd_model, family)},
-        text_encoder_2=text_encoders[1] if len(text_encoders) > 1 else None,
-        tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None,
-    )
+    return bundle_from_modules(family, unet, vae, text_encoders, tokenizers,
+                               {**configs.scheduler, "prediction_type": prediction_type}, identity=identity,
+                               ldm_config=ldm, ldm_extras={**parts.extras, **_extras(sd_model, family)})
 
 
 def _clip_factory(live: Any) -> Callable[[], Any]:
@@ -217,12 +214,12 @@ def _clip_factory(live: Any) -> Callable[[], Any]:
     return lambda: CLIPTextModel(live.config)
 
 
-def _tokenizers(sd_model: Any, family: ModelFamily, own: bool) -> List[Any]:
+def _tokenizers(sd_model: Any, family: ModelFamily, own: bool) -> list[Any]:
     """The host's CLIP tokenizer (copied when Textual Inversion adds tokens, so the host's stays as it was);
     open_clip slots get the bundled tokenizer of the same vocabulary that pads with id 0, as open_clip does."""
     import copy
 
-    from .models.tokenizer import load_open_clip_tokenizer
+    from ..models.tokenizer import load_open_clip_tokenizer
 
     if family is ModelFamily.SD2:
         return [load_open_clip_tokenizer()]
@@ -231,7 +228,7 @@ def _tokenizers(sd_model: Any, family: ModelFamily, own: bool) -> List[Any]:
     return [first, load_open_clip_tokenizer()] if family is ModelFamily.SDXL else [first]
 
 
-def _extras(sd_model: Any, family: ModelFamily) -> Dict[str, Any]:
+def _extras(sd_model: Any, family: ModelFamily) -> dict[str, Any]:
     """The schedule an SD1/SD2 checkpoint carried (the host may have replaced `alphas_cumprod` for a sampler
     option); SDXL files hold none (sgm computes it), so none is added."""
     if family is ModelFamily.SDXL:
@@ -262,7 +259,7 @@ class A1111Host(Host):
     def __init__(self) -> None:
         self._label = ""
 
-    def _output_dirs(self) -> Dict[OutputKind, Path]:
+    def _output_dirs(self) -> dict[OutputKind, Path]:
         from modules import paths, sd_models, shared
 
         opts = shared.cmd_opts
@@ -276,7 +273,7 @@ class A1111Host(Host):
     def facts(self) -> HostFacts:
         from modules import paths
 
-        from .deps import missing_runtime
+        from ..deps import missing_runtime
 
         folders = self._output_dirs()
         return HostFacts(
@@ -304,18 +301,18 @@ class A1111Host(Host):
         info = getattr(self._model(required=False), "sd_checkpoint_info", None)
         return getattr(info, "title", "") or getattr(info, "name", "") or ""
 
-    def base_parameters(self, checkpoint: str = "") -> Optional[int]:
+    def base_parameters(self, checkpoint: str = "") -> int | None:
         model = self._model(required=False)
         return sum(parameter.numel() for parameter in model.parameters()) if model is not None else None
 
-    def model_kind(self, checkpoint: str = "") -> Optional[ModelKind]:
+    def model_kind(self, checkpoint: str = "") -> ModelKind | None:
         model = self._model(required=False)
         if model is None:
             return None
         return ModelKind(_family(model), _prediction_type(model))
 
-    def loaded_model_digest(self) -> Optional[str]:
-        from .hashing import state_digest
+    def loaded_model_digest(self) -> str | None:
+        from ..hashing import state_digest
 
         model = self._model(required=False)
         return state_digest(model) if model is not None else None
@@ -366,7 +363,7 @@ class A1111Host(Host):
                               "Turn fp8_base off here (bf16 and gradient checkpointing save memory in the WebUI), or "
                               "use fp8 with the command line trainer.")
 
-    def bundle_for(self, config: RunConfig) -> Optional[ModelBundle]:
+    def bundle_for(self, config: RunConfig) -> ModelBundle | None:
         model = self._model()
         restored = restore_network_backups(model)
         if restored:
@@ -433,29 +430,30 @@ class A1111Host(Host):
             finally:
                 shared.state.end()
 
-    def wrap_tab_call(self, function: Callable[..., list], extra_outputs: list) -> Callable[..., list]:
+    def wrap_tab_call(self, function: Callable[..., list[Any]], extra_outputs: list[Any]) -> Callable[..., list[Any]]:
         from modules.call_queue import wrap_gradio_gpu_call
 
-        return wrap_gradio_gpu_call(function, extra_outputs=extra_outputs)
+        wrapped: Callable[..., list[Any]] = wrap_gradio_gpu_call(function, extra_outputs=extra_outputs)
+        return wrapped
 
 
 # ----- callbacks registered by scripts/sdcustom.py -----
 
-_MANAGER = None
+_MANAGER: RunManager | None = None
 
 
-def manager():
+def manager() -> RunManager:
     """One run manager per WebUI process, shared by the tab and the API."""
     global _MANAGER
     if _MANAGER is None:
-        from .runs import RunManager
+        from ..run.manager import RunManager
 
         _MANAGER = RunManager(A1111Host())
     return _MANAGER
 
 
-def ui_tabs() -> list:
-    from .ui import build_tab
+def ui_tabs() -> list[Any]:
+    from ..ui import build_tab
 
     runs = manager()
     return [(build_tab(runs.host.facts(), runs), TAB_TITLE, TAB_ID)]
@@ -484,7 +482,8 @@ def app_started(demo: Any, app: Any) -> None:
     """API routes, only when the host serves its API (--api, or --nowebui), behind --api-auth like its own."""
     from modules import shared
 
-    from .api import parse_credentials, register_routes
+    from .access import parse_credentials
+    from .api import register_routes
 
     cmd_opts = shared.cmd_opts
     if not (getattr(cmd_opts, "api", False) or getattr(cmd_opts, "nowebui", False)):

@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .config import RunConfig
-from .errors import TrainingStopped, UserFacingError
-from .events import CancelToken, Event, FileSaved, RunStarted, StepDone, Warning_
-from .host import Host, output_kind, prompt_snippet
+from ..config import RunConfig
+from ..errors import TrainingStopped, UserFacingError
+from ..events import CancelToken, Event, FileSaved, RunStarted, StepDone, Warning_
+from ..host.base import Host, output_kind, prompt_snippet
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +120,8 @@ class _Run:
 
 def preflight(config: RunConfig, host: Host) -> None:
     """Every check that needs no model and writes nothing; raises UserFacingError naming the fix."""
-    from .data.scan import scan_dataset
-    from .methods.registry import method_class
+    from ..data.scan import scan_dataset
+    from ..methods.registry import method_class
     from .output_checks import check_output_locations
 
     config.validate()

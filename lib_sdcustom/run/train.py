@@ -14,27 +14,27 @@ from typing import Callable, Iterable
 
 import torch
 
-from .config import RunConfig, dumps_toml
-from .data.captions import CaptionOptions, overlong_captions_warning
-from .data.dataset import TrainingOptions, TrainingSet
-from .data.scan import scan_dataset
-from .errors import ConfigError, OutputError, TrainingStopped, UserFacingError
-from .events import Callback, CancelToken, EventBus, FileSaved, RunFinished, RunStarted, SamplesRendered
+from ..config import RunConfig, dumps_toml
+from ..data.captions import CaptionOptions, overlong_captions_warning
+from ..data.dataset import TrainingOptions, TrainingSet
+from ..data.scan import scan_dataset
+from ..errors import ConfigError, OutputError, TrainingStopped, UserFacingError
+from ..events import Callback, CancelToken, EventBus, FileSaved, RunFinished, RunStarted, SamplesRendered
 from .family_defaults import apply_family_defaults, model_native_resolution
-from .files import check_free_space, remove_stale_temporaries, write_text_atomically
-from .methods.base import Method
-from .methods.registry import method_class
-from .models.bundle import ModelBundle
-from .models.fp8 import store_frozen_base_in_fp8
+from ..files import check_free_space, remove_stale_temporaries, write_text_atomically
+from ..methods.base import Method
+from ..methods.registry import method_class
+from ..models.bundle import ModelBundle
+from ..models.fp8 import store_frozen_base_in_fp8
 from .output_checks import check_output_locations
-from .run_context import RunContext
-from .run_folder import require_resumable, start_fresh_run
-from .training.batches import LatentBatchSource
-from .training.conditioning import Conditioning
-from .training.loop import LoopHooks, LoopSettings, TrainingLoop
-from .training.optimizers import build_optimizer
-from .training.schedules import build_scheduler
-from .training.state import latest_state, load_state, state_root
+from .context import RunContext
+from .folder import require_resumable, start_fresh_run
+from ..training.batches import LatentBatchSource
+from ..training.conditioning import Conditioning
+from ..training.loop import LoopHooks, LoopSettings, TrainingLoop
+from ..training.optimizers import build_optimizer
+from ..training.schedules import build_scheduler
+from ..training.state import latest_state, load_state, state_root
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
     accelerator = _accelerator(config)
     _enable_tf32(accelerator.device)
     if bundle is None:
-        from .models.loader import load_bundle
+        from ..models.loader import load_bundle
 
         # Straight into the frozen dtype on the training device: no fp32 copy on the CPU first.
         bundle = load_bundle(Path(config.model.base), dtype=_frozen_dtype(config.training.mixed_precision),
@@ -284,7 +284,7 @@ class PreviewRenderer:
         self.steps = config.training.sample_steps
 
     def render(self, step: int):
-        from .sampling import generate
+        from ..sampling import generate
 
         bundle = self.context.bundle  # at most the family's own size: SDXL previews at 512 px look broken
         size = min(self.context.config.data.resolution, model_native_resolution(bundle))

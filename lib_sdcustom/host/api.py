@@ -10,15 +10,15 @@ with the standalone page's endpoints): the API must not become a way to read or 
 """
 
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 from fastapi import Body, Depends, FastAPI, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from .access import Credentials, PathRoots, parse_credentials  # noqa: F401 - the hosts' entry point
-from .config import config_from_dict
-from .errors import UserFacingError
-from .runs import RunManager, RunnerBusy
+from ..config import config_from_dict
+from ..errors import UserFacingError
+from ..run.manager import RunManager, RunnerBusy
+from .access import Credentials, PathRoots
 
 PREFIX = "/sdcustom/v1"
 
@@ -39,11 +39,11 @@ def _bad_request(error: UserFacingError, status: int = 400) -> HTTPException:
 
 
 def register_routes(app: FastAPI, manager: RunManager, *, roots: Sequence[Path],
-                    credentials: Optional[Credentials] = None) -> None:
+                    credentials: Credentials | None = None) -> None:
     dependencies = [Depends(_auth(credentials))] if credentials else []
     confinement = PathRoots(roots)
 
-    def start(payload: Dict[str, Any] = Body(...)) -> Dict[str, Any]:
+    def start(payload: dict[str, Any] = Body(...)) -> dict[str, Any]:
         values = dict(payload)
         checkpoint = str(values.pop("checkpoint", "") or "")
         try:
@@ -55,18 +55,18 @@ def register_routes(app: FastAPI, manager: RunManager, *, roots: Sequence[Path],
             raise _bad_request(error, 409 if isinstance(error, RunnerBusy) else 400) from error
         return status.to_dict(with_losses=False)
 
-    def list_runs() -> List[Dict[str, Any]]:
+    def list_runs() -> list[dict[str, Any]]:
         return [status.to_dict(with_losses=False) for status in manager.runs()]
 
-    def one_run(run_id: str) -> Dict[str, Any]:
+    def one_run(run_id: str) -> dict[str, Any]:
         status = manager.status(run_id)
         if status is None:
             raise HTTPException(status_code=404, detail=f"No run {run_id!r}.")
         return status.to_dict()
 
-    def install_micro_model(payload: Dict[str, Any] = Body(default={})) -> Dict[str, Any]:
+    def install_micro_model(payload: dict[str, Any] = Body(default={})) -> dict[str, Any]:
         """The bundled micro-world model into the host's checkpoint folder (see microworld/install.py)."""
-        from .microworld.install import install_into_host
+        from ..microworld.install import install_into_host
 
         try:
             installed = install_into_host(manager.host, overwrite=bool(payload.get("overwrite", False)))
@@ -75,11 +75,11 @@ def register_routes(app: FastAPI, manager: RunManager, *, roots: Sequence[Path],
         return {"checkpoint": str(installed.checkpoint), "written": [str(path) for path in installed.written],
                 "message": installed.message()}
 
-    def host_model() -> Dict[str, Any]:
+    def host_model() -> dict[str, Any]:
         """The host's loaded model and its digest: equal before and after a run when training left it as it was."""
         return {"title": manager.host.model_label(), "digest": manager.host.loaded_model_digest()}
 
-    def cancel(run_id: str) -> Dict[str, Any]:
+    def cancel(run_id: str) -> dict[str, Any]:
         if manager.status(run_id) is None:
             raise HTTPException(status_code=404, detail=f"No run {run_id!r}.")
         return {"cancelled": manager.cancel(run_id)}

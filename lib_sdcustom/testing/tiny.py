@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
-from .ldm_config import SD1_V1_INFERENCE, VIT_L14_TEXT_CONFIG, configs_from_ldm
-from .ldm_writer import write_ldm_checkpoint, write_text_encoder_folder
+from ..models.ldm_config import configs_from_ldm
+
+from ..models.stock_configs import SD1_V1_INFERENCE, VIT_L14_TEXT_CONFIG
+from ..models.writer import write_ldm_checkpoint, write_text_encoder_folder
 
 TINY_TEXT_CONFIG: dict[str, Any] = {
     **VIT_L14_TEXT_CONFIG,

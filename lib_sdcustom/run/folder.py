@@ -3,7 +3,8 @@
 A run folder is found by the output name, so two runs under one name share it. Each fresh run therefore
 writes a new id to `run.json`, and every saved state carries the id of the run that wrote it
 (`training/state.py`): a resume only picks states of the run whose `config.toml` the folder holds, and a
-fresh run refuses a folder that holds another run's state unless `--overwrite` allows replacing it.
+fresh run refuses a folder that holds another run's state unless `--overwrite` allows replacing it. Reading
+the id is `run_id.py`'s job (the state writer needs it too, so it must not depend on this module).
 """
 
 from __future__ import annotations
@@ -13,30 +14,14 @@ import shutil
 import uuid
 from pathlib import Path
 
-from .errors import ConfigError
-from .files import write_text_atomically
-
-RUN_FILE = "run.json"
-
-
-def read_run_id(run_dir: Path) -> str | None:
-    """The id of the run that last started in `run_dir`, or None when no run of this version started there."""
-    path = Path(run_dir) / RUN_FILE
-    try:
-        value = json.loads(path.read_text(encoding="utf-8")).get("run_id")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) and value else None
-
-
-def _state_folder(run_dir: Path) -> Path:
-    from .training.state import state_root  # late: training.state reads the run id from here
-
-    return state_root(run_dir)
+from ..errors import ConfigError
+from ..files import write_text_atomically
+from ..training.state import state_root
+from .run_id import RUN_FILE, read_run_id
 
 
 def holds_saved_state(run_dir: Path) -> bool:
-    folder = _state_folder(run_dir)
+    folder = state_root(run_dir)
     return folder.is_dir() and any(folder.iterdir())
 
 
@@ -53,7 +38,7 @@ def check_fresh_run_folder(run_dir: Path, *, overwrite: bool) -> None:
 def start_fresh_run(run_dir: Path) -> str:
     """Discard an earlier run's state (the caller checked consent) and give the folder a new run id."""
     run_dir = Path(run_dir)
-    shutil.rmtree(_state_folder(run_dir), ignore_errors=True)
+    shutil.rmtree(state_root(run_dir), ignore_errors=True)
     run_id = uuid.uuid4().hex
     write_text_atomically(run_dir / RUN_FILE, json.dumps({"run_id": run_id}) + "\n")
     return run_id
