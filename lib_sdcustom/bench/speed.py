@@ -55,7 +55,7 @@ class Measured:
     layers: int
     # Peak GPU memory over the steps after the first: training alone, without the one-off peaks around it
     # (loading and the VAE encoding the latent cache before; ours' final preview, decoded by the VAE, after).
-    steady_cuda_gib: Optional[float] = None
+    steady_cuda_gib: float | None = None
     skipped: str = ""  # why this side did not run (a missing package), else empty
 
 
