@@ -1,4 +1,5 @@
-"""Micro-batches for the loop, by global index: the training set's epochs laid end to end, as latents.
+"""Micro-batches for the loop, by global index: what a batch is, what gives one, and the source of the
+training set's epochs laid end to end, as latents (methods wrap it to add class images or prompt templates).
 
 With the cache on, every latent is encoded before the first step (so the VAE is done before training
 starts and an unreadable image fails early); without it (random crop), each batch is encoded on the fly.
@@ -6,7 +7,9 @@ starts and an unreadable image fails early); without it (random crop), each batc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -14,7 +17,34 @@ from ..data.dataset import Example, TrainingSet
 from ..data.latent_cache import LatentCache
 from ..events import EventBus
 from ..models.bundle import ModelBundle
-from .loop import Batch
+from .conditioning import SizeConditioning
+
+
+@dataclass
+class Batch:
+    """One micro-batch: latents already multiplied by the VAE scaling factor, and their captions.
+
+    `weights` scales each sample's loss (1 for ordinary images; prior-preservation images carry the
+    prior weight). `sizes` is each sample's original size and crop, which SDXL is conditioned on; None
+    means every sample is an uncropped picture of the latents' size.
+    """
+
+    latents: torch.Tensor
+    captions: list[str]
+    weights: torch.Tensor | None = None
+    sizes: list[SizeConditioning] | None = None
+
+
+class BatchSource(Protocol):
+    def batch(self, index: int) -> Batch:
+        """The micro-batch at global position `index`; the same index always gives the same batch."""
+
+
+def uncropped_sizes(latents: torch.Tensor, bundle: ModelBundle) -> list[SizeConditioning]:
+    """Size conditioning for latents of pictures used whole at their own size (no `Batch.sizes`)."""
+    scale = 2 ** (len(bundle.vae.config.block_out_channels) - 1)
+    height, width = latents.shape[-2] * scale, latents.shape[-1] * scale
+    return [SizeConditioning.uncropped(height, width)] * latents.shape[0]
 
 
 class LatentBatchSource:
