@@ -68,13 +68,8 @@ def train(run: RunConfig | RunPlan, *, callbacks: Iterable[Callback] = (), cance
 
     # The base model, with the family's defaults applied to the config, placed and set up for training.
     accelerator = _accelerator(plan.config)
-    _enable_tf32(accelerator.device)
     if bundle is None:
-        from .models.loader import load_bundle
-
-        # Straight into the frozen dtype on the training device: no fp32 copy on the CPU first.
-        bundle = load_bundle(Path(plan.config.model.base), device=accelerator.device,
-                             dtype=compute_dtype(plan.config.training.mixed_precision))
+        bundle = _load_base(plan.config, accelerator.device)
     config, notes = apply_family_defaults(plan.config, bundle)
     plan = plan.with_config(config)
     training = config.training
@@ -96,14 +91,7 @@ def train(run: RunConfig | RunPlan, *, callbacks: Iterable[Callback] = (), cance
             bus.warn(f"Text-encoder outputs are not cached: {config.method} trains the text encoder or its tokens "
                      "in this run, so a caption's conditioning changes every step (train_text_encoder = 0 allows it).")
         source = method.build_source(source)
-
-        # The optimizer and its schedule; the text encoder's group stops at its share of the run.
-        optimizer = build_optimizer(config.optimizer.optimizer, method.param_groups(), lr=config.lr,
-                                    weight_decay=config.optimizer.weight_decay)
-        scheduler = build_scheduler(optimizer, config.optimizer.scheduler, training.steps,
-                                    warmup_steps=config.optimizer.warmup_steps, restarts=config.optimizer.restarts,
-                                    power=config.optimizer.power,
-                                    stop_groups_at={"text_encoder": round(config.text_encoder_fraction * training.steps)})
+        optimizer, scheduler = _optimizer_and_schedule(config, method)
         optimizer = accelerator.prepare(optimizer)
 
         # The loop, fresh or from the saved state; previews and intermediate results come from its hooks.
@@ -114,10 +102,7 @@ def train(run: RunConfig | RunPlan, *, callbacks: Iterable[Callback] = (), cance
                             bus=bus, cancel=cancel, accelerator=accelerator, hooks=hooks)
         if plan.saved_state is not None:
             loop.resume_from(load_state(plan.saved_state))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if plan.saved_state is None:
-            start_fresh_run(run_dir)
-        write_text_atomically(run_dir / "config.toml", dumps_toml(config))
+        _open_run_folder(run_dir, config, fresh=plan.saved_state is None)
         bus.emit(RunStarted(total_steps=training.steps, run_dir=run_dir,
                             description="\n".join([_describe_run(config, plan.training_set, method), *notes])))
         try:
@@ -142,7 +127,8 @@ def train(run: RunConfig | RunPlan, *, callbacks: Iterable[Callback] = (), cance
         method.close()
 
 
-def _accelerator(config: RunConfig):
+def _accelerator(config: RunConfig) -> Any:
+    """accelerate's Accelerator for the config's mixed precision, on the GPU when there is one."""
     from accelerate import Accelerator
 
     precision = config.training.mixed_precision
@@ -155,7 +141,37 @@ def _accelerator(config: RunConfig):
     if use_cpu and precision == "fp16":
         raise ConfigError("fp16 mixed precision needs a CUDA GPU, and none is available.",
                           "Use --mixed-precision no (or bf16) on the CPU.")
-    return Accelerator(mixed_precision=precision, cpu=use_cpu)
+    accelerator = Accelerator(mixed_precision=precision, cpu=use_cpu)
+    _enable_tf32(accelerator.device)
+    return accelerator
+
+
+def _load_base(config: RunConfig, device: torch.device) -> ModelBundle:
+    """The base model, straight into the frozen dtype on the training device: no fp32 copy on the CPU first."""
+    from .models.loader import load_bundle
+
+    return load_bundle(Path(config.model.base), dtype=compute_dtype(config.training.mixed_precision), device=device)
+
+
+def _optimizer_and_schedule(config: RunConfig, method: Method
+                            ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer over the method's parameter groups and its learning-rate schedule, in which the text
+    encoder's group stops at its share of the run."""
+    options, steps = config.optimizer, config.training.steps
+    optimizer = build_optimizer(options.optimizer, method.param_groups(), lr=config.lr, weight_decay=options.weight_decay)
+    scheduler = build_scheduler(optimizer, options.scheduler, steps, warmup_steps=options.warmup_steps,
+                                restarts=options.restarts, power=options.power,
+                                stop_groups_at={"text_encoder": round(config.text_encoder_fraction * steps)})
+    return optimizer, scheduler
+
+
+def _open_run_folder(run_dir: Path, config: RunConfig, *, fresh: bool) -> None:
+    """The run folder with the config the run trains (after family defaults); a fresh run discards an earlier
+    run's state there (consent was checked by the plan) and takes a new run id."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        start_fresh_run(run_dir)
+    write_text_atomically(run_dir / "config.toml", dumps_toml(config))
 
 
 def _describe_run(config: RunConfig, training_set: TrainingSet, method: Method) -> str:
