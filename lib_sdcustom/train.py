@@ -78,11 +78,11 @@ def train(run: RunConfig | RunPlan, *, callbacks: Iterable[Callback] = (), cance
 
     # The method on its batches (latents encoded, or cached, here).
     run_dir = plan.run_dir
-    source = LatentBatchSource.create(plan.training_set, bundle, run_dir=run_dir, use_cache=config.data.cache_latents, bus=bus)
+    images = LatentBatchSource.create(plan.training_set, bundle, run_dir=run_dir, use_cache=config.data.cache_latents, bus=bus)
     captions = [record.caption for record in plan.training_set.records]
     context = RunContext(config=config, bundle=bundle, training_set=plan.training_set, data_folder=Path(config.data.data),
                          run_dir=run_dir, trigger_phrase=plan.method_type.trigger_phrase(config, captions),
-                         num_processes=accelerator.num_processes, latents_cached=source.cached, bus=bus, cancel=cancel)
+                         num_processes=accelerator.num_processes, latents_cached=images.cached, bus=bus, cancel=cancel)
     method = plan.method_type(context)
     try:
         check_free_space(plan.target.parent, method.required_disk_bytes(), f"the {config.method} result")
@@ -90,7 +90,7 @@ def train(run: RunConfig | RunPlan, *, callbacks: Iterable[Callback] = (), cance
         if training.cache_text_encoder_outputs and not method.frozen_text_conditioning():
             bus.warn(f"Text-encoder outputs are not cached: {config.method} trains the text encoder or its tokens "
                      "in this run, so a caption's conditioning changes every step (train_text_encoder = 0 allows it).")
-        source = method.build_source(source)
+        source = method.build_source(images)
         optimizer, scheduler = _optimizer_and_schedule(config, method)
         optimizer = accelerator.prepare(optimizer)
 

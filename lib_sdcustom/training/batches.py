@@ -90,12 +90,11 @@ class LatentBatchSource:
     def batch(self, index: int) -> Batch:
         epoch, position = divmod(index, self.batches_per_epoch)
         examples = self._examples(epoch)[position]
-        if self.cache is not None:
-            latents = torch.stack([self._cached_latent(example) for example in examples])
+        cache = self.cache
+        if cache is not None:
+            latents = torch.stack([cache.get_or_encode(self.training_set.record(example), example.bucket, example.flip,
+                                                       self.encode) for example in examples])
         else:
             latents = self.encode(self.training_set.load_batch_pixels(examples))
         return Batch(latents=latents, captions=[example.caption for example in examples],
                      sizes=[self.training_set.size_conditioning(example) for example in examples])
-
-    def _cached_latent(self, example: Example) -> torch.Tensor:
-        return self.cache.get_or_encode(self.training_set.record(example), example.bucket, example.flip, self.encode)

@@ -86,7 +86,8 @@ class TrainingLoop:
         self.step = saved.step
         self.last_state = saved.folder
 
-    def save_state(self) -> Path:
+    def save_state(self) -> Path | None:
+        """Save the resumable state (the main process writes it); the latest saved state, None before any."""
         if self.accelerator.is_main_process:
             self.last_state = save_state(self.run_dir, step=self.step, trainable=self.method.trainable_state(),
                                          optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
