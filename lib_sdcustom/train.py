@@ -130,10 +130,9 @@ def train(run: RunConfig | RunPlan, *, callbacks: Iterable[Callback] = (), cance
 def _accelerator(config: RunConfig) -> Any:
     """accelerate's Accelerator for the config's mixed precision, on the GPU when there is one."""
     from accelerate import Accelerator
-
-    precision = config.training.mixed_precision
     from accelerate.state import AcceleratorState
 
+    precision = config.training.mixed_precision
     # accelerate keeps one global state per process; a host that trains twice (say, bf16 then no mixed
     # precision) must start from a clean one or accelerate refuses the second setting.
     AcceleratorState._reset_state()
