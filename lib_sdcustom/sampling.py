@@ -6,7 +6,7 @@ and fail to import beside the host's transformers 4.30.2, while the scheduler cl
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -20,9 +20,9 @@ from .run_context import RunContext
 from .training.conditioning import Conditioning, SizeConditioning, as_conditioning
 
 
-def _scheduler_for_sampling(bundle: ModelBundle, steps: int, zero_terminal_snr: bool = False):
-    """DDIM on the training schedule. A model trained with zero terminal SNR starts from pure noise, which
-    needs the rescaled schedule and 'trailing' timesteps that include t = T (Lin et al. 2023)."""
+def _scheduler_for_sampling(bundle: ModelBundle, steps: int, zero_terminal_snr: bool = False) -> Any:
+    """diffusers' DDIMScheduler on the training schedule. A model trained with zero terminal SNR starts from pure
+    noise, which needs the rescaled schedule and 'trailing' timesteps that include t = T (Lin et al. 2023)."""
     from diffusers import DDIMScheduler
 
     extra = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if zero_terminal_snr else {}

@@ -242,10 +242,10 @@ def _warn_about_long_captions(training_set: TrainingSet, bundle: ModelBundle, bu
 def _state_bytes(method: Method) -> int:
     """Room for the two states the loop keeps: fp32 weights plus two optimizer moments (Adam) each."""
     parameters = sum(param.numel() for group in method.param_groups() for param in group["params"])
-    return 2 * 3 * 4 * parameters
+    return 2 * 3 * 4 * int(parameters)
 
 
-def _export(method: Method, target: Path, step: int, preview, state: Path | None, run_dir: Path) -> list[Path]:
+def _export(method: Method, target: Path, step: int, preview: Any, state: Path | None, run_dir: Path) -> list[Path]:
     """Export the result; when that fails the trained weights are already in the run's final state, so the
     message says where they are and how to export them once the problem is fixed."""
     try:

@@ -80,7 +80,8 @@ class LatentBatchSource:
         """
         vae = self.bundle.vae
         posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        return (posterior.mode() * self.bundle.vae_scaling_factor).float().cpu()
+        latents: torch.Tensor = (posterior.mode() * self.bundle.vae_scaling_factor).float().cpu()
+        return latents
 
     def _examples(self, epoch: int) -> list[list[Example]]:
         if self._epoch is None or self._epoch[0] != epoch:

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -56,7 +56,8 @@ class TrainingLoop:
 
     def __init__(self, method: Method, bundle: ModelBundle, source: BatchSource, config: RunConfig, *,
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                 run_dir: Path, bus: EventBus, cancel: CancelToken, accelerator, hooks: LoopHooks | None = None) -> None:
+                 run_dir: Path, bus: EventBus, cancel: CancelToken, accelerator: Any,
+                 hooks: LoopHooks | None = None) -> None:
         self.method = method
         self.bundle = bundle
         self.source = source
