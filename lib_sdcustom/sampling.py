@@ -1,4 +1,4 @@
-"""Text-to-image sampling from a ModelBundle, for previews (and later class images).
+"""Text-to-image sampling from a ModelBundle, for a run's previews (`PreviewRenderer`) and class images.
 
 We run our own small DDIM loop instead of a diffusers pipeline: pipelines import half of transformers
 and fail to import beside the host's transformers 4.30.2, while the scheduler classes work everywhere.
@@ -6,20 +6,23 @@ and fail to import beside the host's transformers 4.30.2, while the scheduler cl
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .events import EventBus, FileSaved, SamplesRendered
+from .run.family_defaults import model_native_resolution
 from .methods.text_conditioning import encode_prompts
 from .models.bundle import ModelBundle
+from .run.context import RunContext
 from .training.conditioning import Conditioning, SizeConditioning, as_conditioning
 
 
-def _scheduler_for_sampling(bundle: ModelBundle, steps: int, zero_terminal_snr: bool = False):
-    """DDIM on the training schedule. A model trained with zero terminal SNR starts from pure noise, which
-    needs the rescaled schedule and 'trailing' timesteps that include t = T (Lin et al. 2023)."""
+def _scheduler_for_sampling(bundle: ModelBundle, steps: int, zero_terminal_snr: bool = False) -> Any:
+    """diffusers' DDIMScheduler on the training schedule. A model trained with zero terminal SNR starts from pure
+    noise, which needs the rescaled schedule and 'trailing' timesteps that include t = T (Lin et al. 2023)."""
     from diffusers import DDIMScheduler
 
     extra = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if zero_terminal_snr else {}
@@ -76,3 +79,31 @@ def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
     for i, image in enumerate(images):
         grid.paste(image, ((i % columns) * width, (i // columns) * height))
     return grid
+
+
+class PreviewRenderer:
+    """Renders preview images with a fixed seed so successive previews are comparable, conditioned by the
+    method's own `encode` (e.g. a Textual Inversion word expands to its learned vectors)."""
+
+    def __init__(self, context: RunContext, bus: EventBus, encode: Callable[[list[str]], Conditioning]) -> None:
+        self.context = context
+        self.bus = bus
+        self.encode = encode
+        config = context.config
+        self.prompt = config.training.sample_prompt or context.trigger_phrase
+        self.steps = config.training.sample_steps
+
+    def render(self, step: int) -> Image.Image:
+        """One preview, saved as `samples/stepNNNNNNNN.png` in the run folder and announced on the bus."""
+        bundle = self.context.bundle  # at most the family's own size: SDXL previews at 512 px look broken
+        size = min(self.context.config.data.resolution, model_native_resolution(bundle))
+        image = generate(bundle, [self.prompt], seed=self.context.config.training.seed, steps=self.steps,
+                         width=size, height=size, encode=self.encode,
+                         zero_terminal_snr=self.context.config.training.zero_terminal_snr)[0]
+        folder = self.context.run_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step{step:08d}.png"
+        image.save(path)
+        self.bus.emit(SamplesRendered(step=step, prompt=self.prompt, images=[image]))
+        self.bus.emit(FileSaved(path, "preview"))
+        return image

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from lib_sdcustom.data.captions import CaptionOptions
-from lib_sdcustom.data.dataset import TrainingOptions, TrainingSet
+from lib_sdcustom.data.dataset import BatchingOptions, TrainingSet
 from lib_sdcustom.data.scan import scan_dataset
 from lib_sdcustom.errors import ConfigError
 
@@ -31,7 +31,7 @@ def scan(tmp_path_factory):
 
 
 def _options(**kwargs):
-    return TrainingOptions(resolution=256, batch_size=2, seed=5, **kwargs)
+    return BatchingOptions(resolution=256, batch_size=2, seed=5, **kwargs)
 
 
 def _flatten(batches):
@@ -53,7 +53,7 @@ def test_order_is_a_function_of_seed_and_epoch(scan):
     first = TrainingSet(scan, options).batches_for_epoch(3)
     assert TrainingSet(scan, options).batches_for_epoch(3) == first  # a resumed run sees the same epoch
     assert TrainingSet(scan, options).batches_for_epoch(4) != first
-    other_seed = TrainingOptions(resolution=256, batch_size=2, seed=6, flip=True, captions=options.captions)
+    other_seed = BatchingOptions(resolution=256, batch_size=2, seed=6, flip=True, captions=options.captions)
     assert TrainingSet(scan, other_seed).batches_for_epoch(3) != first
 
 
@@ -88,4 +88,4 @@ def test_step_arithmetic(scan):
 @pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"seed": "x"}])
 def test_invalid_options(kwargs):
     with pytest.raises(ConfigError):
-        TrainingOptions(**kwargs)
+        BatchingOptions(**kwargs)

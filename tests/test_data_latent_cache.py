@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_sdcustom.data.dataset import TrainingOptions, TrainingSet
+from lib_sdcustom.data.dataset import BatchingOptions, TrainingSet
 from lib_sdcustom.data.latent_cache import LatentCache
 from lib_sdcustom.data.scan import scan_dataset
 from lib_sdcustom.errors import ConfigError, DatasetError
@@ -91,7 +91,7 @@ def test_random_crop_is_refused():
 
 
 def test_fill_encodes_both_flips_once(tmp_path, record):
-    data = TrainingSet(scan_dataset(record.path.parent), TrainingOptions(resolution=128, flip=True))
+    data = TrainingSet(scan_dataset(record.path.parent), BatchingOptions(resolution=128, flip=True))
     encode = CountingEncoder()
     cache = LatentCache(tmp_path / "cache", "vae")
     progress = []

@@ -25,7 +25,7 @@ from lib_sdcustom.formats.checkpoint_file import TrainedWeights, estimated_check
 from lib_sdcustom.methods.dreambooth import DreamBoothBatches
 from lib_sdcustom.models.loader import load_bundle
 from lib_sdcustom.training.ema import ExponentialMovingAverage, ema_decay
-from lib_sdcustom.training.loop import Batch
+from lib_sdcustom.training.batches import Batch
 from lib_sdcustom.training.objectives import weighted_loss
 from lib_sdcustom.run.train import train
 

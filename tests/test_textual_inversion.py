@@ -25,7 +25,7 @@ from lib_sdcustom.methods.textual_inversion import TemplatedSource, TextualInver
 from lib_sdcustom.models.loader import load_bundle
 from lib_sdcustom.run.context import RunContext
 from lib_sdcustom.run.train import train
-from lib_sdcustom.training.loop import Batch
+from lib_sdcustom.training.batches import Batch
 
 TRIGGER = "sks-toy"
 PROMPT = f"a photo of {TRIGGER} on a table"

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from conftest import write_images
 from lib_sdcustom.config import RunConfig
 from lib_sdcustom.data.captions import CaptionOptions
-from lib_sdcustom.data.dataset import TrainingOptions, TrainingSet, size_conditioning
+from lib_sdcustom.data.dataset import BatchingOptions, TrainingSet, size_conditioning
 from lib_sdcustom.data.scan import scan_dataset
 from lib_sdcustom.errors import ConfigError, ModelLoadError
 from lib_sdcustom.run.family_defaults import apply_family_defaults, native_resolution
@@ -198,7 +198,7 @@ def test_batches_carry_each_pictures_size_to_the_sdxl_unet(sdxl, tmp_path, monke
     images.mkdir()
     Image.new("RGB", (96, 72), "red").save(images / "wide.png")
     scan = scan_dataset(images, caption_extension=".txt", default_repeats=1, default_caption="x")
-    training_set = TrainingSet(scan, TrainingOptions(resolution=64, buckets=False, captions=CaptionOptions()))
+    training_set = TrainingSet(scan, BatchingOptions(resolution=64, buckets=False, captions=CaptionOptions()))
     bundle = load_bundle(sdxl)
     source = LatentBatchSource(training_set, bundle, None)
     batch = source.batch(0)

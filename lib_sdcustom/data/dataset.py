@@ -23,7 +23,7 @@ from .scan import DatasetScan, ImageRecord
 
 
 @dataclass(frozen=True)
-class TrainingOptions:
+class BatchingOptions:
     """How pictures become batches. `flip`: each example is mirrored with probability 1/2.
     `random_crop`: the leftover pixels after resizing are cropped at a random offset instead of centred
     (incompatible with latent caching, see `latent_cache`)."""
@@ -63,9 +63,9 @@ class Example:
 
 
 class TrainingSet:
-    """A scanned folder plus `TrainingOptions`: deterministic batches and their pixels."""
+    """A scanned folder plus `BatchingOptions`: deterministic batches and their pixels."""
 
-    def __init__(self, scan: DatasetScan, options: TrainingOptions) -> None:
+    def __init__(self, scan: DatasetScan, options: BatchingOptions) -> None:
         self.scan = scan
         self.records = scan.records
         self.options = options

@@ -7,7 +7,8 @@ Layouts accepted (both may be mixed):
 
 Every image is read once here, hashed (the latent cache keys on content) and fully decoded, so a
 damaged file is reported by name before training starts instead of crashing step 900. Unusable files are
-skipped with a reason; the scan fails only when nothing usable is left.
+skipped with a reason; the scan fails only when nothing usable is left. That is the slow part of checking a
+run, so a `ScanCache` hands the same scan to every check of one run while the folder is unchanged.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from __future__ import annotations
 import codecs
 import hashlib
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError, DatasetError
 from .images import decode_rgb, truncated_images_undetectable
@@ -110,6 +113,46 @@ def scan_dataset(folder: Path, *, caption_extension: str = ".txt", default_repea
         warnings.append("Pillow was told (by another extension) to accept truncated images, so damaged "
                         "files may train as partly grey pictures; check the folder if results look odd.")
     return DatasetScan(folder, tuple(records), tuple(skipped), tuple(warnings))
+
+
+#: What a scan depends on in the file system: (path, size, modification time) of each entry it can read.
+FolderState = tuple[tuple[str, int, int], ...]
+
+
+def folder_state(folder: Path) -> FolderState | None:
+    """The folder's and its subfolders' visible entries with their sizes and modification times: everything a
+    scan reads (images, caption files, repeat folders). None when `folder` is not a readable folder, so the
+    scan itself says what is wrong."""
+    folder = Path(folder).expanduser()
+    try:
+        entries = [entry for top in _visible_entries(folder)
+                   for entry in ([top, *_visible_entries(top)] if top.is_dir() else [top])]
+        return tuple((str(entry), stat.st_size, stat.st_mtime_ns) for entry in entries for stat in [entry.stat()])
+    except OSError:
+        return None
+
+
+class ScanCache:
+    """The latest scan, handed out again while the folder's entries keep their sizes and modification times and
+    the scan's options are the same. The tab's Check folder, the run manager's check before it takes the
+    training slot and the run itself then decode each picture once between them; any change rescans."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the tab's check and a run's check may come from two threads
+        self._latest: tuple[Any, DatasetScan] | None = None
+
+    def scan(self, folder: Path, *, caption_extension: str = ".txt", default_repeats: int = 1,
+             default_caption: str = "") -> DatasetScan:
+        """`scan_dataset` with these arguments, or the kept scan when nothing it read has changed."""
+        with self._lock:
+            state = folder_state(folder)  # taken first: a file changed during the scan makes the next call rescan
+            key = (str(Path(folder).expanduser().resolve()), caption_extension, default_repeats, default_caption, state)
+            if state is not None and self._latest is not None and self._latest[0] == key:
+                return self._latest[1]
+            scan = scan_dataset(folder, caption_extension=caption_extension, default_repeats=default_repeats,
+                                default_caption=default_caption)
+            self._latest = (key, scan) if state is not None else None
+            return scan
 
 
 def parse_repeat_folder(name: str) -> tuple[int, str] | None:

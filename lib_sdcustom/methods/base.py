@@ -9,28 +9,26 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..config import RunConfig
 from ..formats.sidecars import sidecar_paths
+from ..run.context import RunContext
+from ..training.batches import BatchSource
+from ..training.conditioning import Conditioning
 
 #: Room for the preview PNG and the JSON card beside a result (a 512 px preview PNG is a few hundred KiB).
 SIDECAR_BYTES = 2**20
 #: torch dtype of each --save-precision.
 SAVE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 
-if TYPE_CHECKING:
-    from ..run.context import RunContext
-    from ..training.conditioning import Conditioning
-    from ..training.loop import BatchSource
-
 
 class Method(abc.ABC):
     name: str = ""
 
-    def __init__(self, context: "RunContext") -> None:
+    def __init__(self, context: RunContext) -> None:
         self.context = context
         self.config = context.config
         self.bundle = context.bundle
@@ -61,7 +59,7 @@ class Method(abc.ABC):
         return config.data.default_caption or shared_phrase(captions) or cls.default_caption(config)
 
     # ----- hooks with sensible defaults -----
-    def build_source(self, source: "BatchSource") -> "BatchSource":
+    def build_source(self, source: BatchSource) -> BatchSource:
         """Wrap the image batches, e.g. to add class images or turn captions into prompt templates."""
         return source
 
@@ -89,7 +87,7 @@ class Method(abc.ABC):
         """Restore what `trainable_state` returned (resume)."""
 
     @abc.abstractmethod
-    def encode_captions(self, captions: list[str]) -> "Conditioning":
+    def encode_captions(self, captions: list[str]) -> Conditioning:
         """Text conditioning for the UNet (context, plus SDXL's pooled vector), with gradients where the
         method trains a text encoder. `text_conditioning.encode_captions` does it the host's way per family."""
 

@@ -34,10 +34,9 @@ from ..formats.checkpoint_file import TrainedWeights, estimated_checkpoint_bytes
 from ..models.ldm_config import PREDICTION_METADATA_KEY
 from ..models.model_yaml import yaml_beside
 from ..run.context import RunContext
-from ..training.batches import LatentBatchSource
+from ..training.batches import Batch, BatchSource, LatentBatchSource
 from ..training.conditioning import Conditioning, SizeConditioning
 from ..training.ema import ExponentialMovingAverage
-from ..training.loop import Batch, BatchSource
 from .base import SAVE_DTYPES, Method, shared_phrase
 from .network import NetworkMethod
 from .text_conditioning import encode_captions

@@ -36,14 +36,13 @@ from ..errors import ConfigError
 from ..formats.embedding_file import (SUFFIXES, EmbeddingFormat, embedding_preview_path, write_embedding,
                                       write_embedding_preview)
 from ..run.context import RunContext
+from ..training.batches import Batch, BatchSource
 from ..training.conditioning import Conditioning
 from .base import Method
 from .text_conditioning import encode_ids, tokenize
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
-
-    from ..training.loop import Batch, BatchSource
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ class TextualInversionMethod(Method):
         return config.output.name
 
     # ----- training -----
-    def build_source(self, source: "BatchSource") -> "BatchSource":
+    def build_source(self, source: BatchSource) -> BatchSource:
         self._warn_about_captions_without_trigger()
         return TemplatedSource(source, self.templates, trigger=self.trigger, seed=self.config.training.seed)
 
@@ -292,14 +291,14 @@ class TemplatedSource:
     front, since a prompt without the word teaches the vectors nothing.
     """
 
-    def __init__(self, source: "BatchSource", templates: tuple[str, ...], *, trigger: str, seed: int) -> None:
+    def __init__(self, source: BatchSource, templates: tuple[str, ...], *, trigger: str, seed: int) -> None:
         self.source = source
         self.templates = templates
         self.trigger = trigger
         self.seed = seed
         self._pattern = trigger_pattern(trigger)
 
-    def batch(self, index: int) -> "Batch":
+    def batch(self, index: int) -> Batch:
         batch = self.source.batch(index)
         prompts = [self.prompt(caption, index, position) for position, caption in enumerate(batch.captions)]
         return dataclasses.replace(batch, captions=prompts)

@@ -1,8 +1,9 @@
 """One training at a time, watched by the tab and the API: status with step, loss, ETA and files; cancel.
 
-A run is checked before anything is loaded or written (`preflight`), so a bad folder, a missing token, a
-name that exists or a model the method cannot train is a message, not a half-made run folder. The
-manager keeps the status of the last runs in memory; the files on disk are the durable record.
+A run is checked before anything is loaded or written (`RunManager.check`: `plan_run` plus the host's own
+check), so a bad folder, a missing token, a name that exists or a model the method cannot train is a
+message, not a half-made run folder. The manager keeps the folder's scan (`scans`) for the run that follows
+the check, and the status of the last runs in memory; the files on disk are the durable record.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..config import RunConfig
+from ..data.scan import ScanCache
 from ..errors import TrainingStopped, UserFacingError
 from ..events import CancelToken, Event, FileSaved, RunStarted, StepDone, Warning_
 from ..host.base import Host, output_kind, prompt_snippet
+from .plan import RunPlan, plan_run
 
 logger = logging.getLogger(__name__)
 
@@ -118,20 +121,6 @@ class _Run:
             status.revision += 1
 
 
-def preflight(config: RunConfig, host: Host) -> None:
-    """Every check that needs no model and writes nothing; raises UserFacingError naming the fix."""
-    from ..data.scan import scan_dataset
-    from ..methods.registry import method_class
-    from .output_checks import check_output_locations
-
-    config.validate()
-    method_type = method_class(config.method)
-    check_output_locations(config)
-    scan_dataset(Path(config.data.data), caption_extension=config.data.caption_extension,
-                 default_repeats=config.data.repeats, default_caption=method_type.default_caption(config))
-    host.check_fit(config)
-
-
 class RunManager:
     """Starts runs (blocking in the caller's thread, or in a background thread) and keeps their status."""
 
@@ -141,6 +130,13 @@ class RunManager:
         self._lock = threading.Lock()
         self._runs: Dict[str, _Run] = {}
         self._current: Optional[_Run] = None
+        self.scans = ScanCache()  # the tab's Check folder, `check` and the run share one read of the images
+
+    def check(self, config: RunConfig) -> RunPlan:
+        """Every check that needs no model and writes nothing; raises UserFacingError naming the fix."""
+        plan = plan_run(config, scans=self.scans)
+        self.host.check_fit(plan.config)
+        return plan
 
     # ----- starting -----
     def run(self, config: RunConfig, *, origin: str = "the tab") -> RunStatus:
@@ -175,7 +171,7 @@ class RunManager:
             where = f" ({busy.name}, started from {busy.origin}, step {busy.step}/{busy.total_steps})" if busy else ""
             raise RunnerBusy(f"A training is already running{where}.", "Wait for it to finish, or cancel it first.")
         try:
-            preflight(config, self.host)
+            self.check(config)
         except BaseException:
             self._slot.release()
             raise
@@ -199,7 +195,10 @@ class RunManager:
         try:
             with self.host.session(config):
                 bundle = self.host.bundle_for(config)
-                result = train(config, callbacks=[record.on_event, self.host.on_event], cancel=record.cancel, bundle=bundle)
+                # Planned again, not reused from the claim: a queued run may start minutes later and its output
+                # checks must hold now; the images are not read again while their folder is unchanged.
+                plan = plan_run(config, scans=self.scans)
+                result = train(plan, callbacks=[record.on_event, self.host.on_event], cancel=record.cancel, bundle=bundle)
             outputs = [Path(path) for path in result.outputs]
             self._refresh(config, outputs)
             record.update(state=FINISHED, finished_at=time.time(), snippet=prompt_snippet(config.method, config.output.name),

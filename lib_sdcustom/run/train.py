@@ -1,7 +1,8 @@
-"""`train()`: from a validated config to a file in the output folder.
+"""`train()`: from a run plan to a file in the output folder, in the order the work happens.
 
-The order matters for the user: everything that can be checked cheaply (options, output name, the image
-folder, free disk) is checked before the base model is loaded, so a mistake costs seconds, not a load.
+Everything that can be checked cheaply (options, output name, the image folder) is checked by `plan_run`
+before the base model is loaded, so a mistake costs seconds, not a load. Then: the model, the method and
+its batches, the optimizer, the loop, the export.
 """
 
 from __future__ import annotations
@@ -10,33 +11,32 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 
-from ..config import RunConfig, dumps_toml
-from ..data.captions import CaptionOptions, overlong_captions_warning
-from ..data.dataset import TrainingOptions, TrainingSet
-from ..data.scan import scan_dataset
+from ..config import RunConfig, TrainingOptions, dumps_toml
+from ..data.captions import overlong_captions_warning
+from ..data.dataset import TrainingSet
 from ..errors import ConfigError, OutputError, TrainingStopped, UserFacingError
-from ..events import Callback, CancelToken, EventBus, FileSaved, RunFinished, RunStarted, SamplesRendered
-from .family_defaults import apply_family_defaults, model_native_resolution
+from ..events import Callback, CancelToken, EventBus, FileSaved, RunFinished, RunStarted
+from .family_defaults import apply_family_defaults
 from ..files import check_free_space, remove_stale_temporaries, write_text_atomically
 from ..methods.base import Method
-from ..methods.registry import method_class
 from ..models.bundle import ModelBundle
 from ..models.fp8 import store_frozen_base_in_fp8
-from .output_checks import check_output_locations
 from .context import RunContext
-from .folder import require_resumable, start_fresh_run
+from .folder import start_fresh_run
+from .plan import RunPlan, plan_run
+from ..sampling import PreviewRenderer
 from ..training.batches import LatentBatchSource
-from ..training.conditioning import Conditioning
-from ..training.loop import LoopHooks, LoopSettings, TrainingLoop
+from ..training.loop import LoopHooks, TrainingLoop, compute_dtype
 from ..training.optimizers import build_optimizer
 from ..training.schedules import build_scheduler
-from ..training.state import latest_state, load_state, state_root
+from ..training.state import load_state, state_root
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class TrainResult:
@@ -47,12 +47,92 @@ class TrainResult:
     run_dir: Path
 
 
-def _accelerator(config: RunConfig):
-    from accelerate import Accelerator
+def train(run: RunConfig | RunPlan, *, callbacks: Iterable[Callback] = (), cancel: CancelToken | None = None,
+          resume: Path | None = None, bundle: ModelBundle | None = None) -> TrainResult:
+    """Train `run`'s method and export the result. A config is planned here (`plan_run`, with `resume`, the
+    run folder of a run to continue); a caller that planned already passes its plan. `bundle` lets a host
+    pass the model it has loaded."""
+    if isinstance(run, RunPlan):
+        if resume is not None:
+            raise TypeError("a RunPlan carries its own resume folder: plan_run(config, resume=...)")
+        plan = run
+    else:
+        plan = plan_run(run, resume=resume)
+    bus = EventBus(callbacks)
+    cancel = cancel or CancelToken()
+    for folder in (plan.target.parent, state_root(plan.run_dir)):
+        for leftover in remove_stale_temporaries(folder):
+            logger.info("Removed %s, left by an interrupted run.", leftover)
+    for warning in plan.warnings:
+        bus.warn(warning)
 
-    precision = config.training.mixed_precision
+    # The base model, with the family's defaults applied to the config, placed and set up for training.
+    accelerator = _accelerator(plan.config)
+    if bundle is None:
+        bundle = _load_base(plan.config, accelerator.device)
+    config, notes = apply_family_defaults(plan.config, bundle)
+    plan = plan.with_config(config)
+    training = config.training
+    _warn_about_long_captions(plan.training_set, bundle, bus)
+    _prepare_models(bundle, accelerator, training)
+
+    # The method on its batches (latents encoded, or cached, here).
+    run_dir = plan.run_dir
+    images = LatentBatchSource.create(plan.training_set, bundle, run_dir=run_dir, use_cache=config.data.cache_latents, bus=bus)
+    captions = [record.caption for record in plan.training_set.records]
+    context = RunContext(config=config, bundle=bundle, training_set=plan.training_set, data_folder=Path(config.data.data),
+                         run_dir=run_dir, trigger_phrase=plan.method_type.trigger_phrase(config, captions),
+                         num_processes=accelerator.num_processes, latents_cached=images.cached, bus=bus, cancel=cancel)
+    method = plan.method_type(context)
+    try:
+        check_free_space(plan.target.parent, method.required_disk_bytes(), f"the {config.method} result")
+        check_free_space(run_dir, _state_bytes(method), "the resumable training state")
+        if training.cache_text_encoder_outputs and not method.frozen_text_conditioning():
+            bus.warn(f"Text-encoder outputs are not cached: {config.method} trains the text encoder or its tokens "
+                     "in this run, so a caption's conditioning changes every step (train_text_encoder = 0 allows it).")
+        source = method.build_source(images)
+        optimizer, scheduler = _optimizer_and_schedule(config, method)
+        optimizer = accelerator.prepare(optimizer)
+
+        # The loop, fresh or from the saved state; previews and intermediate results come from its hooks.
+        previews = PreviewRenderer(context, bus, encode=method.encode_captions)
+        hooks = LoopHooks(export_intermediate=lambda step: method.export(method.intermediate_path(plan.target, step), step=step),
+                          render_samples=previews.render)
+        loop = TrainingLoop(method, bundle, source, config, optimizer=optimizer, scheduler=scheduler, run_dir=run_dir,
+                            bus=bus, cancel=cancel, accelerator=accelerator, hooks=hooks)
+        if plan.saved_state is not None:
+            loop.resume_from(load_state(plan.saved_state))
+        _open_run_folder(run_dir, config, fresh=plan.saved_state is None)
+        bus.emit(RunStarted(total_steps=training.steps, run_dir=run_dir,
+                            description="\n".join([_describe_run(config, plan.training_set, method), *notes])))
+        try:
+            result = loop.run()
+        except TrainingStopped as stopped:
+            bus.emit(RunFinished(step=loop.step, outputs=(), stopped_early=True, reason=str(stopped)))
+            raise
+
+        # The export: the result, its preview and card; the resumable states go unless asked to stay.
+        method.set_training(False)
+        outputs: list[Path] = []
+        if accelerator.is_main_process:
+            preview = previews.render(result.step)
+            outputs = _export(method, plan.target, result.step, preview, loop.last_state, run_dir)
+        for path in outputs:
+            bus.emit(FileSaved(path, "result" if path == plan.target else "sidecar"))
+        if not training.keep_final_state:  # the states were resume points, kept until the export succeeded
+            shutil.rmtree(state_root(run_dir), ignore_errors=True)
+        bus.emit(RunFinished(step=result.step, outputs=tuple(outputs)))
+        return TrainResult(outputs=outputs, steps=result.step, last_loss=result.last_loss, losses=result.losses, run_dir=run_dir)
+    finally:
+        method.close()
+
+
+def _accelerator(config: RunConfig) -> Any:
+    """accelerate's Accelerator for the config's mixed precision, on the GPU when there is one."""
+    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    precision = config.training.mixed_precision
     # accelerate keeps one global state per process; a host that trains twice (say, bf16 then no mixed
     # precision) must start from a clean one or accelerate refuses the second setting.
     AcceleratorState._reset_state()
@@ -60,26 +140,37 @@ def _accelerator(config: RunConfig):
     if use_cpu and precision == "fp16":
         raise ConfigError("fp16 mixed precision needs a CUDA GPU, and none is available.",
                           "Use --mixed-precision no (or bf16) on the CPU.")
-    return Accelerator(mixed_precision=precision, cpu=use_cpu)
+    accelerator = Accelerator(mixed_precision=precision, cpu=use_cpu)
+    _enable_tf32(accelerator.device)
+    return accelerator
 
 
-def _training_set(config: RunConfig, trigger_phrase: str) -> tuple[TrainingSet, list[str]]:
-    data = config.data
-    scan = scan_dataset(Path(data.data), caption_extension=data.caption_extension, default_repeats=data.repeats,
-                        default_caption=trigger_phrase)
-    return TrainingSet(scan, _training_options(config)), list(scan.warnings)
+def _load_base(config: RunConfig, device: torch.device) -> ModelBundle:
+    """The base model, straight into the frozen dtype on the training device: no fp32 copy on the CPU first."""
+    from ..models.loader import load_bundle
+
+    return load_bundle(Path(config.model.base), dtype=compute_dtype(config.training.mixed_precision), device=device)
 
 
-def _training_options(config: RunConfig) -> TrainingOptions:
-    data = config.data
-    return TrainingOptions(
-        resolution=data.resolution, buckets=data.buckets, min_bucket_side=data.bucket_bounds[0],
-        max_bucket_side=data.bucket_bounds[1],
-        bucket_step=data.bucket_step, no_upscale=not data.upscale, batch_size=config.training.batch_size,
-        flip=data.flip, random_crop=data.random_crop, seed=config.training.seed,
-        captions=CaptionOptions(shuffle=data.shuffle_captions, keep_tokens=data.keep_tokens,
-                                caption_dropout=data.caption_dropout, tag_dropout=data.tag_dropout),
-    )
+def _optimizer_and_schedule(config: RunConfig, method: Method
+                            ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer over the method's parameter groups and its learning-rate schedule, in which the text
+    encoder's group stops at its share of the run."""
+    options, steps = config.optimizer, config.training.steps
+    optimizer = build_optimizer(options.optimizer, method.param_groups(), lr=config.lr, weight_decay=options.weight_decay)
+    scheduler = build_scheduler(optimizer, options.scheduler, steps, warmup_steps=options.warmup_steps,
+                                restarts=options.restarts, power=options.power,
+                                stop_groups_at={"text_encoder": round(config.text_encoder_fraction * steps)})
+    return optimizer, scheduler
+
+
+def _open_run_folder(run_dir: Path, config: RunConfig, *, fresh: bool) -> None:
+    """The run folder with the config the run trains (after family defaults); a fresh run discards an earlier
+    run's state there (consent was checked by the plan) and takes a new run id."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        start_fresh_run(run_dir)
+    write_text_atomically(run_dir / "config.toml", dumps_toml(config))
 
 
 def _describe_run(config: RunConfig, training_set: TrainingSet, method: Method) -> str:
@@ -94,19 +185,6 @@ def _describe_run(config: RunConfig, training_set: TrainingSet, method: Method) 
     accumulation = f" x accumulation {training.gradient_accumulation}" if training.gradient_accumulation > 1 else ""
     return (f"{seen} x {epochs:.3g} epochs / batch {training.batch_size}{accumulation} = {training.steps} steps "
             f"({per_epoch} batches per epoch).\nTraining {method.describe()}.")
-
-
-def _frozen_dtype(mixed_precision: str) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
-def _place_models(bundle: ModelBundle, accelerator, mixed_precision: str) -> None:
-    """Frozen weights in the compute dtype to save memory; trainable weights stay fp32 (the method owns them).
-    A bundle this run loaded is there already; a host's bundle is moved."""
-    dtype = _frozen_dtype(mixed_precision)
-    for model in (bundle.unet, *bundle.text_encoders, bundle.vae):
-        model.to(accelerator.device, dtype=dtype)
-    bundle.vae.to(dtype=torch.float32)  # the VAE overflows in fp16; it only encodes, once per image
 
 
 def _compile_unet(unet: torch.nn.Module) -> None:
@@ -126,109 +204,29 @@ def _enable_tf32(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: CancelToken | None = None,
-          resume: Path | None = None, bundle: ModelBundle | None = None) -> TrainResult:
-    """Train `config.method` and export the result. `bundle` lets a host pass the model it has loaded."""
-    config.validate()
-    bus = EventBus(callbacks)
-    cancel = cancel or CancelToken()
-    method_type = method_class(config.method)
-    target, run_dir = check_output_locations(config, resume=resume)
-    saved_folder = _saved_state_to_resume(run_dir) if resume else None
-    for folder in (target.parent, state_root(run_dir)):
-        for leftover in remove_stale_temporaries(folder):
-            logger.info("Removed %s, left by an interrupted run.", leftover)
-    trigger_phrase = method_type.default_caption(config)
-    training_set, warnings = _training_set(config, trigger_phrase)
-    for warning in warnings:
-        bus.warn(warning)
-
-    accelerator = _accelerator(config)
-    _enable_tf32(accelerator.device)
-    if bundle is None:
-        from ..models.loader import load_bundle
-
-        # Straight into the frozen dtype on the training device: no fp32 copy on the CPU first.
-        bundle = load_bundle(Path(config.model.base), dtype=_frozen_dtype(config.training.mixed_precision),
-                             device=accelerator.device)
-    config, notes = apply_family_defaults(config, bundle)
-    _warn_about_long_captions(training_set, bundle, bus)
-    if config.data.resolution != training_set.options.resolution:
-        training_set = TrainingSet(training_set.scan, _training_options(config))
-    _place_models(bundle, accelerator, config.training.mixed_precision)
-    if config.training.fp8_base:
+def _prepare_models(bundle: ModelBundle, accelerator: Any, training: TrainingOptions) -> None:
+    """Frozen weights in the compute dtype to save memory; trainable weights stay fp32 (the method owns them).
+    A bundle this run loaded is there already; a host's bundle is moved. Then the memory savers the options
+    turn on, and train mode where gradient checkpointing needs it."""
+    dtype = compute_dtype(training.mixed_precision)
+    for model in (bundle.unet, *bundle.text_encoders, bundle.vae):
+        model.to(accelerator.device, dtype=dtype)
+    bundle.vae.to(dtype=torch.float32)  # the VAE overflows in fp16; it only encodes, once per image
+    if training.fp8_base:
         store_frozen_base_in_fp8(bundle, accelerator.device)
-    if config.training.gradient_checkpointing:
+    if training.gradient_checkpointing:
         bundle.unet.enable_gradient_checkpointing()
         for encoder in bundle.text_encoders:
             encoder.gradient_checkpointing_enable()
             # transformers < 4.35 checkpoints with the re-entrant variant, which gives a block no gradients when
             # none of its inputs requires one: a text-encoder LoRA would silently stay at its initial weights.
             encoder.enable_input_require_grads()
-    if config.training.compile_unet:
+    if training.compile_unet:
         _compile_unet(bundle.unet)
-    bundle.unet.train(config.training.gradient_checkpointing)  # diffusers checkpoints only in train mode
+    bundle.unet.train(training.gradient_checkpointing)  # diffusers checkpoints only in train mode
     for encoder in bundle.text_encoders:
-        encoder.train(config.training.gradient_checkpointing)
+        encoder.train(training.gradient_checkpointing)
     bundle.vae.eval()
-
-    source = LatentBatchSource.create(training_set, bundle, run_dir=run_dir, use_cache=config.data.cache_latents, bus=bus)
-    captions = [record.caption for record in training_set.records]
-    context = RunContext(config=config, bundle=bundle, training_set=training_set, data_folder=Path(config.data.data),
-                         run_dir=run_dir, trigger_phrase=method_type.trigger_phrase(config, captions),
-                         num_processes=accelerator.num_processes, latents_cached=source.cached, bus=bus, cancel=cancel)
-    method = method_type(context)
-    try:
-        check_free_space(target.parent, method.required_disk_bytes(), f"the {config.method} result")
-        check_free_space(run_dir, _state_bytes(method), "the resumable training state")
-        if config.training.cache_text_encoder_outputs and not method.frozen_text_conditioning():
-            bus.warn(f"Text-encoder outputs are not cached: {config.method} trains the text encoder or its tokens "
-                     "in this run, so a caption's conditioning changes every step (train_text_encoder = 0 allows it).")
-        source = method.build_source(source)
-        optimizer = build_optimizer(config.optimizer.optimizer, method.param_groups(), lr=config.lr,
-                                    weight_decay=config.optimizer.weight_decay)
-        scheduler = build_scheduler(optimizer, config.optimizer.scheduler, config.training.steps,
-                                    warmup_steps=config.optimizer.warmup_steps, restarts=config.optimizer.restarts,
-                                    power=config.optimizer.power,
-                                    stop_groups_at={"text_encoder": round(config.text_encoder_fraction * config.training.steps)})
-        optimizer = accelerator.prepare(optimizer)
-        settings = LoopSettings(
-            total_steps=config.training.steps, gradient_accumulation=config.training.gradient_accumulation,
-            max_grad_norm=config.optimizer.max_grad_norm, mixed_precision=config.training.mixed_precision,
-            seed=config.training.seed, noise_offset=config.training.noise_offset, min_snr_gamma=config.training.min_snr_gamma,
-            zero_terminal_snr=config.training.zero_terminal_snr,
-            cache_text_encoder_outputs=config.training.cache_text_encoder_outputs,
-            gradient_checkpointing=config.training.gradient_checkpointing, save_state_every=config.training.save_state_every,
-            save_every=config.training.save_every, sample_every=config.training.sample_every)
-        previews = PreviewRenderer(context, bus, encode=method.encode_captions)
-        hooks = LoopHooks(export_intermediate=lambda step: method.export(method.intermediate_path(target, step), step=step),
-                          render_samples=previews.render)
-        loop = TrainingLoop(method, bundle, source, settings, optimizer=optimizer, scheduler=scheduler, run_dir=run_dir,
-                            bus=bus, cancel=cancel, accelerator=accelerator, hooks=hooks)
-        if saved_folder is not None:
-            loop.resume_from(load_state(saved_folder))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if saved_folder is None:
-            start_fresh_run(run_dir)
-        write_text_atomically(run_dir / "config.toml", dumps_toml(config))
-        bus.emit(RunStarted(total_steps=config.training.steps, description="\n".join([_describe_run(config, training_set, method), *notes]),
-                             run_dir=run_dir))
-        try:
-            result = loop.run()
-        except TrainingStopped as stopped:
-            bus.emit(RunFinished(step=loop.step, outputs=(), stopped_early=True, reason=str(stopped)))
-            raise
-        method.set_training(False)
-        preview = previews.render(result.step) if accelerator.is_main_process else None
-        outputs = _export(method, target, result.step, preview, loop.last_state, run_dir) if accelerator.is_main_process else []
-        for path in outputs:
-            bus.emit(FileSaved(path, "result" if path == target else "sidecar"))
-        if not config.training.keep_final_state:  # the states were resume points, kept until the export succeeded
-            shutil.rmtree(state_root(run_dir), ignore_errors=True)
-        bus.emit(RunFinished(step=result.step, outputs=tuple(outputs)))
-        return TrainResult(outputs=outputs, steps=result.step, last_loss=result.last_loss, losses=result.losses, run_dir=run_dir)
-    finally:
-        method.close()
 
 
 def _warn_about_long_captions(training_set: TrainingSet, bundle: ModelBundle, bus: EventBus) -> None:
@@ -244,18 +242,10 @@ def _warn_about_long_captions(training_set: TrainingSet, bundle: ModelBundle, bu
 def _state_bytes(method: Method) -> int:
     """Room for the two states the loop keeps: fp32 weights plus two optimizer moments (Adam) each."""
     parameters = sum(param.numel() for group in method.param_groups() for param in group["params"])
-    return 2 * 3 * 4 * parameters
+    return 2 * 3 * 4 * int(parameters)
 
 
-def _saved_state_to_resume(run_dir: Path) -> Path:
-    saved = latest_state(run_dir, require_resumable(run_dir))
-    if saved is None:
-        raise ConfigError(f"{run_dir} holds no saved state of the run its config.toml describes (any state there "
-                          "is from an earlier run under the same name).", "Start the run again without --resume.")
-    return saved
-
-
-def _export(method: Method, target: Path, step: int, preview, state: Path | None, run_dir: Path) -> list[Path]:
+def _export(method: Method, target: Path, step: int, preview: Any, state: Path | None, run_dir: Path) -> list[Path]:
     """Export the result; when that fails the trained weights are already in the run's final state, so the
     message says where they are and how to export them once the problem is fixed."""
     try:
@@ -269,32 +259,3 @@ def _export(method: Method, target: Path, step: int, preview, state: Path | None
         raise OutputError(f"Training finished, but the result could not be written to {target}: {problem} "
                           f"The trained weights are saved in {state}.",
                           f"{fix} Then export them with: python -m lib_sdcustom train --resume {run_dir}") from error
-
-
-class PreviewRenderer:
-    """Renders preview images with a fixed seed so successive previews are comparable, conditioned by the
-    method's own `encode` (e.g. a Textual Inversion word expands to its learned vectors)."""
-
-    def __init__(self, context: RunContext, bus: EventBus, encode: Callable[[list[str]], Conditioning]) -> None:
-        self.context = context
-        self.bus = bus
-        self.encode = encode
-        config = context.config
-        self.prompt = config.training.sample_prompt or context.trigger_phrase
-        self.steps = config.training.sample_steps
-
-    def render(self, step: int):
-        from ..sampling import generate
-
-        bundle = self.context.bundle  # at most the family's own size: SDXL previews at 512 px look broken
-        size = min(self.context.config.data.resolution, model_native_resolution(bundle))
-        image = generate(self.context.bundle, [self.prompt], seed=self.context.config.training.seed, steps=self.steps,
-                         width=size, height=size, encode=self.encode,
-                         zero_terminal_snr=self.context.config.training.zero_terminal_snr)[0]
-        folder = self.context.run_dir / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"step{step:08d}.png"
-        image.save(path)
-        self.bus.emit(SamplesRendered(step=step, prompt=self.prompt, images=[image]))
-        self.bus.emit(FileSaved(path, "preview"))
-        return image

@@ -1,4 +1,5 @@
-"""Micro-batches for the loop, by global index: the training set's epochs laid end to end, as latents.
+"""Micro-batches for the loop, by global index: what a batch is, what gives one, and the source of the
+training set's epochs laid end to end, as latents (methods wrap it to add class images or prompt templates).
 
 With the cache on, every latent is encoded before the first step (so the VAE is done before training
 starts and an unreadable image fails early); without it (random crop), each batch is encoded on the fly.
@@ -6,7 +7,9 @@ starts and an unreadable image fails early); without it (random crop), each batc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -14,7 +17,34 @@ from ..data.dataset import Example, TrainingSet
 from ..data.latent_cache import LatentCache
 from ..events import EventBus
 from ..models.bundle import ModelBundle
-from .loop import Batch
+from .conditioning import SizeConditioning
+
+
+@dataclass
+class Batch:
+    """One micro-batch: latents already multiplied by the VAE scaling factor, and their captions.
+
+    `weights` scales each sample's loss (1 for ordinary images; prior-preservation images carry the
+    prior weight). `sizes` is each sample's original size and crop, which SDXL is conditioned on; None
+    means every sample is an uncropped picture of the latents' size.
+    """
+
+    latents: torch.Tensor
+    captions: list[str]
+    weights: torch.Tensor | None = None
+    sizes: list[SizeConditioning] | None = None
+
+
+class BatchSource(Protocol):
+    def batch(self, index: int) -> Batch:
+        """The micro-batch at global position `index`; the same index always gives the same batch."""
+
+
+def uncropped_sizes(latents: torch.Tensor, bundle: ModelBundle) -> list[SizeConditioning]:
+    """Size conditioning for latents of pictures used whole at their own size (no `Batch.sizes`)."""
+    scale = 2 ** (len(bundle.vae.config.block_out_channels) - 1)
+    height, width = latents.shape[-2] * scale, latents.shape[-1] * scale
+    return [SizeConditioning.uncropped(height, width)] * latents.shape[0]
 
 
 class LatentBatchSource:
@@ -50,7 +80,8 @@ class LatentBatchSource:
         """
         vae = self.bundle.vae
         posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        return (posterior.mode() * self.bundle.vae_scaling_factor).float().cpu()
+        latents: torch.Tensor = (posterior.mode() * self.bundle.vae_scaling_factor).float().cpu()
+        return latents
 
     def _examples(self, epoch: int) -> list[list[Example]]:
         if self._epoch is None or self._epoch[0] != epoch:
@@ -60,12 +91,11 @@ class LatentBatchSource:
     def batch(self, index: int) -> Batch:
         epoch, position = divmod(index, self.batches_per_epoch)
         examples = self._examples(epoch)[position]
-        if self.cache is not None:
-            latents = torch.stack([self._cached_latent(example) for example in examples])
+        cache = self.cache
+        if cache is not None:
+            latents = torch.stack([cache.get_or_encode(self.training_set.record(example), example.bucket, example.flip,
+                                                       self.encode) for example in examples])
         else:
             latents = self.encode(self.training_set.load_batch_pixels(examples))
         return Batch(latents=latents, captions=[example.caption for example in examples],
                      sizes=[self.training_set.size_conditioning(example) for example in examples])
-
-    def _cached_latent(self, example: Example) -> torch.Tensor:
-        return self.cache.get_or_encode(self.training_set.record(example), example.bucket, example.flip, self.encode)

@@ -11,55 +11,19 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable
 
 import torch
 
+from ..config import RunConfig
 from ..errors import TrainingStopped
 from ..events import CancelToken, EventBus, FileSaved, StepDone
 from ..methods.base import Method
 from ..models.bundle import ModelBundle
 from . import objectives
-from .conditioning import SizeConditioning
+from .batches import BatchSource, uncropped_sizes
 from .state import SavedState, save_state
 from .text_cache import TextEncoderCache
-
-
-@dataclass
-class Batch:
-    """One micro-batch: latents already multiplied by the VAE scaling factor, and their captions.
-
-    `weights` scales each sample's loss (1 for ordinary images; prior-preservation images carry the
-    prior weight). `sizes` is each sample's original size and crop, which SDXL is conditioned on; None
-    means every sample is an uncropped picture of the latents' size.
-    """
-
-    latents: torch.Tensor
-    captions: list[str]
-    weights: torch.Tensor | None = None
-    sizes: list[SizeConditioning] | None = None
-
-
-class BatchSource(Protocol):
-    def batch(self, index: int) -> Batch:
-        """The micro-batch at global position `index`; the same index always gives the same batch."""
-
-
-@dataclass
-class LoopSettings:
-    total_steps: int
-    gradient_accumulation: int = 1
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
-    seed: int = 42
-    noise_offset: float = 0.0
-    min_snr_gamma: float = 0.0
-    zero_terminal_snr: bool = False
-    cache_text_encoder_outputs: bool = False  # honoured only when the method's text conditioning is frozen
-    gradient_checkpointing: bool = False
-    save_state_every: int = 0
-    save_every: int = 0
-    sample_every: int = 0
 
 
 @dataclass
@@ -77,29 +41,28 @@ class LoopResult:
     losses: list[float] = field(default_factory=list)
 
 
-def uncropped_sizes(latents: torch.Tensor, bundle: ModelBundle) -> list[SizeConditioning]:
-    """Size conditioning for latents of pictures used whole at their own size (no `Batch.sizes`)."""
-    scale = 2 ** (len(bundle.vae.config.block_out_channels) - 1)
-    height, width = latents.shape[-2] * scale, latents.shape[-1] * scale
-    return [SizeConditioning.uncropped(height, width)] * latents.shape[0]
-
-
 def _mixed_seed(seed: int, index: int, salt: int) -> int:
     return (seed * 1_000_003 + index * 7_919 + salt) % (2**63 - 1)
 
 
-def _weight_dtype(mixed_precision: str) -> torch.dtype:
+def compute_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype of the frozen weights and the latents under `--mixed-precision`."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
 class TrainingLoop:
-    def __init__(self, method: Method, bundle: ModelBundle, source: BatchSource, settings: LoopSettings, *,
+    """Steps `config.training.steps` optimizer steps; reads the config's `training` section (and the optimizer's
+    gradient clipping) directly, so a new training option is one field in `config.py` and its use here."""
+
+    def __init__(self, method: Method, bundle: ModelBundle, source: BatchSource, config: RunConfig, *,
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                 run_dir: Path, bus: EventBus, cancel: CancelToken, accelerator, hooks: LoopHooks | None = None) -> None:
+                 run_dir: Path, bus: EventBus, cancel: CancelToken, accelerator: Any,
+                 hooks: LoopHooks | None = None) -> None:
         self.method = method
         self.bundle = bundle
         self.source = source
-        self.settings = settings
+        self.training = config.training
+        self.max_grad_norm = config.optimizer.max_grad_norm
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.run_dir = Path(run_dir)
@@ -108,12 +71,12 @@ class TrainingLoop:
         self.accelerator = accelerator
         self.hooks = hooks or LoopHooks()
         self.alphas_cumprod = bundle.noise_scheduler.alphas_cumprod.float().cpu()
-        if settings.zero_terminal_snr:
+        if self.training.zero_terminal_snr:
             self.alphas_cumprod = objectives.rescale_zero_terminal_snr(self.alphas_cumprod)
         self.num_timesteps = int(bundle.noise_scheduler.config.num_train_timesteps)
         self.step = 0
         self.last_state: Path | None = None
-        cache = settings.cache_text_encoder_outputs and method.frozen_text_conditioning()
+        cache = self.training.cache_text_encoder_outputs and method.frozen_text_conditioning()
         self.encode_captions = TextEncoderCache(method.encode_captions) if cache else method.encode_captions
 
     # ----- state -----
@@ -124,7 +87,8 @@ class TrainingLoop:
         self.step = saved.step
         self.last_state = saved.folder
 
-    def save_state(self) -> Path:
+    def save_state(self) -> Path | None:
+        """Save the resumable state (the main process writes it); the latest saved state, None before any."""
         if self.accelerator.is_main_process:
             self.last_state = save_state(self.run_dir, step=self.step, trainable=self.method.trainable_state(),
                                          optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
@@ -133,13 +97,13 @@ class TrainingLoop:
 
     # ----- one micro-batch -----
     def _micro_batch_loss(self, index: int) -> torch.Tensor:
-        settings = self.settings
+        training = self.training
         batch = self.source.batch(index)
         device = self.accelerator.device
-        generator = torch.Generator().manual_seed(_mixed_seed(settings.seed, index, 1))
-        torch.manual_seed(_mixed_seed(settings.seed, index, 2))  # module dropout inside the network
-        latents = batch.latents.to(device, _weight_dtype(settings.mixed_precision))
-        noise = objectives.sample_noise(latents, generator, settings.noise_offset)
+        generator = torch.Generator().manual_seed(_mixed_seed(training.seed, index, 1))
+        torch.manual_seed(_mixed_seed(training.seed, index, 2))  # module dropout inside the network
+        latents = batch.latents.to(device, compute_dtype(training.mixed_precision))
+        noise = objectives.sample_noise(latents, generator, training.noise_offset)
         timesteps = objectives.sample_timesteps(latents.shape[0], self.num_timesteps, generator)
         noisy = objectives.add_noise(latents, noise, timesteps, self.alphas_cumprod)
         sizes = batch.sizes if batch.sizes is not None else uncropped_sizes(latents, self.bundle)
@@ -149,8 +113,8 @@ class TrainingLoop:
         target = objectives.training_target(self.bundle.prediction_type, latents, noise, timesteps, self.alphas_cumprod)
         per_sample = objectives.per_sample_mse(prediction, target)
         weights = batch.weights
-        if settings.min_snr_gamma:
-            snr_weights = objectives.min_snr_weights(timesteps, self.alphas_cumprod, settings.min_snr_gamma,
+        if training.min_snr_gamma:
+            snr_weights = objectives.min_snr_weights(timesteps, self.alphas_cumprod, training.min_snr_gamma,
                                                      self.bundle.prediction_type)
             weights = snr_weights if weights is None else weights * snr_weights
         return objectives.weighted_loss(per_sample, weights)
@@ -168,7 +132,7 @@ class TrainingLoop:
                 param.grad = self.accelerator.reduce(param.grad, reduction="mean")
 
     def _optimizer_step(self) -> float:
-        accumulation = self.settings.gradient_accumulation
+        accumulation = self.training.gradient_accumulation
         total = 0.0
         processes, rank = self.accelerator.num_processes, self.accelerator.process_index
         for micro in range(accumulation):
@@ -184,8 +148,8 @@ class TrainingLoop:
             self.accelerator.backward(loss / accumulation)
             total += value
         self._synchronise_gradients()
-        if self.settings.max_grad_norm:
-            self.accelerator.clip_grad_norm_(self._trainable_params(), self.settings.max_grad_norm)
+        if self.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self._trainable_params(), self.max_grad_norm)
         self.optimizer.step()
         self.method.after_optimizer_step(self.step + 1)
         self.scheduler.step()
@@ -194,15 +158,15 @@ class TrainingLoop:
 
     # ----- the loop -----
     def run(self) -> LoopResult:
-        settings = self.settings
+        total_steps = self.training.steps
         losses: list[float] = []
         started, first_step = time.perf_counter(), self.step
         loss = float("nan")
         self.method.set_training(True)
-        while self.step < settings.total_steps:
+        while self.step < total_steps:
             if self.cancel.cancelled:
                 state = self.save_state()
-                raise TrainingStopped(f"Training was cancelled at step {self.step}/{settings.total_steps}; its state is saved"
+                raise TrainingStopped(f"Training was cancelled at step {self.step}/{total_steps}; its state is saved"
                                       + (f" in {state}." if state else "."),
                                       f"Resume from the run folder {self.run_dir} (CLI: --resume {self.run_dir}).")
             loss = self._optimizer_step()
@@ -210,22 +174,22 @@ class TrainingLoop:
             losses.append(loss)
             elapsed = time.perf_counter() - started
             rate = (self.step - first_step) / elapsed if elapsed > 0 else 0.0
-            self.bus.emit(StepDone(step=self.step, total_steps=settings.total_steps, loss=loss,
+            self.bus.emit(StepDone(step=self.step, total_steps=total_steps, loss=loss,
                                    lr=float(self.optimizer.param_groups[-1]["lr"]), steps_per_second=rate,
-                                   eta_seconds=(settings.total_steps - self.step) / rate if rate else 0.0))
+                                   eta_seconds=(total_steps - self.step) / rate if rate else 0.0))
             self._periodic_work()
         return LoopResult(step=self.step, last_loss=loss, losses=losses)
 
     def _periodic_work(self) -> None:
-        settings, step = self.settings, self.step
-        final = step == settings.total_steps
-        if settings.save_state_every and step % settings.save_state_every == 0 or final:
+        training, step = self.training, self.step
+        final = step == training.steps
+        if training.save_state_every and step % training.save_state_every == 0 or final:
             self.save_state()
-        if settings.save_every and step % settings.save_every == 0 and not final and self.hooks.export_intermediate:
+        if training.save_every and step % training.save_every == 0 and not final and self.hooks.export_intermediate:
             if self.accelerator.is_main_process:
                 for path in self.hooks.export_intermediate(step):
                     self.bus.emit(FileSaved(path, "intermediate"))
-        if settings.sample_every and step % settings.sample_every == 0 and not final and self.hooks.render_samples:
+        if training.sample_every and step % training.sample_every == 0 and not final and self.hooks.render_samples:
             if self.accelerator.is_main_process:
                 self.method.set_training(False)
                 self.hooks.render_samples(step)

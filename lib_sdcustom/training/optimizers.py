@@ -46,16 +46,19 @@ def build_optimizer(name: str, param_groups: list[dict[str, Any]], *, lr: float,
                                  fused=_fused_adamw(param_groups) or None)
     if name == "sgd":
         return torch.optim.SGD(param_groups, lr=lr, weight_decay=weight_decay, momentum=0.9)
+    optimizer: torch.optim.Optimizer  # the optional packages' classes are torch optimizers, untyped
     if name == "adamw8bit":
-        bnb = _import_optional(name)
-        return bnb.optim.AdamW8bit(param_groups, lr=lr, weight_decay=weight_decay)
-    if name == "lion":
-        return _import_optional(name).Lion(param_groups, lr=lr, weight_decay=weight_decay)
-    if name == "prodigy":
+        optimizer = _import_optional(name).optim.AdamW8bit(param_groups, lr=lr, weight_decay=weight_decay)
+    elif name == "lion":
+        optimizer = _import_optional(name).Lion(param_groups, lr=lr, weight_decay=weight_decay)
+    elif name == "prodigy":
         # Prodigy estimates the step size itself; users pass lr=1.0 as its multiplier.
-        return _import_optional(name).Prodigy(param_groups, lr=lr, weight_decay=weight_decay)
-    if name == "adafactor":
+        optimizer = _import_optional(name).Prodigy(param_groups, lr=lr, weight_decay=weight_decay)
+    elif name == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(param_groups, lr=lr, weight_decay=weight_decay, relative_step=False, scale_parameter=False, warmup_init=False)
-    raise ConfigError(f"Unknown optimizer {name!r}.", "Use adamw, adamw8bit, lion, prodigy, adafactor or sgd.")
+        optimizer = Adafactor(param_groups, lr=lr, weight_decay=weight_decay, relative_step=False, scale_parameter=False,
+                              warmup_init=False)
+    else:
+        raise ConfigError(f"Unknown optimizer {name!r}.", "Use adamw, adamw8bit, lion, prodigy, adafactor or sgd.")
+    return optimizer

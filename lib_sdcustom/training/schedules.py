@@ -29,7 +29,7 @@ def lr_factor(name: str, step: int, total_steps: int, *, warmup_steps: int = 0, 
             return 0.0
         return 0.5 * (1.0 + math.cos(math.pi * ((restarts * progress) % 1.0)))
     if name == "polynomial":
-        return (1.0 - progress) ** power
+        return float((1.0 - progress) ** power)  # progress <= 1, so a real power, never complex
     raise ValueError(f"unknown schedule {name!r}")
 
 
@@ -44,4 +44,5 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: in
         return lambda step: 0.0 if stop is not None and step >= stop else lr_factor(
             name, step, total_steps, warmup_steps=warmup_steps, restarts=restarts, power=power)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [group_factor(stops.get(group.get("name"))) for group in optimizer.param_groups])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [group_factor(stops.get(group["name"]) if "name" in group else None)
+                                                         for group in optimizer.param_groups])

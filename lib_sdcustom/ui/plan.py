@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..config import DataOptions, RunConfig
+from ..data.scan import DatasetScan
 from ..run.family_defaults import native_resolution
 from ..host.base import ModelKind
 from ..methods.registry import OutputKind
@@ -38,13 +39,8 @@ class DatasetSummary:
     warnings: List[str] = field(default_factory=list)
 
 
-def summarize_dataset(config: RunConfig, default_caption: str) -> DatasetSummary:
-    """Scan the folder as training will (raises DatasetError/ConfigError with the fix)."""
-    from ..data.scan import scan_dataset
-
-    data = config.data
-    scan = scan_dataset(Path(data.data), caption_extension=data.caption_extension, default_repeats=data.repeats,
-                        default_caption=default_caption)
+def summarize_dataset(scan: DatasetScan) -> DatasetSummary:
+    """What the tab shows of a scanned folder (`run_plan.scan_images`, as training will read it)."""
     sources = [record.caption_source for record in scan.records]
     return DatasetSummary(
         folder=scan.folder, images=len(scan.records), seen_per_epoch=scan.images_per_epoch,

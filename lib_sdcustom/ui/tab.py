@@ -20,6 +20,7 @@ from ..methods.registry import METHOD_SECTIONS, method_class
 from ..microworld.install import install_into_host
 from ..run import presets
 from ..run.folders import clear_finished, run_folders
+from ..run.plan import scan_images
 from ..run.manager import RunManager, RunStatus
 from . import compat, form, plan, render
 
@@ -76,7 +77,7 @@ class TabController:
             if form.uses_token(method) and (token or "").strip():
                 form.apply_subject(config, token, subject_class)  # uncaptioned images will train with it
 
-            summary = plan.summarize_dataset(config, method_class(config.method).default_caption(config) or "")
+            summary = plan.summarize_dataset(scan_images(config, self.manager.scans))
         except UserFacingError as error:
             return render.error_html(error.problem, error.fix), [], self.plan(0, *form_values), 0
         return (plan.dataset_html(summary), _thumbnails(summary.thumbnails), self.plan(summary.seen_per_epoch, *form_values),
