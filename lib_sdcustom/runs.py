@@ -130,6 +130,7 @@ def preflight(config: RunConfig, host: Host) -> None:
     scan_dataset(Path(config.data.data), caption_extension=config.data.caption_extension,
                  default_repeats=config.data.repeats, default_caption=method_type.default_caption(config))
     host.check_fit(config)
+    method_type.check_base(config)
 
 
 class RunManager:

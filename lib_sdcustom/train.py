@@ -142,6 +142,7 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
     training_set, warnings = _training_set(config, trigger_phrase)
     for warning in warnings:
         bus.warn(warning)
+    method_type.check_base(config)
 
     accelerator = _accelerator(config)
     _enable_tf32(accelerator.device)
