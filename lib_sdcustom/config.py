@@ -105,9 +105,6 @@ class TextualInversionOptions:
 HYPERNETWORK_ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "gelu", "silu", "mish",
                             "softplus", "softsign", "celu", "selu")
 HYPERNETWORK_INITS = ("Normal", "KaimingUniform", "KaimingNormal", "XavierUniform", "XavierNormal")
-#: k/v input widths of the attentions of SD1 (320/640/1280 image features, 768 text), SD2 (1024 text) and SDXL
-#: (640/1280, 2048 text): the host keys a hypernetwork's modules by them.
-HYPERNETWORK_WIDTHS = (320, 640, 768, 1024, 1280, 2048)
 
 
 @dataclass
@@ -143,8 +140,9 @@ class HypernetworkOptions:
     def width_list(self) -> tuple[int, ...]:
         """The widths asked for; empty when the model's text-context width is meant."""
         values = _numbers(self.widths, "--hypernetwork-widths") if self.widths.strip() else ()
-        _require(all(value == int(value) for value in values), f"--hypernetwork-widths {self.widths!r} holds a fraction.",
-                 f"Use whole widths from {', '.join(map(str, HYPERNETWORK_WIDTHS))}.")
+        _require(all(value == int(value) and value > 0 for value in values),
+                 f"--hypernetwork-widths {self.widths!r} holds a number that is no width.",
+                 "Use the model's attention widths, e.g. '768' or '768, 320, 640, 1280' for SD1.")
         return tuple(sorted({int(value) for value in values}))
 
 
@@ -387,10 +385,7 @@ def _validate_hypernetwork(options: HypernetworkOptions) -> None:
     _require(dropouts[0] == 0 and dropouts[-1] == 0 and all(0 <= value < 1 for value in dropouts),
              f"--dropout-structure {options.dropout_structure!r} must start and end with 0 and hold values in [0, 1).",
              "Write e.g. '0, 0.05, 0', or leave it empty for no dropout.")
-    unknown = [width for width in options.width_list if width not in HYPERNETWORK_WIDTHS]
-    _require(not unknown, f"--hypernetwork-widths {options.widths!r} names {unknown}, which no SD1, SD2 or SDXL "
-             "attention has.", f"Use widths from {', '.join(map(str, HYPERNETWORK_WIDTHS))}, or leave it empty for the "
-             "model's text context.")
+    options.width_list  # parses; whether the model has them is checked against its checkpoint (`check_base`)
     _require(options.activation_func in HYPERNETWORK_ACTIVATIONS, f"Unknown activation {options.activation_func!r}.",
              f"Use one of: {', '.join(HYPERNETWORK_ACTIVATIONS)}.")
     _require(options.weight_initialization in HYPERNETWORK_INITS,
