@@ -128,7 +128,7 @@ class HypernetworkMethod(Method):
         params = sum(parameter.numel() for parameter in self.network.parameters())
         structure = ", ".join(f"{size:g}" for size in shape.layer_structure)
         return (f"hypernetwork, layers {structure}, activation {shape.activation_func}, widths "
-                f"{', '.join(map(str, self.network.widths))}: {self.hooked} attention modules, {params:,} trainable "
+                f"{', '.join(map(str, self.network.widths))}: {self.hooked} UNet modules (attentions), {params:,} trainable "
                 "parameters; UNet, VAE and text encoders frozen")
 
     def close(self) -> None:
