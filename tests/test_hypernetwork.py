@@ -133,6 +133,16 @@ def test_the_hosts_attention_forward_on_the_file_matches_the_training_hooks(chec
     method.close()
 
 
+def test_learns_with_gradient_checkpointing_and_cached_text_conditioning(checkpoints, tmp_path):
+    """The hooks sit inside the checkpointed transformer blocks, whose inputs need no gradient."""
+    config = make_config(checkpoints["sd1"], write_images(tmp_path / "images"), tmp_path)
+    config.training.gradient_checkpointing = config.training.cache_text_encoder_outputs = True
+    train(config)
+    initial = trainer_method(config).trainable_state()
+    trained = final_state(tmp_path / "run")
+    assert all(not torch.equal(initial[key], value) for key, value in trained.items() if key.endswith(".weight"))
+
+
 def test_inspect_describes_the_file(checkpoints, tmp_path):
     config = make_config(checkpoints["sd1"], write_images(tmp_path / "images"), tmp_path, dropout_structure="0, 0.1, 0")
     config.training.steps = 1
