@@ -23,7 +23,8 @@ from lib_sdcustom.methods.hypernetwork import HypernetworkMethod, header_attenti
 from lib_sdcustom.models.loader import load_bundle
 from lib_sdcustom.models.tiny import write_tiny_sd1
 from lib_sdcustom.models.tiny_families import write_tiny_sd2, write_tiny_sdxl
-from lib_sdcustom.networks.hypernetwork import ACTIVATIONS, attention_modules
+from lib_sdcustom.networks.hypernetwork import (ACTIVATIONS, Hypernetwork, HypernetworkShape, attention_modules,
+                                                hypernetwork_parameters)
 from lib_sdcustom.run_context import RunContext
 from lib_sdcustom.train import train
 
@@ -155,6 +156,14 @@ def test_inspect_describes_the_file(checkpoints, tmp_path):
 
 def test_the_activations_offered_are_the_ones_built():
     assert tuple(ACTIVATIONS) == config_module.HYPERNETWORK_ACTIVATIONS
+
+
+@pytest.mark.parametrize(("widths", "structure"), [([768], (1.0, 2.0, 1.0)), ([2048, 640, 1280], (1.0, 1.5, 0.5, 1.0))])
+def test_the_plans_parameter_count_is_the_modules(widths, structure):
+    """The tab's memory estimate counts what training builds (4,723,200 for SD1.5's default)."""
+    shape = HypernetworkShape(layer_structure=structure, dropout_structure=(0.0,) * len(structure))
+    built = sum(parameter.numel() for parameter in Hypernetwork(widths, shape).parameters())
+    assert hypernetwork_parameters(widths, structure) == built
 
 
 @pytest.mark.parametrize(("settings", "problem"), [

@@ -13,7 +13,7 @@ sequence, activations and dropouts included.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -91,6 +91,12 @@ def initialise(layers: nn.Sequential, shape: HypernetworkShape) -> None:
             else:
                 raise ValueError(f"unknown weight initialisation {shape.weight_init!r}")
             nn.init.zeros_(layer.bias)
+
+
+def hypernetwork_parameters(widths: Iterable[int], layer_structure: Sequence[float]) -> int:
+    """Trainable parameters of the k and v Linears of every width (LayerNorms, if any, add a few more)."""
+    sizes = [[int(width * factor) for factor in layer_structure] for width in widths]
+    return 2 * sum(inner * outer + outer for layers in sizes for inner, outer in zip(layers, layers[1:]))
 
 
 class HypernetworkModule(nn.Module):
