@@ -2,9 +2,10 @@
 stay frozen and bit-identical (hooks only, removed by `close`). Exported as the host's own `.pt`, used with
 `<hypernet:NAME:1>`. How the modules are laid out and applied: `networks/hypernetwork.py`.
 
-Which widths: the ones asked for, else the model's text-context width (cross-attention only, the file the
-host's SD1 users call a 'small' hypernetwork). Every width must be one the model's attentions have; that is
-checked from the checkpoint's header before the model loads (`check_base`), and again on the loaded model.
+Which widths: the ones asked for, else the model's text-context width (cross-attention only: a fifth of the
+parameters of the host's own default widths on SD1.5). Every width must be one the model's attentions have;
+that is checked from the checkpoint's header before the model loads (`check_base`), and again on the loaded
+model (a pickled checkpoint has no header to read).
 """
 
 from __future__ import annotations
