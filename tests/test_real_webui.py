@@ -450,5 +450,12 @@ def test_tiny_sd2_and_sdxl_where_the_webui_loads_them(webui, micro, family):
         plain = webui.generate("a sks shape", n=2)
         assert _same_pixels(webui.generate(f"a sks shape <lora:{lora}:0>", n=2), plain)
         assert not _same_pixels(webui.generate(f"a sks shape <lora:{lora}:1>", n=2), plain)
+        hypernetwork = f"{PREFIX}{family}_hypernetwork"  # keyed by the context width, 2048 on SDXL
+        config = _run_config(webui, CASES[0], hypernetwork, steps=5)
+        config.update(method="hypernetwork")
+        status = webui.train(config)
+        assert status["state"] == "finished", status
+        assert _same_pixels(webui.generate(f"a sks shape <hypernet:{hypernetwork}:0>", n=2), plain)
+        assert not _same_pixels(webui.generate(f"a sks shape <hypernet:{hypernetwork}:1>", n=2), plain)
     finally:
         webui.load_checkpoint("microworld.safetensors")
