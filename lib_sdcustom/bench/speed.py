@@ -56,6 +56,9 @@ class Measured:
     peak_rss_gib: float
     peak_cuda_gib: Optional[float]
     layers: int
+    # Peak GPU memory over the steps after the first: training alone, without the one-off peaks around it
+    # (loading and the VAE encoding the latent cache before; ours' final preview, decoded by the VAE, after).
+    steady_cuda_gib: Optional[float] = None
     skipped: str = ""  # why this side did not run (a missing package), else empty
 
 
@@ -79,11 +82,25 @@ def _timed(run: Callable[[Callable[[], None]], int]) -> Measured:
     started = time.perf_counter()
     stamps: list[tuple[float, float]] = []
     clock = step_clock()
-    layers = run(lambda: stamps.append((time.perf_counter(), clock())))
+    cuda_peaks: dict[str, float] = {}  # "to the first step", then "over the later steps", in GiB
+
+    def on_step() -> None:
+        stamps.append((time.perf_counter(), clock()))
+        if not torch.cuda.is_available():
+            return
+        if len(stamps) == 1:
+            cuda_peaks["to the first step"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            cuda_peaks["over the later steps"] = torch.cuda.max_memory_allocated() / 2**30
+
+    layers = run(on_step)
     durations = [later[1] - earlier[1] for earlier, later in zip(stamps, stamps[1:])]
     rate = 1.0 / statistics.median(durations) if durations else float("nan")
-    rss, cuda = _peaks()
-    return Measured(rate, stamps[0][0] - started, rss, cuda, layers)
+    rss, peak_to_end = _peaks()  # to the end: ours renders its final preview after the last step
+    peak = max([*cuda_peaks.values(), peak_to_end]) if peak_to_end is not None else None
+    steady = cuda_peaks.get("over the later steps")
+    return Measured(rate, stamps[0][0] - started, rss, peak, layers, steady_cuda_gib=steady)
 
 
 def _ours(settings: dict[str, Any], on_step: Callable[[], None]) -> int:
@@ -255,8 +272,9 @@ def report(result: dict[str, Any]) -> str:
              f"{result['device']}, {result['clock']}; "
              f"load average {before:.1f} before, {after:.1f} after ({result['cpu_count']} CPUs)", "",
              "| network | batch | ours steps/s | reference steps/s | ours/reference | ours images/s | "
-             "first step s (ours / ref) | peak RSS GiB (ours / ref) | peak GPU GiB (ours / ref) | layers (ours / ref) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "first step s (ours / ref) | peak RSS GiB (ours / ref) | peak GPU GiB (ours / ref) | "
+             "GPU GiB in steps after the first (ours / ref) | layers (ours / ref) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for row in result["rows"]:
         ours, ref = row["ours"], row["reference"]
@@ -267,7 +285,8 @@ def report(result: dict[str, Any]) -> str:
             f"{_number(ours['steps_per_second'] * row['batch_size'])} | "
             f"{_number(ours['first_step_seconds'], 1)} / {_number(ref['first_step_seconds'], 1)} | "
             f"{_number(ours['peak_rss_gib'])} / {_number(ref['peak_rss_gib'] or None)} | "
-            f"{_number(ours['peak_cuda_gib'])} / {_number(ref['peak_cuda_gib'])} | {ours['layers']} / {ref['layers']} |")
+            f"{_number(ours['peak_cuda_gib'])} / {_number(ref['peak_cuda_gib'])} | "
+            f"{_number(ours['steady_cuda_gib'])} / {_number(ref['steady_cuda_gib'])} | {ours['layers']} / {ref['layers']} |")
         if ref["skipped"]:
             notes.append(f"reference not run: {ref['skipped']}")
         lora = next((other["ours"] for other in result["rows"]
