@@ -102,6 +102,59 @@ class TextualInversionOptions:
                                    choices=EMBEDDING_FORMATS)
 
 
+#: Activations and weight initialisations the host's hypernetwork file accepts (`networks/hypernetwork.py` builds them).
+HYPERNETWORK_ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "gelu", "silu", "mish",
+                            "softplus", "softsign", "celu", "selu")
+HYPERNETWORK_INITS = ("Normal", "KaimingUniform", "KaimingNormal", "XavierUniform", "XavierNormal")
+
+
+@dataclass
+class HypernetworkOptions:
+    layer_structure: str = option("1, 2, 1", "Hypernetwork layer sizes as multiples of the width, starting and ending "
+                                  "with 1 (the host's default '1, 2, 1'; '1, 1.5, 1' is smaller).",
+                                  flag="--layer-structure")
+    widths: str = option("", "Widths it applies to, comma-separated: the text context (768 SD1, 1024 SD2, 2048 SDXL) "
+                         "rewrites cross-attention; 320, 640, 1280 also the self-attention of those UNet levels "
+                         "(the host's own default is '768, 320, 640, 1280'). Empty = the model's text context only.",
+                         flag="--hypernetwork-widths")
+    activation_func: str = option("linear", "Activation between the layers ('linear' = none, the host's default).",
+                                  choices=HYPERNETWORK_ACTIVATIONS)
+    weight_initialization: str = option("Normal", "Initial weights (Kaiming for relu-like, Xavier for sigmoid-like "
+                                        "activations).", choices=HYPERNETWORK_INITS)
+    layer_norm: bool = option(False, "Add a layer normalisation after each layer.")
+    dropout_structure: str = option("", "Dropout after each layer, one value per layer size, first and last 0 (e.g. "
+                                    "'0, 0.05, 0'); empty = none.")
+    activate_output: bool = option(False, "Also apply the activation after the last layer.")
+
+    @property
+    def layer_sizes(self) -> tuple[float, ...]:
+        return _numbers(self.layer_structure, "--layer-structure")
+
+    @property
+    def dropouts(self) -> tuple[float, ...]:
+        """One dropout per layer size (all 0 when none is given), as the host's file stores them."""
+        if not self.dropout_structure.strip():
+            return (0.0,) * len(self.layer_sizes)
+        return _numbers(self.dropout_structure, "--dropout-structure")
+
+    @property
+    def width_list(self) -> tuple[int, ...]:
+        """The widths asked for; empty when the model's text-context width is meant."""
+        values = _numbers(self.widths, "--hypernetwork-widths") if self.widths.strip() else ()
+        _require(all(value == int(value) and value > 0 for value in values),
+                 f"--hypernetwork-widths {self.widths!r} holds a number that is no width.",
+                 "Use the model's attention widths, e.g. '768' or '768, 320, 640, 1280' for SD1.")
+        return tuple(sorted({int(value) for value in values}))
+
+
+def _numbers(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} is not a comma-separated list of numbers.",
+                          f"Write numbers separated by commas, e.g. {flag} '1, 2, 1'.") from None
+
+
 @dataclass
 class DreamBoothOptions:
     instance_prompt: str = option("", "Prompt for your images, e.g. 'a photo of sks dog' ([filewords] inserts the caption).",
@@ -183,6 +236,7 @@ class RunConfig:
     data: DataOptions = field(default_factory=DataOptions)
     network: NetworkOptions = field(default_factory=NetworkOptions)
     textual_inversion: TextualInversionOptions = field(default_factory=TextualInversionOptions)
+    hypernetwork: HypernetworkOptions = field(default_factory=HypernetworkOptions)
     dreambooth: DreamBoothOptions = field(default_factory=DreamBoothOptions)
     optimizer: OptimizerOptions = field(default_factory=OptimizerOptions)
     training: TrainingOptions = field(default_factory=TrainingOptions)
@@ -228,7 +282,7 @@ class RunConfig:
         return self
 
 
-SECTIONS = ("model", "data", "network", "textual_inversion", "dreambooth", "optimizer", "training", "output")
+SECTIONS = ("model", "data", "network", "textual_inversion", "hypernetwork", "dreambooth", "optimizer", "training", "output")
 
 
 def _require(condition: bool, problem: str, fix: str) -> None:
@@ -301,6 +355,8 @@ def _validate_method_sections(config: RunConfig) -> None:
         _require(ti.embedding_format in EMBEDDING_FORMATS, f"Unknown embedding format {ti.embedding_format!r}.",
                  f"Use one of: {', '.join(EMBEDDING_FORMATS)}.")
         _require(bool(ti.template), "No prompt template given.", f"Use one of {', '.join(TI_TEMPLATES)} or a template file path.")
+    if "hypernetwork" in sections:
+        _validate_hypernetwork(config.hypernetwork)
     if "dreambooth" in sections:
         db = config.dreambooth
         _require(bool(db.instance_prompt.strip()), "No instance prompt given.",
@@ -313,6 +369,28 @@ def _validate_method_sections(config: RunConfig) -> None:
         _require(db.class_sample_steps >= 1 and db.class_guidance >= 1, "Class-image sampler steps and guidance must be >= 1.",
                  "Fix --class-sample-steps / --class-guidance.")
         _require(0 < db.ema_decay < 1, f"--ema-decay is {db.ema_decay}.", "Use a value just below 1, e.g. 0.9999.")
+
+
+def _validate_hypernetwork(options: HypernetworkOptions) -> None:
+    """The host's own asserts (`HypernetworkModule.__init__`), checked before any model loads."""
+    sizes = options.layer_sizes
+    _require(len(sizes) >= 2 and sizes[0] == 1 and sizes[-1] == 1,
+             f"--layer-structure {options.layer_structure!r} does not start and end with 1.",
+             "The hypernetwork maps a width onto itself: write e.g. '1, 2, 1' (the host's default) or '1, 1.5, 1'.")
+    _require(all(math.isfinite(size) and 0 < size <= 8 for size in sizes),
+             f"--layer-structure {options.layer_structure!r} has a size outside (0, 8].",
+             "Use multiples of the width such as 0.5, 1, 1.5 or 2.")
+    dropouts = options.dropouts
+    _require(len(dropouts) == len(sizes), f"--dropout-structure {options.dropout_structure!r} has {len(dropouts)} "
+             f"values for {len(sizes)} layer sizes.", "Give one dropout per layer size, e.g. '0, 0.05, 0' for '1, 2, 1'.")
+    _require(dropouts[0] == 0 and dropouts[-1] == 0 and all(0 <= value < 1 for value in dropouts),
+             f"--dropout-structure {options.dropout_structure!r} must start and end with 0 and hold values in [0, 1).",
+             "Write e.g. '0, 0.05, 0', or leave it empty for no dropout.")
+    options.width_list  # parses; whether the model has them is checked against its checkpoint (`check_base`)
+    _require(options.activation_func in HYPERNETWORK_ACTIVATIONS, f"Unknown activation {options.activation_func!r}.",
+             f"Use one of: {', '.join(HYPERNETWORK_ACTIVATIONS)}.")
+    _require(options.weight_initialization in HYPERNETWORK_INITS,
+             f"Unknown weight initialisation {options.weight_initialization!r}.", f"Use one of: {', '.join(HYPERNETWORK_INITS)}.")
 
 
 # ----- TOML presets -----

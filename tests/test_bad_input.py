@@ -8,7 +8,7 @@ Small filesystems: a tmpfs mounted by the test (`mount -t tmpfs -o size=...`, ne
 is not permitted, those cases are skipped and their simulated twins (ENOSPC raised by the writer,
 read-only through permission bits for a non-root user) still run; the skip reason says so.
 
-Cases: 94 in the tables (CLI_CASES 63, INSPECT_CASES 13, API_CASES 12, PAGE_CASES 6) and 11 tests below them.
+Cases: 97 in the tables (CLI_CASES 66, INSPECT_CASES 13, API_CASES 12, PAGE_CASES 6) and 11 tests below them.
 
 CLI, image folder: missing; empty; only text files; a text file named .png; a 1x1 image; a file instead of a
 folder; a caption with bad bytes (stops, names the file and byte); a truncated PNG among good ones (trains,
@@ -17,7 +17,8 @@ warning naming the file); odd but valid images (CMYK, 16-bit, alpha, palette, EX
 extension '.'.
 CLI, options: rank 0 / 5000; alpha 0; lr -1 / nan; steps 0 / 1e12; resolution 100; resolution 64 with a
 min bucket of 128 (names the bounds); batch size 0; caption dropout 1.5; repeats 0; train-text-encoder 2;
-fp16 on the CPU; an unknown optimizer (argparse); Textual Inversion name with a space, 0 vectors;
+fp16 on the CPU; an unknown optimizer (argparse); Textual Inversion name with a space, 0 vectors; a hypernetwork
+width the model does not have, a layer structure not starting with 1, a dropout structure of the wrong length;
 DreamBooth without instance prompt, without class prompt, with fp8 base; zero-terminal-SNR on an epsilon
 model; names '../x', '', 'a|b', 'CON', '.hidden'.
 CLI, files: base missing; base a non-SD safetensors; base a .ckpt carrying a pickled object; base a
@@ -353,6 +354,12 @@ CLI_CASES = [
          "contains a space", "one made-up word"),
     Case("ti 0 vectors", lambda ws: ws.train("--method", "textual_inversion", "--vectors", "0"), 2, "--vectors is 0",
          "1-8 vectors"),
+    Case("hypernetwork width the model lacks", lambda ws: ws.train("--method", "hypernetwork", "--hypernetwork-widths", "768"),
+         2, "names [768], but the attentions of", "Use widths from [32, 64]"),
+    Case("hypernetwork layers not 1..1", lambda ws: ws.train("--method", "hypernetwork", "--layer-structure", "2, 1"), 2,
+         "does not start and end with 1", "'1, 2, 1'"),
+    Case("hypernetwork dropout length", lambda ws: ws.train("--method", "hypernetwork", "--dropout-structure", "0, 0"), 2,
+         "has 2 values for 3 layer sizes", "one dropout per layer size"),
     Case("dreambooth no instance prompt", lambda ws: ws.train("--method", "dreambooth"), 2, "No instance prompt",
          "--instance-prompt"),
     Case("dreambooth no class prompt", lambda ws: ws.train("--method", "dreambooth", "--instance-prompt", "sks dog"), 2,

@@ -5,6 +5,7 @@ asserted."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -84,6 +85,16 @@ def test_speed_prints_ours_beside_the_reference(tmp_path):
     else:
         assert float(cells[4]) > 0 and cells[-1].split(" / ")[0] == cells[-1].split(" / ")[1]
     assert (tmp_path / "speed.md").read_text().strip() == child.stdout.strip()
+
+
+def test_speed_measures_a_hypernetwork_against_our_lora():
+    child = _bench("speed", "--size", "tiny", "--steps", "3", "--batches", "1", "--networks", "lora,hypernetwork")
+    assert child.returncode == 0, child.stderr[-3000:]
+    [row] = [line for line in child.stdout.splitlines() if line.startswith("| hypernetwork | 1 |")]
+    assert float(row.strip("|").split("|")[2]) > 0
+    assert "reference not run: peft has no hypernetwork" in child.stdout
+    ratio = re.search(r"hypernetwork batch 1: ([0-9.]+)x our LoRA's steps/s", child.stdout)
+    assert ratio and float(ratio.group(1)) > 0, child.stdout
 
 
 def test_gpu_check_dry_run_goes_through_every_plan(tmp_path):

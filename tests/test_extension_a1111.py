@@ -140,6 +140,19 @@ def test_tab_trains_a_lora_into_the_host_folder_and_leaves_the_host_model_identi
     assert any(name == "current_image" and value is not None for name, value in log)  # the final preview
 
 
+def test_tab_trains_a_hypernetwork_into_the_hosts_hypernetwork_folder(webui):
+    controller, train_call = tab_and_train_call(webui)
+    before = state_hash(webui.model)
+
+    outputs = train_call("task(hn)", *form_values(controller, webui.images, "fakehn", method="hypernetwork"))
+
+    assert "data-state='finished'" in outputs[-1], outputs[-1]
+    assert (webui.root / "models" / "hypernetworks" / "fakehn.pt").is_file()
+    assert "&lt;hypernet:fakehn:0.8&gt;" in outputs[-1]
+    assert [name for name, _ in webui.fake.CALLS].count("shared.reload_hypernetworks") == 1
+    assert state_hash(webui.model) == before
+
+
 def test_bundle_shares_the_host_tensors_and_matches_the_file_loader(webui, tiny_checkpoint):
     from lib_sdcustom.host.a1111 import bundle_from_loaded_model
     from lib_sdcustom.models.loader import load_bundle
@@ -435,11 +448,16 @@ def test_refresh_per_output_kind_and_parking_for_full_fine_tunes(webui):
 
     host = A1111Host()
     processing.StableDiffusionProcessing.cached_c = ["(prompt, steps, ...)", "conditioning without the embedding"]
+    stale, other = SimpleNamespace(name="retrained"), SimpleNamespace(name="other")
+    webui.shared.loaded_hypernetworks[:] = [stale, other]
     for kind in OutputKind:
-        host.refresh(kind, [])
+        host.refresh(kind, [webui.root / "models" / "hypernetworks" / "retrained.pt"])
     assert processing.StableDiffusionProcessing.cached_c == [None, None], "a new embedding must not meet stale conds"
     assert [name for name, _ in webui.fake.CALLS] == [
-        "networks.list_available_networks", "embedding_db.load_textual_inversion_embeddings", "sd_models.list_models"]
+        "networks.list_available_networks", "embedding_db.load_textual_inversion_embeddings", "sd_models.list_models",
+        "shared.reload_hypernetworks"]
+    # the host reuses a loaded hypernetwork by name, never re-reading its file: the overwritten one must go
+    assert webui.shared.loaded_hypernetworks == [other]
     assert webui.fake.CALLS[1][1] is True  # force_reload
 
     def parking(method: str) -> tuple:
@@ -457,6 +475,7 @@ def test_refresh_per_output_kind_and_parking_for_full_fine_tunes(webui):
     folders = host.facts().output_dirs
     assert folders[OutputKind.CHECKPOINT] == webui.root / "models" / "Stable-diffusion"
     assert folders[OutputKind.EMBEDDING] == webui.root / "embeddings"
+    assert folders[OutputKind.HYPERNETWORK] == webui.root / "models" / "hypernetworks"
 
 
 def test_micro_model_installs_in_a_form_the_webui_loads_and_once(webui, tmp_path, monkeypatch):

@@ -63,6 +63,19 @@ def test_plan_follows_the_family_of_the_picked_checkpoint(standalone):
     assert "you chose 1024 px (set Resolution to 512" in sd1
 
 
+def test_a_hypernetwork_plans_saves_as_a_preset_and_trains_into_its_folder(standalone):
+    controller, models, images = standalone
+    bad = controller.plan(4, *values(controller, images, "hn", method="hypernetwork", hypernetwork__layer_structure="1, x"))
+    assert "sdcustom-error" in bad and "is not a comma-separated list of numbers" in bad
+    assert "memory: about" in controller.plan(4, *values(controller, images, "hn", method="hypernetwork"))
+    controller.save_preset("hn_preset", *values(controller, images, "hn", method="hypernetwork",
+                                                hypernetwork__layer_structure="1, 1.5, 1"))
+    assert load_config(controller.facts.presets_dir / "hn_preset.toml").hypernetwork.layer_structure == "1, 1.5, 1"
+    [result] = controller.train("task(hn)", *values(controller, images, "hn", method="hypernetwork"))
+    assert "data-state='finished'" in result and "&lt;hypernet:hn:0.8&gt;" in result, result
+    assert (models / "hypernetworks" / "hn.pt").is_file()
+
+
 def test_presets_are_cli_toml_and_keep_the_token_out(standalone):
     controller, models, images = standalone
     message, names = controller.save_preset("../escape", *values(controller, images, "x", training__steps=123))

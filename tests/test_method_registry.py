@@ -20,6 +20,7 @@ EXPECTED = {
     "loha": (1e-4, 1.0, OutputKind.LORA, set(), {"network"}, True),
     "lokr": (1e-4, 1.0, OutputKind.LORA, set(), {"network"}, True),
     "textual_inversion": (5e-3, 0.0, OutputKind.EMBEDDING, set(), {"textual_inversion"}, False),
+    "hypernetwork": (1e-5, 0.0, OutputKind.HYPERNETWORK, set(), {"hypernetwork"}, True),
     "dreambooth": (2e-6, 0.0, OutputKind.CHECKPOINT, {"unet", "text_encoder"}, {"dreambooth"}, True),
     "dreambooth_lora": (1e-4, 1.0, OutputKind.LORA, set(), {"network", "dreambooth"}, True),
 }
@@ -65,6 +66,7 @@ def test_textual_inversion_shares_the_hosts_text_encoder():
 def test_snippets_name_the_result_as_the_host_expects():
     assert prompt_snippet("lora", "x") == "<lora:x:0.8>" and prompt_snippet("locon", "x", 1.0) == "<lora:x:1>"
     assert prompt_snippet("textual_inversion", "emb") == "emb"
+    assert prompt_snippet("hypernetwork", "hn", 1.0) == "<hypernet:hn:1>"
     assert prompt_snippet("dreambooth", "db") == "Select the checkpoint 'db' at the top of txt2img."
 
 

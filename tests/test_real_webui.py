@@ -117,7 +117,7 @@ def _clear_leftovers(root: Path) -> None:
     from lib_sdcustom.microworld.teach import TI_TRIGGER
 
     models = root / "models"
-    leftovers = [item for folder in (models / "Lora", root / "embeddings", models / "Stable-diffusion")
+    leftovers = [item for folder in (models / "Lora", root / "embeddings", models / "Stable-diffusion", models / "hypernetworks")
                  for item in folder.glob(f"{PREFIX}*")]
     leftovers += [*(root / "embeddings").glob(f"{TI_TRIGGER}.*"), *(models / "Stable-diffusion").glob("microworld*")]
     for item in leftovers:
@@ -402,6 +402,32 @@ def test_train_in_the_tab_while_an_api_run_is_active_says_whose_run(webui, brows
         _interrupt(webui, webui.ok(webui.get(f"/sdcustom/v1/runs/{status['id']}")))
 
 
+def test_hypernetwork_is_listed_loaded_by_the_stock_loader_and_changes_the_image(webui, micro):
+    """The WebUI's own hypernetwork loader (through its restricted unpickler) reads our .pt: listed without a
+    restart, `<hypernet:NAME:0>` is the plain image (the host adds `mlp(x) * 0`), `<hypernet:NAME:1>` another one;
+    retrained over the same name, the host uses the new weights, not the ones it had loaded."""
+    name = f"{PREFIX}hypernetwork"
+    prompt = "a sks shape"
+    plain = webui.generate(prompt, n=2)
+    images = []
+    for seed in (1, 2):
+        config = _run_config(webui, CASES[0], name, steps=20, seed=seed)
+        config.update(method="hypernetwork")
+        config["optimizer"]["lr"] = 1e-3
+        config["output"]["overwrite"] = seed > 1
+        status = webui.train(config)
+        assert status["state"] == "finished", status
+        assert status["result"] == str(webui.root / "models" / "hypernetworks" / f"{name}.pt"), status
+        assert name in {item["name"] for item in webui.ok(webui.get("/sdapi/v1/hypernetworks"))}, "not listed"
+        assert webui.digest() == micro, "training changed the host's loaded model"
+        images.append(webui.generate(f"{prompt} <hypernet:{name}:1>", n=2))
+        assert not _same_pixels(images[-1], plain), "the hypernetwork changed nothing"
+        assert _same_pixels(webui.generate(f"{prompt} <hypernet:{name}:0>", n=2), plain), "weight 0 must change nothing"
+    assert "Error loading hypernetwork" not in webui.log_text()
+    assert not _same_pixels(images[0], images[1]), "the retrained file was not reloaded"
+    print(f"\n[real-webui] hypernetwork: trained in {status['seconds']}s and loaded by the stock WebUI")
+
+
 # ----------------------------------------------------------------------------------------------- other families
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
@@ -424,5 +450,12 @@ def test_tiny_sd2_and_sdxl_where_the_webui_loads_them(webui, micro, family):
         plain = webui.generate("a sks shape", n=2)
         assert _same_pixels(webui.generate(f"a sks shape <lora:{lora}:0>", n=2), plain)
         assert not _same_pixels(webui.generate(f"a sks shape <lora:{lora}:1>", n=2), plain)
+        hypernetwork = f"{PREFIX}{family}_hypernetwork"  # keyed by the context width, 2048 on SDXL
+        config = _run_config(webui, CASES[0], hypernetwork, steps=5)
+        config.update(method="hypernetwork")
+        status = webui.train(config)
+        assert status["state"] == "finished", status
+        assert _same_pixels(webui.generate(f"a sks shape <hypernet:{hypernetwork}:0>", n=2), plain)
+        assert not _same_pixels(webui.generate(f"a sks shape <hypernet:{hypernetwork}:1>", n=2), plain)
     finally:
         webui.load_checkpoint("microworld.safetensors")

@@ -107,6 +107,8 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("locon", "locon", **_NETWORK),
     Recipe("loha", "loha", **_NETWORK),
     Recipe("lokr", "lokr", **_NETWORK),
+    # Not tuned: the WebUI's default layers (1, 2, 1 on the text context) at a rate the micro model moves with.
+    Recipe("hypernetwork", "hypernetwork", steps=600, lr=1e-3),
     Recipe("dreambooth", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0, prior_preservation=True),
     Recipe("dreambooth_no_prior", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0),
     Recipe("dreambooth_lora", "dreambooth_lora", prior_preservation=True, **_NETWORK),

@@ -14,17 +14,11 @@ one word, same n), in either container. The host turns *every* value of such a d
 else; a `.safetensors` keeps name and step in its string metadata, which the host does not read as data.
 This is also sd-scripts' SDXL layout; diffusers loads each tensor into its own encoder.
 
-The host loads `.pt` files through a restricted unpickler that also refuses zip entries other than
-`data.pkl`, `data/N`, `version`, `byteorder` and `.data/serialization_id`. torch >= 2.2 adds
-`.format_version` and `.storage_alignment`, which torch reads as optional, so we drop them and the host
-(torch 2.1.2) accepts the file whichever torch wrote it.
+The host loads `.pt` files through a restricted unpickler (`host_pickle.save_for_host` writes what it accepts).
 """
 
 from __future__ import annotations
 
-import io
-import re
-import zipfile
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -33,6 +27,7 @@ import torch
 from ..errors import ModelLoadError
 from ..files import write_atomically
 from ..models.bundle import BaseIdentity
+from .host_pickle import save_for_host
 
 EmbeddingFormat = Literal["safetensors", "pt"]
 EmbeddingLayout = Literal["a1111_dict", "sdxl_dual", "single_tensor"]
@@ -42,7 +37,6 @@ TENSOR_KEY = "emb_params"
 SDXL_KEYS = ("clip_l", "clip_g")
 #: What the host's own writer stores under `string_to_token`; nothing reads it, but tools compare layouts.
 A1111_PLACEHOLDER_TOKEN_ID = 265
-HOST_ZIP_ENTRY = re.compile(r"^([^/]+)/((data/\d+)|version|byteorder|.data/serialization_id|(data\.pkl))$")
 
 
 def write_embedding(target: Path, vectors: torch.Tensor | Sequence[torch.Tensor], *, name: str, step: int,
@@ -80,24 +74,13 @@ def write_embedding(target: Path, vectors: torch.Tensor | Sequence[torch.Tensor]
         metadata = {"name": name, "step": str(int(step)), "sd_checkpoint": base.shorthash or "",
                     "sd_checkpoint_name": base.name or ""}
         return write_atomically(Path(target), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    return write_atomically(Path(target), lambda tmp: _save_for_host(pickled, tmp))
+    return write_atomically(Path(target), lambda tmp: save_for_host(pickled, tmp))
 
 
 def _plain_vectors(vectors: torch.Tensor) -> torch.Tensor:
     if vectors.ndim != 2 or vectors.shape[0] < 1:
         raise ValueError(f"embedding vectors must be [n, dim], got {tuple(vectors.shape)}")
     return vectors.detach().to("cpu", torch.float32).contiguous().clone()
-
-
-def _save_for_host(data: dict[str, Any], path: Path) -> None:
-    """`torch.save`, keeping only the zip entries the host's safe unpickler allows (see module docstring)."""
-    buffer = io.BytesIO()
-    torch.save(data, buffer)
-    buffer.seek(0)
-    with zipfile.ZipFile(buffer) as source, zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as dest:
-        for info in source.infolist():
-            if HOST_ZIP_ENTRY.match(info.filename):
-                dest.writestr(info, source.read(info))
 
 
 def read_embedding(path: Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from ..errors import ModelLoadError
 from ..hashing import addnet_hash_file
 from ..models.checkpoint_io import read_pickle_weights_only
 from . import safetensors_io
+from .hypernetwork_file import flat_tensors, is_hypernetwork_dict, shape_of, widths_of
 from .network_file import BUNDLE_PREFIX, group_network_keys, host_module_type, module_type_of, prefix_of
 
 _PICKLE_SUFFIXES = {".pt", ".bin", ".ckpt", ".pth"}
@@ -73,7 +74,11 @@ def _read_pickle(path: Path) -> _Contents:
     data = read_pickle_weights_only(path)
     if not isinstance(data, dict):
         raise _unreadable(path, f"it holds a {type(data).__name__}, not a dict of tensors")
-    if isinstance(data.get("state_dict"), dict):
+    if is_hypernetwork_dict(data):
+        tensors_src = flat_tensors(data)
+        extras = {key: value for key, value in data.items() if not isinstance(key, int)}
+        extras[_HYPERNETWORK] = data
+    elif isinstance(data.get("state_dict"), dict):
         tensors_src, extras = data["state_dict"], {k: v for k, v in data.items() if k != "state_dict"}
     elif isinstance(data.get("string_to_param"), dict):
         tensors_src = {f"string_to_param.{k}": v for k, v in data["string_to_param"].items()}
@@ -337,6 +342,40 @@ def _embedding_report(c: _Contents) -> list[str]:
     return lines
 
 
+# ----------------------------------------------------------------------------------------------- hypernetworks
+
+#: The extras key under which a pickled hypernetwork keeps its whole dict (its widths are int keys).
+_HYPERNETWORK = "<hypernetwork>"
+_CONTEXT_FAMILY = {768: "SD1", 1024: "SD2", 2048: "SDXL"}
+
+
+def _hypernetwork_report(c: _Contents) -> list[str]:
+    data = c.extras[_HYPERNETWORK]
+    shape = shape_of(data)
+    widths = widths_of(data)
+    families = sorted({_CONTEXT_FAMILY[width] for width in widths if width in _CONTEXT_FAMILY})
+    parameters = sum(value.numel() for value in c.load(list(c.shapes)).values())
+    lines = [
+        "Kind: hypernetwork (the WebUI's .pt layout)",
+        f"Prompt: <hypernet:{c.path.stem}:1>",
+        f"Widths: {', '.join(map(str, widths))}" + (f" (text context of {', '.join(families)})" if families else ""),
+        f"Layer structure: {', '.join(f'{size:g}' for size in shape.layer_structure)}",
+        f"Activation: {shape.activation_func}, layer norm: {shape.layer_norm}",
+        f"Dropout structure: {', '.join(f'{value:g}' for value in shape.dropout_structure)}",
+        f"Parameters: {parameters:,}",
+        f"Dtype: {_dtype_line(c)}",
+    ]
+    for key in ("activate_output", "step", "sd_checkpoint", "sd_checkpoint_name"):
+        if key in data:
+            lines.append(f"{key}: {data[key]}")
+    if "activate_output" not in data:
+        lines.append("Warning: no activate_output key; the host then adds an activation after the last layer.")
+    if data.get("name", c.path.stem) != c.path.stem:
+        lines.append(f"Warning: stored name {data['name']!r} differs from the file stem; the host lists the file by its "
+                     "stem but caches it under the stored name.")
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 def _checkpoint_family(keys: list[str]) -> str:
@@ -398,6 +437,8 @@ def inspect_file(path: Path) -> str:
     if unsupported:
         body = ["Kind: diffusion model checkpoint of a family SD Customize does not support",
                 f"Family: {unsupported} - {_NOT_SUPPORTED}", f"Tensors: {len(keys)}", f"Dtype: {_dtype_line(contents)}"]
+    elif _HYPERNETWORK in contents.extras:
+        body = _hypernetwork_report(contents)
     elif _is_network(keys):
         body = _network_report(contents)
     elif _is_checkpoint(keys):

@@ -253,6 +253,16 @@ def _forget_cached_conditioning() -> None:
     processing.StableDiffusionProcessingTxt2Img.cached_hr_uc = [None, None]
 
 
+def _refresh_hypernetworks(outputs: Sequence[Path]) -> None:
+    """List new hypernetwork files, and drop loaded ones of the same names: the host reuses a loaded hypernetwork
+    by name without looking at the file again, so an overwritten one would keep its old weights."""
+    from modules import shared
+
+    shared.reload_hypernetworks()
+    names = {Path(path).stem for path in outputs}
+    shared.loaded_hypernetworks[:] = [network for network in shared.loaded_hypernetworks if network.name not in names]
+
+
 # ----- the Host -----
 
 class A1111Host(Host):
@@ -268,6 +278,7 @@ class A1111Host(Host):
             OutputKind.LORA: Path(getattr(opts, "lora_dir", None) or models / "Lora"),
             OutputKind.EMBEDDING: Path(getattr(opts, "embeddings_dir", None) or Path(paths.data_path) / "embeddings"),
             OutputKind.CHECKPOINT: Path(getattr(opts, "ckpt_dir", None) or sd_models.model_path),
+            OutputKind.HYPERNETWORK: Path(getattr(opts, "hypernetwork_dir", None) or models / "hypernetworks"),
         }
 
     def facts(self) -> HostFacts:
@@ -419,6 +430,8 @@ class A1111Host(Host):
             _forget_cached_conditioning()
         elif kind is OutputKind.CHECKPOINT:
             sd_models.list_models()
+        elif kind is OutputKind.HYPERNETWORK:
+            _refresh_hypernetworks(outputs)
 
     def exclusive(self, work: Callable[[], Any]) -> Any:
         from modules import call_queue, shared

@@ -145,7 +145,8 @@ def _header_state(path: Path) -> dict[str, Any]:
 class StandaloneHost(Host):
     """Plain folders under one models directory, the WebUI's layout: Stable-diffusion/, Lora/, embeddings/ ..."""
 
-    FOLDERS = {OutputKind.LORA: "Lora", OutputKind.EMBEDDING: "embeddings", OutputKind.CHECKPOINT: "Stable-diffusion"}
+    FOLDERS = {OutputKind.LORA: "Lora", OutputKind.EMBEDDING: "embeddings", OutputKind.CHECKPOINT: "Stable-diffusion",
+               OutputKind.HYPERNETWORK: "hypernetworks"}
 
     def __init__(self, models_dir: Path, *, data_roots: Sequence[Path] = ()) -> None:
         self.models_dir = Path(models_dir).resolve()

@@ -46,6 +46,11 @@ class Method(abc.ABC):
         return [target, *sidecar_paths(target)]
 
     @classmethod
+    def check_base(cls, config: RunConfig) -> None:
+        """Refuse a base this method cannot train, from what is known without loading it (a file header);
+        raise ConfigError naming the fix. Most methods train any SD1, SD2 or SDXL base."""
+
+    @classmethod
     def default_caption(cls, config: RunConfig) -> str:
         """Caption for images without a caption file: by default the output name, the word users will type."""
         return config.data.default_caption or config.output.name

@@ -27,10 +27,11 @@ class OutputKind(str, enum.Enum):
     LORA = "lora"
     EMBEDDING = "embedding"
     CHECKPOINT = "checkpoint"
+    HYPERNETWORK = "hypernetwork"
 
 
 #: Option sections only some methods read: the tab shows, and validation checks, only a method's own.
-METHOD_SECTIONS = ("network", "textual_inversion", "dreambooth")
+METHOD_SECTIONS = ("network", "textual_inversion", "hypernetwork", "dreambooth")
 #: Base components, as a host hands them to a run (`host.a1111.bundle_from_loaded_model`'s `copy`).
 COMPONENTS = frozenset({"unet", "text_encoder"})
 
@@ -83,6 +84,10 @@ METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("textual_inversion", "Textual Inversion", "textual_inversion", "TextualInversionMethod",
                default_lr=5e-3, text_encoder_fraction=0.0, output=OutputKind.EMBEDDING, snippet="{name}",
                sections=("textual_inversion",), uses_token=False),
+    # Small MLPs on the k/v input of every attention, in the host's own .pt layout; the base stays frozen.
+    MethodSpec("hypernetwork", "Hypernetwork", "hypernetwork", "HypernetworkMethod", default_lr=1e-5,
+               text_encoder_fraction=0.0, output=OutputKind.HYPERNETWORK, snippet="<hypernet:{name}:{weight:g}>",
+               sections=("hypernetwork",)),
     MethodSpec("dreambooth", "DreamBooth (full fine-tune)", "dreambooth", "DreamBoothMethod", default_lr=2e-6,
                text_encoder_fraction=0.0, output=OutputKind.CHECKPOINT,
                snippet="Select the checkpoint '{name}' at the top of txt2img.", trained_in_place=COMPONENTS,

@@ -110,8 +110,8 @@ def _embedding_encoder(bundle: ModelBundle, path: Path, trigger: str) -> Callabl
 
 
 def trained_sampler(config: RunConfig, result: Path, bundle: ModelBundle | None = None) -> Sampler:
-    """Sample from what a run exported: a checkpoint is loaded, a network file attached to the base (or to
-    `bundle`, a freshly loaded base), an embedding hooked into its text encoder."""
+    """Sample from what a run exported: a checkpoint is loaded, a network file or a hypernetwork attached to the
+    base (or to `bundle`, a freshly loaded base), an embedding hooked into its text encoder."""
     from ..models.loader import load_bundle
 
     kind = config.spec.output
@@ -120,6 +120,12 @@ def trained_sampler(config: RunConfig, result: Path, bundle: ModelBundle | None 
     bundle = bundle if bundle is not None else load_bundle(Path(config.model.base))
     if kind is OutputKind.EMBEDDING:
         return sampler(bundle, _embedding_encoder(bundle, result, config.output.name))
+    if kind is OutputKind.HYPERNETWORK:  # at weight 1, as `<hypernet:NAME:1>`
+        from ..formats.hypernetwork_file import hypernetwork_from_dict, read_hypernetwork_dict
+
+        hypernetwork = hypernetwork_from_dict(read_hypernetwork_dict(result)).eval()
+        hypernetwork.to(next(bundle.unet.parameters()).device).attach(bundle.unet)
+        return sampler(bundle)
     from safetensors.torch import load_file
 
     from ..networks.algorithms import algorithm_for

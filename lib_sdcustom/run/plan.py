@@ -62,6 +62,7 @@ def plan_run(config: RunConfig, *, resume: Path | None = None, scans: ScanCache 
     target, run_dir = check_output_locations(config, resume=resume)
     saved_state = _saved_state_to_resume(run_dir) if resume else None
     scan = scan_images(config, scans)
+    config.spec.method_class().check_base(config)
     return RunPlan(config=config, target=target, run_dir=run_dir, saved_state=saved_state, scan=scan,
                    training_set=TrainingSet(scan, batching_options(config)))
 

@@ -18,12 +18,13 @@ from ..methods.registry import METHOD_SECTIONS, METHOD_SPECS
 MAIN_FIELDS = {("model", "base"), ("data", "data"), ("output", "name"), ("output", "out"), ("output", "run_dir")}
 SECTION_TITLES = {
     "model": "Model", "data": "Images and captions", "network": "Network (LoRA / LyCORIS)",
-    "textual_inversion": "Textual Inversion", "dreambooth": "DreamBooth", "optimizer": "Optimizer",
+    "textual_inversion": "Textual Inversion", "hypernetwork": "Hypernetwork", "dreambooth": "DreamBooth", "optimizer": "Optimizer",
     "training": "Training", "output": "Output",
 }
 METHOD_LABELS = {name: spec.label for name, spec in METHOD_SPECS.items()}
 METHOD_HELP = ("lora, locon, loha, lokr: a small add-on file switched on in a prompt (LoCon, LoHa and LoKr are "
-               "LyCORIS variants); textual_inversion: a new word; dreambooth: a new checkpoint; dreambooth_lora: "
+               "LyCORIS variants); textual_inversion: a new word; hypernetwork: the WebUI's hypernetwork (a style on "
+               "every prompt, switched on with <hypernet:NAME:1>); dreambooth: a new checkpoint; dreambooth_lora: "
                "DreamBooth's recipe saved as a LoRA.")
 
 

@@ -18,6 +18,7 @@ from ..run.family_defaults import native_resolution
 from ..host.base import ModelKind
 from ..methods.registry import OutputKind
 from ..models.bundle import ModelFamily
+from ..networks.hypernetwork import hypernetwork_parameters
 
 _e = html.escape
 THUMBNAILS = 12
@@ -81,6 +82,8 @@ FAMILY_SHAPES: Dict[ModelFamily, FamilyShape] = {
     ModelFamily.SDXL: FamilyShape(unet=2567.5e6, text_encoders=123.1e6 + 694.7e6, vae=83.7e6,
                                   embedding_tables=49408 * (768 + 1280)),
 }
+#: Width of the text context the UNet's cross-attention reads (a hypernetwork's default width).
+_CONTEXT_WIDTHS = {ModelFamily.SD1: 768, ModelFamily.SD2: 1024, ModelFamily.SDXL: 2048}
 #: Activation bytes per UNet parameter per latent pixel in fp32 (SD1.5 at 512 px: about 2.5 GB per sample),
 #: and the share gradient checkpointing keeps.
 _ACTIVATION_BYTES = 2.5 * _GB / (859.5e6 * 64 * 64)
@@ -148,6 +151,9 @@ def estimate_memory(config: RunConfig, base_parameters: Optional[int], family: M
     else:
         if config.uses_network:
             trainable = (unet + (text if text_learns else 0)) * _NETWORK_SHARE_PER_RANK * config.network.rank
+        elif config.spec.output is OutputKind.HYPERNETWORK:
+            options = config.hypernetwork
+            trainable = hypernetwork_parameters(options.width_list or (_CONTEXT_WIDTHS[family],), options.layer_sizes)
         else:  # textual inversion: the gradient reaches the whole token-embedding tables
             trainable = shape.embedding_tables * scale
         frozen = unet + vae + text

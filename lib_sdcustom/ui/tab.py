@@ -93,8 +93,12 @@ class TabController:
         header = f"<div class='sdcustom-where'>Result goes to {render._e(str(where))}" + (
             f"; trains on the loaded checkpoint <b>{render._e(model)}</b>" if model else "") + "</div>"
         checkpoint = form_values[1] or ""
-        return header + plan.plan_html(config, seen_per_epoch or None, self.host.base_parameters(checkpoint),
-                                       self.host.model_kind(checkpoint))
+        try:
+            body = plan.plan_html(config, seen_per_epoch or None, self.host.base_parameters(checkpoint),
+                                  self.host.model_kind(checkpoint))
+        except UserFacingError as error:  # a setting the estimate reads is malformed (a hypernetwork's layer sizes)
+            body = render.error_html(error.problem, error.fix)
+        return header + body
 
     def method_changed(self, method: str) -> list[bool]:
         """Visibility of the token box and of each method-specific accordion (in `method_sections` order)."""
