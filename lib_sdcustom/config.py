@@ -99,6 +99,8 @@ class TextualInversionOptions:
     max_norm: float = option(0.0, "Clamp each vector's norm to at most this (0 = off).")
     embedding_format: str = option("safetensors", "File format: safetensors (recommended) or the host's .pt dict.",
                                    choices=EMBEDDING_FORMATS)
+    embedding_lr: float = option(0.0, "Pivotal tuning: learning rate of the new word's vectors beside the network "
+                                      "(0 = 5e-3, Textual Inversion's default; Textual Inversion itself uses --lr).")
 
 
 @dataclass
@@ -173,6 +175,9 @@ class OutputOptions:
     overwrite: bool = option(False, "Replace an existing output of the same name.", flag="--overwrite")
     save_precision: str = option("fp16", "Precision of the saved weights.", choices=SAVE_PRECISION)
     run_dir: str = option("", "Folder for resumable state, caches and logs (default: OUT/../sdcustom-runs/NAME).")
+    embeddings_dir: str = option("", "The host's embeddings folder, checked before a pivotal run for an embedding that "
+                                     "already has the new word's name (the host would skip the bundled word). Empty: "
+                                     "where a WebUI keeps it beside OUT (OUT/../embeddings and OUT/../../embeddings).")
 
 
 @dataclass
@@ -292,8 +297,13 @@ def _validate_method_sections(config: RunConfig) -> None:
     if "textual_inversion" in sections:
         ti = config.textual_inversion
         _require(not any(char.isspace() for char in config.output.name),
-                 f"The trigger word {config.output.name!r} (--name) contains a space; Textual Inversion needs one word.",
+                 f"The trigger word {config.output.name!r} (--name) contains a space; {config.spec.label} needs one word.",
                  "Join the parts into one made-up word, e.g. 'sks-dog' or 'my_style'.")
+        _require(not (config.spec.bundles_word and "." in config.output.name),
+                 f"The word {config.output.name!r} (--name) contains a '.', which the WebUI reads as the end of a "
+                 "bundled word's name in the LoRA file.", "Use a name without dots, e.g. 'sks-dog'.")
+        _require(ti.embedding_lr >= 0 and math.isfinite(ti.embedding_lr), f"--embedding-lr is {ti.embedding_lr}.",
+                 "Use a positive learning rate such as 5e-3 (0 = default).")
         _require(1 <= ti.vectors <= 75, f"--vectors is {ti.vectors}; the host fits 1 to 75 vectors in a prompt chunk.",
                  "Use 1-8 vectors (more vectors hold more detail but leave less room in the prompt).")
         _require(ti.max_norm >= 0, f"--max-norm is {ti.max_norm}.", "Use 0 (off) or a positive norm.")

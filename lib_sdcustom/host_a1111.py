@@ -24,6 +24,7 @@ from .config import RunConfig
 from .errors import ConfigError, ModelLoadError
 from .events import Event, RunFinished, RunStarted, SamplesRendered, StepDone
 from .host import RUNS_FOLDER, Host, HostFacts, ModelKind, OutputKind, output_kind, trained_in_place
+from .methods.registry import method_spec
 from .models.bundle import BaseIdentity, ModelBundle, ModelFamily
 
 logger = logging.getLogger(__name__)
@@ -346,6 +347,8 @@ class A1111Host(Host):
                                       "Use a relative folder name in Settings > Customize (training).")
                 folder = folder / subfolder
             config.output.out = str(folder)
+        if method_spec(config.method).bundles_word and not config.output.embeddings_dir:
+            config.output.embeddings_dir = str(self._output_dirs()[OutputKind.EMBEDDING])
 
     def check_fit(self, config: RunConfig) -> None:
         model = self._model()

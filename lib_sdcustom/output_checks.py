@@ -2,8 +2,9 @@
 not a training whose result cannot be saved.
 
 Checked: the result's name and that it (and the card files beside it) would not replace anything without
---overwrite; that the output folder and the run folder are folders that take new files; and that a fresh
-run does not take over another run's resumable state (`run_folder.py`).
+--overwrite; the method's own checks of the names it gives the host; that the output folder and the run folder
+are folders that take new files; and that a fresh run does not take over another run's resumable state
+(`run_folder.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def check_output_locations(config: RunConfig, *, resume: Path | None = None) -> 
     overwrite = config.output.overwrite
     out = Path(config.output.out)
     target = output_path(out, config.output.name, method_type.result_suffix(config), overwrite=overwrite)
+    method_type.check_before_load(config)
     check_writable_folder(out, "The output folder")
     for extra in method_type.output_files(target)[1:]:
         if extra.exists() and not overwrite:

@@ -22,6 +22,7 @@ EXPECTED = {
     "textual_inversion": (5e-3, 0.0, OutputKind.EMBEDDING, set(), {"textual_inversion"}, False),
     "dreambooth": (2e-6, 0.0, OutputKind.CHECKPOINT, {"unet", "text_encoder"}, {"dreambooth"}, True),
     "dreambooth_lora": (1e-4, 1.0, OutputKind.LORA, set(), {"network", "dreambooth"}, True),
+    "pivotal": (1e-4, 1.0, OutputKind.LORA, set(), {"network", "textual_inversion"}, False),
 }
 
 
@@ -65,6 +66,7 @@ def test_textual_inversion_shares_the_hosts_text_encoder():
 def test_snippets_name_the_result_as_the_host_expects():
     assert prompt_snippet("lora", "x") == "<lora:x:0.8>" and prompt_snippet("locon", "x", 1.0) == "<lora:x:1>"
     assert prompt_snippet("textual_inversion", "emb") == "emb"
+    assert prompt_snippet("pivotal", "zwx", 1.0) == "<lora:zwx:1> zwx"
     assert prompt_snippet("dreambooth", "db") == "Select the checkpoint 'db' at the top of txt2img."
 
 

@@ -48,6 +48,11 @@ class Method(abc.ABC):
         return [target, *sidecar_paths(target)]
 
     @classmethod
+    def check_before_load(cls, config: RunConfig) -> None:
+        """Refuse, with a `UserFacingError`, what the method can tell is wrong from the config alone (names the
+        host would not accept), before any model loads."""
+
+    @classmethod
     def default_caption(cls, config: RunConfig) -> str:
         """Caption for images without a caption file: by default the output name, the word users will type."""
         return config.data.default_caption or config.output.name
