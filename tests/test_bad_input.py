@@ -8,7 +8,7 @@ Small filesystems: a tmpfs mounted by the test (`mount -t tmpfs -o size=...`, ne
 is not permitted, those cases are skipped and their simulated twins (ENOSPC raised by the writer,
 read-only through permission bits for a non-root user) still run; the skip reason says so.
 
-Cases: 94 in the tables (CLI_CASES 63, INSPECT_CASES 13, API_CASES 12, PAGE_CASES 6) and 11 tests below them.
+Cases: 97 in the tables (CLI_CASES 66, INSPECT_CASES 13, API_CASES 12, PAGE_CASES 6) and 11 tests below them.
 
 CLI, image folder: missing; empty; only text files; a text file named .png; a 1x1 image; a file instead of a
 folder; a caption with bad bytes (stops, names the file and byte); a truncated PNG among good ones (trains,
@@ -17,7 +17,8 @@ warning naming the file); odd but valid images (CMYK, 16-bit, alpha, palette, EX
 extension '.'.
 CLI, options: rank 0 / 5000; alpha 0; lr -1 / nan; steps 0 / 1e12; resolution 100; resolution 64 with a
 min bucket of 128 (names the bounds); batch size 0; caption dropout 1.5; repeats 0; train-text-encoder 2;
-fp16 on the CPU; an unknown optimizer (argparse); Textual Inversion name with a space, 0 vectors;
+fp16 on the CPU; an unknown optimizer (argparse); Textual Inversion name with a space, 0 vectors; a pivotal
+word CLIP knows, with a dot, or already an embedding's name (any case);
 DreamBooth without instance prompt, without class prompt, with fp8 base; zero-terminal-SNR on an epsilon
 model; names '../x', '', 'a|b', 'CON', '.hidden'.
 CLI, files: base missing; base a non-SD safetensors; base a .ckpt carrying a pickled object; base a
@@ -305,6 +306,13 @@ def _existing(name: str, data: bytes) -> Callable[[Workspace], list[str]]:
     return setup
 
 
+def _embedding_named(word: str) -> Callable[[Workspace], list[str]]:
+    def setup(ws: Workspace) -> list[str]:
+        folder = ws.folder("embeddings", {f"{word.upper()}.safetensors": b"someone's embedding"})
+        return ws.train("--method", "pivotal", "--embeddings-dir", str(folder), name=word)
+    return setup
+
+
 def _fresh_over_other_state(ws: Workspace) -> list[str]:
     _other_runs_state(ws)
     return ws.train()
@@ -353,6 +361,12 @@ CLI_CASES = [
          "contains a space", "one made-up word"),
     Case("ti 0 vectors", lambda ws: ws.train("--method", "textual_inversion", "--vectors", "0"), 2, "--vectors is 0",
          "1-8 vectors"),
+    Case("pivotal word known", lambda ws: ws.train("--method", "pivotal", name="dog"), 2, "already knows",
+         "made-up word"),
+    Case("pivotal word has a dot", lambda ws: ws.train("--method", "pivotal", name="zwx.toy"), 2, "contains a '.'",
+         "without dots"),
+    Case("pivotal word is an embedding", _embedding_named("zwxx"), 2, "already uses the word 'zwxx'",
+         "move that embedding"),
     Case("dreambooth no instance prompt", lambda ws: ws.train("--method", "dreambooth"), 2, "No instance prompt",
          "--instance-prompt"),
     Case("dreambooth no class prompt", lambda ws: ws.train("--method", "dreambooth", "--instance-prompt", "sks dog"), 2,
