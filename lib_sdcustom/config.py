@@ -62,6 +62,9 @@ class DataOptions:
     keep_tokens: int = option(0, "Keep the first N caption tags in place when shuffling.")
     caption_dropout: float = option(0.0, "Probability of training an image with an empty caption.")
     tag_dropout: float = option(0.0, "Probability of dropping each caption tag.")
+    masked_loss: bool = option(False, "Learn only the masked part of each image: its alpha channel, or a same-stem "
+                                      "NAME.mask.png beside it (white = learn, black = ignore); images without "
+                                      "either train whole.")
     cache_latents: bool = option(True, "Encode each image once and reuse the latents (disk cache in the run folder).")
 
     @property

@@ -76,7 +76,7 @@ def _training_options(config: RunConfig) -> TrainingOptions:
         resolution=data.resolution, buckets=data.buckets, min_bucket_side=data.bucket_bounds[0],
         max_bucket_side=data.bucket_bounds[1],
         bucket_step=data.bucket_step, no_upscale=not data.upscale, batch_size=config.training.batch_size,
-        flip=data.flip, random_crop=data.random_crop, seed=config.training.seed,
+        flip=data.flip, random_crop=data.random_crop, masked_loss=data.masked_loss, seed=config.training.seed,
         captions=CaptionOptions(shuffle=data.shuffle_captions, keep_tokens=data.keep_tokens,
                                 caption_dropout=data.caption_dropout, tag_dropout=data.tag_dropout),
     )

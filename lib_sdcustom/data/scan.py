@@ -25,6 +25,8 @@ from .images import decode_rgb, truncated_images_undetectable
 #: Formats Pillow decodes without extra plugins. GIF and multi-page TIFF use their first frame.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
+#: A picture's loss mask (`masks.py`) beside it: `photo.mask.png` for `photo.png`; never a training picture itself.
+MASK_SUFFIX = ".mask.png"
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$", re.DOTALL)
 _SKIPPED_SHOWN_IN_ERRORS = 5
 
@@ -112,6 +114,10 @@ def scan_dataset(folder: Path, *, caption_extension: str = ".txt", default_repea
     return DatasetScan(folder, tuple(records), tuple(skipped), tuple(warnings))
 
 
+def is_mask_file(path: Path) -> bool:
+    return path.name.lower().endswith(MASK_SUFFIX)
+
+
 def parse_repeat_folder(name: str) -> tuple[int, str] | None:
     """('10_sks dog') -> (10, 'sks dog'); None when the name does not follow the `N_caption` pattern."""
     match = _REPEAT_FOLDER.match(name)
@@ -192,7 +198,7 @@ def _image_files(group: _Group, warnings: list[str]) -> list[Path]:
         if entry.is_dir():
             if group.name:
                 warnings.append(f"Ignoring {entry}: folders inside '{group.name}' are not searched.")
-        elif entry.suffix.lower() in IMAGE_EXTENSIONS:
+        elif entry.suffix.lower() in IMAGE_EXTENSIONS and not is_mask_file(entry):
             files.append(entry)
     return files
 

@@ -64,8 +64,10 @@ class LatentBatchSource:
             latents = torch.stack([self._cached_latent(example) for example in examples])
         else:
             latents = self.encode(self.training_set.load_batch_pixels(examples))
+        latent_scale = 2 ** (len(self.bundle.vae.config.block_out_channels) - 1)
         return Batch(latents=latents, captions=[example.caption for example in examples],
-                     sizes=[self.training_set.size_conditioning(example) for example in examples])
+                     sizes=[self.training_set.size_conditioning(example) for example in examples],
+                     masks=self.training_set.load_batch_masks(examples, latent_scale))
 
     def _cached_latent(self, example: Example) -> torch.Tensor:
         return self.cache.get_or_encode(self.training_set.record(example), example.bucket, example.flip, self.encode)

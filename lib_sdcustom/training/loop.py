@@ -31,13 +31,15 @@ class Batch:
 
     `weights` scales each sample's loss (1 for ordinary images; prior-preservation images carry the
     prior weight). `sizes` is each sample's original size and crop, which SDXL is conditioned on; None
-    means every sample is an uncropped picture of the latents' size.
+    means every sample is an uncropped picture of the latents' size. `masks` [B, 1, h, w] weights the loss
+    over the latent grid (masked loss); None means every position counts the same.
     """
 
     latents: torch.Tensor
     captions: list[str]
     weights: torch.Tensor | None = None
     sizes: list[SizeConditioning] | None = None
+    masks: torch.Tensor | None = None
 
 
 class BatchSource(Protocol):
@@ -147,7 +149,7 @@ class TrainingLoop:
             conditioning = self.encode_captions(batch.captions).to(noisy.dtype)
             prediction = self.bundle.unet(noisy, timesteps.to(device), **conditioning.unet_kwargs(sizes)).sample
         target = objectives.training_target(self.bundle.prediction_type, latents, noise, timesteps, self.alphas_cumprod)
-        per_sample = objectives.per_sample_mse(prediction, target)
+        per_sample = objectives.per_sample_mse(prediction, target, batch.masks)
         weights = batch.weights
         if settings.min_snr_gamma:
             snr_weights = objectives.min_snr_weights(timesteps, self.alphas_cumprod, settings.min_snr_gamma,
