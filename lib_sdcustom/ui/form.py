@@ -24,7 +24,7 @@ SECTION_TITLES = {
 METHOD_LABELS = {name: spec.label for name, spec in METHOD_SPECS.items()}
 METHOD_HELP = ("lora, locon, loha, lokr: a small add-on file switched on in a prompt (LoCon, LoHa and LoKr are "
                "LyCORIS variants); textual_inversion: a new word; dreambooth: a new checkpoint; dreambooth_lora: "
-               "DreamBooth's recipe saved as a LoRA.")
+               "DreamBooth's recipe saved as a LoRA; pivotal: a LoRA and a new word trained together, in one LoRA file.")
 
 
 @dataclass(frozen=True)
