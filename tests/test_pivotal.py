@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import write_images
 from host_rules import host_bundled_embeddings, host_target_for
 from lib_sdcustom.config import RunConfig
-from lib_sdcustom.formats.embedding_file import classify_embedding, encoder_vectors
+from lib_sdcustom.formats.embedding_file import bundled_words, classify_embedding, encoder_vectors
 from lib_sdcustom.formats.network_file import BUNDLE_PREFIX, read_network_file
 from lib_sdcustom.host import StandaloneHost
 from lib_sdcustom.methods.text_conditioning import encode_prompts
@@ -98,8 +98,8 @@ def test_the_host_reads_one_word_with_the_trainers_vectors(trained, family):
     bundle = load_bundle(base)
     assert [tuple(v.shape) for v in file_vectors] == [(2, encoder.get_input_embeddings().embedding_dim)
                                                        for encoder in bundle.text_encoders]
-    for got, want in zip(file_vectors, trainer_vectors):
-        assert got.dtype == torch.float32 and torch.equal(got, want)
+    for got, want, ours in zip(file_vectors, trainer_vectors, bundled_words(tensors)[WORD]):
+        assert got.dtype == torch.float32 and torch.equal(got, want) and torch.equal(ours, got)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -199,6 +199,21 @@ def bundled_word_tensors(name: str, vectors: Sequence[torch.Tensor]) -> dict[str
     return {f"{BUNDLE_PREFIX}{name}.{key}": tensor for key, tensor in zip(SDXL_KEYS, vectors)}
 
 
+def bundled_words(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """The words a LoRA file carries, as the host gathers them: name -> vectors per text encoder (checkpoint
+    order), the inverse of `bundled_word_tensors`."""
+    words: dict[str, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        if key.startswith(BUNDLE_PREFIX):
+            name, _, part = key[len(BUNDLE_PREFIX):].partition(".")
+            data = words.setdefault(name, {})
+            if part.startswith("string_to_param."):
+                data["string_to_param"] = {part.partition(".")[2]: tensor}
+            else:
+                data[part] = tensor
+    return {name: encoder_vectors(data) for name, data in words.items()}
+
+
 def embeddings_named(folder: Path, name: str) -> list[Path]:
     """Files under `folder` (recursively, as the host scans it) that the host loads as an embedding called `name`,
     compared ignoring case: the host lower-cases prompts, so 'Word' and 'word' would be the same tokens."""

@@ -110,7 +110,8 @@ def _embedding_encoder(bundle, path: Path, trigger: str) -> Callable[[list[str]]
 
 def trained_sampler(config: RunConfig, result: Path, bundle=None) -> Sampler:
     """Sample from what a run exported: a checkpoint is loaded, a network file attached to the base (or to
-    `bundle`, a freshly loaded base), an embedding hooked into its text encoder."""
+    `bundle`, a freshly loaded base) with the word it carries (pivotal tuning) hooked in as the host does, an
+    embedding hooked into its text encoder."""
     from ..models.loader import load_bundle
 
     kind = config.spec.output
@@ -124,11 +125,21 @@ def trained_sampler(config: RunConfig, result: Path, bundle=None) -> Sampler:
     from ..networks.algorithms import algorithm_for
     from ..networks.lycoris_backend import attach_network
 
+    from ..formats.embedding_file import bundled_words
+    from ..formats.network_file import BUNDLE_PREFIX
+    from ..methods.textual_inversion import STATE_KEYS, LearnedWord
+
     tensors = load_file(str(result))
+    words = bundled_words(tensors)
+    network = {key: value for key, value in tensors.items() if not key.startswith(BUNDLE_PREFIX)}
     attached = attach_network(bundle.unet, bundle.text_encoder, algorithm_for(config.method), config.network,
-                              train_text_encoder=any(key.startswith("lora_te") for key in tensors))
-    attached.load_state_dict(tensors)
-    return sampler(bundle)
+                              train_text_encoder=any(key.startswith("lora_te") for key in network))
+    attached.load_state_dict(network)
+    if not words:
+        return sampler(bundle)
+    word = LearnedWord(bundle, config.output.name, config.textual_inversion, seed=0)
+    word.load_state(dict(zip(STATE_KEYS, words[config.output.name])))
+    return sampler(bundle, lambda prompts: word.encode(prompts, config.model.clip_skip))
 
 
 def subject_hits(judge: Judge, images: Sequence[Image.Image], concept: Concept) -> list[bool]:
