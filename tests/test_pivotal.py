@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from conftest import write_images
 from host_rules import host_bundled_embeddings, host_target_for
 from lib_sdcustom.config import RunConfig
+from lib_sdcustom.errors import TrainingStopped
+from lib_sdcustom.events import CancelToken, StepDone
 from lib_sdcustom.formats.embedding_file import bundled_words, classify_embedding, encoder_vectors
 from lib_sdcustom.formats.network_file import BUNDLE_PREFIX, read_network_file
 from lib_sdcustom.host import StandaloneHost
@@ -134,3 +136,36 @@ def test_a_host_names_its_embeddings_folder_for_a_bundled_word(tmp_path):
     lora.model.base = config.model.base
     host.prepare(lora)
     assert lora.output.embeddings_dir == ""
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_checkpoint):
+    images = write_images(tmp_path / "images")
+
+    def config_in(folder: Path) -> RunConfig:
+        config = RunConfig(method="pivotal")
+        config.model.base, config.data.data = str(tiny_checkpoint), str(images)
+        config.data.resolution, config.data.min_bucket, config.data.max_bucket = 64, 64, 128
+        config.output.name, config.output.out, config.output.run_dir = WORD, str(folder / "Lora"), str(folder / "run")
+        config.training.steps, config.training.sample_steps, config.training.save_state_every = 4, 1, 0
+        config.training.keep_final_state = True
+        return config
+
+    def final(config: RunConfig) -> dict[str, torch.Tensor]:
+        return load_file(str(sorted((Path(config.output.run_dir) / "state").glob("step-*"))[-1] / "trainable.safetensors"))
+
+    whole = config_in(tmp_path / "whole")
+    train(whole)
+    halves = config_in(tmp_path / "halves")
+    cancel = CancelToken()
+
+    def stop_after_two(event) -> None:
+        if isinstance(event, StepDone) and event.step == 2:
+            cancel.cancel()
+
+    with pytest.raises(TrainingStopped):
+        train(halves, callbacks=[stop_after_two], cancel=cancel)
+    train(halves, resume=Path(halves.output.run_dir))
+    expected, resumed = final(whole), final(halves)
+    assert expected.keys() == resumed.keys() and any(key.startswith(BUNDLE_PREFIX) for key in expected)
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], atol=1e-6, rtol=0)

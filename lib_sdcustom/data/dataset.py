@@ -74,6 +74,7 @@ class TrainingSet:
         self.bucket_set = options.bucket_set()
         self.buckets: list[Size] = [self.bucket_set.assign(*record.size) for record in self.records]
         self.masks: dict[int, MaskSource] = find_masks(scan) if options.masked_loss else {}
+        self._latent_masks: dict[tuple[int, Size, bool, int], torch.Tensor] = {}
 
     def record(self, example: Example) -> ImageRecord:
         return self.records[example.record_index]
@@ -132,12 +133,19 @@ class TrainingSet:
         return batch_masks([self._latent_mask(example, latent_scale) for example in batch])
 
     def _latent_mask(self, example: Example, latent_scale: int) -> torch.Tensor | None:
+        """A centre-cropped mask is kept (a few hundred floats) so a picture is not decoded again every epoch."""
         source = self.masks.get(example.record_index)
         if source is None:
             return None
+        key = (example.record_index, example.bucket, example.flip, latent_scale)
+        if example.crop_seed is None and key in self._latent_masks:
+            return self._latent_masks[key]
         crop_rng = None if example.crop_seed is None else random.Random(example.crop_seed)  # the picture's crop
-        return mask_to_tensor(source.load(), example.bucket, flip=example.flip, crop_rng=crop_rng,
+        mask = mask_to_tensor(source.load(), example.bucket, flip=example.flip, crop_rng=crop_rng,
                               latent_scale=latent_scale)
+        if example.crop_seed is None:
+            self._latent_masks[key] = mask
+        return mask
 
     def steps_per_epoch(self, batch_size: int | None = None) -> int:
         """Batches per epoch: each bucket fills its own batches, so this can exceed images / batch."""
