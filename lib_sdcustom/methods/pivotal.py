@@ -14,7 +14,7 @@ name may sit in the host's embeddings folder (the host would skip the bundled wo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,13 +28,13 @@ from ..run_context import RunContext
 from ..training.conditioning import Conditioning
 from .network import NetworkMethod
 from .registry import method_spec
-from .textual_inversion import STATE_KEYS, LearnedWord, TemplatedSource, refuse_known_word
+from .textual_inversion import STATE_KEYS, LearnedWord, NamedWordCaptions, TemplatedSource, refuse_known_word
 
 if TYPE_CHECKING:
     from ..training.loop import BatchSource
 
 
-class PivotalMethod(NetworkMethod):
+class PivotalMethod(NamedWordCaptions, NetworkMethod):
     def __init__(self, context: RunContext) -> None:
         super().__init__(context)
         config = context.config
@@ -55,15 +55,6 @@ class PivotalMethod(NetworkMethod):
                 f"The embedding {clashes[0]} already uses the word {config.output.name!r}; the WebUI would use it and "
                 "skip the word bundled in this LoRA.",
                 "Choose another --name, or move that embedding out of the embeddings folder.")
-
-    @classmethod
-    def default_caption(cls, config: RunConfig) -> str:
-        """Images without a caption fill `[filewords]` with nothing; the templates supply the word."""
-        return config.data.default_caption
-
-    @classmethod
-    def trigger_phrase(cls, config: RunConfig, captions: Sequence[str] = ()) -> str:
-        return config.output.name
 
     # ----- training -----
     @property

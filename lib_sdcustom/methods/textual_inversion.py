@@ -49,7 +49,21 @@ PLACEHOLDER = "<sdcustom-ti-{}>"
 STATE_KEYS = ("vectors", "vectors_2")
 
 
-class TextualInversionMethod(Method):
+class NamedWordCaptions:
+    """Caption rules of a method whose trigger is a new word named after the output (Textual Inversion, pivotal
+    tuning); put before the `Method` base so these win."""
+
+    @classmethod
+    def default_caption(cls, config: RunConfig) -> str:
+        """Images without a caption fill `[filewords]` with nothing; the templates supply the trigger word."""
+        return config.data.default_caption
+
+    @classmethod
+    def trigger_phrase(cls, config: RunConfig, captions: Sequence[str] = ()) -> str:
+        return config.output.name
+
+
+class TextualInversionMethod(NamedWordCaptions, Method):
     name = "textual_inversion"
 
     def __init__(self, context: RunContext) -> None:
@@ -77,15 +91,6 @@ class TextualInversionMethod(Method):
     @classmethod
     def output_files(cls, target: Path) -> list[Path]:
         return [target, embedding_preview_path(target)]
-
-    @classmethod
-    def default_caption(cls, config: RunConfig) -> str:
-        """Images without a caption fill `[filewords]` with nothing; the templates supply the trigger word."""
-        return config.data.default_caption
-
-    @classmethod
-    def trigger_phrase(cls, config: RunConfig, captions: Sequence[str] = ()) -> str:
-        return config.output.name
 
     # ----- training -----
     def build_source(self, source: "BatchSource") -> "BatchSource":
