@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import write_images
 from host_rules import host_bundled_embeddings, host_target_for
 from lib_sdcustom.config import RunConfig
-from lib_sdcustom.errors import TrainingStopped
+from lib_sdcustom.errors import ConfigError, TrainingStopped
 from lib_sdcustom.events import CancelToken, StepDone
 from lib_sdcustom.formats.embedding_file import bundled_words, classify_embedding, encoder_vectors
 from lib_sdcustom.formats.network_file import BUNDLE_PREFIX, read_network_file
@@ -132,6 +132,9 @@ def test_a_host_names_its_embeddings_folder_for_a_bundled_word(tmp_path):
     config.model.base, config.output.name = str(tmp_path / "models" / "base.safetensors"), WORD
     host.prepare(config)
     assert Path(config.output.embeddings_dir) == tmp_path.resolve() / "models" / "embeddings"
+    config.output.embeddings_dir = str(tmp_path / "elsewhere")  # the page and API may name only the roots
+    with pytest.raises(ConfigError, match=r"\[output\] embeddings_dir .* outside the folders"):
+        host.check_paths(config)
     lora = RunConfig(method="lora")
     lora.model.base = config.model.base
     host.prepare(lora)
