@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 from ..errors import DatasetError
 from .buckets import Size, cover_size, crop_to
 from .images import has_alpha
-from .scan import MASK_SUFFIX, DatasetScan, ImageRecord, is_mask_file
+from .scan import MASK_SUFFIX, DatasetScan, ImageRecord, is_mask_file, parse_repeat_folder
 
 
 def mask_file_for(image: Path) -> Path:
@@ -70,7 +70,9 @@ def _mask_source(record: ImageRecord) -> MaskSource | None:
 
 
 def _refuse_orphans(scan: DatasetScan) -> None:
-    folders = {scan.folder, *(path for path in scan.folder.iterdir() if path.is_dir())}
+    """Mask files in the folders the scan reads (the folder and its 'N_caption' subfolders) need a record."""
+    folders = {scan.folder, *(path for path in scan.folder.iterdir()
+                              if path.is_dir() and parse_repeat_folder(path.name) is not None)}
     pictures = {record.path.parent / record.path.stem for record in scan.records}
     for folder in sorted(folders):
         for mask in sorted(path for path in folder.iterdir() if is_mask_file(path)):
