@@ -102,6 +102,8 @@ class TextualInversionOptions:
     max_norm: float = option(0.0, "Clamp each vector's norm to at most this (0 = off).")
     embedding_format: str = option("safetensors", "File format: safetensors (recommended) or the host's .pt dict.",
                                    choices=EMBEDDING_FORMATS)
+    word_first: float = option(0.33, "Pivotal tuning: share of the run in which only the new word learns, before the "
+                                     "LoRA joins it (0 = both from the first step).")
     embedding_lr: float = option(0.0, "Pivotal tuning: learning rate of the new word's vectors beside the network "
                                       "(0 = 5e-3, Textual Inversion's default; Textual Inversion itself uses --lr).")
 
@@ -305,6 +307,8 @@ def _validate_method_sections(config: RunConfig) -> None:
         _require(not (config.spec.bundles_word and "." in config.output.name),
                  f"The word {config.output.name!r} (--name) contains a '.', which the WebUI reads as the end of a "
                  "bundled word's name in the LoRA file.", "Use a name without dots, e.g. 'sks-dog'.")
+        _require(0 <= ti.word_first < 1, f"--word-first is {ti.word_first}.",
+                 "Use a share of the run in [0, 1), e.g. 0.33 (0 = word and LoRA from the first step).")
         _require(ti.embedding_lr >= 0 and math.isfinite(ti.embedding_lr), f"--embedding-lr is {ti.embedding_lr}.",
                  "Use a positive learning rate such as 5e-3 (0 = default).")
         _require(1 <= ti.vectors <= 75, f"--vectors is {ti.vectors}; the host fits 1 to 75 vectors in a prompt chunk.",

@@ -190,7 +190,8 @@ def train(config: RunConfig, *, callbacks: Iterable[Callback] = (), cancel: Canc
         scheduler = build_scheduler(optimizer, config.optimizer.scheduler, config.training.steps,
                                     warmup_steps=config.optimizer.warmup_steps, restarts=config.optimizer.restarts,
                                     power=config.optimizer.power,
-                                    stop_groups_at={"text_encoder": round(config.text_encoder_fraction * config.training.steps)})
+                                    stop_groups_at={"text_encoder": round(config.text_encoder_fraction * config.training.steps)},
+                                    start_groups_at=method.late_groups())
         optimizer = accelerator.prepare(optimizer)
         settings = LoopSettings(
             total_steps=config.training.steps, gradient_accumulation=config.training.gradient_accumulation,

@@ -172,3 +172,19 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_check
     assert expected.keys() == resumed.keys() and any(key.startswith(BUNDLE_PREFIX) for key in expected)
     for key in expected:
         torch.testing.assert_close(resumed[key], expected[key], atol=1e-6, rtol=0)
+
+
+def test_the_network_waits_while_the_word_learns_alone(tmp_path, tiny_checkpoint):
+    config = RunConfig(method="pivotal")
+    config.model.base, config.data.data = str(tiny_checkpoint), str(write_images(tmp_path / "images"))
+    config.data.resolution, config.data.min_bucket, config.data.max_bucket = 64, 64, 128
+    config.output.name, config.output.out, config.output.run_dir = WORD, str(tmp_path / "Lora"), str(tmp_path / "run")
+    config.training.steps, config.training.sample_steps, config.training.save_state_every = 2, 1, 0
+    config.textual_inversion.word_first, config.textual_inversion.init_text = 0.9, "toy"  # the network joins at step 2 of 2
+    tensors, _ = read_network_file(train(config).outputs[0])
+    network, vectors = split_state(tensors)
+    ups = [value for key, value in network.items() if key.endswith("lora_up.weight")]
+    assert ups and all(float(up.abs().max()) == 0 for up in ups), "the LoRA starts at zero and must not have moved"
+    base = load_bundle(tiny_checkpoint)
+    start = LearnedWord(base, WORD, config.textual_inversion, seed=config.training.seed).vectors[0]
+    assert not torch.equal(vectors[0], start.detach()), "the word must have learned"

@@ -111,6 +111,10 @@ class Method(abc.ABC):
         """One line about what is trained, for the start-of-run summary."""
         return self.name
 
+    def late_groups(self) -> dict[str, int]:
+        """Param-group name -> the step from which it learns (its lr is 0 before), for groups that join late."""
+        return {}
+
     def after_optimizer_step(self, step: int) -> None:
         """Called after each optimizer step (`step` = steps done), e.g. to update an EMA of the weights."""
 
