@@ -4,7 +4,8 @@ The word learns alone for the first third of the run (`word_first`), then word a
 each at its own learning rate (the word at Textual Inversion's, the network at LoRA's), so the vectors find
 what the base model can already express before the network learns the rest. On the micro-world heart (two
 training seeds, 64 samples each) this beat training both from the first step: the subject in 127 vs 94 of 128
-samples, with the prompt's blue background 66 vs 29, the bare class prompt showing the subject 29 vs 89. The file holds
+samples, with the prompt's blue background 66 vs 29, the bare class prompt showing the subject 29 vs 89
+(`docs/bench/pivotal_word_first.py`; measured with the network joining at step 200 of 600). The file holds
 the network and the word's vectors as `bundle_emb.NAME.*` (`formats/embedding_file.bundled_word_tensors`):
 the WebUI registers the word while the LoRA is active, so `<lora:NAME:1> a photo of NAME` uses both.
 
