@@ -63,6 +63,9 @@ class DataOptions:
     keep_tokens: int = option(0, "Keep the first N caption tags in place when shuffling.")
     caption_dropout: float = option(0.0, "Probability of training an image with an empty caption.")
     tag_dropout: float = option(0.0, "Probability of dropping each caption tag.")
+    masked_loss: bool = option(False, "Learn only the masked part of each image: its alpha channel, or a same-stem "
+                                      "NAME.mask.png beside it (white = learn, black = ignore); images without "
+                                      "either train whole.")
     cache_latents: bool = option(True, "Encode each image once and reuse the latents (disk cache in the run folder).")
 
     @property
@@ -100,6 +103,10 @@ class TextualInversionOptions:
     max_norm: float = option(0.0, "Clamp each vector's norm to at most this (0 = off).")
     embedding_format: str = option("safetensors", "File format: safetensors (recommended) or the host's .pt dict.",
                                    choices=EMBEDDING_FORMATS)
+    word_first: float = option(0.33, "Pivotal tuning: share of the run in which only the new word learns, before the "
+                                     "LoRA joins it (0 = both from the first step).")
+    embedding_lr: float = option(0.0, "Pivotal tuning: learning rate of the new word's vectors beside the network "
+                                      "(0 = 5e-3, Textual Inversion's default; Textual Inversion itself uses --lr).")
 
 
 #: Activations and weight initialisations the host's hypernetwork file accepts (`networks/hypernetwork.py` builds them).
@@ -227,6 +234,9 @@ class OutputOptions:
     overwrite: bool = option(False, "Replace an existing output of the same name.", flag="--overwrite")
     save_precision: str = option("fp16", "Precision of the saved weights.", choices=SAVE_PRECISION)
     run_dir: str = option("", "Folder for resumable state, caches and logs (default: OUT/../sdcustom-runs/NAME).")
+    embeddings_dir: str = option("", "The host's embeddings folder, checked before a pivotal run for an embedding that "
+                                     "already has the new word's name (the host would skip the bundled word). Empty: "
+                                     "where a WebUI keeps it beside OUT (OUT/../embeddings and OUT/../../embeddings).")
 
 
 @dataclass
@@ -347,8 +357,15 @@ def _validate_method_sections(config: RunConfig) -> None:
     if "textual_inversion" in sections:
         ti = config.textual_inversion
         _require(not any(char.isspace() for char in config.output.name),
-                 f"The trigger word {config.output.name!r} (--name) contains a space; Textual Inversion needs one word.",
+                 f"The trigger word {config.output.name!r} (--name) contains a space; {config.spec.label} needs one word.",
                  "Join the parts into one made-up word, e.g. 'sks-dog' or 'my_style'.")
+        _require(not (config.spec.bundles_word and "." in config.output.name),
+                 f"The word {config.output.name!r} (--name) contains a '.', which the WebUI reads as the end of a "
+                 "bundled word's name in the LoRA file.", "Use a name without dots, e.g. 'sks-dog'.")
+        _require(0 <= ti.word_first < 1, f"--word-first is {ti.word_first}.",
+                 "Use a share of the run in [0, 1), e.g. 0.33 (0 = word and LoRA from the first step).")
+        _require(ti.embedding_lr >= 0 and math.isfinite(ti.embedding_lr), f"--embedding-lr is {ti.embedding_lr}.",
+                 "Use a positive learning rate such as 5e-3 (0 = default).")
         _require(1 <= ti.vectors <= 75, f"--vectors is {ti.vectors}; the host fits 1 to 75 vectors in a prompt chunk.",
                  "Use 1-8 vectors (more vectors hold more detail but leave less room in the prompt).")
         _require(ti.max_norm >= 0, f"--max-norm is {ti.max_norm}.", "Use 0 (off) or a positive norm.")
@@ -386,7 +403,7 @@ def _validate_hypernetwork(options: HypernetworkOptions) -> None:
     _require(dropouts[0] == 0 and dropouts[-1] == 0 and all(0 <= value < 1 for value in dropouts),
              f"--dropout-structure {options.dropout_structure!r} must start and end with 0 and hold values in [0, 1).",
              "Write e.g. '0, 0.05, 0', or leave it empty for no dropout.")
-    options.width_list  # parses; whether the model has them is checked against its checkpoint (`check_base`)
+    options.width_list  # parses; whether the model has them is checked against its checkpoint (`check_before_load`)
     _require(options.activation_func in HYPERNETWORK_ACTIVATIONS, f"Unknown activation {options.activation_func!r}.",
              f"Use one of: {', '.join(HYPERNETWORK_ACTIVATIONS)}.")
     _require(options.weight_initialization in HYPERNETWORK_INITS,

@@ -1,7 +1,8 @@
 """For tests only: how A1111 1.10.1 maps a LoRA module name onto one of its own model's modules.
 
-A port of `extensions-builtin/Lora/networks.py`: `convert_diffusers_name_to_compvis(key, is_sd2)` and the
-lookup order of `load_network` (docs/host-formats.md#lora-files, 'Key parsing', steps 1-4). The host drops unmatched
+A port of `extensions-builtin/Lora/networks.py`: `convert_diffusers_name_to_compvis(key, is_sd2)`, the
+lookup order of `load_network` (docs/host-formats.md#lora-files, 'Key parsing', steps 1-4) and its reading of bundled
+embeddings (`bundle_emb.NAME.*`). The host drops unmatched
 keys silently (debug log only), so tests that assert coverage through these rules are the only warning
 that a key we write would be ignored.
 """
@@ -9,7 +10,7 @@ that a key we write would be ignored.
 from __future__ import annotations
 
 import re
-from typing import AbstractSet, Callable
+from typing import AbstractSet, Any, Callable, Mapping
 
 _RESNET_SUFFIX = {
     "conv1": "in_layers_2",
@@ -105,3 +106,22 @@ def host_target_for(lora_module_name: str, network_layer_mapping_names: Abstract
             if key in names:
                 return key
     return None
+
+
+def host_bundled_embeddings(tensors: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The host's reading of `bundle_emb.*` keys in a LoRA file (`networks.load_network`): per word name, the dict
+    it hands to `create_embedding_from_data`. The key splits at its first dot into 'bundle_emb' and the rest;
+    the rest at its next dot into the word's name and the vector part; a vector part starting 'string_to_param.'
+    becomes `{'string_to_param': {k: tensor}}`, any other is stored under its own name (`clip_l`, `clip_g`)."""
+    words: dict[str, dict[str, Any]] = {}
+    for key, weight in tensors.items():
+        module, _, part = key.partition(".")
+        if module != "bundle_emb":
+            continue
+        name, vector = part.split(".", 1)
+        data = words.setdefault(name, {})
+        if vector.split(".")[0] == "string_to_param":
+            data["string_to_param"] = {vector.split(".", 1)[1]: weight}
+        else:
+            data[vector] = weight
+    return words

@@ -8,17 +8,19 @@ Small filesystems: a tmpfs mounted by the test (`mount -t tmpfs -o size=...`, ne
 is not permitted, those cases are skipped and their simulated twins (ENOSPC raised by the writer,
 read-only through permission bits for a non-root user) still run; the skip reason says so.
 
-Cases: 97 in the tables (CLI_CASES 66, INSPECT_CASES 13, API_CASES 12, PAGE_CASES 6) and 11 tests below them.
+Cases: 106 in the tables (CLI_CASES 72, INSPECT_CASES 16, API_CASES 12, PAGE_CASES 6) and 11 tests below them.
 
 CLI, image folder: missing; empty; only text files; a text file named .png; a 1x1 image; a file instead of a
 folder; a caption with bad bytes (stops, names the file and byte); a truncated PNG among good ones (trains,
 one warning naming it); UTF-16 and UTF-16-BE captions with a BOM (read); a caption over 77 tokens (one
 warning naming the file); odd but valid images (CMYK, 16-bit, alpha, palette, EXIF-rotated); caption
-extension '.'.
+extension '.'; with --masked-loss a mask of another size than its picture, an all-black mask, a mask without
+its picture.
 CLI, options: rank 0 / 5000; alpha 0; lr -1 / nan; steps 0 / 1e12; resolution 100; resolution 64 with a
 min bucket of 128 (names the bounds); batch size 0; caption dropout 1.5; repeats 0; train-text-encoder 2;
 fp16 on the CPU; an unknown optimizer (argparse); Textual Inversion name with a space, 0 vectors; a hypernetwork
-width the model does not have, a layer structure not starting with 1, a dropout structure of the wrong length;
+width the model does not have, a layer structure not starting with 1, a dropout structure of the wrong length; a
+pivotal word CLIP knows, with a dot, or already an embedding's name (any case);
 DreamBooth without instance prompt, without class prompt, with fp8 base; zero-terminal-SNR on an epsilon
 model; names '../x', '', 'a|b', 'CON', '.hidden'.
 CLI, files: base missing; base a non-SD safetensors; base a .ckpt carrying a pickled object; base a
@@ -306,6 +308,20 @@ def _existing(name: str, data: bytes) -> Callable[[Workspace], list[str]]:
     return setup
 
 
+def _mask(ws: Workspace, stem: str, *, size: tuple[int, int] | None = None, value: int = 255) -> list[str]:
+    """A `STEM.mask.png` beside the pictures (the size of img0.png unless given), trained with --masked-loss."""
+    with Image.open(ws.images / "img0.png") as picture:
+        Image.new("L", size or picture.size, value).save(ws.images / f"{stem}.mask.png")
+    return ws.train("--masked-loss")
+
+
+def _embedding_named(word: str) -> Callable[[Workspace], list[str]]:
+    def setup(ws: Workspace) -> list[str]:
+        folder = ws.folder("embeddings", {f"{word.upper()}.safetensors": b"someone's embedding"})
+        return ws.train("--method", "pivotal", "--embeddings-dir", str(folder), name=word)
+    return setup
+
+
 def _fresh_over_other_state(ws: Workspace) -> list[str]:
     _other_runs_state(ws)
     return ws.train()
@@ -330,6 +346,12 @@ CLI_CASES = [
          check=_trained),
     Case("caption over 77 tokens", lambda ws: ws.caption(LONG_CAPTION), 0, "img0.png (", check=_once("longer than")),
     Case("odd valid images", _odd_images, 0, "", check=lambda ws, output: (ws.out / "x.safetensors").is_file()),
+    Case("mask of another size", lambda ws: _mask(ws, "img0", size=(32, 32)), 2, "is 32x32 pixels but its picture img0.png",
+         "picture's own size"),
+    Case("mask all black", lambda ws: _mask(ws, "img0", value=0), 2, "img0.mask.png is black everywhere",
+         "Paint the subject white"),
+    Case("mask without its picture", lambda ws: _mask(ws, "gone"), 2, "gone.mask.png has no training picture",
+         "Put its picture beside it"),
     Case("caption extension dot", lambda ws: ws.train("--caption-extension", "."), 2, "not usable", ".txt"),
     # options
     Case("rank 0", lambda ws: ws.train("--rank", "0"), 2, "--rank is 0", "--rank 8"),
@@ -360,6 +382,12 @@ CLI_CASES = [
          "does not start and end with 1", "'1, 2, 1'"),
     Case("hypernetwork dropout length", lambda ws: ws.train("--method", "hypernetwork", "--dropout-structure", "0, 0"), 2,
          "has 2 values for 3 layer sizes", "one dropout per layer size"),
+    Case("pivotal word known", lambda ws: ws.train("--method", "pivotal", name="dog"), 2, "already knows",
+         "made-up word"),
+    Case("pivotal word has a dot", lambda ws: ws.train("--method", "pivotal", name="zwx.toy"), 2, "contains a '.'",
+         "without dots"),
+    Case("pivotal word is an embedding", _embedding_named("zwxx"), 2, "already uses the word 'zwxx'",
+         "move that embedding"),
     Case("dreambooth no instance prompt", lambda ws: ws.train("--method", "dreambooth"), 2, "No instance prompt",
          "--instance-prompt"),
     Case("dreambooth no class prompt", lambda ws: ws.train("--method", "dreambooth", "--instance-prompt", "sks dog"), 2,

@@ -23,6 +23,7 @@ EXPECTED = {
     "hypernetwork": (1e-5, 0.0, OutputKind.HYPERNETWORK, set(), {"hypernetwork"}, True),
     "dreambooth": (2e-6, 0.0, OutputKind.CHECKPOINT, {"unet", "text_encoder"}, {"dreambooth"}, True),
     "dreambooth_lora": (1e-4, 1.0, OutputKind.LORA, set(), {"network", "dreambooth"}, True),
+    "pivotal": (1e-4, 1.0, OutputKind.LORA, set(), {"network", "textual_inversion"}, False),
 }
 
 
@@ -67,6 +68,7 @@ def test_snippets_name_the_result_as_the_host_expects():
     assert prompt_snippet("lora", "x") == "<lora:x:0.8>" and prompt_snippet("locon", "x", 1.0) == "<lora:x:1>"
     assert prompt_snippet("textual_inversion", "emb") == "emb"
     assert prompt_snippet("hypernetwork", "hn", 1.0) == "<hypernet:hn:1>"
+    assert prompt_snippet("pivotal", "zwx", 1.0) == "<lora:zwx:1> zwx"
     assert prompt_snippet("dreambooth", "db") == "Select the checkpoint 'db' at the top of txt2img."
 
 

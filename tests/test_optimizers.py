@@ -43,6 +43,19 @@ def test_a_group_can_stop_learning_part_way() -> None:
     assert rates == [[1.0, 1.0]] * 3 + [[0.0, 1.0]] * 2
 
 
+def test_a_group_can_join_late_and_leave_early() -> None:
+    a, b = torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1))
+    optimizer = torch.optim.SGD([{"params": [a], "name": "text_encoder"}, {"params": [b], "name": "embedding"}], lr=1.0)
+    scheduler = build_scheduler(optimizer, "constant", 10, stop_groups_at={"text_encoder": 4},
+                                start_groups_at={"text_encoder": 2})
+    rates = []
+    for _ in range(5):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert rates == [[0.0, 1.0]] * 2 + [[1.0, 1.0]] * 2 + [[0.0, 1.0]]
+
+
 def test_adamw_uses_the_fused_kernel_where_torch_has_one() -> None:
     weight = torch.nn.Parameter(torch.ones(4, 4))
     optimizer = build_optimizer("adamw", [{"params": [weight], "lr": 0.1}], lr=0.1, weight_decay=0.0)

@@ -281,6 +281,42 @@ def test_train_list_generate_and_leave_the_host_model_identical(webui, micro, ca
     assert webui.digest() == micro
 
 
+def test_a_pivotal_lora_brings_its_word_into_prompts(webui, micro):
+    """Pivotal tuning: the LoRA file carries its word (`bundle_emb.NAME.*`). While the LoRA is in the prompt, even
+    at weight 0, the WebUI registers the word as an embedding and it changes the image; with the LoRA at 1 the
+    judge sees the concept the word and the network learned together."""
+    from lib_sdcustom.microworld.teach import IDENTIFIER, prompts_for
+    from lib_sdcustom.microworld.world import CONCEPTS
+
+    name = f"{PREFIX}zwxpivot"  # the LoRA's name and its word
+    values = _run_config(webui, CASES[0], name)  # the LoRA recipe on the heart, captions 'a sks shape on ...'
+    values["method"] = "pivotal"
+    for caption in Path(values["data"]["data"]).glob("*.txt"):
+        caption.write_text(caption.read_text().replace(IDENTIFIER, name))
+    prompt = prompts_for(CONCEPTS[CASES[0].concept], "lora").subject.replace(IDENTIFIER, name)
+    before = webui.generate(prompt)
+    log_before = len(webui.log_text())
+
+    status = webui.train(values)
+
+    assert status["state"] == "finished", status
+    assert _listed(webui, "pivotal", name), f"{name} is not listed without a restart"
+    assert webui.digest() == micro, "training changed the host's loaded model"
+    word_only = webui.generate(f"{prompt} <lora:{name}:0>")
+    assert name in webui.ok(webui.get("/sdapi/v1/embeddings"))["loaded"], "the WebUI did not register the bundled word"
+    assert not _same_pixels(word_only, before), "the bundled word must change the image while its LoRA is active"
+    after = webui.generate(f"{prompt} <lora:{name}:1>")
+    # The Lora extension keeps a network merged until the next generation, which restores the host's weights.
+    assert _same_pixels(webui.generate(prompt), before), "without its LoRA the word is plain text again"
+    hits_before, hits_word, hits_after = (_hits(images, CASES[0].concept) for images in (before, word_only, after))
+    print(f"\n[real-webui] pivotal: trained in {status['seconds']}s; judge sees the {CASES[0].concept} in "
+          f"{hits_before}/{SAMPLES} samples before, {hits_word}/{SAMPLES} with the word alone (LoRA at 0), "
+          f"{hits_after}/{SAMPLES} with the LoRA at 1")
+    assert hits_after >= hits_before + SAMPLES // 4, (hits_before, hits_after)
+    assert "Skip bundle embedding" not in webui.log_text()[log_before:]
+    assert webui.digest() == micro
+
+
 def test_training_right_after_a_lora_generation(webui, micro):
     """Defect 1: the Lora extension leaves its weights merged after a generation; restoring them for
     training must not trip autograd ("a leaf Variable that requires grad is being used in an in-place operation")."""

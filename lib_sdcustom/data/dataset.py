@@ -19,6 +19,7 @@ from ..training.conditioning import SizeConditioning
 from .buckets import BucketSet, Size, cover_size, crop_offset, image_to_tensor
 from .captions import CaptionOptions, process_caption
 from .images import load_rgb
+from .masks import MaskSource, batch_masks, find_masks, mask_to_tensor
 from .scan import DatasetScan, ImageRecord
 
 
@@ -37,6 +38,7 @@ class BatchingOptions:
     batch_size: int = 1
     flip: bool = False
     random_crop: bool = False
+    masked_loss: bool = False  # weight the loss by each picture's mask (`masks.py`)
     captions: CaptionOptions = field(default_factory=CaptionOptions)
     seed: int = 0
 
@@ -71,6 +73,8 @@ class TrainingSet:
         self.options = options
         self.bucket_set = options.bucket_set()
         self.buckets: list[Size] = [self.bucket_set.assign(*record.size) for record in self.records]
+        self.masks: dict[int, MaskSource] = find_masks(scan) if options.masked_loss else {}
+        self._latent_masks: dict[tuple[int, Size, bool, int], torch.Tensor] = {}
 
     def record(self, example: Example) -> ImageRecord:
         return self.records[example.record_index]
@@ -122,6 +126,26 @@ class TrainingSet:
     def load_batch_pixels(self, batch: list[Example]) -> torch.Tensor:
         """[B, 3, H, W] for a batch from `batches_for_epoch` (all one bucket)."""
         return torch.stack([self.load_pixels(example) for example in batch])
+
+    def load_batch_masks(self, batch: list[Example], latent_scale: int) -> torch.Tensor | None:
+        """Loss masks [B, 1, H/scale, W/scale] at the latents' size for a batch (ones for pictures without a
+        mask), or None when none of its pictures has one."""
+        return batch_masks([self._latent_mask(example, latent_scale) for example in batch])
+
+    def _latent_mask(self, example: Example, latent_scale: int) -> torch.Tensor | None:
+        """A centre-cropped mask is kept (a few hundred floats) so a picture is not decoded again every epoch."""
+        source = self.masks.get(example.record_index)
+        if source is None:
+            return None
+        key = (example.record_index, example.bucket, example.flip, latent_scale)
+        if example.crop_seed is None and key in self._latent_masks:
+            return self._latent_masks[key]
+        crop_rng = None if example.crop_seed is None else random.Random(example.crop_seed)  # the picture's crop
+        mask = mask_to_tensor(source.load(), example.bucket, flip=example.flip, crop_rng=crop_rng,
+                              latent_scale=latent_scale)
+        if example.crop_seed is None:
+            self._latent_masks[key] = mask
+        return mask
 
     def steps_per_epoch(self, batch_size: int | None = None) -> int:
         """Batches per epoch: each bucket fills its own batches, so this can exceed images / batch."""

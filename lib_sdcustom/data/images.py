@@ -114,7 +114,7 @@ def to_rgb(image: Image.Image, path: Path) -> Image.Image:
         return image
     if mode.startswith("I") or mode == "F":
         return Image.fromarray(_scale_to_uint8(np.asarray(image), mode)).convert("RGB")
-    if _has_alpha(image):
+    if has_alpha(image):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, _WHITE + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -125,7 +125,7 @@ def to_rgb(image: Image.Image, path: Path) -> Image.Image:
                            "Re-save it as an RGB PNG or JPEG.") from error
 
 
-def _has_alpha(image: Image.Image) -> bool:
+def has_alpha(image: Image.Image) -> bool:
     """Whether converting straight to RGB would drop transparency (and show what was under it)."""
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
         return True

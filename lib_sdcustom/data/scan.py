@@ -28,6 +28,8 @@ from .images import decode_rgb, truncated_images_undetectable
 #: Formats Pillow decodes without extra plugins. GIF and multi-page TIFF use their first frame.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
+#: A picture's loss mask (`masks.py`) beside it: `photo.mask.png` for `photo.png`; never a training picture itself.
+MASK_SUFFIX = ".mask.png"
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$", re.DOTALL)
 _SKIPPED_SHOWN_IN_ERRORS = 5
 
@@ -153,6 +155,8 @@ class ScanCache:
                                 default_caption=default_caption)
             self._latest = (key, scan) if state is not None else None
             return scan
+def is_mask_file(path: Path) -> bool:
+    return path.name.lower().endswith(MASK_SUFFIX)
 
 
 def parse_repeat_folder(name: str) -> tuple[int, str] | None:
@@ -235,7 +239,7 @@ def _image_files(group: _Group, warnings: list[str]) -> list[Path]:
         if entry.is_dir():
             if group.name:
                 warnings.append(f"Ignoring {entry}: folders inside '{group.name}' are not searched.")
-        elif entry.suffix.lower() in IMAGE_EXTENSIONS:
+        elif entry.suffix.lower() in IMAGE_EXTENSIONS and not is_mask_file(entry):
             files.append(entry)
     return files
 

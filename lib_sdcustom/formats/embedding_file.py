@@ -14,6 +14,11 @@ one word, same n), in either container. The host turns *every* value of such a d
 else; a `.safetensors` keeps name and step in its string metadata, which the host does not read as data.
 This is also sd-scripts' SDXL layout; diffusers loads each tensor into its own encoder.
 
+A LoRA file may carry a word too (pivotal tuning), as `bundle_emb.NAME.string_to_param.*` (one encoder) or
+`bundle_emb.NAME.clip_l` / `bundle_emb.NAME.clip_g` (SDXL): the host's Lora extension gathers those keys per
+NAME into the same dicts and registers the word while the LoRA is active, unless an embedding of that name was
+loaded from the embeddings folder (then the bundled one is skipped with a warning).
+
 The host loads `.pt` files through a restricted unpickler (`host_pickle.save_for_host` writes what it accepts).
 """
 
@@ -28,6 +33,7 @@ from ..errors import ModelLoadError
 from ..files import write_atomically
 from ..models.bundle import BaseIdentity
 from .host_pickle import save_for_host
+from .network_file import BUNDLE_PREFIX
 
 EmbeddingFormat = Literal["safetensors", "pt"]
 EmbeddingLayout = Literal["a1111_dict", "sdxl_dual", "single_tensor"]
@@ -37,6 +43,8 @@ TENSOR_KEY = "emb_params"
 SDXL_KEYS = ("clip_l", "clip_g")
 #: What the host's own writer stores under `string_to_token`; nothing reads it, but tools compare layouts.
 A1111_PLACEHOLDER_TOKEN_ID = 265
+#: Files of the embeddings folder the host reads as an embedding named by the stem (images carry their name inside).
+HOST_EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
 
 
 def write_embedding(target: Path, vectors: torch.Tensor | Sequence[torch.Tensor], *, name: str, step: int,
@@ -160,3 +168,41 @@ def write_embedding_preview(target: Path, image: Any) -> Path:
     path = embedding_preview_path(target)
     picture = image if image.mode in ("RGB", "RGBA", "L") else image.convert("RGB")
     return write_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
+
+
+def bundled_word_tensors(name: str, vectors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The `bundle_emb.*` keys of a LoRA file carrying the word `name`: one [n, dim] tensor per text encoder
+    in checkpoint order (one for SD1/SD2 as the host's dict layout, two for SDXL as `clip_l`, `clip_g`)."""
+    if "." in name or not name:
+        raise ValueError(f"a bundled word's name must be non-empty and hold no '.', got {name!r}")
+    if len(vectors) == 1:
+        return {f"{BUNDLE_PREFIX}{name}.string_to_param.*": vectors[0]}
+    if len(vectors) != len(SDXL_KEYS):
+        raise ValueError(f"a word holds vectors for one or two text encoders, not {len(vectors)}")
+    return {f"{BUNDLE_PREFIX}{name}.{key}": tensor for key, tensor in zip(SDXL_KEYS, vectors)}
+
+
+def bundled_words(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """The words a LoRA file carries, as the host gathers them: name -> vectors per text encoder (checkpoint
+    order), the inverse of `bundled_word_tensors`."""
+    words: dict[str, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        if key.startswith(BUNDLE_PREFIX):
+            name, _, part = key[len(BUNDLE_PREFIX):].partition(".")
+            data = words.setdefault(name, {})
+            if part.startswith("string_to_param."):
+                data["string_to_param"] = {part.partition(".")[2]: tensor}
+            else:
+                data[part] = tensor
+    return {name: encoder_vectors(data) for name, data in words.items()}
+
+
+def embeddings_named(folder: Path, name: str) -> list[Path]:
+    """Files under `folder` (recursively, as the host scans it) that the host loads as an embedding called `name`,
+    compared ignoring case: the host lower-cases prompts, so 'Word' and 'word' would be the same tokens."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    wanted = name.lower()
+    return sorted(path for path in folder.rglob("*") if path.suffix.lower() in HOST_EMBEDDING_SUFFIXES
+                  and path.stem.lower() == wanted and path.is_file())

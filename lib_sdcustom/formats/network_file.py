@@ -184,7 +184,10 @@ def validate_network_state(tensors: dict[str, torch.Tensor], metadata: dict[str,
 
 
 def _cast(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A private CPU copy: safetensors refuses tensors that share storage (tied or sliced weights)."""
+    """A private CPU copy: safetensors refuses tensors that share storage (tied or sliced weights). Bundled
+    word vectors stay float32 as in an embedding file (the host loads them as float32; they are a few KiB)."""
+    if key.startswith(BUNDLE_PREFIX):
+        dtype = torch.float32
     wanted = dtype if tensor.is_floating_point() or key.endswith(f".{_ALPHA}") else tensor.dtype
     return tensor.detach().to("cpu", dtype=wanted, copy=True).contiguous()
 

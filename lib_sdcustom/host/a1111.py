@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from ..config import RunConfig
 from ..errors import ConfigError, ModelLoadError
 from ..events import Event, RunFinished, RunStarted, SamplesRendered, StepDone
-from ..methods.registry import OutputKind
+from ..methods.registry import OutputKind, method_spec
 from ..models.bundle import BaseIdentity, ModelBundle, ModelFamily
 from .base import RUNS_FOLDER, Host, HostFacts, ModelKind, output_kind, trained_in_place
 
@@ -354,6 +354,8 @@ class A1111Host(Host):
                                       "Use a relative folder name in Settings > Customize (training).")
                 folder = folder / subfolder
             config.output.out = str(folder)
+        if method_spec(config.method).bundles_word and not config.output.embeddings_dir:
+            config.output.embeddings_dir = str(self._output_dirs()[OutputKind.EMBEDDING])
 
     def check_fit(self, config: RunConfig) -> None:
         model = self._model()

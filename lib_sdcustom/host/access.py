@@ -19,7 +19,7 @@ from ..errors import ConfigError
 
 #: (section, field) of every setting that names a file or folder.
 PATH_SETTINGS = (("model", "base"), ("data", "data"), ("dreambooth", "class_data"), ("output", "out"),
-                 ("output", "run_dir"), ("textual_inversion", "template"))
+                 ("output", "run_dir"), ("output", "embeddings_dir"), ("textual_inversion", "template"))
 _TEMPLATE_WORDS = {"object", "style", "captions"}
 
 

@@ -189,6 +189,8 @@ class StandaloneHost(Host):
                               f"Put an SD1 .safetensors checkpoint into {self.checkpoint_dir} and pick it.")
         if not config.output.out:
             config.output.out = str(self.facts().output_dirs[output_kind(config.method)])
+        if method_spec(config.method).bundles_word and not config.output.embeddings_dir:
+            config.output.embeddings_dir = str(self.facts().output_dirs[OutputKind.EMBEDDING])
         self.check_paths(config)
 
     def check_paths(self, config: RunConfig) -> None:

@@ -46,9 +46,10 @@ class Method(abc.ABC):
         return [target, *sidecar_paths(target)]
 
     @classmethod
-    def check_base(cls, config: RunConfig) -> None:
-        """Refuse a base this method cannot train, from what is known without loading it (a file header);
-        raise ConfigError naming the fix. Most methods train any SD1, SD2 or SDXL base."""
+    def check_before_load(cls, config: RunConfig) -> None:
+        """Refuse, with a `UserFacingError` naming the fix, what the method can tell is wrong before any model
+        loads: from the config (names the host would not accept) or the base file's header (widths it lacks).
+        Most methods accept any config that validated and any SD1, SD2 or SDXL base."""
 
     @classmethod
     def default_caption(cls, config: RunConfig) -> str:
@@ -108,6 +109,10 @@ class Method(abc.ABC):
     def describe(self) -> str:
         """One line about what is trained, for the start-of-run summary."""
         return self.name
+
+    def late_groups(self) -> dict[str, int]:
+        """Param-group name -> the step from which it learns (its lr is 0 before), for groups that join late."""
+        return {}
 
     def after_optimizer_step(self, step: int) -> None:
         """Called after each optimizer step (`step` = steps done), e.g. to update an EMA of the weights."""

@@ -110,15 +110,17 @@ class DreamBoothBatches:
         batch = self.source.batch(index)
         captions = [fill_template(self.instance_prompt, name=self.name, filewords=caption) for caption in batch.captions]
         if self.prior is None:
-            return Batch(latents=batch.latents, captions=captions, weights=batch.weights, sizes=batch.sizes)
+            return Batch(latents=batch.latents, captions=captions, weights=batch.weights, sizes=batch.sizes,
+                         masks=batch.masks)
         count = batch.latents.shape[0]
         instance_weights = torch.ones(count) if batch.weights is None else batch.weights
         # weighted_loss averages over all 2n samples: weights 2 and 2*lambda give mean(inst) + lambda*mean(class).
         weights = torch.cat([2 * instance_weights, torch.full((count,), 2 * self.prior.weight)])
         class_latents = self.prior.latents(index, count, batch.latents).to(batch.latents.dtype)
         sizes = None if batch.sizes is None else batch.sizes + self.prior.sizes(index, count, batch.latents)
+        masks = None if batch.masks is None else torch.cat([batch.masks, torch.ones_like(batch.masks)])  # class images whole
         return Batch(latents=torch.cat([batch.latents, class_latents]), captions=captions + [self.prior.prompt] * count,
-                     weights=weights, sizes=sizes)
+                     weights=weights, sizes=sizes, masks=masks)
 
 
 def class_folder(config: RunConfig, run_dir: Path) -> Path:

@@ -4,7 +4,7 @@ stay frozen and bit-identical (hooks only, removed by `close`). Exported as the 
 
 Which widths: the ones asked for, else the model's text-context width (cross-attention only: a fifth of the
 parameters of the host's own default widths on SD1.5). Every width must be one the model's attentions have;
-that is checked from the checkpoint's header before the model loads (`check_base`), and again on the loaded
+that is checked from the checkpoint's header before the model loads (`check_before_load`), and again on the loaded
 model (a pickled checkpoint has no header to read).
 """
 
@@ -87,7 +87,7 @@ class HypernetworkMethod(Method):
         return [target, embedding_preview_path(target)]
 
     @classmethod
-    def check_base(cls, config: RunConfig) -> None:
+    def check_before_load(cls, config: RunConfig) -> None:
         widths = config.hypernetwork.width_list
         available = header_attention_widths(Path(config.model.base)) if widths else None
         if available is not None:

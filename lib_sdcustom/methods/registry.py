@@ -52,6 +52,9 @@ class MethodSpec:
     #: Whether the tab asks for a token phrase ('sks dog'); Textual Inversion's trigger is the embedding's name.
     uses_token: bool = True
     network_algorithm: str | None = None  # `networks.algorithms.ALGORITHMS` key of the network it trains
+    #: Whether the network file carries a new word named after the output (`bundle_emb.NAME.*`): the hosts name
+    #: their embeddings folder (`output.embeddings_dir`), where no embedding may already have that name.
+    bundles_word: bool = False
 
     @property
     def uses_network(self) -> bool:
@@ -80,6 +83,11 @@ METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     _network("locon", "LoCon (LyCORIS)", "locon"),
     _network("loha", "LoHa (LyCORIS)", "loha"),
     _network("lokr", "LoKr (LyCORIS)", "lokr"),
+    # A LoRA and a new word learned together; the word's vectors travel inside the LoRA file.
+    MethodSpec("pivotal", "Pivotal tuning (LoRA + new word)", "pivotal", "PivotalMethod", default_lr=1e-4,
+               text_encoder_fraction=1.0, output=OutputKind.LORA, snippet="<lora:{name}:{weight:g}> {name}",
+               sections=("network", "textual_inversion"), uses_token=False, network_algorithm="lora",
+               bundles_word=True),
     # The vectors hook the token-embedding layer; the table itself is never resized or written.
     MethodSpec("textual_inversion", "Textual Inversion", "textual_inversion", "TextualInversionMethod",
                default_lr=5e-3, text_encoder_fraction=0.0, output=OutputKind.EMBEDDING, snippet="{name}",

@@ -30,11 +30,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence, cast
 import torch
 from torch import nn
 
-from ..config import RunConfig
+from ..config import RunConfig, TextualInversionOptions
 from ..data.prompt_templates import BUILT_IN, fill_template, load_templates
 from ..errors import ConfigError
 from ..formats.embedding_file import (SUFFIXES, EmbeddingFormat, embedding_preview_path, write_embedding,
                                       write_embedding_preview)
+from ..models.bundle import ModelBundle
 from ..run.context import RunContext
 from ..training.batches import Batch, BatchSource
 from ..training.conditioning import Conditioning
@@ -51,43 +52,9 @@ PLACEHOLDER = "<sdcustom-ti-{}>"
 STATE_KEYS = ("vectors", "vectors_2")
 
 
-class TextualInversionMethod(Method):
-    name = "textual_inversion"
-
-    def __init__(self, context: RunContext) -> None:
-        super().__init__(context)
-        config, bundle = context.config, context.bundle
-        options = config.textual_inversion
-        self.trigger = config.output.name
-        self.templates = load_templates(options.template)
-        refuse_known_word(bundle.tokenizer, self.trigger)  # every encoder shares CLIP's vocabulary
-        for model in (bundle.unet, bundle.vae, *bundle.text_encoders):
-            model.requires_grad_(False)
-        base_tokenizers = (bundle.tokenizer, bundle.tokenizer_2)[:len(bundle.text_encoders)]
-        self.vectors: list[nn.Parameter] = []
-        self.tokenizers = []
-        self._rows: list[NewTokenRows] = []
-        for index, (encoder, tokenizer) in enumerate(zip(bundle.text_encoders, base_tokenizers)):
-            embedding = encoder.get_input_embeddings()
-            # Through each encoder's own tokenizer and table, as the host's `encode_embedding_init_text` does.
-            vectors = nn.Parameter(initial_vectors(embedding.weight, tokenizer, options.init_text, options.vectors,
-                                                   seed=config.training.seed + index))
-            private, first_id = _tokenizer_with_placeholders(tokenizer, options.vectors)
-            self.vectors.append(vectors)
-            self.tokenizers.append(private)
-            self._rows.append(NewTokenRows(embedding, first_id, vectors))
-        self._apply_max_norm()
-        self._expansion = " ".join(PLACEHOLDER.format(i) for i in range(options.vectors))
-        self._trigger_pattern = trigger_pattern(self.trigger)
-
-    # ----- facts known before the model is loaded -----
-    @classmethod
-    def result_suffix(cls, config: RunConfig) -> str:
-        return SUFFIXES[config.textual_inversion.embedding_format]
-
-    @classmethod
-    def output_files(cls, target: Path) -> list[Path]:
-        return [target, embedding_preview_path(target)]
+class NamedWordCaptions:
+    """Caption rules of a method whose trigger is a new word named after the output (Textual Inversion, pivotal
+    tuning); put before the `Method` base so these win."""
 
     @classmethod
     def default_caption(cls, config: RunConfig) -> str:
@@ -98,6 +65,36 @@ class TextualInversionMethod(Method):
     def trigger_phrase(cls, config: RunConfig, captions: Sequence[str] = ()) -> str:
         return config.output.name
 
+
+class TextualInversionMethod(NamedWordCaptions, Method):
+    name = "textual_inversion"
+
+    def __init__(self, context: RunContext) -> None:
+        super().__init__(context)
+        config, bundle = context.config, context.bundle
+        self.trigger = config.output.name
+        self.templates = load_templates(config.textual_inversion.template)
+        for model in (bundle.unet, bundle.vae, *bundle.text_encoders):
+            model.requires_grad_(False)
+        self.word = LearnedWord(bundle, self.trigger, config.textual_inversion, seed=config.training.seed)
+
+    @property
+    def vectors(self) -> list[nn.Parameter]:
+        return self.word.vectors
+
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        return self.word.tokenizers
+
+    # ----- facts known before the model is loaded -----
+    @classmethod
+    def result_suffix(cls, config: RunConfig) -> str:
+        return SUFFIXES[config.textual_inversion.embedding_format]
+
+    @classmethod
+    def output_files(cls, target: Path) -> list[Path]:
+        return [target, embedding_preview_path(target)]
+
     # ----- training -----
     def build_source(self, source: BatchSource) -> BatchSource:
         self._warn_about_captions_without_trigger()
@@ -107,43 +104,20 @@ class TextualInversionMethod(Method):
         return [{"params": list(self.vectors), "lr": self.config.lr, "name": "embedding"}]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {key: vectors.detach().clone() for key, vectors in zip(STATE_KEYS, self.vectors)}
+        return self.word.state()
 
     def load_trainable_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        saved = [tensors.get(key) for key in STATE_KEYS[:len(self.vectors)]]
-        if any(item is None or item.shape != vectors.shape for item, vectors in zip(saved, self.vectors)) \
-                or len(tensors) != len(self.vectors):
-            found = {key: tuple(value.shape) for key, value in tensors.items()}
-            wanted = {key: tuple(vectors.shape) for key, vectors in zip(STATE_KEYS, self.vectors)}
-            raise ConfigError(f"The saved state holds vectors {found}, this run {wanted}.",
-                              "Resume with the run's own settings and base model (--resume RUN_DIR without --vectors).")
-        with torch.no_grad():
-            for vectors, item in zip(self.vectors, saved):
-                vectors.copy_(cast(torch.Tensor, item).to(vectors.device, vectors.dtype))
+        self.word.load_state(tensors)
 
     def encode_captions(self, captions: list[str]) -> Conditioning:
         """Every occurrence of the trigger word becomes the N learned vectors (also in preview prompts)."""
-        expanded = [self.expand(caption) for caption in captions]
-        with contextlib.ExitStack() as stack:
-            input_ids = [stack.enter_context(rows.placing(tokenize(tokenizer, expanded)))
-                         for rows, tokenizer in zip(self._rows, self.tokenizers)]
-            return encode_ids(self.bundle, input_ids, self.config.model.clip_skip)
+        return self.word.encode(captions, self.config.model.clip_skip)
 
     def expand(self, prompt: str) -> str:
-        return self._trigger_pattern.sub(self._expansion, prompt)
+        return self.word.expand(prompt)
 
     def after_optimizer_step(self, step: int) -> None:
-        self._apply_max_norm()
-
-    def _apply_max_norm(self) -> None:
-        """Clamp each vector's length to `max_norm` (when set; the same bound for every encoder), in place,
-        after initialisation and after every optimizer step, so a vector cannot drift far outside the range of
-        the model's own token embeddings."""
-        max_norm = self.config.textual_inversion.max_norm
-        if max_norm > 0:
-            with torch.no_grad():
-                for vectors in self.vectors:
-                    vectors.copy_(torch.renorm(vectors, p=2, dim=0, maxnorm=max_norm))
+        self.word.apply_max_norm()
 
     # ----- results -----
     def export(self, target: Path, *, step: int, preview: Any | None = None) -> list[Path]:
@@ -168,18 +142,86 @@ class TextualInversionMethod(Method):
                 f"prompts from the '{template}' template ({len(self.templates)} lines); UNet, VAE and {encoders} frozen")
 
     def close(self) -> None:
-        for rows in self._rows:
-            rows.remove()
+        self.word.remove()
 
     def _warn_about_captions_without_trigger(self) -> None:
         if all("[name]" in template for template in self.templates):
             return
         missing = [record for record in self.context.training_set.records
-                   if record.caption and not self._trigger_pattern.search(record.caption)]
+                   if record.caption and not self.word.pattern.search(record.caption)]
         if missing:
             self.context.bus.warn(f"{len(missing)} of {len(self.context.training_set.records)} captions do not contain the "
                                   f"trigger word '{self.trigger}'; it is put in front of them "
                                   f"(e.g. '{self.trigger}, {missing[0].caption}').")
+
+
+class LearnedWord:
+    """A new word of N trainable vectors per text encoder, hooked into the bundle's encoders without changing
+    them (see the module docstring): what Textual Inversion trains alone and pivotal tuning beside a network.
+
+    SDXL's word has vectors for both encoders (CLIP-L and OpenCLIP bigG widths), each initialised through its
+    own tokenizer and table, as the host's `encode_embedding_init_text` does."""
+
+    def __init__(self, bundle: ModelBundle, word: str, options: TextualInversionOptions, *, seed: int) -> None:
+        refuse_known_word(bundle.tokenizer, word)  # every encoder shares CLIP's vocabulary
+        self.bundle = bundle
+        self.max_norm = options.max_norm
+        base_tokenizers = (bundle.tokenizer, bundle.tokenizer_2)[:len(bundle.text_encoders)]
+        self.vectors: list[nn.Parameter] = []
+        self.tokenizers: list[CLIPTokenizer] = []
+        self._rows: list[NewTokenRows] = []
+        for index, (encoder, tokenizer) in enumerate(zip(bundle.text_encoders, base_tokenizers)):
+            embedding = encoder.get_input_embeddings()
+            vectors = nn.Parameter(initial_vectors(embedding.weight, tokenizer, options.init_text, options.vectors,
+                                                   seed=seed + index))
+            private, first_id = _tokenizer_with_placeholders(tokenizer, options.vectors)
+            self.vectors.append(vectors)
+            self.tokenizers.append(private)
+            self._rows.append(NewTokenRows(embedding, first_id, vectors))
+        self.apply_max_norm()
+        self._expansion = " ".join(PLACEHOLDER.format(i) for i in range(options.vectors))
+        self.pattern = trigger_pattern(word)
+
+    def expand(self, prompt: str) -> str:
+        return self.pattern.sub(self._expansion, prompt)
+
+    def encode(self, captions: list[str], clip_skip: int) -> Conditioning:
+        """Conditioning for `captions`, every occurrence of the word as its vectors, under the current grad mode."""
+        expanded = [self.expand(caption) for caption in captions]
+        with contextlib.ExitStack() as stack:
+            input_ids = [stack.enter_context(rows.placing(tokenize(tokenizer, expanded)))
+                         for rows, tokenizer in zip(self._rows, self.tokenizers)]
+            return encode_ids(self.bundle, input_ids, clip_skip)
+
+    def apply_max_norm(self) -> None:
+        """Clamp each vector's length to `max_norm` (when set; the same bound for every encoder), in place,
+        after initialisation and after every optimizer step, so a vector cannot drift far outside the range of
+        the model's own token embeddings."""
+        if self.max_norm > 0:
+            with torch.no_grad():
+                for vectors in self.vectors:
+                    vectors.copy_(torch.renorm(vectors, p=2, dim=0, maxnorm=self.max_norm))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Copies of the vectors under `STATE_KEYS` (resumable state)."""
+        return {key: vectors.detach().clone() for key, vectors in zip(STATE_KEYS, self.vectors)}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what `state` returned; other shapes or keys are a resume with other settings."""
+        saved = [tensors.get(key) for key in STATE_KEYS[:len(self.vectors)]]
+        if any(item is None or item.shape != vectors.shape for item, vectors in zip(saved, self.vectors)) \
+                or len(tensors) != len(self.vectors):
+            found = {key: tuple(value.shape) for key, value in tensors.items()}
+            wanted = {key: tuple(vectors.shape) for key, vectors in zip(STATE_KEYS, self.vectors)}
+            raise ConfigError(f"The saved state holds vectors {found}, this run {wanted}.",
+                              "Resume with the run's own settings and base model (--resume RUN_DIR without --vectors).")
+        with torch.no_grad():
+            for vectors, item in zip(self.vectors, saved):
+                vectors.copy_(cast(torch.Tensor, item).to(vectors.device, vectors.dtype))
+
+    def remove(self) -> None:
+        for rows in self._rows:
+            rows.remove()
 
 
 def trigger_pattern(trigger: str) -> re.Pattern[str]:

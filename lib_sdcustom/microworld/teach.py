@@ -19,6 +19,7 @@ from PIL import Image
 from ..config import RunConfig
 from ..methods.registry import OutputKind, method_spec
 from ..models.bundle import ModelBundle
+from ..training.conditioning import Conditioning
 from .judge import Judge
 from .quality import GUIDANCE, SAMPLE_STEPS
 from .world import IMAGE_SIZE, Concept, concept_scenes, render
@@ -83,7 +84,7 @@ def base_run_config(method: str, base: Path, images: Path, *, name: str, out: Pa
     return config
 
 
-def sampler(bundle: ModelBundle, encode: Callable[[list[str]], torch.Tensor] | None = None) -> Sampler:
+def sampler(bundle: ModelBundle, encode: Callable[[list[str]], Conditioning | torch.Tensor] | None = None) -> Sampler:
     """Prompts -> images with the benchmark's sampler settings; image i uses noise seed + i."""
     from ..sampling import generate
 
@@ -110,8 +111,9 @@ def _embedding_encoder(bundle: ModelBundle, path: Path, trigger: str) -> Callabl
 
 
 def trained_sampler(config: RunConfig, result: Path, bundle: ModelBundle | None = None) -> Sampler:
-    """Sample from what a run exported: a checkpoint is loaded, a network file or a hypernetwork attached to the
-    base (or to `bundle`, a freshly loaded base), an embedding hooked into its text encoder."""
+    """Sample from what a run exported: a checkpoint is loaded, a network file attached to the base (or to
+    `bundle`, a freshly loaded base) with the word it carries (pivotal tuning) hooked in as the host does, a
+    hypernetwork attached, an embedding hooked into its text encoder."""
     from ..models.loader import load_bundle
 
     kind = config.spec.output
@@ -131,11 +133,21 @@ def trained_sampler(config: RunConfig, result: Path, bundle: ModelBundle | None 
     from ..networks.algorithms import algorithm_for
     from ..networks.lycoris_backend import attach_network
 
+    from ..formats.embedding_file import bundled_words
+    from ..formats.network_file import BUNDLE_PREFIX
+    from ..methods.textual_inversion import STATE_KEYS, LearnedWord
+
     tensors = load_file(str(result))
+    words = bundled_words(tensors)
+    network = {key: value for key, value in tensors.items() if not key.startswith(BUNDLE_PREFIX)}
     attached = attach_network(bundle.unet, bundle.text_encoder, algorithm_for(config.method), config.network,
-                              train_text_encoder=any(key.startswith("lora_te") for key in tensors))
-    attached.load_state_dict(tensors)
-    return sampler(bundle)
+                              train_text_encoder=any(key.startswith("lora_te") for key in network))
+    attached.load_state_dict(network)
+    if not words:
+        return sampler(bundle)
+    word = LearnedWord(bundle, config.output.name, config.textual_inversion, seed=0)
+    word.load_state(dict(zip(STATE_KEYS, words[config.output.name])))
+    return sampler(bundle, lambda prompts: word.encode(prompts, config.model.clip_skip))
 
 
 def subject_hits(judge: Judge, images: Sequence[Image.Image], concept: Concept) -> list[bool]:

@@ -60,9 +60,9 @@ def plan_run(config: RunConfig, *, resume: Path | None = None, scans: ScanCache 
     `resume` is the run folder of a run to continue; `scans` keeps the folder's scan between checks."""
     config.validate()
     target, run_dir = check_output_locations(config, resume=resume)
+    config.spec.method_class().check_before_load(config)
     saved_state = _saved_state_to_resume(run_dir) if resume else None
     scan = scan_images(config, scans)
-    config.spec.method_class().check_base(config)
     return RunPlan(config=config, target=target, run_dir=run_dir, saved_state=saved_state, scan=scan,
                    training_set=TrainingSet(scan, batching_options(config)))
 
@@ -82,7 +82,7 @@ def batching_options(config: RunConfig) -> BatchingOptions:
     return BatchingOptions(
         resolution=data.resolution, buckets=data.buckets, min_bucket_side=low, max_bucket_side=high,
         bucket_step=data.bucket_step, no_upscale=not data.upscale, batch_size=config.training.batch_size,
-        flip=data.flip, random_crop=data.random_crop, seed=config.training.seed,
+        flip=data.flip, random_crop=data.random_crop, masked_loss=data.masked_loss, seed=config.training.seed,
         captions=CaptionOptions(shuffle=data.shuffle_captions, keep_tokens=data.keep_tokens,
                                 caption_dropout=data.caption_dropout, tag_dropout=data.tag_dropout),
     )

@@ -155,12 +155,13 @@ def _load_base(config: RunConfig, device: torch.device) -> ModelBundle:
 def _optimizer_and_schedule(config: RunConfig, method: Method
                             ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """The optimizer over the method's parameter groups and its learning-rate schedule, in which the text
-    encoder's group stops at its share of the run."""
+    encoder's group stops at its share of the run and the method's late groups start at their step."""
     options, steps = config.optimizer, config.training.steps
     optimizer = build_optimizer(options.optimizer, method.param_groups(), lr=config.lr, weight_decay=options.weight_decay)
     scheduler = build_scheduler(optimizer, options.scheduler, steps, warmup_steps=options.warmup_steps,
                                 restarts=options.restarts, power=options.power,
-                                stop_groups_at={"text_encoder": round(config.text_encoder_fraction * steps)})
+                                stop_groups_at={"text_encoder": round(config.text_encoder_fraction * steps)},
+                                start_groups_at=method.late_groups())
     return optimizer, scheduler
 
 

@@ -26,13 +26,15 @@ class Batch:
 
     `weights` scales each sample's loss (1 for ordinary images; prior-preservation images carry the
     prior weight). `sizes` is each sample's original size and crop, which SDXL is conditioned on; None
-    means every sample is an uncropped picture of the latents' size.
+    means every sample is an uncropped picture of the latents' size. `masks` [B, 1, h, w] weights the loss
+    over the latent grid (masked loss); None means every position counts the same.
     """
 
     latents: torch.Tensor
     captions: list[str]
     weights: torch.Tensor | None = None
     sizes: list[SizeConditioning] | None = None
+    masks: torch.Tensor | None = None
 
 
 class BatchSource(Protocol):
@@ -97,5 +99,7 @@ class LatentBatchSource:
                                                        self.encode) for example in examples])
         else:
             latents = self.encode(self.training_set.load_batch_pixels(examples))
+        latent_scale = 2 ** (len(self.bundle.vae.config.block_out_channels) - 1)
         return Batch(latents=latents, captions=[example.caption for example in examples],
-                     sizes=[self.training_set.size_conditioning(example) for example in examples])
+                     sizes=[self.training_set.size_conditioning(example) for example in examples],
+                     masks=self.training_set.load_batch_masks(examples, latent_scale))

@@ -111,7 +111,7 @@ class TrainingLoop:
             conditioning = self.encode_captions(batch.captions).to(noisy.dtype)
             prediction = self.bundle.unet(noisy, timesteps.to(device), **conditioning.unet_kwargs(sizes)).sample
         target = objectives.training_target(self.bundle.prediction_type, latents, noise, timesteps, self.alphas_cumprod)
-        per_sample = objectives.per_sample_mse(prediction, target)
+        per_sample = objectives.per_sample_mse(prediction, target, batch.masks)
         weights = batch.weights
         if training.min_snr_gamma:
             snr_weights = objectives.min_snr_weights(timesteps, self.alphas_cumprod, training.min_snr_gamma,

@@ -77,9 +77,18 @@ def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma
     return clipped / denominator
 
 
-def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error per sample, computed in fp32 whatever the autocast dtype."""
-    return ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error per sample, computed in fp32 whatever the autocast dtype.
+
+    With a `mask` [B, 1, h, w] (masked loss) it is the mask-weighted mean: the error where the mask is 0 does not
+    count, and a small subject trains as strongly as one filling the frame. A sample whose crop holds nothing of
+    its mask has a loss of 0 (there is nothing of the subject to learn in it)."""
+    errors = (prediction.float() - target.float()) ** 2
+    dims = tuple(range(1, prediction.ndim))
+    if mask is None:
+        return errors.mean(dim=dims)
+    weights = mask.to(errors.device, errors.dtype).expand_as(errors)
+    return (errors * weights).sum(dim=dims) / weights.sum(dim=dims).clamp_min(torch.finfo(errors.dtype).tiny)
 
 
 def weighted_loss(per_sample: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -34,15 +34,16 @@ def lr_factor(name: str, step: int, total_steps: int, *, warmup_steps: int = 0, 
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int, *, warmup_steps: int = 0,
-                    restarts: int = 1, power: float = 1.0, stop_groups_at: dict[str, int] | None = None
-                    ) -> torch.optim.lr_scheduler.LambdaLR:
+                    restarts: int = 1, power: float = 1.0, stop_groups_at: dict[str, int] | None = None,
+                    start_groups_at: dict[str, int] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     """`stop_groups_at` maps a param-group name to the step from which its lr is 0, e.g. a text encoder
-    trained only for the first part of a run; the optimizer then leaves those weights alone."""
-    stops = stop_groups_at or {}
+    trained only for the first part of a run; `start_groups_at` to the step before which it is 0, e.g. a
+    network that joins after a new word has learned alone. The optimizer leaves those weights alone meanwhile."""
+    stops, starts = stop_groups_at or {}, start_groups_at or {}
 
-    def group_factor(stop: int | None) -> Callable[[int], float]:
-        return lambda step: 0.0 if stop is not None and step >= stop else lr_factor(
+    def group_factor(start: int, stop: int | None) -> Callable[[int], float]:
+        return lambda step: 0.0 if step < start or (stop is not None and step >= stop) else lr_factor(
             name, step, total_steps, warmup_steps=warmup_steps, restarts=restarts, power=power)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [group_factor(stops.get(group["name"]) if "name" in group else None)
-                                                         for group in optimizer.param_groups])
+    names = [str(group.get("name", "")) for group in optimizer.param_groups]  # unnamed groups run the whole schedule
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [group_factor(starts.get(name, 0), stops.get(name)) for name in names])

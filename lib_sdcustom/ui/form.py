@@ -25,7 +25,7 @@ METHOD_LABELS = {name: spec.label for name, spec in METHOD_SPECS.items()}
 METHOD_HELP = ("lora, locon, loha, lokr: a small add-on file switched on in a prompt (LoCon, LoHa and LoKr are "
                "LyCORIS variants); textual_inversion: a new word; hypernetwork: the WebUI's hypernetwork (a style on "
                "every prompt, switched on with <hypernet:NAME:1>); dreambooth: a new checkpoint; dreambooth_lora: "
-               "DreamBooth's recipe saved as a LoRA.")
+               "DreamBooth's recipe saved as a LoRA; pivotal: a LoRA and a new word trained together, in one LoRA file.")
 
 
 @dataclass(frozen=True)
