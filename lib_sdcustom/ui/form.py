@@ -22,8 +22,8 @@ SECTION_TITLES = {
     "training": "Training", "output": "Output",
 }
 METHOD_LABELS = {name: spec.label for name, spec in METHOD_SPECS.items()}
-METHOD_HELP = ("lora, locon, loha, lokr: a small add-on file switched on in a prompt (LoCon, LoHa and LoKr are "
-               "LyCORIS variants); textual_inversion: a new word; dreambooth: a new checkpoint; dreambooth_lora: "
+METHOD_HELP = ("lora, locon, loha, lokr, oft, boft, ia3, glora: a small add-on file switched on in a prompt (all but "
+               "lora are LyCORIS variants; 'DoRA' in the network options decomposes a LoRA/LoCon); textual_inversion: a new word; dreambooth: a new checkpoint; dreambooth_lora: "
                "DreamBooth's recipe saved as a LoRA.")
 
 
