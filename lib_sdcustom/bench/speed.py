@@ -39,7 +39,12 @@ from .fixtures import write_sample_images
 from .runner import device_description
 
 CHILD_COMMAND = "speed-one"
-NETWORKS = ("lora", "locon")
+#: Network name -> (method, --dora). Only LoRA and LoCon have a diffusers + peft reference; the others are
+#: compared with our own LoRA run of the same batch ("ours / ours LoRA").
+NETWORKS = {"lora": ("lora", False), "locon": ("locon", False), "dora": ("lora", True), "loha": ("loha", False),
+            "lokr": ("lokr", False), "oft": ("oft", False), "boft": ("boft", False), "ia3": ("ia3", False),
+            "glora": ("glora", False)}
+REFERENCE_NETWORKS = ("lora", "locon")
 NATIVE_RESOLUTION = {"sd1": 512, "sdxl": 1024}
 _UNET_MODULES = re.compile(r"(\d+) UNet modules")
 
@@ -53,7 +58,7 @@ class Measured:
     peak_rss_gib: float
     peak_cuda_gib: Optional[float]
     layers: int
-    skipped: str = ""  # why this side did not run (a missing package), else empty
+    skipped: str = ""  # why this side did not run (a missing package, no reference for the network), else empty
 
 
 def _peaks() -> tuple[float, Optional[float]]:
@@ -94,7 +99,9 @@ def _train_ours(settings: dict[str, Any], on_step: Callable[[], None], workdir: 
     from ..events import RunStarted, StepDone
     from ..train import train
 
-    config = RunConfig(method=settings["network"])
+    method, dora = NETWORKS[settings["network"]]
+    config = RunConfig(method=method)
+    config.network.dora = dora
     config.model.base = settings["base"]
     config.data.data = settings["images"]
     resolution = settings["resolution"]
@@ -130,6 +137,8 @@ def measure(settings: dict[str, Any]) -> Measured:
         return _timed(lambda on_step: _ours(settings, on_step))
     from .reference import PEFT_MISSING, peft_available, run_reference
 
+    if settings["network"] not in REFERENCE_NETWORKS:
+        return Measured(float("nan"), float("nan"), 0.0, None, 0, skipped="the reference loop trains LoRA and LoCon only")
     if not peft_available():
         return Measured(float("nan"), float("nan"), 0.0, None, 0, skipped=PEFT_MISSING)
     return _timed(lambda on_step: run_reference(settings, Path(settings["base"]), on_step))
@@ -245,16 +254,18 @@ def report(result: dict[str, Any]) -> str:
              f"{', gradient checkpointing' if plan['gradient_checkpointing'] else ''}, best of {plan['repeats']}; "
              f"{result['device']}, {result['clock']}; "
              f"load average {before:.1f} before, {after:.1f} after ({result['cpu_count']} CPUs)", "",
-             "| network | batch | ours steps/s | reference steps/s | ours/reference | ours images/s | "
+             "| network | batch | ours steps/s | reference steps/s | ours/reference | ours / ours LoRA | ours images/s | "
              "first step s (ours / ref) | peak RSS GiB (ours / ref) | peak GPU GiB (ours / ref) | layers (ours / ref) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
+    lora_rates = {row["batch_size"]: row["ours"]["steps_per_second"] for row in result["rows"] if row["network"] == "lora"}
     for row in result["rows"]:
         ours, ref = row["ours"], row["reference"]
         ratio = ours["steps_per_second"] / ref["steps_per_second"] if not ref["skipped"] else float("nan")
+        to_lora = ours["steps_per_second"] / lora_rates.get(row["batch_size"], float("nan"))
         lines.append(
             f"| {row['network']} | {row['batch_size']} | {_number(ours['steps_per_second'])} | "
-            f"{_number(ref['steps_per_second'])} | {_number(ratio)} | "
+            f"{_number(ref['steps_per_second'])} | {_number(ratio)} | {_number(to_lora)} | "
             f"{_number(ours['steps_per_second'] * row['batch_size'])} | "
             f"{_number(ours['first_step_seconds'], 1)} / {_number(ref['first_step_seconds'], 1)} | "
             f"{_number(ours['peak_rss_gib'])} / {_number(ref['peak_rss_gib'] or None)} | "
@@ -280,7 +291,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", choices=tuple(NATIVE_RESOLUTION), default="sd1")
     parser.add_argument("--resolution", type=int, default=0, help="Pixels (default: 64 tiny, the family's own full).")
     parser.add_argument("--batches", default="1,4", help="Comma-separated batch sizes (default 1,4).")
-    parser.add_argument("--networks", default="lora,locon", help="Comma-separated: lora, locon (default both).")
+    parser.add_argument("--networks", default="lora,locon", help=f"Comma-separated: {', '.join(NETWORKS)} "
+                                                                   "(default lora,locon; dora is LoRA with --dora).")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--gradient-checkpointing", action="store_true")
