@@ -72,16 +72,20 @@ def _bench(*arguments: str) -> subprocess.CompletedProcess:
 
 
 def test_speed_prints_ours_beside_the_reference(tmp_path):
-    child = _bench("speed", "--size", "tiny", "--steps", "3", "--batches", "1", "--networks", "locon",
+    child = _bench("speed", "--size", "tiny", "--steps", "3", "--batches", "1", "--networks", "lora,locon,ia3",
                    "--markdown", str(tmp_path / "speed.md"))
     assert child.returncode == 0, child.stderr[-3000:]
     [row] = [line for line in child.stdout.splitlines() if line.startswith("| locon | 1 |")]
     cells = [cell.strip() for cell in row.strip("|").split("|")]
-    assert float(cells[2]) > 0 and cells[9].split(" / ")[0] != "0"
+    assert float(cells[2]) > 0 and float(cells[5]) > 0 and cells[10].split(" / ")[0] != "0"
     if not peft_available():
         assert "reference not run: the reference loop needs peft" in child.stdout
     else:
-        assert float(cells[4]) > 0 and cells[9].split(" / ")[0] == cells[9].split(" / ")[1]
+        assert float(cells[4]) > 0 and cells[10].split(" / ")[0] == cells[10].split(" / ")[1]
+    [ia3] = [line for line in child.stdout.splitlines() if line.startswith("| ia3 | 1 |")]
+    ia3_cells = [cell.strip() for cell in ia3.strip("|").split("|")]
+    assert ia3_cells[3] == "-" and float(ia3_cells[5]) > 0  # no reference; compared with our LoRA
+    assert "reference not run: the reference loop trains LoRA and LoCon only" in child.stdout
     assert (tmp_path / "speed.md").read_text().strip() == child.stdout.strip()
 
 

@@ -20,12 +20,11 @@ from lib_sdcustom.formats.inspect import inspect_file
 from lib_sdcustom.formats.network_file import group_network_keys, host_module_type, module_type_of, read_network_file
 from lib_sdcustom.models.bundle import ModelFamily
 from lib_sdcustom.models.loader import load_bundle
-from lib_sdcustom.models.tiny import write_tiny_sd1
-from lib_sdcustom.models.tiny_families import write_tiny_sd2, write_tiny_sdxl
 from lib_sdcustom.networks.algorithms import algorithm_for
 from lib_sdcustom.networks.kohya_names import from_file_names
 from lib_sdcustom.networks.lycoris_backend import kohya_targets, text_encoder_views
 from lib_sdcustom.train import train
+from test_sdxl_sd2_networks import checkpoints  # noqa: F401  (the tiny SD1, SD2-v and SDXL checkpoints fixture)
 from test_sdxl_sd2_networks import assert_same_outputs, host_names_for, make_config, model_outputs, trained_state, with_network
 from test_train_network import host_layer_names as sd1_host_layer_names
 
@@ -41,27 +40,22 @@ VARIANTS = {
 FAMILIES = ("sd1", "sd2", "sdxl")
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-    return {"sdxl": write_tiny_sdxl(root / "sdxl"), "sd2": write_tiny_sd2(root / "sd2", v_prediction=True),
-            "sd1": write_tiny_sd1(root / "sd1")}
+def train_variant(base: Path, images: Path, folder: Path, variant: str):
+    """A short run of `variant`: (exported file, config, trainer's final network state)."""
+    method, dora, _, _ = VARIANTS[variant]
+    config = make_config(base, images, folder, method)
+    config.network.dora = dora
+    config.network.rank = 16 if method == "boft" else 4  # BOFT: an even block size (tiny widths are 2^n)
+    return train(config).outputs[0], config, trained_state(Path(config.output.run_dir))
 
 
 @pytest.fixture(scope="module")
 def trained(checkpoints, tmp_path_factory):
-    """(family, variant) -> (exported file, config, trainer's final network state)."""
+    """(family, variant) -> `train_variant`'s result."""
     root = tmp_path_factory.mktemp("trained")
     images = write_images(root / "images")
-    runs = {}
-    for family in FAMILIES:
-        for variant, (method, dora, _, _) in VARIANTS.items():
-            config = make_config(checkpoints[family], images, root / family / variant, method)
-            config.network.dora = dora
-            config.network.rank = 16 if method == "boft" else 4  # BOFT: an even block size (tiny widths are 2^n)
-            result = train(config)
-            runs[family, variant] = (result.outputs[0], config, trained_state(Path(config.output.run_dir)))
-    return runs
+    return {(family, variant): train_variant(checkpoints[family], images, root / family / variant, variant)
+            for family in FAMILIES for variant in VARIANTS}
 
 
 def host_layer_names(bundle) -> set[str]:
