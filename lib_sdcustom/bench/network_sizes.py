@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from typing import Sequence
 
 import torch
@@ -80,5 +81,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    print(report([int(rank) for rank in args.ranks.split(",") if rank]))
+    sys.stdout.write(report([int(rank) for rank in args.ranks.split(",") if rank]) + "\n")
     return 0
