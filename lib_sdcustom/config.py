@@ -92,6 +92,8 @@ class NetworkOptions:
     conv_alpha: float = option(0.0, "Alpha for convolutions (0 = same as --alpha).")
     dropout: float = option(0.0, "Dropout on the network's hidden rank activations.")
     lokr_factor: int = option(-1, "LoKr Kronecker factor (-1 = automatic).")
+    dora: bool = option(False, "DoRA: learn each layer's weight norm apart from its direction (LoRA and LoCon; "
+                               "slower, often closer to a full fine-tune).", flag="--dora")
 
 
 @dataclass
@@ -320,6 +322,7 @@ def _validate(config: RunConfig) -> None:
         _require(net.alpha > 0, f"--alpha is {net.alpha}.", "Use a positive alpha, e.g. half the rank.")
         _require(net.conv_rank >= 0 and net.conv_alpha >= 0, "--conv-rank and --conv-alpha must be >= 0.", "Use 0 for 'same as rank/alpha'.")
         _require(0 <= net.dropout < 1, f"--dropout is {net.dropout}.", "Use a value in [0, 1).")
+        _validate_network_algorithm(config)
     data = config.data
     _require(64 <= data.resolution <= 4096 and data.resolution % 8 == 0, f"--resolution is {data.resolution}.",
              "Use a multiple of 8 between 64 and 4096 (512 for SD1).")
@@ -350,6 +353,25 @@ def _validate(config: RunConfig) -> None:
         _require(getattr(train, name) >= 0, f"--{name.replace('_', '-')} is negative.", "Use 0 (off) or a step count.")
     _require(config.output.save_precision in SAVE_PRECISION, f"Unknown save precision {config.output.save_precision!r}.",
              f"Use one of: {', '.join(SAVE_PRECISION)}.")
+
+
+def _validate_network_algorithm(config: RunConfig) -> None:
+    """What a network algorithm cannot do (`networks/algorithms.py`), said before any model loads."""
+    from .networks.algorithms import ALGORITHMS, algorithm_for
+
+    algorithm, net = algorithm_for(config.method), config.network
+    dora_methods = [m for m in METHODS if (name := method_spec(m).network_algorithm) and ALGORITHMS[name].supports_dora]
+    _require(not net.dora or algorithm.supports_dora,
+             f"--dora is on with {config.spec.label}; DoRA decomposes a LoRA/LoCon update, and LyCORIS and the WebUI "
+             "do not combine it with this method the way it is trained here.",
+             f"Turn --dora off, or use one of: {', '.join(dora_methods)}.")
+    _require(not (config.training.fp8_base and not (algorithm.bypass_matches_host and not net.dora)),
+             f"fp8 base storage is on with {config.spec.label}{' and --dora' if net.dora else ''}, which trains on the "
+             "layers' merged weights; LyCORIS can only add to an 8-bit layer's output.",
+             "Turn fp8_base off, or train LoRA, LoCon, LoHa, LoKr or GLoRA without --dora.")
+    _require(net.rank >= algorithm.min_rank and not (algorithm.even_rank and net.rank % 2),
+             f"--rank is {net.rank}; {algorithm.rank_note}",
+             f"Use {'an even' if algorithm.even_rank else 'a'} --rank of {algorithm.min_rank} or more.")
 
 
 def _validate_method_sections(config: RunConfig) -> None:

@@ -1,16 +1,21 @@
-"""For tests only: how A1111 1.10.1 maps a LoRA module name onto one of its own model's modules.
+"""For tests only: how A1111 1.10.1 maps a LoRA module name onto one of its own model's modules, and what
+it then adds to that module's weight.
 
 A port of `extensions-builtin/Lora/networks.py`: `convert_diffusers_name_to_compvis(key, is_sd2)`, the
 lookup order of `load_network` (docs/host-formats.md#lora-files, 'Key parsing', steps 1-4) and its reading of bundled
 embeddings (`bundle_emb.NAME.*`). The host drops unmatched
 keys silently (debug log only), so tests that assert coverage through these rules are the only warning
-that a key we write would be ignored.
+that a key we write would be ignored. `host_weight_update` ports the `calc_updown` of the module types we
+write (LoRA with `dora_scale`, OFT/BOFT, IA3, GLoRA): the host also skips a layer whose update fails with a
+debug log only, so a file whose tensors it cannot combine would load 'cleanly' and change nothing.
 """
 
 from __future__ import annotations
 
 import re
 from typing import AbstractSet, Any, Callable, Mapping
+
+import torch
 
 _RESNET_SUFFIX = {
     "conv1": "in_layers_2",
@@ -125,3 +130,89 @@ def host_bundled_embeddings(tensors: Mapping[str, Any]) -> dict[str, dict[str, A
         else:
             data[vector] = weight
     return words
+
+
+# ----- what the host adds to a layer's weight (extensions-builtin/Lora/network*.py, WebUI 1.10.1) -----
+
+def _host_oft(parts: Mapping[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """`network_oft.NetworkModuleOFT.calc_updown` for `oft_blocks` (kohya / LyCORIS diag-OFT 3-D, BOFT 4-D)."""
+    blocks = parts["oft_blocks"].float()
+    alpha = parts.get("alpha")
+    out_dim = weight.shape[0]
+    boft = blocks.dim() == 4
+    if boft:
+        boft_m, num_blocks, block_size = blocks.shape[0], blocks.shape[1], blocks.shape[2]
+    else:
+        num_blocks = blocks.shape[0]
+        block_size = out_dim // num_blocks
+    constraint = (0 if alpha is None else float(alpha)) * out_dim
+    eye = torch.eye(block_size)
+    q = blocks - blocks.transpose(-1, -2)
+    if constraint != 0:
+        norm = torch.norm(q.flatten())
+        q = q * ((torch.clamp(norm, max=constraint) + 1e-8) / (norm + 1e-8))
+    rotation = torch.matmul(eye + q, (eye - q).inverse())
+    merged = weight.float()
+    if not boft:
+        merged = merged.reshape(num_blocks, block_size, *weight.shape[1:])
+        merged = torch.einsum("k n m, k n ... -> k m ...", rotation, merged).reshape(weight.shape)
+    else:
+        half = block_size // 2
+        for i in range(boft_m):  # einops' '(c g k) -> (c k g)', '(d b) -> d b' and back, with torch views
+            k = 2 ** i * half
+            merged = merged.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, block_size))
+            merged = torch.einsum("b i j, b j ... -> b i ...", rotation[i], merged)
+            merged = merged.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
+    if "rescale" in parts:
+        merged = parts["rescale"].reshape(-1, *[1] * (weight.dim() - 1)) * merged
+    return merged - weight.float()
+
+
+def _host_lora(parts: Mapping[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """`network_lora` without the CP mid weight: up @ down in the weight's shape."""
+    up, down = parts["lora_up.weight"].float(), parts["lora_down.weight"].float()
+    return (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(weight.shape)
+
+
+def _host_ia3(parts: Mapping[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    scale = parts["weight"].float()
+    return weight.float() * (scale if parts["on_input"].item() else scale.reshape(-1, 1))
+
+
+def _host_glora(parts: Mapping[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    a1, a2 = parts["a1.weight"].float(), parts["a2.weight"].float()
+    b1, b2 = parts["b1.weight"].float(), parts["b2.weight"].float()
+    return b2 @ b1 + (weight.float() @ a2) @ a1
+
+
+def _host_scale(parts: Mapping[str, torch.Tensor], kind: str) -> float:
+    """`NetworkModule.calc_scale`: alpha / dim, where only LoRA sets `dim` (OFT sets its own scale 1; IA3 and
+    GLoRA leave `dim` unset, so alpha is ignored for them)."""
+    if kind == "LoRA" and "alpha" in parts:
+        return float(parts["alpha"]) / parts["lora_down.weight"].shape[0]
+    return 1.0
+
+
+def _host_weight_decompose(updown: torch.Tensor, weight: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
+    """`NetworkModule.apply_weight_decompose`: the merged weight's norm per input column."""
+    merged = updown + weight.float()
+    norm = (merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+            .reshape(merged.shape[1], *[1] * (weight.dim() - 1)).transpose(0, 1))
+    return merged * (dora_scale.float() / norm) - weight.float()
+
+
+_HOST_UPDATES = {"LoRA": _host_lora, "IA3": _host_ia3, "OFT": _host_oft, "GLoRA": _host_glora}
+
+
+def host_weight_update(kind: str, parts: Mapping[str, torch.Tensor], weight: torch.Tensor,
+                       multiplier: float = 1.0) -> torch.Tensor:
+    """What the host adds to `weight` for one module of type `kind` with weight parts `parts`
+    (`calc_updown` then `finalize_updown`: scale, DoRA, multiplier). A shape the host's module cannot
+    combine with `weight` raises, as it does in the host (where the layer is then skipped)."""
+    updown = _HOST_UPDATES[kind](parts, weight)
+    if updown.numel() == weight.numel():
+        updown = updown.reshape(weight.shape)
+    updown = updown * _host_scale(parts, kind)
+    if "dora_scale" in parts:
+        updown = _host_weight_decompose(updown, weight, parts["dora_scale"])
+    return updown * multiplier

@@ -8,7 +8,7 @@ Small filesystems: a tmpfs mounted by the test (`mount -t tmpfs -o size=...`, ne
 is not permitted, those cases are skipped and their simulated twins (ENOSPC raised by the writer,
 read-only through permission bits for a non-root user) still run; the skip reason says so.
 
-Cases: 106 in the tables (CLI_CASES 72, INSPECT_CASES 16, API_CASES 12, PAGE_CASES 6) and 11 tests below them.
+Cases: 113 in the tables (CLI_CASES 79, INSPECT_CASES 16, API_CASES 12, PAGE_CASES 6) and 11 tests below them.
 
 CLI, image folder: missing; empty; only text files; a text file named .png; a 1x1 image; a file instead of a
 folder; a caption with bad bytes (stops, names the file and byte); a truncated PNG among good ones (trains,
@@ -21,7 +21,8 @@ min bucket of 128 (names the bounds); batch size 0; caption dropout 1.5; repeats
 fp16 on the CPU; an unknown optimizer (argparse); Textual Inversion name with a space, 0 vectors; a hypernetwork
 width the model does not have, a layer structure not starting with 1, a dropout structure of the wrong length; a
 pivotal word CLIP knows, with a dot, or already an embedding's name (any case);
-DreamBooth without instance prompt, without class prompt, with fp8 base; zero-terminal-SNR on an epsilon
+DreamBooth without instance prompt, without class prompt, with fp8 base; --dora with LoHa, with (IA)^3, with
+fp8 base; OFT with fp8 base, rank 1; BOFT rank 8 (SD's widths need 10), rank 11; zero-terminal-SNR on an epsilon
 model; names '../x', '', 'a|b', 'CON', '.hidden'.
 CLI, files: base missing; base a non-SD safetensors; base a .ckpt carrying a pickled object; base a
 truncated safetensors; base a text file; --config missing / not TOML / unknown key; --resume of a folder
@@ -394,6 +395,17 @@ CLI_CASES = [
          "no class prompt", "--class-prompt"),
     Case("dreambooth fp8", lambda ws: ws.train("--method", "dreambooth", "--instance-prompt", "sks", "--fp8-base",
                                                "--no-prior-preservation"), 2, "fp8", "dreambooth_lora"),
+    Case("dora with loha", lambda ws: ws.train("--method", "loha", "--dora"), 2, "--dora is on with LoHa",
+         "lora, locon, dreambooth_lora"),
+    Case("dora with ia3", lambda ws: ws.train("--method", "ia3", "--dora"), 2, "--dora is on with (IA)", "--dora off"),
+    Case("dora fp8", lambda ws: ws.train("--dora", "--fp8-base"), 2, "LoRA and --dora, which trains on the", "fp8_base off"),
+    Case("oft fp8", lambda ws: ws.train("--method", "oft", "--fp8-base"), 2, "merged weights", "fp8_base off"),
+    Case("oft rank 1", lambda ws: ws.train("--method", "oft", "--rank", "1"), 2, "a block of one channel cannot rotate",
+         "--rank of 2 or more"),
+    Case("boft rank 8", lambda ws: ws.train("--method", "boft", "--rank", "8"), 2, "blocks of 10 or more",
+         "an even --rank of 10 or more"),
+    Case("boft odd rank", lambda ws: ws.train("--method", "boft", "--rank", "11"), 2, "--rank is 11; BOFT",
+         "an even --rank"),
     Case("zero terminal snr on epsilon", lambda ws: ws.train("--zero-terminal-snr"), 2, "predicts noise",
          "zero_terminal_snr off"),
     Case("name dotdot", lambda ws: ws.train(name="../x"), 2, "outside the output folder", "--out"),

@@ -131,5 +131,5 @@ def test_exported_files_are_what_main_wrote_for_the_same_weights(tmp_path, famil
     checkpoint = (write_tiny_sd1(tmp_path / "model", name="tiny", seed=0) if family == "sd1"
                   else write_tiny_sdxl(tmp_path / "model"))
     version = "sd_v1" if family == "sd1" else "sdxl_base_v1-0"
-    for method in ALGORITHMS:
+    for method in (method for pinned_family, method in MAIN_DIGESTS if pinned_family == family):  # those main had
         assert _digest_of_export(checkpoint, method, version, tmp_path) == MAIN_DIGESTS[(family, method)], method

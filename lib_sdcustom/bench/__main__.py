@@ -2,7 +2,8 @@
 pass/fail).
 
 `speed` puts LoRA/LoCon training through `train()` beside a plain diffusers + peft loop (see `bench/speed.py`);
-`gpu-check` runs its full-size GPU plans in one go (`bench/gpu_check.py`).
+`gpu-check` runs its full-size GPU plans in one go (`bench/gpu_check.py`); `sizes` prints each network method's
+file size at full-size shapes (`bench/network_sizes.py`).
 
 `quality` trains every method on the bundled micro-world model and writes its table and figures (see
 `bench/quality.py`)."""
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import dreambooth, gpu_check, lora, quality, speed
+from . import dreambooth, gpu_check, lora, network_sizes, quality, speed
 from ..models.bundle import ModelFamily
 
 SCENARIOS = {
@@ -46,6 +47,8 @@ def main() -> int:
     speed.add_arguments(commands.add_parser("speed", help="LoRA/LoCon steps/s, memory and first-step time of train() "
                                                           "beside a plain diffusers + peft loop, with the ratio."))
     commands.add_parser(speed.CHILD_COMMAND, help=argparse.SUPPRESS).add_argument("settings")
+    network_sizes.add_arguments(commands.add_parser("sizes", help="File size of every network method at full SD1.5 "
+                                                                  "and SDXL shapes (meta device, seconds)."))
     gpu_check.add_arguments(commands.add_parser("gpu-check", help="Full-size SD1.5 and SDXL LoRA on one GPU, ours "
                                                                  "beside the reference, 30 steps each (--dry-run: tiny, CPU)."))
     args = parser.parse_args()
@@ -53,6 +56,8 @@ def main() -> int:
         return quality.main(args)
     if args.command == "speed":
         return speed.main(args)
+    if args.command == "sizes":
+        return network_sizes.main(args)
     if args.command == "gpu-check":
         return gpu_check.main(args)
     if args.command == speed.CHILD_COMMAND:

@@ -94,6 +94,7 @@ class Recipe:
     batch_size: int = 4
     prior_preservation: bool = False
     rank: int = 8
+    dora: bool = False  # networks: --dora
     min_snr_gamma: float = 5.0  # the pretraining's weighting (docs/bench/tuning.md)
     class_images: int = CLASS_IMAGES  # used with prior preservation
 
@@ -109,6 +110,10 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("lokr", "lokr", **_NETWORK),
     # Not tuned: the WebUI's default layers (1, 2, 1 on the text context) at a rate the micro model moves with.
     Recipe("hypernetwork", "hypernetwork", steps=600, lr=1e-3),
+    Recipe("dora", "lora", dora=True, **_NETWORK),
+    Recipe("oft", "oft", **_NETWORK),
+    Recipe("ia3", "ia3", **_NETWORK),
+    Recipe("glora", "glora", **_NETWORK),
     Recipe("dreambooth", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0, prior_preservation=True),
     Recipe("dreambooth_no_prior", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0),
     Recipe("dreambooth_lora", "dreambooth_lora", prior_preservation=True, **_NETWORK),
@@ -142,7 +147,7 @@ def run_config(recipe: Recipe, concept: Concept, folder: Path, base: Path, class
                              out=folder / "out", run_dir=folder / "run")
     config.output.save_precision = "fp32"
     config.optimizer.lr, config.optimizer.text_encoder_lr = recipe.lr, recipe.text_encoder_lr
-    config.network.rank, config.network.alpha = recipe.rank, float(recipe.rank)
+    config.network.rank, config.network.alpha, config.network.dora = recipe.rank, float(recipe.rank), recipe.dora
     config.training.steps, config.training.batch_size, config.training.seed = recipe.steps, recipe.batch_size, seed
     config.training.train_text_encoder, config.training.min_snr_gamma = recipe.train_text_encoder, recipe.min_snr_gamma
     config.textual_inversion.vectors, config.textual_inversion.init_text = 2, concept.class_noun

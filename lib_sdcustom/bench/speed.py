@@ -39,10 +39,13 @@ from ..testing.sample_images import write_sample_images
 from .runner import device_description
 
 CHILD_COMMAND = "speed-one"
-NETWORKS = ("lora", "locon", "hypernetwork")
-#: Methods the reference loop has no counterpart for (peft trains no hypernetwork): measured on our side only,
-#: and reported against our LoRA at the same batch when that ran too.
-NO_REFERENCE = {"hypernetwork": "peft has no hypernetwork; compared with our LoRA instead"}
+#: Network name -> (method, --dora). Only LoRA and LoCon have a diffusers + peft reference; the others (peft has
+#: no hypernetwork either) are compared with our own LoRA run of the same batch ("ours / ours LoRA").
+NETWORKS = {"lora": ("lora", False), "locon": ("locon", False), "dora": ("lora", True), "loha": ("loha", False),
+            "lokr": ("lokr", False), "oft": ("oft", False), "boft": ("boft", False), "ia3": ("ia3", False),
+            "glora": ("glora", False), "hypernetwork": ("hypernetwork", False)}
+REFERENCE_NETWORKS = ("lora", "locon")
+NO_REFERENCE = "the reference loop trains LoRA and LoCon only"
 NATIVE_RESOLUTION = {"sd1": 512, "sdxl": 1024}
 _UNET_MODULES = re.compile(r"(\d+) UNet modules")
 
@@ -59,7 +62,7 @@ class Measured:
     # Peak GPU memory over the steps after the first: training alone, without the one-off peaks around it
     # (loading and the VAE encoding the latent cache before; ours' final preview, decoded by the VAE, after).
     steady_cuda_gib: float | None = None
-    skipped: str = ""  # why this side did not run (a missing package), else empty
+    skipped: str = ""  # why this side did not run (a missing package, no reference for the network), else empty
 
 
 def _peaks() -> tuple[float, float | None]:
@@ -114,7 +117,9 @@ def _train_ours(settings: dict[str, Any], on_step: Callable[[], None], workdir: 
     from ..events import RunStarted, StepDone
     from ..run.train import train
 
-    config = RunConfig(method=settings["network"])
+    method, dora = NETWORKS[settings["network"]]
+    config = RunConfig(method=method)
+    config.network.dora = dora
     config.model.base = settings["base"]
     config.data.data = settings["images"]
     resolution = settings["resolution"]
@@ -224,9 +229,8 @@ def _fastest(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _reference_in_child(settings: dict[str, Any]) -> dict[str, Any]:
-    skipped = NO_REFERENCE.get(settings["network"])
-    if skipped:
-        return asdict(Measured(float("nan"), float("nan"), 0.0, None, 0, skipped=skipped))
+    if settings["network"] not in REFERENCE_NETWORKS:  # no child to start
+        return asdict(Measured(float("nan"), float("nan"), 0.0, None, 0, skipped=NO_REFERENCE))
     return _in_child({**settings, "side": "reference"})
 
 
@@ -272,17 +276,19 @@ def report(result: dict[str, Any]) -> str:
              f"{', gradient checkpointing' if plan['gradient_checkpointing'] else ''}, best of {plan['repeats']}; "
              f"{result['device']}, {result['clock']}; "
              f"load average {before:.1f} before, {after:.1f} after ({result['cpu_count']} CPUs)", "",
-             "| network | batch | ours steps/s | reference steps/s | ours/reference | ours images/s | "
+             "| network | batch | ours steps/s | reference steps/s | ours/reference | ours / ours LoRA | ours images/s | "
              "first step s (ours / ref) | peak RSS GiB (ours / ref) | peak GPU GiB (ours / ref) | "
              "GPU GiB in steps after the first (ours / ref) | layers (ours / ref) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
+    lora_rates = {row["batch_size"]: row["ours"]["steps_per_second"] for row in result["rows"] if row["network"] == "lora"}
     for row in result["rows"]:
         ours, ref = row["ours"], row["reference"]
         ratio = ours["steps_per_second"] / ref["steps_per_second"] if not ref["skipped"] else float("nan")
+        to_lora = ours["steps_per_second"] / lora_rates.get(row["batch_size"], float("nan"))
         lines.append(
             f"| {row['network']} | {row['batch_size']} | {_number(ours['steps_per_second'])} | "
-            f"{_number(ref['steps_per_second'])} | {_number(ratio)} | "
+            f"{_number(ref['steps_per_second'])} | {_number(ratio)} | {_number(to_lora)} | "
             f"{_number(ours['steps_per_second'] * row['batch_size'])} | "
             f"{_number(ours['first_step_seconds'], 1)} / {_number(ref['first_step_seconds'], 1)} | "
             f"{_number(ours['peak_rss_gib'])} / {_number(ref['peak_rss_gib'] or None)} | "
@@ -290,11 +296,6 @@ def report(result: dict[str, Any]) -> str:
             f"{_number(ours['steady_cuda_gib'])} / {_number(ref['steady_cuda_gib'])} | {ours['layers']} / {ref['layers']} |")
         if ref["skipped"]:
             notes.append(f"reference not run: {ref['skipped']}")
-        lora = next((other["ours"] for other in result["rows"]
-                     if other["network"] == "lora" and other["batch_size"] == row["batch_size"]), None)
-        if row["network"] in NO_REFERENCE and lora is not None:
-            notes.append(f"{row['network']} batch {row['batch_size']}: "
-                         f"{_number(ours['steps_per_second'] / lora['steps_per_second'])}x our LoRA's steps/s")
         for name in plan["variants"]:
             variant = row[name]
             notes.append(f"{row['network']} batch {row['batch_size']}, ours with {name}: "
@@ -314,8 +315,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", choices=tuple(NATIVE_RESOLUTION), default="sd1")
     parser.add_argument("--resolution", type=int, default=0, help="Pixels (default: 64 tiny, the family's own full).")
     parser.add_argument("--batches", default="1,4", help="Comma-separated batch sizes (default 1,4).")
-    parser.add_argument("--networks", default="lora,locon", help=f"Comma-separated: {', '.join(NETWORKS)} (default "
-                                                                  "lora,locon).")
+    parser.add_argument("--networks", default="lora,locon", help=f"Comma-separated: {', '.join(NETWORKS)} "
+                                                                   "(default lora,locon; dora is LoRA with --dora).")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--gradient-checkpointing", action="store_true")

@@ -177,7 +177,7 @@ def _family_from_metadata(metadata: dict[str, str]) -> str | None:
 # ----------------------------------------------------------------------------------------------- networks
 
 def _in_features(module: str, shapes: dict[str, tuple[int, ...]]) -> int | None:
-    for part in ("lora_down.weight", "hada_w1_b", "hada_w2_b"):
+    for part in ("lora_down.weight", "hada_w1_b", "hada_w2_b", "a1.weight"):
         shape = shapes.get(f"{module}.{part}")
         if shape is not None and len(shape) >= 2:
             return shape[1]
@@ -199,9 +199,12 @@ def _network_family_from_keys(modules: dict[str, set[str]], shapes: dict[str, tu
 
 
 def _module_rank(module: str, kind: str, shapes: dict[str, tuple[int, ...]]) -> int | str | None:
-    first_dim = {"LoRA": "lora_down.weight", "LoHa": "hada_w1_b"}.get(kind)
+    """The rank; for OFT/BOFT the block size (LyCORIS's meaning of --rank there)."""
+    first_dim = {"LoRA": "lora_down.weight", "LoHa": "hada_w1_b", "GLoRA": "a1.weight"}.get(kind)
     if first_dim is not None:
         return shapes[f"{module}.{first_dim}"][0]
+    if kind == "OFT" and f"{module}.oft_blocks" in shapes:
+        return shapes[f"{module}.oft_blocks"][-1]
     if kind == "LoKr":
         for part in ("lokr_w1_b", "lokr_w2_b"):
             if f"{module}.{part}" in shapes:
@@ -212,16 +215,21 @@ def _module_rank(module: str, kind: str, shapes: dict[str, tuple[int, ...]]) -> 
 
 def _format_name(kinds: Counter[str], modules: dict[str, set[str]], shapes: dict[str, tuple[int, ...]]) -> str:
     names = []
+    dora = " with DoRA (weight-decomposed, dora_scale)" if any("dora_scale" in parts for parts in modules.values()) else ""
     for kind in kinds:
+        if kind == "OFT":
+            butterfly = any(len(shapes.get(f"{m}.oft_blocks", ())) == 4 for m in modules)
+            names.append("BOFT (butterfly orthogonal finetuning)" if butterfly else "OFT (orthogonal finetuning)")
+            continue
         if kind != "LoRA":
-            names.append(kind)
+            names.append({"IA3": "IA3 ((IA)^3 per-channel scales)", "GLoRA": "GLoRA (generalised LoRA)"}.get(kind, kind) + dora)
             continue
         lora = [m for m in modules if "lora_down.weight" in modules[m]]
         conv = any(len(shapes[f"{m}.lora_down.weight"]) == 4 and shapes[f"{m}.lora_down.weight"][2:] != (1, 1)
                    for m in lora)
         cp = any("lora_mid.weight" in modules[m] for m in lora)
         names.append(("LoCon (LoRA on linear and 3x3 conv layers)" if conv else "LoRA (kohya)")
-                     + (" with CP/Tucker mid weights" if cp else ""))
+                     + (" with CP/Tucker mid weights" if cp else "") + dora)
     return " + ".join(names)
 
 

@@ -1,4 +1,5 @@
-"""The network method: LoRA, LoCon, LoHa and LoKr trained on a frozen base, exported in kohya format."""
+"""The network method: LoRA and the LyCORIS algorithms (`networks/algorithms.py`) trained on a frozen base,
+exported in kohya format."""
 
 from __future__ import annotations
 
@@ -60,7 +61,9 @@ class NetworkMethod(Method):
         te = len(self.attached.text_encoder_modules)
         unet = len(self.attached.unet_modules)
         params = sum(p.numel() for group in self.param_groups() for p in group["params"])
-        return (f"{self.algorithm.name} ({self.algorithm.summary}), rank {self.config.network.rank}, alpha {self.config.network.alpha}: "
+        dora = " with DoRA" if self.config.network.dora else ""
+        return (f"{self.algorithm.name}{dora} ({self.algorithm.summary}), rank {self.config.network.rank}, "
+                f"alpha {self.config.network.alpha}: "
                 f"{unet} UNet modules, {te} text-encoder modules, {params:,} trainable parameters")
 
     def close(self) -> None:

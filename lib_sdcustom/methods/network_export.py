@@ -40,10 +40,12 @@ def network_facts(context: RunContext, *, step: int) -> NetworkTrainingFacts:
         network_dim=network.rank,
         network_alpha=network.alpha,
         v_prediction=bundle.prediction_type == "v_prediction",
-        algo=algorithm.name,
+        algo=algorithm.metadata_algo(network.dora),
         conv_dim=conv or None,
         conv_alpha=(network.conv_alpha or network.alpha) if conv else None,
         network_dropout=network.dropout,
+        # LyCORIS's names; the host reads `dora_scale` as [1, in], LyCORIS's non-default orientation.
+        network_args={"dora_wd": "True", "wd_on_output": "False"} if network.dora else {},
         learning_rate=config.lr,
         unet_lr=config.unet_lr,
         text_encoder_lr=config.text_encoder_lr if config.text_encoder_fraction > 0 else None,

@@ -71,9 +71,9 @@ class MethodSpec:
 _LORA_SNIPPET = "<lora:{name}:{weight:g}>"
 
 
-def _network(name: str, label: str, algorithm: str) -> MethodSpec:
+def _network(name: str, label: str, algorithm: str, default_lr: float = 1e-4) -> MethodSpec:
     """A network trained on the frozen base; the base's own weights never change (LyCORIS hooks them)."""
-    return MethodSpec(name, label, "network", "NetworkMethod", default_lr=1e-4, text_encoder_fraction=1.0,
+    return MethodSpec(name, label, "network", "NetworkMethod", default_lr=default_lr, text_encoder_fraction=1.0,
                       output=OutputKind.LORA, snippet=_LORA_SNIPPET, sections=("network",),
                       network_algorithm=algorithm)
 
@@ -83,6 +83,11 @@ METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     _network("locon", "LoCon (LyCORIS)", "locon"),
     _network("loha", "LoHa (LyCORIS)", "loha"),
     _network("lokr", "LoKr (LyCORIS)", "lokr"),
+    _network("oft", "OFT (LyCORIS)", "oft"),
+    _network("boft", "BOFT (LyCORIS)", "boft"),
+    # One scale per channel, starting at 1: the (IA)^3 paper (T-Few) trains them at 3e-3.
+    _network("ia3", "(IA)³ (LyCORIS)", "ia3", default_lr=3e-3),
+    _network("glora", "GLoRA (LyCORIS)", "glora"),
     # A LoRA and a new word learned together; the word's vectors travel inside the LoRA file.
     MethodSpec("pivotal", "Pivotal tuning (LoRA + new word)", "pivotal", "PivotalMethod", default_lr=1e-4,
                text_encoder_fraction=1.0, output=OutputKind.LORA, snippet="<lora:{name}:{weight:g}> {name}",

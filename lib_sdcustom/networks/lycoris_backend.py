@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -21,7 +22,9 @@ import torch
 from torch import nn
 
 from ..config import NetworkOptions
+from ..errors import ConfigError
 from .algorithms import TEXT_ENCODER_BLOCKS, NetworkAlgorithm
+from .file_layout import from_host_layout, to_host_layout
 from .kohya_names import from_file_names
 from .lean_forward import use_lean_forward
 
@@ -44,8 +47,15 @@ class TextModelView(nn.Module):
         self.text_model = getattr(text_encoder, "text_model", text_encoder)
 
 
+def convolution_paths(model: nn.Module) -> list[str]:
+    """Module paths of every convolution in `model`: what a `linear_only` algorithm leaves out."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+
+
 @contextlib.contextmanager
-def kohya_targets(algorithm: NetworkAlgorithm) -> Iterator[type]:
+def kohya_targets(algorithm: NetworkAlgorithm, exclude: Sequence[str] = ()) -> Iterator[type]:
+    """LyCORIS's kohya network class with our targets for `algorithm`; `exclude` holds module paths (as
+    the model names them) to leave out."""
     from lycoris.kohya import LycorisNetworkKohya
 
     # LyCORIS logs every module it creates at INFO on stdout, and sets that level when imported.
@@ -60,7 +70,8 @@ def kohya_targets(algorithm: NetworkAlgorithm) -> Iterator[type]:
             "text_encoder_target_name": [],
             "module_algo_map": {},
             "name_algo_map": {},
-            "exclude_name": [],
+            # LyCORIS matches these with re.match and also compares them whole; anchored, a path names itself only.
+            "exclude_name": [re.escape(path) + "$" for path in exclude],
         })
         try:
             yield LycorisNetworkKohya
@@ -93,13 +104,19 @@ class AttachedNetwork:
                 groups.append({"params": params, "lr": lr, "name": label})
         return groups
 
+    @property
+    def modules_by_name(self) -> dict[str, nn.Module]:
+        return {module.lora_name: module for module in self.network.loras}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """kohya-named tensors (weights and `alpha`), detached copies on the CPU."""
-        return {key: value.detach().cpu().clone() for key, value in self.network.state_dict().items()}
+        """kohya-named tensors (weights and `alpha`) in the host's layout (`file_layout`), detached copies on the CPU."""
+        tensors = {key: value.detach().cpu().clone() for key, value in self.network.state_dict().items()}
+        return to_host_layout(tensors, self.modules_by_name)
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Tensors under the trainer's names (resumable state) or a network file's (`kohya_names`)."""
-        self.network.load_state_dict(from_file_names(tensors, self.unet), strict=True)
+        tensors = from_host_layout(from_file_names(tensors, self.unet), self.modules_by_name)
+        self.network.load_state_dict(tensors, strict=True)
 
     def detach(self) -> None:
         for module in self.network.loras:
@@ -126,19 +143,30 @@ def attach_network(unet: nn.Module, text_encoder: nn.Module | Sequence[nn.Module
     full-size models); that merged-weight form is kept only as the reference the tests compare against. Bypass is also the
     only form that works on fp8-stored base weights. The weights, names and files are the same either way.
     One difference: the network dropout acts on the network's output in bypass mode, while LyCORIS's
-    merged-weight LoRA ignores it."""
+    merged-weight LoRA ignores it. Algorithms whose bypass forward differs from what the host computes
+    (`bypass_matches_host`), and DoRA, always train on the merged weight.
+
+    DoRA keeps `dora_scale` per input column (`wd_on_out=False`), the orientation the host reads."""
     conv_rank = (options.conv_rank or options.rank) if algorithm.trains_convolutions else 0
     conv_alpha = options.conv_alpha or options.alpha
     text_view = text_encoder_views(text_encoder)
-    with kohya_targets(algorithm) as network_class:
-        network = network_class(
-            text_view if train_text_encoder else None, unet,
-            multiplier=1.0, lora_dim=options.rank, alpha=options.alpha,
-            conv_lora_dim=conv_rank, conv_alpha=conv_alpha,
-            dropout=options.dropout, network_module=algorithm.lycoris_algo,
-            factor=options.lokr_factor, warn_on_unmatched=False,
-            bypass_mode=bypass,
-        )
+    exclude = convolution_paths(unet) if algorithm.linear_only else []
+    with kohya_targets(algorithm, exclude) as network_class:
+        try:
+            network = network_class(
+                text_view if train_text_encoder else None, unet,
+                multiplier=1.0, lora_dim=options.rank, alpha=options.alpha,
+                conv_lora_dim=conv_rank, conv_alpha=conv_alpha,
+                dropout=options.dropout, network_module=algorithm.lycoris_algo,
+                factor=options.lokr_factor, warn_on_unmatched=False,
+                weight_decompose=options.dora, wd_on_out=False,
+                bypass_mode=bypass and algorithm.bypass_matches_host and not options.dora,
+            )
+        except ValueError as error:  # BOFT: a layer width with no power-of-two block count at this rank
+            if "impossible to decompose" not in str(error):
+                raise
+            raise ConfigError(f"{algorithm.name.upper()} cannot split a layer of this model at --rank "
+                              f"{options.rank}: {error}", "Use an even --rank of 16 or 32.") from error
     network.apply_to(text_view if train_text_encoder else None, unet, train_text_encoder, True)
     # LyCORIS builds its modules on the CPU; on a GPU they would otherwise be copied to it every forward
     # and the optimizer would step on the CPU. They stay fp32 (the frozen base may be bf16 or fp16).

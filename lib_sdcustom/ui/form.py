@@ -22,10 +22,11 @@ SECTION_TITLES = {
     "training": "Training", "output": "Output",
 }
 METHOD_LABELS = {name: spec.label for name, spec in METHOD_SPECS.items()}
-METHOD_HELP = ("lora, locon, loha, lokr: a small add-on file switched on in a prompt (LoCon, LoHa and LoKr are "
-               "LyCORIS variants); textual_inversion: a new word; hypernetwork: the WebUI's hypernetwork (a style on "
-               "every prompt, switched on with <hypernet:NAME:1>); dreambooth: a new checkpoint; dreambooth_lora: "
-               "DreamBooth's recipe saved as a LoRA; pivotal: a LoRA and a new word trained together, in one LoRA file.")
+METHOD_HELP = ("lora, locon, loha, lokr, oft, boft, ia3, glora: a small add-on file switched on in a prompt (all but "
+               "lora are LyCORIS variants; 'DoRA' in the network options decomposes a LoRA/LoCon); textual_inversion: "
+               "a new word; hypernetwork: the WebUI's hypernetwork (a style on every prompt, switched on with "
+               "<hypernet:NAME:1>); dreambooth: a new checkpoint; dreambooth_lora: DreamBooth's recipe saved as a "
+               "LoRA; pivotal: a LoRA and a new word trained together, in one LoRA file.")
 
 
 @dataclass(frozen=True)
