@@ -396,7 +396,7 @@ CLI_CASES = [
     Case("dreambooth fp8", lambda ws: ws.train("--method", "dreambooth", "--instance-prompt", "sks", "--fp8-base",
                                                "--no-prior-preservation"), 2, "fp8", "dreambooth_lora"),
     Case("dora with loha", lambda ws: ws.train("--method", "loha", "--dora"), 2, "--dora is on with LoHa",
-         "lora, locon, dreambooth_lora"),
+         "lora, locon, pivotal, dreambooth_lora"),
     Case("dora with ia3", lambda ws: ws.train("--method", "ia3", "--dora"), 2, "--dora is on with (IA)", "--dora off"),
     Case("dora fp8", lambda ws: ws.train("--dora", "--fp8-base"), 2, "LoRA and --dora, which trains on the", "fp8_base off"),
     Case("oft fp8", lambda ws: ws.train("--method", "oft", "--fp8-base"), 2, "merged weights", "fp8_base off"),
