@@ -114,6 +114,8 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("oft", "oft", **_NETWORK),
     Recipe("ia3", "ia3", **_NETWORK),
     Recipe("glora", "glora", **_NETWORK),
+    # The LoRA recipe with the word learning alone for its first third (the method's default `--word-first`).
+    Recipe("pivotal", "pivotal", **_NETWORK),
     Recipe("dreambooth", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0, prior_preservation=True),
     Recipe("dreambooth_no_prior", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0),
     Recipe("dreambooth_lora", "dreambooth_lora", prior_preservation=True, **_NETWORK),
