@@ -1,6 +1,6 @@
 """SD Customize: teach a Stable Diffusion checkpoint a new subject or style from a few pictures.
 
-The package never imports the WebUI (`modules.*`); host glue lives in `scripts/` and `host/a1111.py`.
+The package never imports the WebUI (`modules.*`): `scripts/` imports the host modules and hands them to `host/a1111.py`.
 """
 
 import warnings

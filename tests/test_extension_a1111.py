@@ -40,13 +40,17 @@ def _webui(tmp_path: Path, checkpoint: Path, monkeypatch):
     _forget_fake_modules()
     monkeypatch.syspath_prepend(str(FAKE))
     import fake_host
-    from modules import call_queue, script_callbacks, shared
+    from modules import call_queue, paths, processing, script_callbacks, sd_hijack, sd_models, shared
 
     model = fake_host.configure(tmp_path / "webui", checkpoint)
     monkeypatch.setattr(a1111, "_MANAGER", None)
+    # What the entry script hands the adapter; tests that build the host directly use it too.
+    modules = a1111.WebUIModules(shared=shared, paths=paths, sd_models=sd_models, sd_hijack=sd_hijack,
+                                 processing=processing, call_queue=call_queue)
+    monkeypatch.setattr(a1111, "_WEBUI", modules)
     return SimpleNamespace(root=tmp_path / "webui", lora=tmp_path / "webui" / "models" / "Lora", model=model,
                            fake=fake_host, shared=shared, callbacks=script_callbacks, call_queue=call_queue,
-                           images=_images(tmp_path / "images"))
+                           modules=modules, images=_images(tmp_path / "images"))
 
 
 @pytest.fixture
@@ -269,7 +273,7 @@ def test_an_sdxl_refiner_is_refused_before_anything_runs(family_webui_for):
     embedders = webui.model.conditioner.embedders
     embedders[0] = embedders[1]  # a refiner's only text encoder is OpenCLIP bigG
     with pytest.raises(ModelLoadError, match="SDXL refiner"):
-        A1111Host().check_fit(RunConfig(method="lora"))
+        A1111Host(webui.modules).check_fit(RunConfig(method="lora"))
 
 
 def test_lora_merged_by_the_last_generation_is_undone_before_training(webui, tiny_checkpoint):
@@ -283,7 +287,7 @@ def test_lora_merged_by_the_last_generation_is_undone_before_training(webui, tin
     with torch.no_grad():
         layer.weight += 1.0  # what the Lora extension leaves behind after generating with <lora:some_lora:1>
 
-    bundle = A1111Host().bundle_for(RunConfig(method="lora"))
+    bundle = A1111Host(webui.modules).bundle_for(RunConfig(method="lora"))
 
     reference = load_bundle(tiny_checkpoint)
     trained = dict(bundle.unet.named_parameters())["down_blocks.0.attentions.0.proj_in.weight"]
@@ -446,7 +450,7 @@ def test_refresh_per_output_kind_and_parking_for_full_fine_tunes(webui):
 
     from modules import processing
 
-    host = A1111Host()
+    host = A1111Host(webui.modules)
     processing.StableDiffusionProcessing.cached_c = ["(prompt, steps, ...)", "conditioning without the embedding"]
     stale, other = SimpleNamespace(name="retrained"), SimpleNamespace(name="other")
     webui.shared.loaded_hypernetworks[:] = [stale, other]
@@ -489,7 +493,7 @@ def test_micro_model_installs_in_a_form_the_webui_loads_and_once(webui, tmp_path
     from lib_sdcustom.models.loader import load_bundle
     from lib_sdcustom.models.tokenizer import TOKENIZER_FILES
 
-    installed = install_into_host(A1111Host())
+    installed = install_into_host(A1111Host(webui.modules))
 
     folder = webui.root / "models" / "Stable-diffusion"
     assert installed.checkpoint == folder / "microworld.safetensors" and installed.checkpoint.is_file()
@@ -499,10 +503,10 @@ def test_micro_model_installs_in_a_form_the_webui_loads_and_once(webui, tmp_path
     assert ("sd_models.list_models", None) in webui.fake.CALLS
     monkeypatch.chdir(tmp_path)  # not beside the model: the folder must not depend on the working directory
     assert load_bundle(installed.checkpoint).family.value == "sd1"
-    assert install_into_host(A1111Host()).written == []
+    assert install_into_host(A1111Host(webui.modules)).written == []
     (folder / "microworld.yaml").write_text("something else")
     with pytest.raises(ConfigError, match="exists and differs"):
-        install_into_host(A1111Host())
+        install_into_host(A1111Host(webui.modules))
 
 
 def test_train_while_an_api_run_is_active_says_whose_run_at_once(webui, monkeypatch):
@@ -542,7 +546,7 @@ def test_run_folders_share_one_place_and_keep_no_state_after_a_finished_run(webu
     runs = webui.root / "models" / "sdcustom-runs"
     for method, name in (("lora", "placed_lora"), ("textual_inversion", "placedemb")):
         config = controller.config(*form_values(controller, webui.images, name, method=method))
-        A1111Host().prepare(config)
+        A1111Host(webui.modules).prepare(config)
         assert Path(config.output.run_dir) == runs / name
     html = train_call("task(runs)", *form_values(controller, webui.images, "placed_lora", training__save_state_every=2))[-1]
 

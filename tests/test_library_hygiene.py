@@ -12,7 +12,6 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lib_sdcustom"
 CONSOLE_ENTRY_POINTS = {"cli.py", "__main__.py"}
 #: The one host adapter may import the WebUI, but only inside functions, so importing it needs no WebUI.
-HOST_ADAPTER = PACKAGE / "host" / "a1111.py"
 
 
 def _sources() -> list[Path]:
@@ -31,23 +30,10 @@ def _library_nodes(tree: ast.Module):
             yield from ast.walk(top)
 
 
-def _inside_functions(tree: ast.Module) -> set:
-    """Ids of the nodes nested in a function body (lazy imports run only when the host calls in)."""
-    return {id(inner) for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            for statement in node.body for inner in ast.walk(statement)}
-
-
-def test_the_adapter_exception_covers_function_bodies_only() -> None:
-    tree = ast.parse("from modules import shared\ndef refresh():\n    from modules import sd_models\n")
-    lazy = _inside_functions(tree)
-    assert id(tree.body[0]) not in lazy and id(tree.body[1].body[0]) in lazy
-
-
 @pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_no_host_imports_prints_exits_or_asserts(path: Path) -> None:
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     problems = []
-    lazy = _inside_functions(tree) if path == HOST_ADAPTER else set()
     for node in _library_nodes(tree):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
@@ -56,7 +42,7 @@ def test_no_host_imports_prints_exits_or_asserts(path: Path) -> None:
         else:
             names = []
         problems += [f"line {node.lineno}: imports host module {name}" for name in names
-                     if (name == "modules" or name.startswith("modules.")) and id(node) not in lazy]
+                     if name == "modules" or name.startswith("modules.")]
         if isinstance(node, ast.Assert):
             problems.append(f"line {node.lineno}: assert (use a UserFacingError or ValueError)")
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and path.name not in CONSOLE_ENTRY_POINTS:

@@ -1,7 +1,8 @@
-"""The AUTOMATIC1111 WebUI (1.10) as a `Host`: the only library module that touches `modules.*`.
+"""The AUTOMATIC1111 WebUI (1.10) as a `Host`: the only library module that works through `modules.*`.
 
-Every host import happens inside a function, so the library still imports (and the hygiene test still
-passes) without the WebUI. What this adapter does, and why (docs/host-formats.md: extension loading, the loaded
+It never imports them: `scripts/sdcustom.py`, the entry file the WebUI executes, imports the host modules and
+hands them over (`connect(WebUIModules(...))`), so the library imports, and its tests run, without the WebUI and
+with the fake one in tests/fake_a1111 alike. What this adapter does, and why (docs/host-formats.md: extension loading, the loaded
 model, refresh without a restart):
 - trains on the checkpoint and VAE the user has loaded, converted from the weights in memory: diffusers
   modules take the host's tensors with `load_state_dict(assign=True)`, so frozen weights are shared, not
@@ -17,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ..config import RunConfig
@@ -45,10 +48,20 @@ _REFRESH_CARDS_JS = ("() => { for (const tab of ['txt2img', 'img2img']) { const 
                      "?.dispatchEvent(new Event('click')); } }")
 
 
-def _option(name: str, default: Any) -> Any:
-    from modules import shared
+@dataclass(frozen=True)
+class WebUIModules:
+    """The host modules the adapter works through, as `scripts/sdcustom.py` imported them. Their attributes
+    (`shared.sd_model`, `shared.state`, ...) are read when used, so they are always the host's current ones."""
 
-    return getattr(shared.opts, name, default)
+    shared: ModuleType
+    paths: ModuleType
+    sd_models: ModuleType
+    sd_hijack: ModuleType
+    processing: ModuleType
+    call_queue: ModuleType
+
+    def option(self, name: str, default: Any) -> Any:
+        return getattr(self.shared.opts, name, default)
 
 
 # ----- the loaded model -> ModelBundle -----
@@ -239,25 +252,21 @@ def _extras(sd_model: Any, family: ModelFamily) -> dict[str, Any]:
     return {"alphas_cumprod": alphas.detach().clone().cpu()} if alphas is not None else {}
 
 
-def _forget_cached_conditioning() -> None:
+def _forget_cached_conditioning(processing: ModuleType) -> None:
     """Empty the host's prompt-conditioning caches, as its own `close()` does without `persistent_cond_cache`.
 
     Their key (prompt, steps, checkpoint, networks, ...) leaves out the loaded embeddings, so a prompt used
     before a new embedding existed would keep its old conditioning and the embedding would seem to do nothing.
     """
-    from modules import processing
-
     processing.StableDiffusionProcessing.cached_c = [None, None]
     processing.StableDiffusionProcessing.cached_uc = [None, None]
     processing.StableDiffusionProcessingTxt2Img.cached_hr_c = [None, None]
     processing.StableDiffusionProcessingTxt2Img.cached_hr_uc = [None, None]
 
 
-def _refresh_hypernetworks(outputs: Sequence[Path]) -> None:
+def _refresh_hypernetworks(shared: ModuleType, outputs: Sequence[Path]) -> None:
     """List new hypernetwork files, and drop loaded ones of the same names: the host reuses a loaded hypernetwork
     by name without looking at the file again, so an overwritten one would keep its old weights."""
-    from modules import shared
-
     shared.reload_hypernetworks()
     names = {Path(path).stem for path in outputs}
     shared.loaded_hypernetworks[:] = [network for network in shared.loaded_hypernetworks if network.name not in names]
@@ -266,13 +275,13 @@ def _refresh_hypernetworks(outputs: Sequence[Path]) -> None:
 # ----- the Host -----
 
 class A1111Host(Host):
-    def __init__(self) -> None:
+    def __init__(self, webui: WebUIModules) -> None:
+        self.webui = webui
         self._label = ""
 
     def _output_dirs(self) -> dict[OutputKind, Path]:
-        from modules import paths, sd_models, shared
-
-        opts = shared.cmd_opts
+        paths, sd_models = self.webui.paths, self.webui.sd_models
+        opts = self.webui.shared.cmd_opts
         models = Path(paths.models_path)
         return {
             OutputKind.LORA: Path(getattr(opts, "lora_dir", None) or models / "Lora"),
@@ -282,17 +291,16 @@ class A1111Host(Host):
         }
 
     def facts(self) -> HostFacts:
-        from modules import paths
-
         from ..deps import missing_runtime
 
+        paths = self.webui.paths
         folders = self._output_dirs()
         return HostFacts(
             name="AUTOMATIC1111",
             output_dirs=folders,
             presets_dir=Path(paths.data_path) / "sdcustom" / "presets",
-            default_clip_skip=int(_option("CLIP_stop_at_last_layers", 1) or 1),
-            preview_every=int(_option("sdcustom_preview_every", 0) or 0),
+            default_clip_skip=int(self.webui.option("CLIP_stop_at_last_layers", 1) or 1),
+            preview_every=int(self.webui.option("sdcustom_preview_every", 0) or 0),
             queue_note="Training runs in the WebUI's queue: image generation waits until it finishes or is cancelled.",
             train_js="sdcustom_start_training",
             after_train_js=_REFRESH_CARDS_JS,
@@ -304,9 +312,7 @@ class A1111Host(Host):
     def _runs_dir(self) -> Path:
         """Every method's run folders in one place beside the model folders (not OUT/.., which for embeddings
         is the WebUI's root)."""
-        from modules import paths
-
-        return Path(paths.models_path) / RUNS_FOLDER
+        return Path(self.webui.paths.models_path) / RUNS_FOLDER
 
     def model_label(self) -> str:
         info = getattr(self._model(required=False), "sd_checkpoint_info", None)
@@ -330,11 +336,9 @@ class A1111Host(Host):
 
     def _model(self, required: bool = True) -> Any:
         """`shared.sd_model` loads a model on first access; only a run may trigger that, not the UI."""
-        from modules import sd_models, shared
-
         if not required:
-            return getattr(getattr(sd_models, "model_data", None), "sd_model", None)
-        model = shared.sd_model
+            return getattr(getattr(self.webui.sd_models, "model_data", None), "sd_model", None)
+        model = self.webui.shared.sd_model
         if model is None:
             raise ModelLoadError("No checkpoint is loaded in the WebUI.", "Pick a checkpoint at the top of the page and try again.")
         return model
@@ -347,7 +351,7 @@ class A1111Host(Host):
             config.output.run_dir = str(self._runs_dir() / config.output.name)
         if not config.output.out:
             folder = self._output_dirs()[kind]
-            subfolder = str(_option(_SUBFOLDER_SETTINGS.get(kind, ""), "") or "").strip()
+            subfolder = str(self.webui.option(_SUBFOLDER_SETTINGS.get(kind, ""), "") or "").strip()
             if subfolder:
                 if Path(subfolder).is_absolute() or ".." in Path(subfolder).parts:
                     raise ConfigError(f"The settings' sub-folder {subfolder!r} leaves the {kind.value} folder.",
@@ -385,12 +389,11 @@ class A1111Host(Host):
 
     @contextlib.contextmanager
     def session(self, config: RunConfig) -> Iterator[None]:
-        from modules import sd_models, shared
-
+        shared, sd_models = self.webui.shared, self.webui.sd_models
         self._label = config.output.name
         shared.state.job = "sdcustom-train"
         shared.state.textinfo = f"Preparing to train {config.output.name}..."
-        parked = "unet" in trained_in_place(config.method) and bool(_option("sdcustom_unload_for_full", True))
+        parked = "unet" in trained_in_place(config.method) and bool(self.webui.option("sdcustom_unload_for_full", True))
         if parked:  # a full fine-tune needs the GPU memory the host's copy holds
             sd_models.unload_model_weights()
         try:
@@ -400,9 +403,7 @@ class A1111Host(Host):
                 sd_models.send_model_to_device(shared.sd_model)
 
     def on_event(self, event: Event) -> None:
-        from modules import shared
-
-        state = shared.state
+        state = self.webui.shared.state
         if isinstance(event, RunStarted):
             state.job_count, state.job_no = event.total_steps, 0
             state.textinfo = f"Training {self._label}: {event.description.splitlines()[0]}"
@@ -416,45 +417,53 @@ class A1111Host(Host):
             state.textinfo = f"Training {self._label}: {'stopped' if event.stopped_early else 'finished'} at step {event.step}"
 
     def cancel_requested(self) -> bool:
-        from modules import shared
-
-        return bool(shared.state.interrupted)
+        return bool(self.webui.shared.state.interrupted)
 
     def refresh(self, kind: OutputKind, outputs: Sequence[Path]) -> None:
-        from modules import sd_hijack, sd_models
-
         if kind is OutputKind.LORA:
             networks = sys.modules.get("networks")  # the built-in Lora extension's module
             if networks is not None and hasattr(networks, "list_available_networks"):
                 networks.list_available_networks()
         elif kind is OutputKind.EMBEDDING:
-            sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
-            _forget_cached_conditioning()
+            self.webui.sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+            _forget_cached_conditioning(self.webui.processing)
         elif kind is OutputKind.CHECKPOINT:
-            sd_models.list_models()
+            self.webui.sd_models.list_models()
         elif kind is OutputKind.HYPERNETWORK:
-            _refresh_hypernetworks(outputs)
+            _refresh_hypernetworks(self.webui.shared, outputs)
 
     def exclusive(self, work: Callable[[], Any]) -> Any:
-        from modules import call_queue, shared
-
-        with call_queue.queue_lock:
-            shared.state.begin(job="sdcustom-train")
+        state = self.webui.shared.state
+        with self.webui.call_queue.queue_lock:
+            state.begin(job="sdcustom-train")
             try:
                 return work()
             finally:
-                shared.state.end()
+                state.end()
 
     def wrap_tab_call(self, function: Callable[..., list[Any]], extra_outputs: list[Any]) -> Callable[..., list[Any]]:
-        from modules.call_queue import wrap_gradio_gpu_call
-
-        wrapped: Callable[..., list[Any]] = wrap_gradio_gpu_call(function, extra_outputs=extra_outputs)
+        wrapped: Callable[..., list[Any]] = self.webui.call_queue.wrap_gradio_gpu_call(function,
+                                                                                     extra_outputs=extra_outputs)
         return wrapped
 
 
 # ----- callbacks registered by scripts/sdcustom.py -----
 
+_WEBUI: WebUIModules | None = None
 _MANAGER: RunManager | None = None
+
+
+def connect(webui: WebUIModules) -> None:
+    """Hand the adapter the host's modules; the entry script does this before it registers the callbacks."""
+    global _WEBUI
+    _WEBUI = webui
+
+
+def _connected() -> WebUIModules:
+    if _WEBUI is None:
+        raise RuntimeError("lib_sdcustom.host.a1111.connect() was not called: scripts/sdcustom.py hands over the "
+                           "WebUI's modules before registering its callbacks.")
+    return _WEBUI
 
 
 def manager() -> RunManager:
@@ -463,7 +472,7 @@ def manager() -> RunManager:
     if _MANAGER is None:
         from ..run.manager import RunManager
 
-        _MANAGER = RunManager(A1111Host())
+        _MANAGER = RunManager(A1111Host(_connected()))
     return _MANAGER
 
 
@@ -476,8 +485,8 @@ def ui_tabs() -> list[Any]:
 
 def register_settings() -> None:
     import gradio as gr
-    from modules import shared
 
+    shared = _connected().shared
     options = {
         "sdcustom_lora_subfolder": shared.OptionInfo("", "Sub-folder of the Lora folder for new LoRA/LyCORIS files"),
         "sdcustom_embedding_subfolder": shared.OptionInfo("", "Sub-folder of the embeddings folder for new embeddings"),
@@ -495,12 +504,10 @@ def register_settings() -> None:
 
 def app_started(demo: Any, app: Any) -> None:
     """API routes, only when the host serves its API (--api, or --nowebui), behind --api-auth like its own."""
-    from modules import shared
-
     from .access import parse_credentials
     from .api import register_routes
 
-    cmd_opts = shared.cmd_opts
+    cmd_opts = _connected().shared.cmd_opts
     if not (getattr(cmd_opts, "api", False) or getattr(cmd_opts, "nowebui", False)):
         return
     runs = manager()
