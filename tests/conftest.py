@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 
+from lib_sdcustom.events import CancelToken, StepDone
 from lib_sdcustom.testing.sample_images import write_sample_images
 
 # Two cores, shared: one intra-op thread is faster for tiny tensors than two fighting threads.
@@ -38,3 +40,15 @@ def model_digest(bundle) -> str:
             hasher.update(key.encode())
             hasher.update(value.detach().cpu().contiguous().numpy().tobytes())
     return hasher.hexdigest()
+
+
+def cancel_at(step: int) -> tuple[CancelToken, Callable[[object], None]]:
+    """A cancel token and a run callback that pulls it once the run reports `step`: an interruption at a known
+    step, for the resume tests."""
+    cancel = CancelToken()
+
+    def stop(event: object) -> None:
+        if isinstance(event, StepDone) and event.step == step:
+            cancel.cancel()
+
+    return cancel, stop

@@ -71,7 +71,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import write_images
+from conftest import cancel_at, write_images
 from lib_sdcustom.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -687,7 +687,6 @@ def test_reusing_a_run_name_resumes_only_the_run_it_holds(workspace):
     after it), and --resume exported the earlier run's weights under the new run's metadata."""
     from lib_sdcustom.cli import build_parser, config_from_args
     from lib_sdcustom.errors import TrainingStopped
-    from lib_sdcustom.events import CancelToken, StepDone
     from lib_sdcustom.run.train import train
 
     ws = workspace
@@ -697,12 +696,7 @@ def test_reusing_a_run_name_resumes_only_the_run_it_holds(workspace):
     assert main(ws.train("--steps", "20", "--name", "stale", "--run-dir", str(uninterrupted / "run"), data=other,
                          out=uninterrupted)) == 0
     args = build_parser().parse_args(ws.train("--steps", "20", "--name", "stale", "--overwrite", data=other))
-    cancel = CancelToken()
-
-    def stop_at_two(event) -> None:
-        if isinstance(event, StepDone) and event.step == 2:
-            cancel.cancel()
-
+    cancel, stop_at_two = cancel_at(2)
     with pytest.raises(TrainingStopped) as stopped:
         train(config_from_args(args), callbacks=[stop_at_two], cancel=cancel)
     saved = Path(str(stopped.value.problem).split(" in ", 1)[1].rstrip("."))

@@ -15,12 +15,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import write_images
+from conftest import cancel_at, write_images
 from lib_sdcustom.cli import main
 from lib_sdcustom.config import RunConfig
 from lib_sdcustom.data.class_images import MANIFEST_NAME, ClassImageRecipe, prepare_class_images
 from lib_sdcustom.errors import TrainingStopped
-from lib_sdcustom.events import CancelToken, StepDone
 from lib_sdcustom.formats.checkpoint_file import TrainedWeights, estimated_checkpoint_bytes
 from lib_sdcustom.methods.dreambooth import DreamBoothBatches
 from lib_sdcustom.models.loader import load_bundle
@@ -262,9 +261,10 @@ def test_ema_weights_are_exported_and_resume_exactly(tiny_checkpoint, image_fold
     exported = load_bundle(Path(whole.output.out) / "db.safetensors").unet.state_dict()
     assert all(torch.equal(exported[key], state["ema." + key]) for key in exported), "the EMA weights are exported"
 
-    halves, cancel = ema_config("halves"), CancelToken()
+    halves = ema_config("halves")
+    cancel, stop_after_two = cancel_at(2)
     with pytest.raises(TrainingStopped):
-        train(halves, cancel=cancel, callbacks=[lambda event: isinstance(event, StepDone) and event.step == 2 and cancel.cancel()])
+        train(halves, cancel=cancel, callbacks=[stop_after_two])
     resumed = train(halves, resume=Path(halves.output.run_dir))
     for key, value in read_all(resumed.outputs[0])[0].items():
         torch.testing.assert_close(value, written[key], atol=1e-6, rtol=0)

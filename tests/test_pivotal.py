@@ -11,11 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_images
+from conftest import cancel_at, write_images
 from host_rules import host_bundled_embeddings, host_target_for
 from lib_sdcustom.config import RunConfig
 from lib_sdcustom.errors import ConfigError, TrainingStopped
-from lib_sdcustom.events import CancelToken, StepDone
 from lib_sdcustom.formats.embedding_file import bundled_words, classify_embedding, encoder_vectors
 from lib_sdcustom.formats.network_file import BUNDLE_PREFIX, read_network_file
 from lib_sdcustom.host.base import StandaloneHost
@@ -159,12 +158,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_check
     whole = config_in(tmp_path / "whole")
     train(whole)
     halves = config_in(tmp_path / "halves")
-    cancel = CancelToken()
-
-    def stop_after_two(event) -> None:
-        if isinstance(event, StepDone) and event.step == 2:
-            cancel.cancel()
-
+    cancel, stop_after_two = cancel_at(2)
     with pytest.raises(TrainingStopped):
         train(halves, callbacks=[stop_after_two], cancel=cancel)
     train(halves, resume=Path(halves.output.run_dir))

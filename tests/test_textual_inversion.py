@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import model_digest, write_images
+from conftest import cancel_at, model_digest, write_images
 from lib_sdcustom.cli import main
 from lib_sdcustom.config import RunConfig
 from lib_sdcustom.errors import TrainingStopped
-from lib_sdcustom.events import CancelToken, SamplesRendered, StepDone
+from lib_sdcustom.events import SamplesRendered
 from lib_sdcustom.formats.embedding_file import classify_embedding, embedding_vectors, read_embedding
 from lib_sdcustom.hashing import sha256_file
 from lib_sdcustom.methods.textual_inversion import TemplatedSource, TextualInversionMethod
@@ -309,12 +309,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_checkpoint, image_folder, tmp_
     whole = make_config(tiny_checkpoint, image_folder, tmp_path / "whole", steps=8)
     train(whole)
     halves = make_config(tiny_checkpoint, image_folder, tmp_path / "halves", steps=8)
-    cancel = CancelToken()
-
-    def stop_after_four(event) -> None:
-        if isinstance(event, StepDone) and event.step == 4:
-            cancel.cancel()
-
+    cancel, stop_after_four = cancel_at(4)
     with pytest.raises(TrainingStopped):
         train(halves, callbacks=[stop_after_four], cancel=cancel)
     assert files_in(tmp_path / "halves" / "out") == []

@@ -10,12 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import model_digest
+from conftest import cancel_at, model_digest
 from host_rules import host_target_for
 from lib_sdcustom.cli import main
 from lib_sdcustom.config import RunConfig
 from lib_sdcustom.errors import TrainingStopped
-from lib_sdcustom.events import CancelToken, StepDone
 from lib_sdcustom.models import ldm_keys
 from lib_sdcustom.models.loader import load_bundle
 from lib_sdcustom.networks.algorithms import ALGORITHMS
@@ -186,12 +185,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_checkpoint, image_folder, tmp_
 
     halves = make_config(tiny_checkpoint, image_folder, tmp_path / "halves", steps=20)
     halves.network.dropout = 0.1
-    cancel = CancelToken()
-
-    def stop_after_ten(event) -> None:
-        if isinstance(event, StepDone) and event.step == 10:
-            cancel.cancel()
-
+    cancel, stop_after_ten = cancel_at(10)
     with pytest.raises(TrainingStopped, match="cancelled at step 10"):
         train(halves, callbacks=[stop_after_ten], cancel=cancel)
     assert not (tmp_path / "halves" / "test_lora.safetensors").exists(), "a cancelled run exports nothing"
