@@ -58,8 +58,8 @@ def generate(bundle: ModelBundle, prompts: list[str], *, seed: int, steps: int =
     unconditional = as_conditioning(encode([negative_prompt] * len(prompts)))
     unet_kwargs = Conditioning.cat([unconditional, conditioning]).to(device, dtype).unet_kwargs(
         [SizeConditioning.uncropped(height, width)] * (2 * len(prompts)))
-    channels = unet.config.in_channels
-    noise = [torch.randn((1, channels, height // 8, width // 8), generator=torch.Generator().manual_seed(seed + i))
+    channels, cells = unet.config.in_channels, bundle.pixels_per_latent
+    noise = [torch.randn((1, channels, height // cells, width // cells), generator=torch.Generator().manual_seed(seed + i))
              for i in range(len(prompts))]
     latents = torch.cat(noise).to(device, dtype) * scheduler.init_noise_sigma
     for number, timestep in enumerate(scheduler.timesteps):

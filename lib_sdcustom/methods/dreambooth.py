@@ -169,7 +169,7 @@ class _DreamBoothBatchesMixin:
                                       seed=config.training.seed, batch_size=CLASS_IMAGE_BATCH,
                                       progress=self._class_image_progress)
         cache = source.cache or LatentCache(None, "in-memory, this run only")
-        latent_scale = 2 ** (len(bundle.vae.config.block_out_channels) - 1)
+        latent_scale = bundle.pixels_per_latent
         return ClassPrior(list(images.records), prompt=db.class_prompt, weight=db.prior_weight, cache=cache,
                           encode=source.encode, seed=config.training.seed, stride=config.training.batch_size,
                           latent_scale=latent_scale)

@@ -73,6 +73,11 @@ class ModelBundle:
         return float(self.vae.config.scaling_factor)
 
     @property
+    def pixels_per_latent(self) -> int:
+        """Image pixels per latent cell along each side: the VAE halves the size in every block but the last (8)."""
+        return int(2 ** (len(self.vae.config.block_out_channels) - 1))
+
+    @property
     def text_encoders(self) -> tuple[CLIPTextModel | CLIPTextModelWithProjection, ...]:
         """Every text encoder of the base, in checkpoint order (one for SD1/SD2, two for SDXL)."""
         return tuple(encoder for encoder in (self.text_encoder, self.text_encoder_2) if encoder is not None)

@@ -33,7 +33,7 @@ def model_native_resolution(bundle: ModelBundle) -> int:
     when the YAML states one (the bundled 64 px micro-world model does), else the family's size."""
     latent = ((bundle.ldm_config or {}).get("model", {}).get("params", {}) or {}).get("image_size")
     if isinstance(latent, int) and latent > 0:
-        return int(latent * 2 ** (len(bundle.vae.config.block_out_channels) - 1))
+        return int(latent * bundle.pixels_per_latent)
     return native_resolution(bundle.family, bundle.prediction_type)
 
 

@@ -44,7 +44,7 @@ class BatchSource(Protocol):
 
 def uncropped_sizes(latents: torch.Tensor, bundle: ModelBundle) -> list[SizeConditioning]:
     """Size conditioning for latents of pictures used whole at their own size (no `Batch.sizes`)."""
-    scale = 2 ** (len(bundle.vae.config.block_out_channels) - 1)
+    scale = bundle.pixels_per_latent
     height, width = latents.shape[-2] * scale, latents.shape[-1] * scale
     return [SizeConditioning.uncropped(height, width)] * latents.shape[0]
 
@@ -99,7 +99,7 @@ class LatentBatchSource:
                                                        self.encode) for example in examples])
         else:
             latents = self.encode(self.training_set.load_batch_pixels(examples))
-        latent_scale = 2 ** (len(self.bundle.vae.config.block_out_channels) - 1)
+        latent_scale = self.bundle.pixels_per_latent
         return Batch(latents=latents, captions=[example.caption for example in examples],
                      sizes=[self.training_set.size_conditioning(example) for example in examples],
                      masks=self.training_set.load_batch_masks(examples, latent_scale))
