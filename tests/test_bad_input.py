@@ -8,7 +8,7 @@ Small filesystems: a tmpfs mounted by the test (`mount -t tmpfs -o size=...`, ne
 is not permitted, those cases are skipped and their simulated twins (ENOSPC raised by the writer,
 read-only through permission bits for a non-root user) still run; the skip reason says so.
 
-Cases: 113 in the tables (CLI_CASES 79, INSPECT_CASES 16, API_CASES 12, PAGE_CASES 6) and 11 tests below them.
+Cases: 120 in the tables (CLI_CASES 86, INSPECT_CASES 16, API_CASES 12, PAGE_CASES 6) and 11 tests below them.
 
 CLI, image folder: missing; empty; only text files; a text file named .png; a 1x1 image; a file instead of a
 folder; a caption with bad bytes (stops, names the file and byte); a truncated PNG among good ones (trains,
@@ -21,7 +21,9 @@ min bucket of 128 (names the bounds); batch size 0; caption dropout 1.5; repeats
 fp16 on the CPU; an unknown optimizer (argparse); Textual Inversion name with a space, 0 vectors; a hypernetwork
 width the model does not have, a layer structure not starting with 1, a dropout structure of the wrong length; a
 pivotal word CLIP knows, with a dot, or already an embedding's name (any case);
-DreamBooth without instance prompt, without class prompt, with fp8 base; --dora with LoHa, with (IA)^3, with
+DreamBooth without instance prompt, without class prompt, with fp8 base, in style mode; a class folder missing
+or empty without a class prompt, with an unreadable image, with an image without caption or class prompt; a
+negative prior weight; Textual Inversion with a class prompt; --dora with LoHa, with (IA)^3, with
 fp8 base; OFT with fp8 base, rank 1; BOFT rank 8 (SD's widths need 10), rank 11; zero-terminal-SNR on an epsilon
 model; names '../x', '', 'a|b', 'CON', '.hidden'.
 CLI, files: base missing; base a non-SD safetensors; base a .ckpt carrying a pickled object; base a
@@ -395,6 +397,23 @@ CLI_CASES = [
          "no class prompt", "--class-prompt"),
     Case("dreambooth fp8", lambda ws: ws.train("--method", "dreambooth", "--instance-prompt", "sks", "--fp8-base",
                                                "--no-prior-preservation"), 2, "fp8", "dreambooth_lora"),
+    Case("class folder missing", lambda ws: ws.train("--class-data", str(ws.root / "reg")), 2, "does not exist",
+         "--class-prompt"),
+    Case("class folder empty", lambda ws: ws.train("--class-data", str(ws.folder("reg"))), 2, "holds no images",
+         "put your regularization images there"),
+    Case("class image unreadable", lambda ws: ws.train("--class-prompt", "a dog", "--class-data", str(ws.folder(
+        "reg", {"good.png": (ws.images / "img0.png").read_bytes(), "bad.png": b"not a picture"}))), 2,
+         "bad.png cannot be", "Remove or replace it"),
+    Case("class image without caption", lambda ws: ws.train("--class-data", str(ws.folder(
+        "reg", {"r.png": (ws.images / "img0.png").read_bytes()}))), 2, "has no caption", "--class-prompt"),
+    Case("prior weight negative", lambda ws: ws.train("--class-prompt", "a dog", "--prior-weight", "-1"), 2,
+         "--prior-weight is -1.0", "weight >= 0"),
+    Case("textual inversion with class images", lambda ws: ws.train("--method", "textual_inversion", "--class-prompt",
+                                                                    "a dog"), 2,
+         "Textual Inversion cannot train on class images", "--no-prior-preservation"),
+    Case("dreambooth style mode", lambda ws: ws.train("--method", "dreambooth", "--instance-prompt", "sks",
+                                                      "--class-prompt", "a dog", "--style"), 2,
+         "Style mode is on with DreamBooth", "--style off"),
     Case("dora with loha", lambda ws: ws.train("--method", "loha", "--dora"), 2, "--dora is on with LoHa",
          "lora, locon, pivotal, dreambooth_lora"),
     Case("dora with ia3", lambda ws: ws.train("--method", "ia3", "--dora"), 2, "--dora is on with (IA)", "--dora off"),

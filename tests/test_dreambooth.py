@@ -38,10 +38,10 @@ def make_config(tiny_checkpoint: Path, images: Path, root: Path, *, method: str 
     config.data.data = str(images)
     config.data.resolution, config.data.min_bucket, config.data.max_bucket = 64, 64, 128
     config.output.name, config.output.out, config.output.run_dir = "db", str(root / "out"), str(root / "run")
-    config.dreambooth.instance_prompt, config.dreambooth.class_prompt = INSTANCE, CLASS
-    config.dreambooth.prior_preservation = prior
-    config.dreambooth.num_class_images, config.dreambooth.class_sample_steps = 2, 2
-    config.dreambooth.class_data = str(root / "class")
+    config.dreambooth.instance_prompt, config.prior.class_prompt = INSTANCE, CLASS
+    config.prior.prior_preservation = prior
+    config.prior.num_class_images, config.prior.class_sample_steps = 2, 2
+    config.prior.class_data = str(root / "class")
     config.network.rank, config.network.alpha = 4, 2.0
     config.optimizer.lr = 1e-3
     config.training.steps, config.training.sample_steps, config.training.save_state_every = steps, 2, 0
@@ -175,10 +175,13 @@ def test_mixed_precision_saves_trained_weights_in_fp16_and_frozen_ones_as_stored
 
 
 class StubPrior:
-    weight, prompt = 0.0, CLASS
+    weight = 0.0
 
     def latents(self, index: int, count: int, like: torch.Tensor) -> torch.Tensor:
         return torch.full((count, *like.shape[1:]), float(index))
+
+    def captions(self, index: int, count: int) -> list[str]:
+        return [CLASS] * count
 
 
 class StubSource:
@@ -203,8 +206,8 @@ def test_prior_weight_enters_the_trainers_loss_and_class_images_are_reused(tiny_
     losses = {}
     for weight in (0.0, 1.0, 2.0):
         config = make_config(tiny_checkpoint, image_folder, tmp_path / f"w{weight}", steps=1)
-        config.dreambooth.class_data = str(tmp_path / "class")
-        config.dreambooth.prior_weight = weight
+        config.prior.class_data = str(tmp_path / "class")
+        config.prior.prior_weight = weight
         losses[weight] = train(config).losses[0]
         if weight == 0.0:
             first = {path: path.stat().st_mtime_ns for path in files_in(tmp_path / "class")}

@@ -103,7 +103,8 @@ def state_hash(model: torch.nn.Module) -> str:
 
 FAST = {"data.resolution": 64, "data.min_bucket": 64, "data.max_bucket": 128, "training.steps": 4,
         "training.sample_steps": 2, "training.save_state_every": 0, "network.rank": 4, "network.alpha": 2.0,
-        "output.save_precision": "fp32", "optimizer.lr": 1e-3}
+        "output.save_precision": "fp32", "optimizer.lr": 1e-3,
+        "prior.num_class_images": 2, "prior.class_sample_steps": 2}
 
 
 def form_values(controller, folder: Path, name: str, *, method: str = "lora", token: str = "sks",
@@ -368,7 +369,7 @@ def test_methods_that_change_base_weights_leave_the_host_model_identical(family_
     tokenizer = webui.model.conditioner.embedders[0].wrapped.tokenizer if family == "sdxl" else None
     vocabulary = len(tokenizer) if tokenizer is not None else None
     html = train_call("task(te)", *form_values(controller, webui.images, f"{family}emb", method=method,
-                                               dreambooth__num_class_images=2, dreambooth__class_sample_steps=2,
+                                               prior__num_class_images=2, prior__class_sample_steps=2,
                                                textual_inversion__init_text="dog"))[-1]
 
     assert "data-state='finished'" in html, html

@@ -15,18 +15,18 @@ from lib_sdcustom.ui import form
 
 #: One row per method: (default lr, default text-encoder share, output kind, copied components, sections, token).
 EXPECTED = {
-    "lora": (1e-4, 1.0, OutputKind.LORA, set(), {"network"}, True),
-    "locon": (1e-4, 1.0, OutputKind.LORA, set(), {"network"}, True),
-    "loha": (1e-4, 1.0, OutputKind.LORA, set(), {"network"}, True),
-    "lokr": (1e-4, 1.0, OutputKind.LORA, set(), {"network"}, True),
-    "oft": (1e-4, 1.0, OutputKind.LORA, set(), {"network"}, True),
-    "boft": (1e-4, 1.0, OutputKind.LORA, set(), {"network"}, True),
-    "ia3": (3e-3, 1.0, OutputKind.LORA, set(), {"network"}, True),
-    "glora": (1e-4, 1.0, OutputKind.LORA, set(), {"network"}, True),
+    "lora": (1e-4, 1.0, OutputKind.LORA, set(), {"network", "prior"}, True),
+    "locon": (1e-4, 1.0, OutputKind.LORA, set(), {"network", "prior"}, True),
+    "loha": (1e-4, 1.0, OutputKind.LORA, set(), {"network", "prior"}, True),
+    "lokr": (1e-4, 1.0, OutputKind.LORA, set(), {"network", "prior"}, True),
+    "oft": (1e-4, 1.0, OutputKind.LORA, set(), {"network", "prior"}, True),
+    "boft": (1e-4, 1.0, OutputKind.LORA, set(), {"network", "prior"}, True),
+    "ia3": (3e-3, 1.0, OutputKind.LORA, set(), {"network", "prior"}, True),
+    "glora": (1e-4, 1.0, OutputKind.LORA, set(), {"network", "prior"}, True),
     "textual_inversion": (5e-3, 0.0, OutputKind.EMBEDDING, set(), {"textual_inversion"}, False),
     "hypernetwork": (1e-5, 0.0, OutputKind.HYPERNETWORK, set(), {"hypernetwork"}, True),
-    "dreambooth": (2e-6, 0.0, OutputKind.CHECKPOINT, {"unet", "text_encoder"}, {"dreambooth"}, True),
-    "dreambooth_lora": (1e-4, 1.0, OutputKind.LORA, set(), {"network", "dreambooth"}, True),
+    "dreambooth": (2e-6, 0.0, OutputKind.CHECKPOINT, {"unet", "text_encoder"}, {"dreambooth", "prior"}, True),
+    "dreambooth_lora": (1e-4, 1.0, OutputKind.LORA, set(), {"network", "dreambooth", "prior"}, True),
     "pivotal": (1e-4, 1.0, OutputKind.LORA, set(), {"network", "textual_inversion"}, False),
 }
 

@@ -84,7 +84,7 @@ def test_unsupported_places_are_refused_with_the_reason(tiny_checkpoint, monkeyp
 def test_dreambooth_cannot_store_its_trained_unet_in_fp8(tmp_path):
     config = RunConfig(method="dreambooth")
     config.model.base, config.data.data, config.output.name, config.output.out = "x", "y", "z", str(tmp_path)
-    config.dreambooth.instance_prompt, config.dreambooth.class_prompt = "a photo of sks dog", "a photo of a dog"
+    config.dreambooth.instance_prompt, config.prior.class_prompt = "a photo of sks dog", "a photo of a dog"
     config.training.fp8_base = True
     with pytest.raises(ConfigError, match="DreamBooth .* trains the UNet.s own weights"):
         config.validate()

@@ -219,7 +219,7 @@ def _run_config(webui: WebUI, case: Case, name: str, **training) -> dict:
     for key in ("out", "run_dir"):
         values["output"].pop(key)
     values["output"].update(name=name, save_precision="fp16")
-    values["dreambooth"]["class_data"] = ""
+    values["prior"]["class_data"] = ""
     values["training"].update(training)
     return values
 

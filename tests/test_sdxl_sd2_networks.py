@@ -51,9 +51,9 @@ def make_config(base: Path, images: Path, root: Path, method: str) -> RunConfig:
     config.training.steps, config.training.sample_steps, config.training.save_state_every = 3, 1, 0
     config.training.keep_final_state = True  # the tests read the trainer's last weights from it
     if method == "dreambooth_lora":
-        config.dreambooth.instance_prompt, config.dreambooth.class_prompt = "a photo of net_x toy", "a photo of a toy"
-        config.dreambooth.num_class_images, config.dreambooth.class_sample_steps = 2, 1
-        config.dreambooth.class_data = str(root / "class")
+        config.dreambooth.instance_prompt, config.prior.class_prompt = "a photo of net_x toy", "a photo of a toy"
+        config.prior.num_class_images, config.prior.class_sample_steps = 2, 1
+        config.prior.class_data = str(root / "class")
     return config
 
 

@@ -21,10 +21,10 @@ CONFIGURATIONS = [{"prior_preservation": prior, "gradient_checkpointing": checkp
 
 def measure(settings: dict[str, Any], workdir: Path) -> dict[str, Any]:
     config = tiny_run_config("dreambooth", workdir, images=4, family=settings.get("family", "sd1"))
-    db = config.dreambooth
-    db.instance_prompt, db.class_prompt = "a photo of sks dog", "a photo of a dog"
-    db.prior_preservation = settings["prior_preservation"]
-    db.num_class_images, db.class_sample_steps = 4, 2
+    prior = config.prior
+    config.dreambooth.instance_prompt, prior.class_prompt = "a photo of sks dog", "a photo of a dog"
+    prior.prior_preservation = settings["prior_preservation"]
+    prior.num_class_images, prior.class_sample_steps = 4, 2
     config.training.steps, config.training.gradient_checkpointing = settings["steps"], settings["gradient_checkpointing"]
     return {**settings, **dataclasses.asdict(timed_training(config))}
 

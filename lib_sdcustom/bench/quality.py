@@ -54,7 +54,7 @@ from ..methods.registry import method_spec
 from ..microworld.judge import Judge, load_judge
 from ..microworld.model import shipped_checkpoint, text_encoder_folder_name
 from ..microworld.quality import GUIDANCE, SAMPLE_STEPS
-from ..microworld.teach import (INSTANCE_IMAGES, TI_TRIGGER, Prompts, Sampler, base_run_config, instance_images,
+from ..microworld.teach import (IDENTIFIER, INSTANCE_IMAGES, TI_TRIGGER, Prompts, Sampler, base_run_config, instance_images,
                                 prompts_for, sampler, subject_hits, trained_sampler, write_instances)
 from ..microworld.world import BENCH_CONCEPTS, CONCEPTS, IMAGE_SIZE, Concept, ConceptKind, Role
 from ..models.bundle import ModelBundle
@@ -97,6 +97,7 @@ class Recipe:
     dora: bool = False  # networks: --dora
     min_snr_gamma: float = 5.0  # the pretraining's weighting (docs/bench/tuning.md)
     class_images: int = CLASS_IMAGES  # used with prior preservation
+    style: bool = False  # networks: --style (class images of the captions without the trigger)
 
 
 # Tuned on the bundled model with the heart (docs/bench/tuning.md): networks bind the made-up 'sks' through
@@ -119,6 +120,9 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("dreambooth", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0, prior_preservation=True),
     Recipe("dreambooth_no_prior", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0),
     Recipe("dreambooth_lora", "dreambooth_lora", prior_preservation=True, **_NETWORK),
+    # LoRA with regularization (docs/bench/regularization): class images of the class prompt, and style mode.
+    Recipe("lora_prior", "lora", prior_preservation=True, **_NETWORK),
+    Recipe("lora_style", "lora", prior_preservation=True, style=True, **_NETWORK),
 )
 
 
@@ -154,10 +158,13 @@ def run_config(recipe: Recipe, concept: Concept, folder: Path, base: Path, class
     config.training.train_text_encoder, config.training.min_snr_gamma = recipe.train_text_encoder, recipe.min_snr_gamma
     config.textual_inversion.vectors, config.textual_inversion.init_text = 2, concept.class_noun
     config.textual_inversion.template = "captions"  # the caption files, which hold the trigger word
-    db = config.dreambooth
-    db.instance_prompt, db.class_prompt = "[filewords]", prompts.class_prompt
-    db.prior_preservation, db.num_class_images = recipe.prior_preservation, recipe.class_images
-    db.class_sample_steps, db.class_guidance, db.class_data = SAMPLE_STEPS, GUIDANCE, str(class_folder)
+    config.dreambooth.instance_prompt = "[filewords]"
+    prior = config.prior
+    prior.class_prompt, prior.style = prompts.class_prompt, recipe.style
+    prior.prior_preservation, prior.num_class_images = recipe.prior_preservation, recipe.class_images
+    prior.class_sample_steps, prior.class_guidance, prior.class_data = SAMPLE_STEPS, GUIDANCE, str(class_folder)
+    if recipe.style:  # the identifier alone is the trigger: 'a sks shape on a gray background' -> 'a shape on ...'
+        config.data.default_caption = IDENTIFIER
     return config
 
 

@@ -52,7 +52,20 @@ def load_templates(spec: str) -> tuple[str, ...]:
 
 def fill_template(template: str, *, name: str, filewords: str) -> str:
     """Substitute the placeholders and tidy the separators an empty caption leaves behind."""
-    text = template.replace("[name]", name).replace("[filewords]", filewords)
-    text = re.sub(r"\s*,(\s*,)+", ",", text)
+    return _tidy(template.replace("[name]", name).replace("[filewords]", filewords))
+
+
+def without_phrase(text: str, phrase: str) -> str:
+    """`text` with every whole-word occurrence of `phrase` removed (ignoring case, as the tokenizer does), and
+    the separators it leaves tidied: 'a sks shape on gray' without 'sks' is 'a shape on gray'."""
+    if not phrase.strip():
+        return text
+    pattern = r"(?<!\w)" + r"\s+".join(map(re.escape, phrase.split())) + r"(?!\w)"
+    return _tidy(re.sub(pattern, "", text, flags=re.IGNORECASE))
+
+
+def _tidy(text: str) -> str:
+    text = re.sub(r"\s+,", ",", text)
+    text = re.sub(r",(\s*,)+", ",", text)
     text = re.sub(r"\s{2,}", " ", text)
     return text.strip().strip(",").strip()

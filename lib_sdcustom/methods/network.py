@@ -1,23 +1,26 @@
 """The network method: LoRA and the LyCORIS algorithms (`networks/algorithms.py`) trained on a frozen base,
-exported in kohya format."""
+exported in kohya format, with prior preservation and style mode (`methods/prior.py`) when asked for."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
+from ..config import RunConfig
 from ..networks.algorithms import algorithm_for
 from ..networks.lycoris_backend import attach_network
 from ..run.context import RunContext
+from ..training.batches import BatchSource
 from ..training.conditioning import Conditioning
 from .base import Method
 from .network_export import export_network
+from .prior import PriorBatches, PriorMixin, StyleCaptions
 from .text_conditioning import encode_captions
 
 
-class NetworkMethod(Method):
+class NetworkMethod(PriorMixin, Method):
     """Only the network's modules learn; the UNet, VAE and text encoders stay bit-identical. On SDXL both
     text encoders get modules (`lora_te1_`, `lora_te2_`)."""
 
@@ -35,6 +38,20 @@ class NetworkMethod(Method):
             torch.manual_seed(config.training.seed)
             self.attached = attach_network(bundle.unet, bundle.text_encoders, self.algorithm, config.network,
                                            train_text_encoder=self.train_text_encoder)
+
+    @classmethod
+    def trigger_phrase(cls, config: RunConfig, captions: Sequence[str] = ()) -> str:
+        """In style mode the default caption, else the name: captions of a style describe varied content, so
+        what they share is no trigger."""
+        if config.prior.style:
+            return config.data.default_caption or config.output.name
+        return super().trigger_phrase(config, captions)
+
+    def build_source(self, source: BatchSource) -> BatchSource:
+        """Style mode's captions, then the class half of each batch when prior preservation has class images."""
+        prior = self.class_prior(source)
+        batches = StyleCaptions(source, self.context.trigger_phrase) if self.config.prior.style else source
+        return batches if prior is None else PriorBatches(batches, prior)
 
     def param_groups(self) -> list[dict[str, Any]]:
         return self.attached.param_groups(unet_lr=self.config.unet_lr, text_encoder_lr=self.config.text_encoder_lr)
@@ -64,7 +81,8 @@ class NetworkMethod(Method):
         dora = " with DoRA" if self.config.network.dora else ""
         return (f"{self.algorithm.name}{dora} ({self.algorithm.summary}), rank {self.config.network.rank}, "
                 f"alpha {self.config.network.alpha}: "
-                f"{unet} UNet modules, {te} text-encoder modules, {params:,} trainable parameters")
+                f"{unet} UNet modules, {te} text-encoder modules, {params:,} trainable parameters; "
+                f"{self.describe_prior()}")
 
     def close(self) -> None:
         self.attached.detach()

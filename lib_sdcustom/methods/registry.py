@@ -31,7 +31,7 @@ class OutputKind(str, enum.Enum):
 
 
 #: Option sections only some methods read: the tab shows, and validation checks, only a method's own.
-METHOD_SECTIONS = ("network", "textual_inversion", "hypernetwork", "dreambooth")
+METHOD_SECTIONS = ("network", "textual_inversion", "hypernetwork", "dreambooth", "prior")
 #: Base components, as a host hands them to a run (`host.a1111.bundle_from_loaded_model`'s `copy`).
 COMPONENTS = frozenset({"unet", "text_encoder"})
 
@@ -74,7 +74,7 @@ _LORA_SNIPPET = "<lora:{name}:{weight:g}>"
 def _network(name: str, label: str, algorithm: str, default_lr: float = 1e-4) -> MethodSpec:
     """A network trained on the frozen base; the base's own weights never change (LyCORIS hooks them)."""
     return MethodSpec(name, label, "network", "NetworkMethod", default_lr=default_lr, text_encoder_fraction=1.0,
-                      output=OutputKind.LORA, snippet=_LORA_SNIPPET, sections=("network",),
+                      output=OutputKind.LORA, snippet=_LORA_SNIPPET, sections=("network", "prior"),
                       network_algorithm=algorithm)
 
 
@@ -104,10 +104,10 @@ METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("dreambooth", "DreamBooth (full fine-tune)", "dreambooth", "DreamBoothMethod", default_lr=2e-6,
                text_encoder_fraction=0.0, output=OutputKind.CHECKPOINT,
                snippet="Select the checkpoint '{name}' at the top of txt2img.", trained_in_place=COMPONENTS,
-               sections=("dreambooth",)),
+               sections=("dreambooth", "prior")),
     MethodSpec("dreambooth_lora", "DreamBooth-LoRA", "dreambooth", "DreamBoothLoraMethod", default_lr=1e-4,
                text_encoder_fraction=1.0, output=OutputKind.LORA, snippet=_LORA_SNIPPET,
-               sections=("network", "dreambooth"), network_algorithm="lora"),
+               sections=("network", "dreambooth", "prior"), network_algorithm="lora"),
 )}
 METHODS = tuple(METHOD_SPECS)
 

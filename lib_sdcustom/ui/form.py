@@ -102,8 +102,8 @@ def apply_subject(config: RunConfig, token: str, subject_class: str) -> None:
     if "dreambooth" in config.spec.sections:
         dreambooth = config.dreambooth
         dreambooth.instance_prompt = dreambooth.instance_prompt or f"a photo of {phrase}"
-        if subject_class and not dreambooth.class_prompt:
-            dreambooth.class_prompt = f"a photo of a {subject_class}"
+    if "prior" in config.spec.sections and subject_class and not config.prior.class_prompt and not config.prior.style:
+        config.prior.class_prompt = f"a photo of a {subject_class}"
 
 
 def config_from_form(method: str, folder: str, name: str, token: str, subject_class: str,

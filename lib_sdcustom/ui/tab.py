@@ -308,7 +308,8 @@ def build_tab(facts: HostFacts, manager: RunManager) -> Any:
         replan_keys = {"training.steps", "training.batch_size", "training.gradient_accumulation", "data.resolution",
                        "network.rank", "training.mixed_precision", "training.gradient_checkpointing",
                        "training.train_text_encoder", "training.fp8_base", "training.cache_text_encoder_outputs",
-                       "optimizer.optimizer", "dreambooth.prior_preservation"}
+                       "optimizer.optimizer", "prior.prior_preservation",
+                       "prior.class_prompt", "prior.class_data", "prior.style"}
         for field, widget in zip(control.fields, widgets):
             if field.key in replan_keys:  # typed values on blur where gradio has it: one event per edit
                 typed = not (field.choices or field.kind is bool)

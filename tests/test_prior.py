@@ -1,0 +1,163 @@
+"""Regularization for the networks: the settings on every surface (CLI, TOML, tab, API), the class half of each
+batch with per-image captions, prior preservation and style mode on the tiny model, the user's own folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import write_images
+from lib_sdcustom.cli import build_parser, config_from_args
+from lib_sdcustom.config import PriorOptions, RunConfig, config_from_dict, config_to_dict, dumps_toml, load_config
+from lib_sdcustom.data.class_images import MANIFEST_NAME, user_class_images
+from lib_sdcustom.data.latent_cache import LatentCache
+from lib_sdcustom.data.prompt_templates import without_phrase
+from lib_sdcustom.data.scan import ImageRecord
+from lib_sdcustom.events import RunStarted
+from lib_sdcustom.methods.prior import ClassPrior, PriorBatches, class_prompts, split_count, style_caption
+from lib_sdcustom.methods.registry import METHODS, method_spec
+from lib_sdcustom.run.train import train
+from lib_sdcustom.training.batches import Batch
+from lib_sdcustom.training.objectives import weighted_loss
+from lib_sdcustom.ui import form
+
+CLASS = "a photo of a dog"
+CHANGED = {"prior_preservation": False, "class_prompt": "a photo of a cat", "prior_weight": 0.5,
+           "num_class_images": 7, "class_data": "reg", "class_sample_steps": 9, "class_guidance": 3.5, "style": True}
+
+
+def test_every_regularization_setting_reaches_the_cli_the_preset_the_tab_and_the_api(tmp_path):
+    assert set(CHANGED) == {field.name for field in dataclasses.fields(PriorOptions)}, "a new setting needs a row here"
+    flags = []
+    for field in dataclasses.fields(PriorOptions):
+        flag = field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+        value = CHANGED[field.name]
+        flags += ([flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)])
+    from_cli = config_from_args(build_parser().parse_args(["train", *flags]))
+    assert dataclasses.asdict(from_cli.prior) == CHANGED
+    preset = tmp_path / "run.toml"
+    preset.write_text(dumps_toml(from_cli))
+    assert load_config(preset).prior == from_cli.prior
+    from_api = config_from_dict(json.loads(json.dumps(config_to_dict(from_cli))), source="the request")
+    assert from_api.prior == from_cli.prior
+    fields = form.option_fields()
+    shown = {field.name for field in fields if field.section == "prior"}
+    assert shown == set(CHANGED)
+    values = [CHANGED[f.name] if f.section == "prior" else f.default for f in fields]
+    from_tab = form.config_from_form("lora", "imgs", "x", "sks", "dog", fields, values)
+    assert dataclasses.asdict(from_tab.prior) == CHANGED
+    for method in METHODS:
+        assert form.section_visible("prior", method) is (method_spec(method).uses_network and method != "pivotal"
+                                                         or method == "dreambooth"), method
+
+
+def test_presets_saved_before_the_move_load_their_dreambooth_class_settings():
+    config = config_from_dict({"method": "dreambooth", "dreambooth": {"instance_prompt": "sks", "class_prompt": CLASS,
+                                                                      "prior_weight": 0.5, "ema": True}})
+    assert (config.prior.class_prompt, config.prior.prior_weight, config.dreambooth.ema) == (CLASS, 0.5, True)
+
+
+def test_the_tab_gives_a_network_a_class_prompt_from_the_class_but_not_in_style_mode():
+    fields = form.option_fields()
+    defaults = [f.default for f in fields]
+    assert form.config_from_form("lora", "imgs", "x", "sks", "dog", fields, defaults).prior.class_prompt == CLASS
+    style = [True if f.key == "prior.style" else f.default for f in fields]
+    assert form.config_from_form("lora", "imgs", "x", "sks", "dog", fields, style).prior.class_prompt == ""
+
+
+def test_style_captions_keep_the_trigger_and_class_prompts_are_the_captions_without_it():
+    assert without_phrase("a sks shape on a gray background", "sks") == "a shape on a gray background"
+    assert without_phrase("A house, SKS Style, at dusk", "sks style") == "A house, at dusk"
+    assert without_phrase("asks nothing", "sks") == "asks nothing"
+    assert style_caption("a house by a lake", "sks") == "sks, a house by a lake"
+    assert style_caption("a sks house", "sks") == "a sks house"
+    assert style_caption("", "sks") == "", "caption dropout stays unconditional"
+    options = PriorOptions(class_prompt="a shape", style=True)
+    captions = ["a sks circle on gray", "sks, a square", "a sks circle on gray", "sks"]
+    assert class_prompts(options, captions, "sks") == ["a shape", "a circle on gray", "a square", ""]
+    assert class_prompts(PriorOptions(class_prompt=CLASS), captions, "sks") == [CLASS]
+    assert split_count(40, 3) == [14, 13, 13] and split_count(2, 3) == [1, 1, 1]
+
+
+def _record(path: Path, caption: str) -> ImageRecord:
+    Image.new("RGB", (64, 64), "white").save(path)
+    return ImageRecord(path=path, caption=caption, repeats=1, subfolder="", size=(64, 64),
+                       sha256=hashlib.sha256(path.read_bytes()).hexdigest(), caption_source="file")
+
+
+def test_the_class_half_carries_each_class_images_own_caption_and_the_prior_weight(tmp_path):
+    records = [_record(tmp_path / f"c{i}.png", f"caption {i}") for i in range(3)]
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((pixels.shape[0], 4, 8, 8))
+
+    prior = ClassPrior(records, weight=0.5, cache=LatentCache(None, "test"), encode=encode, seed=1, stride=2,
+                       latent_scale=8)
+
+    class Source:
+        def batch(self, index: int) -> Batch:
+            return Batch(latents=torch.ones((2, 4, 8, 8)), captions=["sks a", "sks b"])
+
+    batch = PriorBatches(Source(), prior).batch(4)
+    assert batch.captions[:2] == ["sks a", "sks b"]
+    assert batch.captions[2:] == prior.captions(4, 2) and len(set(batch.captions[2:]) | {"caption 0", "caption 1",
+                                                                                       "caption 2"}) == 3
+    assert torch.equal(batch.latents[2:], torch.zeros((2, 4, 8, 8)))
+    per_sample = torch.tensor([0.3, 1.7, 0.9, 2.5], dtype=torch.float64)
+    expected = per_sample[:2].mean() + 0.5 * per_sample[2:].mean()
+    torch.testing.assert_close(weighted_loss(per_sample, batch.weights.double()), expected, atol=1e-12, rtol=0)
+
+
+def test_a_users_folder_captions_its_images_by_their_txt_files_else_the_class_prompt(tmp_path):
+    _record(tmp_path / "a.png", "")
+    _record(tmp_path / "b.png", "")
+    (tmp_path / "b.txt").write_text("a dog on a sofa\n", encoding="utf-8")
+    images = user_class_images(tmp_path, CLASS, 2)
+    assert [(r.path.name, r.caption) for r in images.records] == [("a.png", CLASS), ("b.png", "a dog on a sofa")]
+
+
+def lora_config(tiny_checkpoint: Path, images: Path, root: Path, **prior: object) -> RunConfig:
+    config = RunConfig(method="lora")
+    config.model.base, config.data.data = str(tiny_checkpoint), str(images)
+    config.data.resolution, config.data.min_bucket, config.data.max_bucket = 64, 64, 128
+    config.output.name, config.output.out, config.output.run_dir = "net", str(root / "out"), str(root / "run")
+    config.network.rank, config.network.alpha, config.optimizer.lr = 4, 2.0, 1e-3
+    config.training.steps, config.training.sample_steps, config.training.save_state_every = 1, 1, 0
+    config.prior = dataclasses.replace(PriorOptions(num_class_images=2, class_sample_steps=2,
+                                                    class_data=str(root.parent / "class")), **prior)
+    return config
+
+
+def test_a_loras_first_loss_is_the_instance_term_plus_the_weighted_class_term(tiny_checkpoint, image_folder, tmp_path):
+    losses, described = {}, []
+    for weight in (0.0, 1.0, 2.0):
+        config = lora_config(tiny_checkpoint, image_folder, tmp_path / f"w{weight}", class_prompt=CLASS,
+                             prior_weight=weight)
+        losses[weight] = train(config, callbacks=[lambda event: described.append(event.description)
+                                                  if isinstance(event, RunStarted) else None]).losses[0]
+    assert "prior preservation with 2 images of 'a photo of a dog' (weight 1.0)" in described[1]
+    manifest = json.loads((tmp_path / "class" / MANIFEST_NAME).read_text())["images"]
+    assert [entry["prompt"] for entry in manifest] == [CLASS, CLASS], "generated once, reused by the later runs"
+    class_term = losses[1.0] - losses[0.0]
+    assert abs(class_term) > 1e-3
+    assert losses[2.0] - losses[0.0] == pytest.approx(2 * class_term, abs=1e-5)
+
+
+def test_style_mode_generates_class_images_of_every_caption_without_the_trigger(tiny_checkpoint, tmp_path):
+    images = write_images(tmp_path / "images")
+    for index, caption in enumerate(["a sks dog on grass", "a cat", "a sks dog on grass"]):
+        (images / f"img{index}.txt").write_text(caption, encoding="utf-8")
+    config = lora_config(tiny_checkpoint, images, tmp_path / "run", style=True, num_class_images=4)
+    config.data.default_caption = "sks"
+    described: list[str] = []
+    train(config, callbacks=[lambda event: described.append(event.description) if isinstance(event, RunStarted) else None])
+    manifest = json.loads((tmp_path / "class" / MANIFEST_NAME).read_text())["images"]
+    # img3 has no caption: captioned with the trigger, its plain prompt is '' (the unconditional picture).
+    assert sorted(entry["prompt"] for entry in manifest) == ["", "a cat", "a dog on grass", "a dog on grass"]
+    assert "style mode, prior preservation with 4 images of the captions without 'sks'" in described[0]
