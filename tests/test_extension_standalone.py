@@ -17,7 +17,8 @@ from lib_sdcustom.ui.render import loss_chart_svg
 
 FAST = {"data.resolution": 64, "data.min_bucket": 64, "data.max_bucket": 128, "training.steps": 4,
         "training.sample_steps": 2, "training.save_state_every": 0, "network.rank": 4, "network.alpha": 2.0,
-        "output.save_precision": "fp32", "optimizer.lr": 1e-3}
+        "output.save_precision": "fp32", "optimizer.lr": 1e-3,
+        "prior.num_class_images": 2, "prior.class_sample_steps": 2}
 
 
 @pytest.fixture

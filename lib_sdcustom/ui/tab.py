@@ -66,16 +66,23 @@ class TabController:
         return config
 
     # ----- before training -----
+    def _planned_config(self, *form_values: Any) -> RunConfig:
+        """The form's config as the run will train it, with the token and class applied when a token is given
+        (uncaptioned images train with it, and the class prompt decides prior preservation); no token is no
+        error before Train."""
+        config = self.config(*form_values, subject=False)
+        method, token, subject_class = form_values[0], form_values[4], form_values[5]
+        if form.uses_token(method) and (token or "").strip():
+            form.apply_subject(config, token, subject_class)
+        return config
+
     def check_folder(self, *form_values: Any) -> tuple[str, list[Any], str, int]:
         """(dataset panel, thumbnails, plan panel, images per epoch) for the folder in the form."""
         try:
-            config = self.config(*form_values, subject=False)
+            config = self._planned_config(*form_values)
             if not config.data.data:
                 raise DatasetError("No image folder given.", "Type the path of the folder that holds your pictures.")
             self.host.check_paths(config)
-            method, token, subject_class = form_values[0], form_values[4], form_values[5]
-            if form.uses_token(method) and (token or "").strip():
-                form.apply_subject(config, token, subject_class)  # uncaptioned images will train with it
 
             summary = plan.summarize_dataset(scan_images(config, self.manager.scans))
         except UserFacingError as error:
@@ -85,7 +92,7 @@ class TabController:
 
     def plan(self, seen_per_epoch: int | None, *form_values: Any) -> str:
         try:
-            config = self.config(*form_values, subject=False)
+            config = self._planned_config(*form_values)
         except UserFacingError as error:
             return render.error_html(error.problem, error.fix)
         model = self.host.model_label()
