@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import write_images
 from lib_sdcustom.cli import build_parser, config_from_args
-from lib_sdcustom.config import PriorOptions, RunConfig, config_from_dict, config_to_dict, dumps_toml, load_config
+from lib_sdcustom.config import SECTIONS, PriorOptions, RunConfig, config_from_dict, config_to_dict, dumps_toml, load_config
 from lib_sdcustom.data.class_images import MANIFEST_NAME, user_class_images
 from lib_sdcustom.data.latent_cache import LatentCache
 from lib_sdcustom.data.prompt_templates import without_phrase
@@ -47,6 +47,7 @@ def test_every_regularization_setting_reaches_the_cli_the_preset_the_tab_and_the
     from_api = config_from_dict(json.loads(json.dumps(config_to_dict(from_cli))), source="the request")
     assert from_api.prior == from_cli.prior
     fields = form.option_fields()
+    assert set(form.SECTION_TITLES) == set(SECTIONS)
     shown = {field.name for field in fields if field.section == "prior"}
     assert shown == set(CHANGED)
     values = [CHANGED[f.name] if f.section == "prior" else f.default for f in fields]

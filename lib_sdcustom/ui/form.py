@@ -18,7 +18,8 @@ from ..methods.registry import METHOD_SECTIONS, METHOD_SPECS
 MAIN_FIELDS = {("model", "base"), ("data", "data"), ("output", "name"), ("output", "out"), ("output", "run_dir")}
 SECTION_TITLES = {
     "model": "Model", "data": "Images and captions", "network": "Network (LoRA / LyCORIS)",
-    "textual_inversion": "Textual Inversion", "hypernetwork": "Hypernetwork", "dreambooth": "DreamBooth", "optimizer": "Optimizer",
+    "textual_inversion": "Textual Inversion", "hypernetwork": "Hypernetwork", "dreambooth": "DreamBooth",
+    "prior": "Regularization (prior preservation, style mode)", "optimizer": "Optimizer",
     "training": "Training", "output": "Output",
 }
 METHOD_LABELS = {name: spec.label for name, spec in METHOD_SPECS.items()}
