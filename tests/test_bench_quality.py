@@ -118,3 +118,21 @@ def test_a_shard_made_with_other_settings_is_refused_naming_its_folder(bench_run
     (shards[1] / "quality.json").write_text(json.dumps(other))
     assert run_bench(monkeypatch, "--out", str(tmp_path / "merged"), "--merge", *map(str, shards)) == 2
     assert str(shards[1]) in capsys.readouterr().err
+
+
+def test_the_style_recipe_regularizes_on_its_captions_without_the_identifier(tmp_path):
+    """lora_style: captions name everything but the style, the identifier alone is the trigger, and the class
+    images show the same captions without it (what prompts without the trigger must keep drawing)."""
+    from lib_sdcustom.bench.quality import recipes_named, run_config
+    from lib_sdcustom.data.scan import read_caption
+    from lib_sdcustom.methods.prior import class_prompts
+    from lib_sdcustom.methods.registry import method_class
+    from lib_sdcustom.microworld.world import CONCEPTS
+
+    config = run_config(recipes_named(["lora_style"])[0], CONCEPTS["outline_style"], tmp_path, tmp_path / "base",
+                        tmp_path / "class")
+    captions = [read_caption(path) for path in sorted(Path(config.data.data).glob("*.txt"))]
+    assert captions[0] == "a sks blue square on a white background"
+    trigger = method_class(config.method).trigger_phrase(config, captions)
+    assert trigger == "sks" and config.prior.enabled()
+    assert class_prompts(config.prior, captions, trigger)[:2] == ["a shape", "a blue square on a white background"]

@@ -98,6 +98,7 @@ class Recipe:
     min_snr_gamma: float = 5.0  # the pretraining's weighting (docs/bench/tuning.md)
     class_images: int = CLASS_IMAGES  # used with prior preservation
     style: bool = False  # networks: --style (class images of the captions without the trigger)
+    content_captions: bool = False  # captions name each picture's other attributes (`teach.content_caption`)
 
 
 # Tuned on the bundled model with the heart (docs/bench/tuning.md): networks bind the made-up 'sks' through
@@ -120,9 +121,11 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("dreambooth", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0, prior_preservation=True),
     Recipe("dreambooth_no_prior", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0),
     Recipe("dreambooth_lora", "dreambooth_lora", prior_preservation=True, **_NETWORK),
-    # LoRA with regularization (docs/bench/regularization): class images of the class prompt, and style mode.
+    # LoRA with regularization (docs/bench/regularization): class images of the class prompt; style mode on
+    # captions that name everything but the style, and those captions alone.
     Recipe("lora_prior", "lora", prior_preservation=True, **_NETWORK),
-    Recipe("lora_style", "lora", prior_preservation=True, style=True, **_NETWORK),
+    Recipe("lora_style", "lora", prior_preservation=True, style=True, content_captions=True, **_NETWORK),
+    Recipe("lora_content", "lora", content_captions=True, **_NETWORK),
 )
 
 
@@ -149,8 +152,8 @@ def run_config(recipe: Recipe, concept: Concept, folder: Path, base: Path, class
     """The recipe's run with training seed `seed` on five pictures of `concept`, everything under `folder`."""
     prompts = prompts_for(concept, recipe.method)
     name = f"{recipe.key}_{concept.name}" if method_spec(recipe.method).uses_token else TI_TRIGGER
-    config = base_run_config(recipe.method, base, write_instances(folder / "images", concept, prompts), name=name,
-                             out=folder / "out", run_dir=folder / "run")
+    images = write_instances(folder / "images", concept, prompts, describe_content=recipe.content_captions)
+    config = base_run_config(recipe.method, base, images, name=name, out=folder / "out", run_dir=folder / "run")
     config.output.save_precision = "fp32"
     config.optimizer.lr, config.optimizer.text_encoder_lr = recipe.lr, recipe.text_encoder_lr
     config.network.rank, config.network.alpha, config.network.dora = recipe.rank, float(recipe.rank), recipe.dora

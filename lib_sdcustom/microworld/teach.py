@@ -22,7 +22,7 @@ from ..models.bundle import ModelBundle
 from ..training.conditioning import Conditioning
 from .judge import Judge
 from .quality import GUIDANCE, SAMPLE_STEPS
-from .world import IMAGE_SIZE, Concept, concept_scenes, render
+from .world import IMAGE_SIZE, Concept, Scene, concept_scenes, render
 
 IDENTIFIER = "sks"
 TI_TRIGGER = "skstoken"
@@ -62,14 +62,25 @@ def instance_images(concept: Concept, n: int = INSTANCE_IMAGES, seed: int = INST
     return [render(scene) for scene in concept_scenes(concept.name, seed, n)]
 
 
+def content_caption(scene: Scene, concept: Concept) -> str:
+    """A caption naming what the picture shows except the concept's own attributes, with the identifier where
+    they would go: 'a sks red circle on a gray background' for the outline style. How users caption a style
+    (everything but the style), so that the same words without the identifier ask for the base's look."""
+    color = "" if "color" in concept.target else f"{scene.color} "
+    noun = concept.class_noun if "shape" in concept.target else scene.shape
+    return f"a {IDENTIFIER} {color}{noun} on a {scene.background} background"
+
+
 def write_instances(folder: Path, concept: Concept, prompts: Prompts, *, n: int = INSTANCE_IMAGES,
-                    seed: int = INSTANCE_SEED) -> Path:
-    """`n` pictures of the concept, each with a same-stem .txt caption naming the identifier."""
+                    seed: int = INSTANCE_SEED, describe_content: bool = False) -> Path:
+    """`n` pictures of the concept, each with a same-stem .txt caption naming the identifier: 'a sks shape on a
+    gray background', or with `describe_content` the picture's other attributes too (`content_caption`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for index, scene in enumerate(concept_scenes(concept.name, seed, n)):
         render(scene).save(folder / f"{index:02d}.png")
-        (folder / f"{index:02d}.txt").write_text(prompts.caption(scene.background) + "\n", encoding="utf-8")
+        caption = content_caption(scene, concept) if describe_content else prompts.caption(scene.background)
+        (folder / f"{index:02d}.txt").write_text(caption + "\n", encoding="utf-8")
     return folder
 
 
