@@ -8,7 +8,7 @@ Small filesystems: a tmpfs mounted by the test (`mount -t tmpfs -o size=...`, ne
 is not permitted, those cases are skipped and their simulated twins (ENOSPC raised by the writer,
 read-only through permission bits for a non-root user) still run; the skip reason says so.
 
-Cases: 120 in the tables (CLI_CASES 86, INSPECT_CASES 16, API_CASES 12, PAGE_CASES 6) and 11 tests below them.
+Cases: 121 in the tables (CLI_CASES 87, INSPECT_CASES 16, API_CASES 12, PAGE_CASES 6) and 11 tests below them.
 
 CLI, image folder: missing; empty; only text files; a text file named .png; a 1x1 image; a file instead of a
 folder; a caption with bad bytes (stops, names the file and byte); a truncated PNG among good ones (trains,
@@ -22,8 +22,8 @@ fp16 on the CPU; an unknown optimizer (argparse); Textual Inversion name with a 
 width the model does not have, a layer structure not starting with 1, a dropout structure of the wrong length; a
 pivotal word CLIP knows, with a dot, or already an embedding's name (any case);
 DreamBooth without instance prompt, without class prompt, with fp8 base, in style mode; a class folder missing
-or empty without a class prompt, with an unreadable image, with an image without caption or class prompt; a
-negative prior weight; Textual Inversion with a class prompt; --dora with LoHa, with (IA)^3, with
+or empty without a class prompt, with an unreadable image, with an image without caption or class prompt; an
+empty class prompt file; a negative prior weight; Textual Inversion with a class prompt; --dora with LoHa, with (IA)^3, with
 fp8 base; OFT with fp8 base, rank 1; BOFT rank 8 (SD's widths need 10), rank 11; zero-terminal-SNR on an epsilon
 model; names '../x', '', 'a|b', 'CON', '.hidden'.
 CLI, files: base missing; base a non-SD safetensors; base a .ckpt carrying a pickled object; base a
@@ -406,6 +406,8 @@ CLI_CASES = [
          "bad.png cannot be", "Remove or replace it"),
     Case("class image without caption", lambda ws: ws.train("--class-data", str(ws.folder(
         "reg", {"r.png": (ws.images / "img0.png").read_bytes()}))), 2, "has no caption", "--class-prompt"),
+    Case("class prompt file empty", lambda ws: ws.train("--class-prompt-file", str(ws.folder("p", {"p.txt": b"\n"}) /
+                                                                        "p.txt")), 2, "has no prompts", "one prompt per line"),
     Case("prior weight negative", lambda ws: ws.train("--class-prompt", "a dog", "--prior-weight", "-1"), 2,
          "--prior-weight is -1.0", "weight >= 0"),
     Case("textual inversion with class images", lambda ws: ws.train("--method", "textual_inversion", "--class-prompt",

@@ -29,7 +29,7 @@ from lib_sdcustom.ui import form
 
 CLASS = "a photo of a dog"
 CHANGED = {"prior_preservation": False, "class_prompt": "a photo of a cat", "prior_weight": 0.5,
-           "num_class_images": 7, "class_data": "reg", "class_sample_steps": 9, "class_guidance": 3.5, "style": True}
+           "num_class_images": 7, "class_prompt_file": "prompts.txt", "class_data": "reg", "class_sample_steps": 9, "class_guidance": 3.5, "style": True}
 
 
 def test_every_regularization_setting_reaches_the_cli_the_preset_the_tab_and_the_api(tmp_path):
@@ -83,7 +83,14 @@ def test_style_captions_keep_the_trigger_and_class_prompts_are_the_captions_with
     captions = ["a sks circle on gray", "sks, a square", "a sks circle on gray", "sks"]
     assert class_prompts(options, captions, "sks") == ["a shape", "a circle on gray", "a square", ""]
     assert class_prompts(PriorOptions(class_prompt=CLASS), captions, "sks") == [CLASS]
-    assert split_count(40, 3) == [14, 13, 13] and split_count(2, 3) == [1, 1, 1]
+
+
+def test_a_prompt_file_adds_its_lines_to_the_class_prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red circle\n\n a tree \n", encoding="utf-8")
+    options = PriorOptions(class_prompt="a shape", class_prompt_file=str(path), style=True)
+    assert class_prompts(options, ["a sks square"], "sks") == ["a shape", "a square", "a red circle", "a tree"]
+    assert split_count(40, 3) == [14, 13, 13] and split_count(2, 3) == [1, 1, 0]
 
 
 def _record(path: Path, caption: str) -> ImageRecord:

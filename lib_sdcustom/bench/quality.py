@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -53,7 +54,7 @@ from ..files import write_atomically, write_text_atomically
 from ..methods.registry import method_spec
 from ..microworld.judge import Judge, load_judge
 from ..microworld.model import shipped_checkpoint, text_encoder_folder_name
-from ..microworld.quality import GUIDANCE, SAMPLE_STEPS
+from ..microworld.quality import GUIDANCE, SAMPLE_STEPS, caption_scenes, full_caption
 from ..microworld.teach import (IDENTIFIER, INSTANCE_IMAGES, TI_TRIGGER, Prompts, Sampler, base_run_config, instance_images,
                                 prompts_for, sampler, subject_hits, trained_sampler, write_instances)
 from ..microworld.world import BENCH_CONCEPTS, CONCEPTS, IMAGE_SIZE, Concept, ConceptKind, Role
@@ -99,6 +100,7 @@ class Recipe:
     class_images: int = CLASS_IMAGES  # used with prior preservation
     style: bool = False  # networks: --style (class images of the captions without the trigger)
     content_captions: bool = False  # captions name each picture's other attributes (`teach.content_caption`)
+    varied_prompts: bool = False  # class images also of `varied_prompts()` (--class-prompt-file)
 
 
 # Tuned on the bundled model with the heart (docs/bench/tuning.md): networks bind the made-up 'sks' through
@@ -126,6 +128,8 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("lora_prior", "lora", prior_preservation=True, **_NETWORK),
     Recipe("lora_style", "lora", prior_preservation=True, style=True, content_captions=True, **_NETWORK),
     Recipe("lora_content", "lora", content_captions=True, **_NETWORK),
+    Recipe("lora_style_varied", "lora", prior_preservation=True, style=True, content_captions=True,
+           varied_prompts=True, class_images=2 * CLASS_IMAGES, **_NETWORK),
 )
 
 
@@ -168,7 +172,18 @@ def run_config(recipe: Recipe, concept: Concept, folder: Path, base: Path, class
     prior.class_sample_steps, prior.class_guidance, prior.class_data = SAMPLE_STEPS, GUIDANCE, str(class_folder)
     if recipe.style:  # the identifier alone is the trigger: 'a sks shape on a gray background' -> 'a shape on ...'
         config.data.default_caption = IDENTIFIER
+    if recipe.varied_prompts:
+        prior.class_prompt_file = str(write_text_atomically(folder / "class_prompts.txt", "\n".join(varied_prompts())))
     return config
+
+
+def varied_prompts(seed: int = 0) -> list[str]:
+    """Plain prompts of varied content for a style's class images: every full caption pretraining knows ('a red
+    circle on a gray background'), shuffled, without the benchmark's own prompts without the trigger."""
+    held_out = {prompt for prompt, _ in UNRELATED}
+    prompts = [caption for caption in map(full_caption, caption_scenes()) if caption not in held_out]
+    random.Random(seed).shuffle(prompts)
+    return prompts
 
 
 # ----------------------------------------------------------------------------------------------- scores

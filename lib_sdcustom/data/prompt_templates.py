@@ -41,12 +41,20 @@ def load_templates(spec: str) -> tuple[str, ...]:
     if not path.is_file():
         raise ConfigError(f"The template {spec!r} is neither {', '.join(BUILT_IN)} nor an existing file.",
                           "Pick a built-in template or give the path of a text file with one prompt per line.")
+    return prompt_lines(path, "template file", "Write one prompt per line, using [name] and [filewords].")
+
+
+def prompt_lines(path: Path, what: str, fix: str) -> tuple[str, ...]:
+    """The non-empty lines of a UTF-8 prompt file; `what` names the file and `fix` says how to fill it."""
     try:
         lines = tuple(line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip())
     except UnicodeDecodeError as error:
-        raise ConfigError(f"The template file {path} is not UTF-8 text.", "Save it as UTF-8.") from error
+        raise ConfigError(f"The {what} {path} is not UTF-8 text.", "Save it as UTF-8.") from error
+    except OSError as error:
+        raise ConfigError(f"The {what} {path} cannot be read ({error.strerror or error}).",
+                          "Check the path and the file's permissions.") from error
     if not lines:
-        raise ConfigError(f"The template file {path} has no prompts.", "Write one prompt per line, using [name] and [filewords].")
+        raise ConfigError(f"The {what} {path} has no prompts.", fix)
     return lines
 
 

@@ -18,7 +18,7 @@ from ..config import RunConfig
 from ..errors import ConfigError
 
 #: (section, field) of every setting that names a file or folder.
-PATH_SETTINGS = (("model", "base"), ("data", "data"), ("prior", "class_data"), ("output", "out"),
+PATH_SETTINGS = (("model", "base"), ("data", "data"), ("prior", "class_data"), ("prior", "class_prompt_file"), ("output", "out"),
                  ("output", "run_dir"), ("output", "embeddings_dir"), ("textual_inversion", "template"))
 _TEMPLATE_WORDS = {"object", "style", "captions"}
 

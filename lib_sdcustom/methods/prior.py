@@ -25,7 +25,7 @@ from ..config import PriorOptions, RunConfig
 from ..data.class_images import ClassImageRecipe, is_user_folder, prepare_class_images, user_class_images
 from ..data.dataset import size_conditioning
 from ..data.latent_cache import LatentCache
-from ..data.prompt_templates import without_phrase
+from ..data.prompt_templates import prompt_lines, without_phrase
 from ..data.scan import ImageRecord
 from ..errors import DatasetError, TrainingStopped
 from ..events import PhaseProgress
@@ -134,26 +134,36 @@ def style_caption(caption: str, trigger: str) -> str:
 
 
 def class_prompts(options: PriorOptions, captions: Sequence[str], trigger: str) -> list[str]:
-    """What generated class images show: the class prompt, and in style mode every distinct training caption
-    without the trigger phrase (in first-seen order, so the same data gives the same images)."""
+    """What generated class images show: the class prompt, in style mode every distinct training caption without
+    the trigger phrase, then the prompt file's lines (in first-seen order, so the same data gives the same
+    images; with more prompts than class images the file's last lines go unused)."""
     prompts = [options.class_prompt.strip()] if options.class_prompt.strip() else []
     if options.style:
         prompts += [without_phrase(caption, trigger) for caption in captions]
+    if options.class_prompt_file:
+        prompts += prompt_file(options.class_prompt_file)
     return list(dict.fromkeys(prompts))
 
 
 def split_count(total: int, parts: int) -> list[int]:
-    """`total` images shared out over `parts` prompts as evenly as whole numbers allow (each at least one)."""
-    return [max(1, total // parts + (i < total % parts)) for i in range(parts)]
+    """`total` images shared out over `parts` prompts as evenly as whole numbers allow (the first prompts get
+    the odd ones; with more prompts than images the last get none)."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def prompt_file(path: str) -> tuple[str, ...]:
+    return prompt_lines(Path(path), "class prompt file (--class-prompt-file)", "Write one prompt per line.")
 
 
 def class_folder(config: RunConfig, run_dir: Path) -> Path:
     return Path(config.prior.class_data) if config.prior.class_data else Path(run_dir) / CLASS_IMAGES_FOLDER
 
 
-def check_class_folder(options: PriorOptions) -> None:
-    """Before the model loads: the user's class folder is readable and every image in it usable and captioned,
-    or there is a prompt to generate class images from."""
+def check_class_sources(options: PriorOptions) -> None:
+    """Before the model loads: the prompt file has prompts; the user's class folder is readable and every image
+    in it usable and captioned, or there is a prompt to generate class images from."""
+    if options.class_prompt_file:
+        prompt_file(options.class_prompt_file)
     if not options.class_data:
         return
     folder = Path(options.class_data)
@@ -162,7 +172,7 @@ def check_class_folder(options: PriorOptions) -> None:
                            "Give a folder of class images, or leave --class-data empty to have them generated.")
     if is_user_folder(folder):
         user_class_images(folder, options.class_prompt.strip(), options.num_class_images)
-    elif not (options.class_prompt.strip() or options.style):
+    elif not (options.class_prompt.strip() or options.class_prompt_file or options.style):
         state = "does not exist" if not folder.exists() else "holds no images"
         raise DatasetError(f"The class image folder {folder} (--class-data) {state}, and there is no class prompt to "
                            "generate class images from.",
@@ -179,7 +189,7 @@ class PriorMixin:
     @classmethod
     def check_before_load(cls, config: RunConfig) -> None:
         if config.prior.enabled():
-            check_class_folder(config.prior)
+            check_class_sources(config.prior)
 
     def class_prior(self, source: BatchSource) -> ClassPrior | None:
         """The class half of every batch, or None when there are no class images to train on. Generating class
@@ -206,6 +216,8 @@ class PriorMixin:
         self.set_training(False)  # type: ignore[attr-defined]  # sample from the base as it is (no dropout)
         records: list[ImageRecord] = []
         for prompt, count in zip(prompts, split_count(options.num_class_images, len(prompts))):
+            if not count:
+                break
             recipe = ClassImageRecipe(prompt=prompt, base=bundle.identity.sha256 or bundle.identity.name, width=size,
                                       height=size, steps=options.class_sample_steps, guidance=options.class_guidance,
                                       clip_skip=config.model.clip_skip)
@@ -223,8 +235,12 @@ class PriorMixin:
         options = self.config.prior
         if not options.enabled():
             return "no prior preservation"
-        source = (f"the images in {options.class_data}" if options.class_data and is_user_folder(Path(options.class_data))
-                  else f"{options.num_class_images} images of {options.class_prompt.strip()!r}" if not options.style
-                  else f"{options.num_class_images} images of the captions without {self.context.trigger_phrase!r}")
+        if options.class_data and is_user_folder(Path(options.class_data)):
+            source = f"the images in {options.class_data}"
+        else:
+            shown = [f"{options.class_prompt.strip()!r}" if options.class_prompt.strip() else "",
+                     f"the prompts in {options.class_prompt_file}" if options.class_prompt_file else "",
+                     f"the captions without {self.context.trigger_phrase!r}" if options.style else ""]
+            source = f"{options.num_class_images} images of {' and '.join(part for part in shown if part)}"
         style = "style mode, " if options.style else ""
         return f"{style}prior preservation with {source} (weight {options.prior_weight})"
