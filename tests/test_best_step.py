@@ -27,18 +27,22 @@ def selecting_config(tiny_checkpoint: Path, images: Path, out: Path, *, steps: i
     return config
 
 
-def test_combine_rewards_removed_instance_error_and_charges_added_class_error():
-    reference = ProbeErrors(instance=0.5, drift=0.2)
-    better = combine(3, ProbeErrors(instance=0.25, drift=0.2), reference)
+def test_combine_compares_each_timestep_with_the_start_and_charges_added_class_error():
+    reference = ProbeErrors(instance=(0.8, 0.2), drift=(0.4, 0.2))
+    better = combine(3, ProbeErrors(instance=(0.4, 0.1), drift=(0.4, 0.2)), reference)
     assert (better.fidelity, better.drift, better.score) == pytest.approx((0.5, 0.0, 0.5))
-    drifted = combine(4, ProbeErrors(instance=0.25, drift=0.3), reference)
+    low_noise_only = combine(3, ProbeErrors(instance=(0.4, 0.2), drift=(0.4, 0.2)), reference)
+    assert low_noise_only.fidelity == pytest.approx(0.75), "each timestep counts the same, whatever its error size"
+    drifted = combine(4, ProbeErrors(instance=(0.4, 0.1), drift=(0.6, 0.3)), reference)
     assert drifted.drift == pytest.approx(0.5) and drifted.score == pytest.approx(0.0)
-    less_class_error = combine(5, ProbeErrors(instance=0.5, drift=0.1), reference)
+    less_class_error = combine(5, ProbeErrors(instance=(0.8, 0.2), drift=(0.2, 0.1)), reference)
     assert less_class_error.score == pytest.approx(0.0), "a class error below the start earns nothing"
 
 
 def test_best_takes_the_highest_score_and_the_earlier_step_on_a_tie():
-    scores = [StepScore(2, 0.9, 0.0, 0.1), StepScore(4, 0.5, 0.1, 0.4), StepScore(6, 0.5, 0.1, 0.4)]
+    errors = ProbeErrors((1.0,), (1.0,))
+    scores = [StepScore(2, 0.9, 0.0, 0.1, errors), StepScore(4, 0.5, 0.1, 0.4, errors),
+              StepScore(6, 0.5, 0.1, 0.4, errors)]
     assert best(scores).step == 4
 
 
@@ -91,7 +95,8 @@ def test_resume_gives_the_same_weights_and_scores(tiny_checkpoint, image_folder,
                      for config in (whole, halves))
     assert [item["step"] for item in second["scores"]] == [2, 4, 6, 8]
     for a, b in zip(first["scores"], second["scores"]):
-        assert b == pytest.approx(a, abs=1e-5)
+        assert b["score"] == pytest.approx(a["score"], abs=1e-5)
+        assert b["errors"]["instance"] == pytest.approx(a["errors"]["instance"], abs=1e-5)
 
 
 def test_the_best_scoring_export_becomes_the_result_and_its_card_records_the_scores(tiny_checkpoint, image_folder,
@@ -99,7 +104,7 @@ def test_the_best_scoring_export_becomes_the_result_and_its_card_records_the_sco
     chosen = 4
 
     def scores_favouring_step_four(step: int, errors: ProbeErrors, reference: ProbeErrors) -> StepScore:
-        return StepScore(step, errors.instance / reference.instance, 0.0, 1.0 if step == chosen else 0.0)
+        return StepScore(step, 1.0, 0.0, 1.0 if step == chosen else 0.0, errors)
 
     monkeypatch.setattr(best_step, "combine", scores_favouring_step_four)
     events: list[object] = []
@@ -112,8 +117,8 @@ def test_the_best_scoring_export_becomes_the_result_and_its_card_records_the_sco
     assert kept.keys() == intermediate.keys()
     for key in kept:
         torch.testing.assert_close(kept[key], intermediate[key], atol=0, rtol=0)
-    final = trained_state(Path(config.output.run_dir))
-    assert any(not torch.equal(kept[key], final[key]) for key in kept.keys() & final.keys()), "the last step differs"
+    last = load_file(str(target.parent / f"{target.stem}-steps" / f"{target.stem}-step00000006.safetensors"))
+    assert any(not torch.equal(kept[key], last[key]) for key in kept), "the last step, kept beside the others, differs"
 
     with open(target.with_suffix(".json"), encoding="utf-8") as handle:
         card = json.load(handle)[best_step.CARD_KEY]

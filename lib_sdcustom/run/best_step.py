@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..data.buckets import image_to_tensor
-from ..events import BestStepKept, StepScored
+from ..events import BestStepKept, FileSaved, StepScored
 from ..files import write_atomically, write_text_atomically
 from ..methods.base import Method
 from ..sampling import generate
@@ -78,10 +78,10 @@ class BestStepSelector:
             return selector
         record = json.loads((folder / "record.json").read_text(encoding="utf-8"))
         kept = record["kept_step"] if record["kept_step"] is not None and record["kept_step"] <= resumed_step else None
-        scores = [StepScore(**item) for item in record["scores"] if item["step"] <= resumed_step]
+        scores = [StepScore.from_dict(item) for item in record["scores"] if item["step"] <= resumed_step]
         for score in scores:
             context.bus.emit(StepScored(score.step, score.fidelity, score.drift, score.score))
-        return cls(method, context, scorer, reference=ProbeErrors(**record["reference"]), scores=scores, kept_step=kept)
+        return cls(method, context, scorer, reference=ProbeErrors.from_dict(record["reference"]), scores=scores, kept_step=kept)
 
     # ----- during the run -----
     def score(self, step: int) -> StepScore:
@@ -104,11 +104,15 @@ class BestStepSelector:
         self.method.set_training(True)
 
     # ----- at the end -----
-    def finish(self, final_step: int) -> int:
-        """Score the last step and load the best state into the method (eval mode); the step to export."""
+    def finish(self, final_step: int, export_step: Callable[[int], list[Path]]) -> int:
+        """Score the last step and load the best state into the method (eval mode); the step to export. When
+        an earlier step wins, the last one is exported beside the other steps first (`export_step`), so every
+        scored state stays in the run's steps folder."""
         self.score(final_step)
         chosen = best(self.scores).step
         if chosen != final_step:
+            for path in export_step(final_step):
+                self.context.bus.emit(FileSaved(path, "intermediate"))
             self.method.load_trainable_state(load_file(str(self.folder / "trainable.safetensors")))
         self.context.bus.emit(BestStepKept(chosen, final_step))
         return chosen

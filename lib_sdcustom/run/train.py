@@ -99,8 +99,11 @@ def train(run: RunConfig | RunPlan, *, callbacks: Iterable[Callback] = (), cance
         previews = PreviewRenderer(context, bus, encode=method.encode_captions)
         selector: BestStepSelector | None = None
 
+        def export_step(step: int) -> list[Path]:
+            return method.export(method.intermediate_path(plan.target, step), step=step)
+
         def export_intermediate(step: int) -> list[Path]:
-            written = method.export(method.intermediate_path(plan.target, step), step=step)
+            written = export_step(step)
             if selector is not None:
                 selector.score_during_training(step)
             return written
@@ -125,7 +128,7 @@ def train(run: RunConfig | RunPlan, *, callbacks: Iterable[Callback] = (), cance
         method.set_training(False)
         outputs: list[Path] = []
         if accelerator.is_main_process:
-            kept = selector.finish(result.step) if selector is not None else result.step
+            kept = selector.finish(result.step, export_step) if selector is not None else result.step
             preview = previews.render(kept)
             outputs = _export(method, plan.target, kept, preview, loop.last_state, run_dir)
             if selector is not None:

@@ -32,8 +32,11 @@ from . import objectives
 from .batches import Batch, BatchSource, uncropped_sizes
 from .conditioning import Conditioning
 
-#: Evenly spread timesteps (as fractions of the schedule) at which every picture is noised; one noise each.
+#: Evenly spread timesteps (as fractions of the schedule) at which every picture is noised, each with
+#: `NOISES_PER_TIMESTEP` fixed noises. Errors are compared timestep by timestep (an epsilon model's error is far
+#: larger at low noise, where little of a subject's identity is decided), then averaged.
 PROBE_TIMESTEPS = (0.125, 0.375, 0.625, 0.875)
+NOISES_PER_TIMESTEP = 2
 #: At most this many instance pictures are probed (a handful of exports x pictures x timesteps stays cheap).
 MAX_INSTANCE_PICTURES = 16
 #: Base-model samples of the class prompt on which drift is measured.
@@ -45,32 +48,45 @@ DRIFT_WEIGHT = 1.0
 
 
 @dataclass(frozen=True)
+class ProbeErrors:
+    """Mean denoising errors of one state per probe timestep: on the instance pictures and the class samples."""
+
+    instance: tuple[float, ...]
+    drift: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"instance": list(self.instance), "drift": list(self.drift)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ProbeErrors":
+        return cls(tuple(data["instance"]), tuple(data["drift"]))
+
+
+@dataclass(frozen=True)
 class StepScore:
     step: int
     fidelity: float  # instance denoising error / the starting point's (lower is better)
     drift: float  # class denoising error / the starting point's - 1 (0 = unchanged, higher is worse)
     score: float  # higher is better
+    errors: ProbeErrors  # the raw errors behind them
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "errors": self.errors.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StepScore":
+        return cls(**{**data, "errors": ProbeErrors.from_dict(data["errors"])})
 
 
-@dataclass(frozen=True)
-class ProbeErrors:
-    """Raw mean denoising errors of one state: on the instance pictures and on the class samples."""
-
-    instance: float
-    drift: float
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+def _ratio(errors: tuple[float, ...], reference: tuple[float, ...]) -> float:
+    return sum(error / start for error, start in zip(errors, reference)) / len(reference)
 
 
 def combine(step: int, errors: ProbeErrors, reference: ProbeErrors, drift_weight: float = DRIFT_WEIGHT) -> StepScore:
     """The step's score from its errors and the starting point's (see module doc)."""
-    fidelity = errors.instance / reference.instance
-    drift = errors.drift / reference.drift - 1.0
-    return StepScore(step, fidelity, drift, (1.0 - fidelity) - drift_weight * max(drift, 0.0))
+    fidelity = _ratio(errors.instance, reference.instance)
+    drift = _ratio(errors.drift, reference.drift) - 1.0
+    return StepScore(step, fidelity, drift, (1.0 - fidelity) - drift_weight * max(drift, 0.0), errors)
 
 
 def best(scores: list[StepScore]) -> StepScore:
@@ -91,11 +107,12 @@ class _Probe:
 
 
 def _noised(batch: Batch, generator: torch.Generator, num_timesteps: int, bundle: ModelBundle) -> _Probe:
-    """`batch` repeated once per probe timestep, each copy with its own fixed noise."""
+    """`batch` repeated for every probe (timestep, noise) pair, timestep-major."""
     count = batch.latents.shape[0]
-    repeats = len(PROBE_TIMESTEPS)
+    repeats = len(PROBE_TIMESTEPS) * NOISES_PER_TIMESTEP
     latents = batch.latents.float().repeat(repeats, 1, 1, 1)
-    timesteps = torch.tensor([int(fraction * num_timesteps) for fraction in PROBE_TIMESTEPS]).repeat_interleave(count)
+    timesteps = torch.tensor([int(fraction * num_timesteps) for fraction in PROBE_TIMESTEPS])
+    timesteps = timesteps.repeat_interleave(NOISES_PER_TIMESTEP * count)
     noise = torch.randn(latents.shape, generator=generator)
     sizes = (batch.sizes if batch.sizes is not None else uncropped_sizes(batch.latents, bundle)) * repeats
     masks = None if batch.masks is None else batch.masks.repeat(repeats, 1, 1, 1)
@@ -141,7 +158,8 @@ class StepScorer:
         self.class_probe = _noised(class_batch, generator, num_timesteps, bundle)
 
     @torch.no_grad()
-    def _error(self, probe: _Probe) -> float:
+    def _errors(self, probe: _Probe) -> torch.Tensor:
+        """Per-sample errors as [timestep, noise x picture]."""
         device = self.bundle.unet.device
         latents = probe.latents.to(device)
         noise, timesteps = probe.noise.to(device), probe.timesteps
@@ -150,10 +168,10 @@ class StepScorer:
             conditioning = self.encode(probe.captions).to(noisy.dtype)
             prediction = self.bundle.unet(noisy, timesteps.to(device), **conditioning.unet_kwargs(probe.sizes)).sample
         target = objectives.training_target(self.bundle.prediction_type, latents, noise, timesteps, self.alphas_cumprod)
-        return float(objectives.per_sample_mse(prediction, target, probe.masks).mean())
+        return objectives.per_sample_mse(prediction, target, probe.masks).cpu().reshape(len(PROBE_TIMESTEPS), -1)
 
     def measure(self) -> ProbeErrors:
         """The current state's errors; the caller puts trainable parts in eval mode first."""
-        pictures = sum(probe.latents.shape[0] for probe in self.instance_probes)
-        instance = sum(self._error(probe) * probe.latents.shape[0] for probe in self.instance_probes) / pictures
-        return ProbeErrors(instance=instance, drift=self._error(self.class_probe))
+        instance = torch.cat([self._errors(probe) for probe in self.instance_probes], dim=1).mean(dim=1)
+        drift = self._errors(self.class_probe).mean(dim=1)
+        return ProbeErrors(tuple(instance.tolist()), tuple(drift.tolist()))
