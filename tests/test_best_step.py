@@ -126,3 +126,20 @@ def test_the_best_scoring_export_becomes_the_result_and_its_card_records_the_sco
     assert [item["step"] for item in card["scores"]] == [2, 4, 6]
     assert [item["score"] for item in card["scores"]] == [0.0, 1.0, 0.0]
     assert BestStepKept(chosen, 6) in events
+
+
+def test_the_tab_and_the_api_status_show_the_scores_per_step_and_the_kept_step():
+    from lib_sdcustom.events import CancelToken
+    from lib_sdcustom.run.manager import FINISHED, _Run
+    from lib_sdcustom.ui.render import result_html
+
+    record = _Run(selecting_config(Path("base.safetensors"), Path("images"), Path("out")), CancelToken(), "the tab")
+    for step, score in ((2, 0.1), (4, 0.3), (6, 0.2)):
+        record.on_event(StepScored(step, 1 - score, 0.0, score))
+    record.on_event(BestStepKept(4, 6))
+    record.update(state=FINISHED, result="out/test_lora.safetensors")
+    status = record.snapshot()
+    assert status.to_dict()["kept_step"] == 4 and [item["step"] for item in status.to_dict()["step_scores"]] == [2, 4, 6]
+    page = result_html(status)
+    assert "<tr data-step='4' data-kept='true'><td>4 (kept)</td><td>0.300</td>" in page
+    assert page.count("data-kept") == 1 and "<tr data-step='6'><td>6</td><td>0.200</td>" in page
