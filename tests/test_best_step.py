@@ -143,3 +143,20 @@ def test_the_tab_and_the_api_status_show_the_scores_per_step_and_the_kept_step()
     page = result_html(status)
     assert "<tr data-step='4' data-kept='true'><td>4 (kept)</td><td>0.300</td>" in page
     assert page.count("data-kept") == 1 and "<tr data-step='6'><td>6</td><td>0.200</td>" in page
+
+
+@pytest.mark.parametrize("method", ["dreambooth_lora", "dreambooth", "textual_inversion"])
+def test_selection_scores_the_instance_pictures_of_every_kind_of_method(tiny_checkpoint, image_folder, tmp_path, method):
+    """Prior preservation adds class pictures to each batch and Textual Inversion turns captions into its
+    templates: the probe still finds the instance pictures and the prompts they train with."""
+    from test_dreambooth import make_config as dreambooth_config
+
+    config = dreambooth_config(tiny_checkpoint, image_folder, tmp_path, method=method, steps=4)
+    if method == "textual_inversion":
+        config.output.name = "zkword"
+    config.training.save_every, config.training.select_best_step = 2, True
+    result = train(config)
+    summary = json.loads((Path(config.output.run_dir) / best_step.SCORES_FILE).read_text())
+    assert [item["step"] for item in summary["scores"]] == [2, 4] and summary["kept_step"] in (2, 4)
+    assert all(0 < item["fidelity"] < 10 for item in summary["scores"])
+    assert result.outputs[0].exists()
