@@ -61,6 +61,7 @@ class StepScored:
     step: int
     fidelity: float
     drift: float
+    leak: float
     score: float
 
 

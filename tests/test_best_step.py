@@ -15,7 +15,7 @@ from lib_sdcustom.errors import ConfigError, TrainingStopped
 from lib_sdcustom.events import BestStepKept, StepScored
 from lib_sdcustom.run import best_step, train as train_module
 from lib_sdcustom.run.train import train
-from lib_sdcustom.training.step_selection import ProbeErrors, StepScore, best, combine
+from lib_sdcustom.training.step_selection import DRIFT_WEIGHT, LEAK_WEIGHT, ProbeErrors, StepScore, best, combine
 from test_train_network import make_config, trained_state
 
 
@@ -27,22 +27,24 @@ def selecting_config(tiny_checkpoint: Path, images: Path, out: Path, *, steps: i
     return config
 
 
-def test_combine_compares_each_timestep_with_the_start_and_charges_added_class_error():
-    reference = ProbeErrors(instance=(0.8, 0.2), drift=(0.4, 0.2))
-    better = combine(3, ProbeErrors(instance=(0.4, 0.1), drift=(0.4, 0.2)), reference)
-    assert (better.fidelity, better.drift, better.score) == pytest.approx((0.5, 0.0, 0.5))
-    low_noise_only = combine(3, ProbeErrors(instance=(0.4, 0.2), drift=(0.4, 0.2)), reference)
+def test_combine_compares_each_timestep_with_the_start_and_charges_what_the_class_lost():
+    reference = ProbeErrors(instance=(0.8, 0.2), drift=(0.4, 0.2), leak=(1.0, 0.5))
+    better = combine(3, ProbeErrors(instance=(0.4, 0.1), drift=(0.4, 0.2), leak=(1.0, 0.5)), reference)
+    assert (better.fidelity, better.drift, better.leak, better.score) == pytest.approx((0.5, 0.0, 0.0, 0.5))
+    low_noise_only = combine(3, ProbeErrors(instance=(0.4, 0.2), drift=(0.4, 0.2), leak=(1.0, 0.5)), reference)
     assert low_noise_only.fidelity == pytest.approx(0.75), "each timestep counts the same, whatever its error size"
-    drifted = combine(4, ProbeErrors(instance=(0.4, 0.1), drift=(0.6, 0.3)), reference)
-    assert drifted.drift == pytest.approx(0.5) and drifted.score == pytest.approx(0.0)
-    less_class_error = combine(5, ProbeErrors(instance=(0.8, 0.2), drift=(0.2, 0.1)), reference)
+    drifted = combine(4, ProbeErrors(instance=(0.4, 0.1), drift=(0.6, 0.3), leak=(1.0, 0.5)), reference)
+    assert drifted.drift == pytest.approx(0.5) and drifted.score == pytest.approx(0.5 - DRIFT_WEIGHT * 0.5)
+    leaked = combine(4, ProbeErrors(instance=(0.4, 0.1), drift=(0.4, 0.2), leak=(0.5, 0.25)), reference)
+    assert leaked.leak == pytest.approx(0.5) and leaked.score == pytest.approx(0.5 - LEAK_WEIGHT * 0.5)
+    less_class_error = combine(5, ProbeErrors(instance=(0.8, 0.2), drift=(0.2, 0.1), leak=(2.0, 1.0)), reference)
     assert less_class_error.score == pytest.approx(0.0), "a class error below the start earns nothing"
 
 
 def test_best_takes_the_highest_score_and_the_earlier_step_on_a_tie():
-    errors = ProbeErrors((1.0,), (1.0,))
-    scores = [StepScore(2, 0.9, 0.0, 0.1, errors), StepScore(4, 0.5, 0.1, 0.4, errors),
-              StepScore(6, 0.5, 0.1, 0.4, errors)]
+    errors = ProbeErrors((1.0,), (1.0,), (1.0,))
+    scores = [StepScore(2, 0.9, 0.0, 0.0, 0.1, errors), StepScore(4, 0.5, 0.1, 0.0, 0.4, errors),
+              StepScore(6, 0.5, 0.1, 0.0, 0.4, errors)]
     assert best(scores).step == 4
 
 
@@ -104,7 +106,7 @@ def test_the_best_scoring_export_becomes_the_result_and_its_card_records_the_sco
     chosen = 4
 
     def scores_favouring_step_four(step: int, errors: ProbeErrors, reference: ProbeErrors) -> StepScore:
-        return StepScore(step, 1.0, 0.0, 1.0 if step == chosen else 0.0, errors)
+        return StepScore(step, 1.0, 0.0, 0.0, 1.0 if step == chosen else 0.0, errors)
 
     monkeypatch.setattr(best_step, "combine", scores_favouring_step_four)
     events: list[object] = []
@@ -135,13 +137,13 @@ def test_the_tab_and_the_api_status_show_the_scores_per_step_and_the_kept_step()
 
     record = _Run(selecting_config(Path("base.safetensors"), Path("images"), Path("out")), CancelToken(), "the tab")
     for step, score in ((2, 0.1), (4, 0.3), (6, 0.2)):
-        record.on_event(StepScored(step, 1 - score, 0.0, score))
+        record.on_event(StepScored(step, 1 - score, 0.0, 0.0, score))
     record.on_event(BestStepKept(4, 6))
     record.update(state=FINISHED, result="out/test_lora.safetensors")
     status = record.snapshot()
     assert status.to_dict()["kept_step"] == 4 and [item["step"] for item in status.to_dict()["step_scores"]] == [2, 4, 6]
     page = result_html(status)
-    assert "<tr data-step='4' data-kept='true'><td>4 (kept)</td><td>0.300</td>" in page
+    assert "<tr data-step='4' data-kept='true'><td>4 (kept)</td><td>0.300</td>" in page and "<th>leak</th>" in page
     assert page.count("data-kept") == 1 and "<tr data-step='6'><td>6</td><td>0.200</td>" in page
 
 

@@ -12,8 +12,9 @@ sampler and seeds) and rates it with one combined score:
 turned into the concept beyond what the base model draws). A run agrees when the judge score of the step the
 self-check chose is within `TOLERANCE` of the judge's best step in that run.
 
-The self-check's parts (fidelity, drift) are stored per step, so the table also shows the agreement the
-score would reach with other drift weights; the shipped weight is `step_selection.DRIFT_WEIGHT`.
+The self-check's raw errors are stored per step, so the table also shows the agreement the score would reach
+with other weights of its drift and leak terms; the shipped ones are `step_selection.DRIFT_WEIGHT` and
+`LEAK_WEIGHT`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from ..microworld.model import shipped_checkpoint, text_encoder_folder_name
 from ..microworld.teach import prompts_for, sampler, subject_hits, trained_sampler
 from ..microworld.world import CONCEPTS, Concept
 from ..run.best_step import SCORES_FILE
-from ..training.step_selection import DRIFT_WEIGHT, StepScore, best, combine, ProbeErrors
+from ..training.step_selection import DRIFT_WEIGHT, LEAK_WEIGHT, ProbeErrors, StepScore, best, combine
 from .quality import Recipe, recipes_named, run_config, sample_groups
 
 logger = logging.getLogger(__name__)
@@ -51,8 +52,8 @@ CONCEPT_NAMES = ("outlined_purple_heart", "red_circle", "yellow_style")
 SEEDS = (0, 1)
 SAMPLES = 32
 SAVE_EVERY = 100
-#: Drift weights the table also tries on the stored parts of the self-check.
-WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0)
+#: (drift, leak) weights the table also tries on the stored errors of the self-check.
+WEIGHTS = tuple((drift, leak) for drift in (0.0, 0.5, 1.0, 2.0) for leak in (0.0, 0.5, 1.0, 2.0))
 
 
 def judge_score(subject: float, class_subject: float, base_class_subject: float) -> float:
@@ -101,10 +102,12 @@ def one_run(recipe: Recipe, concept: Concept, seed: int, workdir: Path, base: Pa
             "reference": summary["reference"], "steps": steps, "train_seconds": seconds}
 
 
-def agrees(run: dict[str, Any], weight: float) -> tuple[bool, int]:
-    """Whether the step the self-check picks with `weight` scores within `TOLERANCE` of the judge's best; and that step."""
+def agrees(run: dict[str, Any], weights: Sequence[float]) -> tuple[bool, int]:
+    """Whether the step the self-check picks with (drift, leak) `weights` scores within `TOLERANCE` of the
+    judge's best; and that step."""
     reference = ProbeErrors.from_dict(run["reference"])
-    rescored = [combine(item["step"], ProbeErrors.from_dict(item["errors"]), reference, weight) for item in run["steps"]]
+    rescored = [combine(item["step"], ProbeErrors.from_dict(item["errors"]), reference, *weights)
+                for item in run["steps"]]
     chosen = best(rescored).step
     judged = {item["step"]: item["judge"] for item in run["steps"]}
     return judged[chosen] >= max(judged.values()) - TOLERANCE, chosen
@@ -124,20 +127,21 @@ def markdown(report: dict[str, Any]) -> str:
     for run in runs:
         judged = {item["step"]: item["judge"] for item in run["steps"]}
         top = max(judged, key=lambda step: judged[step])
-        ok, chosen = agrees(run, settings["drift_weight"])
+        ok, chosen = agrees(run, settings["weights"])
         per_step = ", ".join(f"{step}: {value:.2f}" for step, value in judged.items())
         lines.append(f"| {run['method']} | {run['concept']} | {run['seed']} | {per_step} | {top} ({judged[top]:.2f}) "
                      f"| {chosen} ({judged[chosen]:.2f}) | {'yes' if ok else 'no'} |")
-    shipped = sum(agrees(run, settings["drift_weight"])[0] for run in runs)
-    lines += ["", f"**Agreement with the shipped drift weight {settings['drift_weight']}: {shipped} of {len(runs)} runs "
-              f"({shipped / len(runs):.0%}; target {TARGET_SHARE:.0%}).**", "",
-              "Other drift weights on the same stored scores, and the share of runs where always keeping the last "
-              "step would agree:", "", "| drift weight | runs that agree |", "|---|---|"]
-    for weight in WEIGHTS:
-        count = sum(agrees(run, weight)[0] for run in runs)
-        lines.append(f"| {weight:g} | {count} of {len(runs)} |")
+    drift, leak = settings["weights"]
+    shipped = sum(agrees(run, settings["weights"])[0] for run in runs)
+    lines += ["", f"**Agreement with the shipped weights (drift {drift:g}, leak {leak:g}): {shipped} of {len(runs)} "
+              f"runs ({shipped / len(runs):.0%}; target {TARGET_SHARE:.0%}).**", "",
+              "Other weights on the same stored errors, and always keeping the last step, for comparison:", "",
+              "| drift weight | leak weight | runs that agree |", "|---|---|---|"]
+    for weights in WEIGHTS:
+        count = sum(agrees(run, weights)[0] for run in runs)
+        lines.append(f"| {weights[0]:g} | {weights[1]:g} | {count} of {len(runs)} |")
     last = sum(run["steps"][-1]["judge"] >= max(item["judge"] for item in run["steps"]) - TOLERANCE for run in runs)
-    lines += [f"| (keep the last step) | {last} of {len(runs)} |", ""]
+    lines += [f"| (keep the last step) | | {last} of {len(runs)} |", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -159,7 +163,7 @@ def run(workdir: Path, *, methods: Sequence[str], concepts: Sequence[str], seeds
             for seed in seeds:
                 runs.append(one_run(recipe, concept, seed, workdir, base, judge, samples, save_every, base_class_subject))
     settings = {"methods": list(methods), "concepts": list(concepts), "seeds": list(seeds), "samples": samples,
-                "steps": steps, "save_every": save_every, "drift_weight": DRIFT_WEIGHT, "threads": torch.get_num_threads()}
+                "steps": steps, "save_every": save_every, "weights": [DRIFT_WEIGHT, LEAK_WEIGHT], "threads": torch.get_num_threads()}
     return {"settings": settings, "runs": runs}
 
 

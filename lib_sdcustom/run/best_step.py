@@ -80,7 +80,7 @@ class BestStepSelector:
         kept = record["kept_step"] if record["kept_step"] is not None and record["kept_step"] <= resumed_step else None
         scores = [StepScore.from_dict(item) for item in record["scores"] if item["step"] <= resumed_step]
         for score in scores:
-            context.bus.emit(StepScored(score.step, score.fidelity, score.drift, score.score))
+            context.bus.emit(scored_event(score))
         return cls(method, context, scorer, reference=ProbeErrors.from_dict(record["reference"]), scores=scores, kept_step=kept)
 
     # ----- during the run -----
@@ -94,7 +94,7 @@ class BestStepSelector:
             write_atomically(self.folder / "trainable.safetensors", lambda tmp: save_file(tensors, str(tmp)))
             self.kept_step = step
         self._save_record()
-        self.context.bus.emit(StepScored(result.step, result.fidelity, result.drift, result.score))
+        self.context.bus.emit(scored_event(result))
         return result
 
     def score_during_training(self, step: int) -> None:
@@ -140,6 +140,10 @@ class BestStepSelector:
         record = {"reference": self.reference.to_dict(), "kept_step": self.kept_step,
                   "scores": [item.to_dict() for item in self.scores]}
         write_text_atomically(self.folder / "record.json", json.dumps(record) + "\n")
+
+
+def scored_event(score: StepScore) -> StepScored:
+    return StepScored(score.step, score.fidelity, score.drift, score.leak, score.score)
 
 
 @torch.no_grad()

@@ -53,7 +53,7 @@ class RunStatus:
     result: Optional[str] = None
     snippet: str = ""
     previews: List[str] = field(default_factory=list)
-    step_scores: List[Dict[str, float]] = field(default_factory=list)  # best-step selection: step, fidelity, drift, score
+    step_scores: List[Dict[str, float]] = field(default_factory=list)  # best-step selection's `StepScored` events
     kept_step: Optional[int] = None  # the step best-step selection exported as the result
     description: str = ""
     warnings: List[str] = field(default_factory=list)
@@ -118,7 +118,7 @@ class _Run:
                     status.result = str(event.path)
             elif isinstance(event, StepScored):
                 status.step_scores.append({"step": event.step, "fidelity": event.fidelity, "drift": event.drift,
-                                           "score": event.score})
+                                           "leak": event.leak, "score": event.score})
             elif isinstance(event, BestStepKept):
                 status.kept_step = event.step
             elif isinstance(event, Warning_):

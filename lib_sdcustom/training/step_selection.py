@@ -9,11 +9,14 @@ Real checkpoints have no judge, and the proxy may not download one, so the model
   weights exactly as they are without it. Overfitting shows in the drift term instead.
 - drift: the rise of its denoising error on base-model samples of the class prompt (made once, before the
   first step), relative to the starting point (0 = the class is drawn as before, higher is worse): a
-  model that turns the class into the subject no longer denoises the base model's own class pictures.
+  model that has moved the class no longer denoises the base model's own class pictures as well.
+- leak: the share of the starting point's error on the instance pictures that the bare class prompt (no
+  trigger) has lost (0 = unchanged, higher is worse): a class prompt that now denoises the subject well has
+  learned the subject, which is what a user sees as 'a dog' drawing their dog.
 
-The score is `(1 - fidelity) - DRIFT_WEIGHT * max(drift, 0)`: the share of the instance error removed,
-less the share of class error added; higher is better. The weight was fitted on the micro-world against the
-judge (`bench best-step`, docs/bench/best_step/).
+The score is `(1 - fidelity) - DRIFT_WEIGHT * max(drift, 0) - LEAK_WEIGHT * max(leak, 0)`: the share of the
+instance error removed, less what the class lost; higher is better. The weights were chosen on the micro-world
+against the judge (`bench best-step`, docs/bench/best_step/).
 
 Every error is measured at the same few (noise, timestep) pairs, drawn from a generator of its own, in eval
 mode and without gradients: the scores are repeatable and the training's random streams are not touched, so
@@ -22,7 +25,7 @@ a run trains the same weights with or without selection, and a resumed run the s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -37,29 +40,33 @@ from .conditioning import Conditioning
 #: larger at low noise, where little of a subject's identity is decided), then averaged.
 PROBE_TIMESTEPS = (0.125, 0.375, 0.625, 0.875)
 NOISES_PER_TIMESTEP = 2
-#: At most this many instance pictures are probed (a handful of exports x pictures x timesteps stays cheap).
-MAX_INSTANCE_PICTURES = 16
+#: At most this many instance pictures are probed (twice: with their prompts and with the class prompt).
+MAX_INSTANCE_PICTURES = 8
 #: Base-model samples of the class prompt on which drift is measured.
 CLASS_SAMPLES = 4
 #: The probe's own noise seed: the same pairs at every export, and no draw from the training's generators.
 PROBE_SEED = 20_141
-#: How much a share of added class error costs against a share of removed instance error (see module doc).
+#: What a share of added class error (drift) and of the subject learned by the class prompt (leak) cost
+#: against a share of removed instance error (see module doc).
 DRIFT_WEIGHT = 1.0
+LEAK_WEIGHT = 1.0
 
 
 @dataclass(frozen=True)
 class ProbeErrors:
-    """Mean denoising errors of one state per probe timestep: on the instance pictures and the class samples."""
+    """Mean denoising errors of one state per probe timestep: on the instance pictures with their prompts, on
+    the class samples, and on the instance pictures with the bare class prompt."""
 
     instance: tuple[float, ...]
     drift: tuple[float, ...]
+    leak: tuple[float, ...]
 
     def to_dict(self) -> dict[str, list[float]]:
-        return {"instance": list(self.instance), "drift": list(self.drift)}
+        return {"instance": list(self.instance), "drift": list(self.drift), "leak": list(self.leak)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ProbeErrors":
-        return cls(tuple(data["instance"]), tuple(data["drift"]))
+        return cls(tuple(data["instance"]), tuple(data["drift"]), tuple(data["leak"]))
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,7 @@ class StepScore:
     step: int
     fidelity: float  # instance denoising error / the starting point's (lower is better)
     drift: float  # class denoising error / the starting point's - 1 (0 = unchanged, higher is worse)
+    leak: float  # 1 - class-prompt error on the instance pictures / the starting point's (higher is worse)
     score: float  # higher is better
     errors: ProbeErrors  # the raw errors behind them
 
@@ -82,11 +90,14 @@ def _ratio(errors: tuple[float, ...], reference: tuple[float, ...]) -> float:
     return sum(error / start for error, start in zip(errors, reference)) / len(reference)
 
 
-def combine(step: int, errors: ProbeErrors, reference: ProbeErrors, drift_weight: float = DRIFT_WEIGHT) -> StepScore:
+def combine(step: int, errors: ProbeErrors, reference: ProbeErrors, drift_weight: float = DRIFT_WEIGHT,
+            leak_weight: float = LEAK_WEIGHT) -> StepScore:
     """The step's score from its errors and the starting point's (see module doc)."""
     fidelity = _ratio(errors.instance, reference.instance)
     drift = _ratio(errors.drift, reference.drift) - 1.0
-    return StepScore(step, fidelity, drift, (1.0 - fidelity) - drift_weight * max(drift, 0.0), errors)
+    leak = 1.0 - _ratio(errors.leak, reference.leak)
+    score = (1.0 - fidelity) - drift_weight * max(drift, 0.0) - leak_weight * max(leak, 0.0)
+    return StepScore(step, fidelity, drift, leak, score, errors)
 
 
 def best(scores: list[StepScore]) -> StepScore:
@@ -154,6 +165,7 @@ class StepScorer:
         self.dtype = dtype
         generator = torch.Generator().manual_seed(PROBE_SEED)
         self.instance_probes = [_noised(batch, generator, num_timesteps, bundle) for batch in instances]
+        self.leak_probes = [replace(probe, captions=[class_prompt] * len(probe.captions)) for probe in self.instance_probes]
         class_batch = Batch(latents=class_latents, captions=[class_prompt] * class_latents.shape[0])
         self.class_probe = _noised(class_batch, generator, num_timesteps, bundle)
 
@@ -172,6 +184,7 @@ class StepScorer:
 
     def measure(self) -> ProbeErrors:
         """The current state's errors; the caller puts trainable parts in eval mode first."""
-        instance = torch.cat([self._errors(probe) for probe in self.instance_probes], dim=1).mean(dim=1)
+        instance, leak = (torch.cat([self._errors(probe) for probe in probes], dim=1).mean(dim=1)
+                          for probes in (self.instance_probes, self.leak_probes))
         drift = self._errors(self.class_probe).mean(dim=1)
-        return ProbeErrors(tuple(instance.tolist()), tuple(drift.tolist()))
+        return ProbeErrors(tuple(instance.tolist()), tuple(drift.tolist()), tuple(leak.tolist()))

@@ -141,11 +141,12 @@ def step_scores_html(status: RunStatus) -> str:
         marker, label = (" data-kept='true'", " (kept)") if kept else ("", "")
         rows.append(f"<tr data-step='{int(item['step'])}'{marker}>"
                     f"<td>{int(item['step'])}{label}</td><td>{item['score']:.3f}</td>"
-                    f"<td>{item['fidelity']:.3f}</td><td>{item['drift']:+.3f}</td></tr>")
+                    f"<td>{item['fidelity']:.3f}</td><td>{item['drift']:+.3f}</td><td>{item['leak']:+.3f}</td></tr>")
     return ("<table class='sdcustom-step-scores'><caption>Best step: the self-check of every saved step (higher "
             "score is better; fidelity: error on your pictures against the start, lower is better; drift: error "
-            "added on class-prompt samples)</caption>"
-            f"<tr><th>step</th><th>score</th><th>fidelity</th><th>drift</th></tr>{''.join(rows)}</table>")
+            "added on class-prompt samples; leak: how much of your subject the bare class prompt has learned)"
+            "</caption><tr><th>step</th><th>score</th><th>fidelity</th><th>drift</th><th>leak</th></tr>"
+            f"{''.join(rows)}</table>")
 
 
 def size(count: int) -> str:
