@@ -30,14 +30,20 @@ def test_a_run_agrees_when_the_chosen_steps_judge_score_is_within_the_tolerance_
     assert best_step.agrees(_run(close), (0.0, 0.0)) == (True, 3)
 
 
-def test_the_table_counts_agreeing_runs_for_the_shipped_and_the_other_weights():
+def test_the_table_counts_agreeing_runs_for_the_shipped_and_the_other_weights(monkeypatch):
+    monkeypatch.setattr(best_step, "DRIFT_WEIGHT", 0.0)
+    monkeypatch.setattr(best_step, "LEAK_WEIGHT", 1.0)
     steps = [_step(1, 0.30, 0.8, 1.0), _step(2, 0.70, 0.6, 1.0), _step(3, 0.40, 0.5, 0.5)]
-    report = {"settings": {"methods": ["lora"], "concepts": ["red_circle"], "seeds": [0], "samples": 4, "steps": 3,
-                           "save_every": 1, "weights": [0.0, 1.0], "threads": 1}, "runs": [_run(steps)]}
+    other_seed = [_step(1, 0.30, 0.8, 1.0), _step(2, 0.40, 0.6, 1.0), _step(3, 0.70, 0.5, 0.5)]
+    report = {"settings": {"methods": ["lora"], "concepts": ["red_circle"], "seeds": [0, 1], "samples": 4, "steps": 3,
+                           "save_every": 1, "weights": [1.0, 1.0], "threads": 1},
+              "runs": [_run(steps), {**_run(other_seed), "seed": 1}]}
     text = best_step.markdown(report)
     assert "| lora | red_circle | 0 | 1: 0.30, 2: 0.70, 3: 0.40 | 2 (0.70) | 2 (0.70) | yes |" in text
-    assert "shipped weights (drift 0, leak 1): 1 of 1 runs (100%" in text
-    assert "| 0 | 0 | 0 of 1 |" in text and "| (keep the last step) | | 0 of 1 |" in text
+    assert "| lora | red_circle | 1 | 1: 0.30, 2: 0.40, 3: 0.70 | 3 (0.70) | 2 (0.40) | no |" in text
+    assert "shipped weights (drift 0, leak 1): 1 of 2 runs (50%" in text
+    assert "Weights chosen on the seed-0 runs alone (drift 0, leak 0.25; 1 of 1 there) agree on 0 of 1 runs" in text
+    assert "| 0 | 0 | 1 of 2 | 1 |" in text and "| (keep the last step) | | 1 of 2 | 1 |" in text
 
 
 def test_toy_run_end_to_end(tmp_path, monkeypatch):
