@@ -153,6 +153,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {run['method']} | {run['concept']} | {run['seed']} | {per_step} | {top} ({judged[top]:.2f}) "
                      f"| {chosen} ({judged[chosen]:.2f}) | {'yes' if ok else 'no'} |")
     count = _count(runs, shipped)
+    if list(settings["weights"]) != list(shipped):
+        lines += ["", f"The runs kept their steps (`kept_step` in the JSON) with weights drift {settings['weights'][0]:g}, "
+                  f"leak {settings['weights'][1]:g}; this table scores their stored errors with the current ones "
+                  "(`--from-json`)."]
     lines += ["", f"**Agreement with the shipped weights (drift {shipped[0]:g}, leak {shipped[1]:g}): {count} of "
               f"{len(runs)} runs ({count / len(runs):.0%}; target {TARGET_SHARE:.0%}).**", "",
               *_held_out_line(runs, settings["seeds"]),

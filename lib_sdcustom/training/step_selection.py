@@ -16,7 +16,8 @@ Real checkpoints have no judge, and the proxy may not download one, so the model
 
 The score is `(1 - fidelity) - DRIFT_WEIGHT * max(drift, 0) - LEAK_WEIGHT * max(leak, 0)`: the share of the
 instance error removed, less what the class lost; higher is better. The weights were chosen on the micro-world
-against the judge (`bench best-step`, docs/bench/best_step/).
+against the judge (`bench best-step`, docs/bench/best_step/), where the choice is not yet reliable: in 5 of 12
+runs the chosen step scored within 0.05 of the judge's best, about as often as the last step did.
 
 Every error is measured at the same few (noise, timestep) pairs, drawn from a generator of its own, in eval
 mode and without gradients: the scores are repeatable and the training's random streams are not touched, so
@@ -47,9 +48,11 @@ CLASS_SAMPLES = 4
 #: The probe's own noise seed: the same pairs at every export, and no draw from the training's generators.
 PROBE_SEED = 20_141
 #: What a share of added class error (drift) and of the subject learned by the class prompt (leak) cost
-#: against a share of removed instance error (see module doc).
-DRIFT_WEIGHT = 1.0
-LEAK_WEIGHT = 1.0
+#: against a share of removed instance error (see module doc): the best of a grid on 12 micro-world runs
+#: (docs/bench/best_step/best_step.md), where it agreed with the judge in 5 of 12 runs, not yet the 80% aimed
+#: for; keeping the last step agreed in 6.
+DRIFT_WEIGHT = 0.5
+LEAK_WEIGHT = 0.1
 
 
 @dataclass(frozen=True)
