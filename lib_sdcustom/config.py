@@ -224,6 +224,10 @@ class TrainingOptions:
     keep_final_state: bool = option(False, "Keep the resumable state of the last step, to train further later (for "
                                            "DreamBooth it is as large as the model and its optimizer).")
     save_every: int = option(0, "Also export an intermediate result every N steps (0 = off).")
+    select_best_step: bool = option(False, "Score every intermediate export (save_every) and the last step by the "
+                                           "model's own denoising error on your pictures and on class-prompt samples "
+                                           "(needs the class prompt), and keep the best as the result; the others "
+                                           "stay in the steps folder.")
     sample_every: int = option(0, "Render preview images every N steps (0 = only at the end).")
     sample_prompt: str = option("", "Prompt for preview images (default: the output name or first caption).")
     sample_steps: int = option(20, "Sampler steps for previews.")
@@ -351,8 +355,24 @@ def _validate(config: RunConfig) -> None:
     _require(train.noise_offset >= 0 and train.min_snr_gamma >= 0, "Noise offset and min-SNR gamma must be >= 0.", "Use 0 to turn them off.")
     for name in ("save_state_every", "save_every", "sample_every"):
         _require(getattr(train, name) >= 0, f"--{name.replace('_', '-')} is negative.", "Use 0 (off) or a step count.")
+    _validate_best_step(config)
     _require(config.output.save_precision in SAVE_PRECISION, f"Unknown save precision {config.output.save_precision!r}.",
              f"Use one of: {', '.join(SAVE_PRECISION)}.")
+
+
+def _validate_best_step(config: RunConfig) -> None:
+    """Best-step selection needs steps to choose from and a class prompt to measure drift on."""
+    train = config.training
+    if not train.select_best_step:
+        return
+    _require(0 < train.save_every < train.steps,
+             f"Best-step selection is on, but save_every is {train.save_every} with {train.steps} steps, so there is "
+             "no intermediate result to choose from.",
+             f"Set save_every to a share of the run (e.g. --save-every {max(1, train.steps // 6)}), or turn "
+             "select_best_step off.")
+    _require(bool(config.dreambooth.class_prompt.strip()),
+             "Best-step selection is on, but no class prompt was given; it measures how far the class drifts on "
+             "samples of that prompt.", "Pass --class-prompt, e.g. 'a photo of a dog' (in the tab: fill in the class).")
 
 
 def _validate_network_algorithm(config: RunConfig) -> None:

@@ -6,14 +6,14 @@ pass/fail).
 file size at full-size shapes (`bench/network_sizes.py`).
 
 `quality` trains every method on the bundled micro-world model and writes its table and figures (see
-`bench/quality.py`)."""
+`bench/quality.py`); `best-step` checks best-step selection against the micro-world judge (`bench/best_step.py`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import dreambooth, gpu_check, lora, network_sizes, quality, speed
+from . import best_step, dreambooth, gpu_check, lora, network_sizes, quality, speed
 from ..models.bundle import ModelFamily
 
 SCENARIOS = {
@@ -44,6 +44,8 @@ def main() -> int:
         commands.add_parser(module.CHILD_COMMAND, help=argparse.SUPPRESS).add_argument("settings")
     quality.add_arguments(commands.add_parser("quality", help="Customization quality of every method on the micro-world "
                                                                 "model: JSON, Markdown table and PNG grids."))
+    best_step.add_arguments(commands.add_parser("best-step", help="Best-step selection's self-check against the "
+                                                                  "micro-world judge, per run and step."))
     speed.add_arguments(commands.add_parser("speed", help="LoRA/LoCon steps/s, memory and first-step time of train() "
                                                           "beside a plain diffusers + peft loop, with the ratio."))
     commands.add_parser(speed.CHILD_COMMAND, help=argparse.SUPPRESS).add_argument("settings")
@@ -54,6 +56,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.command == "quality":
         return quality.main(args)
+    if args.command == "best-step":
+        return best_step.main(args)
     if args.command == "speed":
         return speed.main(args)
     if args.command == "sizes":

@@ -25,6 +25,7 @@ from ..files import check_free_space, remove_stale_temporaries, write_text_atomi
 from ..methods.base import Method
 from ..models.bundle import ModelBundle
 from ..models.fp8 import store_frozen_base_in_fp8
+from .best_step import BestStepSelector
 from .context import RunContext
 from .folder import start_fresh_run
 from .plan import RunPlan, plan_run
@@ -96,13 +97,25 @@ def train(run: RunConfig | RunPlan, *, callbacks: Iterable[Callback] = (), cance
 
         # The loop, fresh or from the saved state; previews and intermediate results come from its hooks.
         previews = PreviewRenderer(context, bus, encode=method.encode_captions)
-        hooks = LoopHooks(export_intermediate=lambda step: method.export(method.intermediate_path(plan.target, step), step=step),
-                          render_samples=previews.render)
+        selector: BestStepSelector | None = None
+
+        def export_step(step: int) -> list[Path]:
+            return method.export(method.intermediate_path(plan.target, step), step=step)
+
+        def export_intermediate(step: int) -> list[Path]:
+            written = export_step(step)
+            if selector is not None:
+                selector.score_during_training(step)
+            return written
+
         loop = TrainingLoop(method, bundle, source, config, optimizer=optimizer, scheduler=scheduler, run_dir=run_dir,
-                            bus=bus, cancel=cancel, accelerator=accelerator, hooks=hooks)
+                            bus=bus, cancel=cancel, accelerator=accelerator,
+                            hooks=LoopHooks(export_intermediate=export_intermediate, render_samples=previews.render))
         if plan.saved_state is not None:
             loop.resume_from(load_state(plan.saved_state))
         _open_run_folder(run_dir, config, fresh=plan.saved_state is None)
+        if training.select_best_step and accelerator.is_main_process:
+            selector = BestStepSelector.start(method, context, images, source, loop, resumed_step=loop.step)
         bus.emit(RunStarted(total_steps=training.steps, run_dir=run_dir,
                             description="\n".join([_describe_run(config, plan.training_set, method), *notes])))
         try:
@@ -115,8 +128,11 @@ def train(run: RunConfig | RunPlan, *, callbacks: Iterable[Callback] = (), cance
         method.set_training(False)
         outputs: list[Path] = []
         if accelerator.is_main_process:
-            preview = previews.render(result.step)
-            outputs = _export(method, plan.target, result.step, preview, loop.last_state, run_dir)
+            kept = selector.finish(result.step, export_step) if selector is not None else result.step
+            preview = previews.render(kept)
+            outputs = _export(method, plan.target, kept, preview, loop.last_state, run_dir)
+            if selector is not None:
+                selector.record(outputs)
         for path in outputs:
             bus.emit(FileSaved(path, "result" if path == plan.target else "sidecar"))
         if not training.keep_final_state:  # the states were resume points, kept until the export succeeded
