@@ -32,6 +32,7 @@ from ..sampling import PreviewRenderer
 from ..training.batches import LatentBatchSource
 from ..training.loop import LoopHooks, TrainingLoop, compute_dtype
 from ..training.optimizers import build_optimizer
+from ..training.placement import IdleModels, idle_during_steps
 from ..training.schedules import build_scheduler
 from ..training.state import load_state, state_root
 
@@ -68,6 +69,7 @@ def train(run: RunConfig | RunPlan, *, callbacks: Iterable[Callback] = (), cance
 
     # The base model, with the family's defaults applied to the config, placed and set up for training.
     accelerator = _accelerator(plan.config)
+    owned = bundle is None
     if bundle is None:
         bundle = _load_base(plan.config, accelerator.device)
     config, notes = apply_family_defaults(plan.config, bundle)
@@ -96,17 +98,23 @@ def train(run: RunConfig | RunPlan, *, callbacks: Iterable[Callback] = (), cance
 
         # The loop, fresh or from the saved state; previews and intermediate results come from its hooks.
         previews = PreviewRenderer(context, bus, encode=method.encode_captions)
+        idle = IdleModels(idle_during_steps(bundle, accelerator.device, config.data, latents_cached=images.cached,
+                                            text_cached=training.cache_text_encoder_outputs and method.frozen_text_conditioning(),
+                                            owned=owned), accelerator.device)
         hooks = LoopHooks(export_intermediate=lambda step: method.export(method.intermediate_path(plan.target, step), step=step),
-                          render_samples=previews.render)
+                          render_samples=idle.restored_for(previews.render))
         loop = TrainingLoop(method, bundle, source, config, optimizer=optimizer, scheduler=scheduler, run_dir=run_dir,
                             bus=bus, cancel=cancel, accelerator=accelerator, hooks=hooks)
         if plan.saved_state is not None:
             loop.resume_from(load_state(plan.saved_state))
+        if idle.holds_text_encoders:  # each process encodes its share of one epoch's captions
+            loop.encode_captions_ahead(-(-images.batches_per_epoch // accelerator.num_processes))
         _open_run_folder(run_dir, config, fresh=plan.saved_state is None)
         bus.emit(RunStarted(total_steps=training.steps, run_dir=run_dir,
                             description="\n".join([_describe_run(config, plan.training_set, method), *notes])))
         try:
-            result = loop.run()
+            with idle.parked():
+                result = loop.run()
         except TrainingStopped as stopped:
             bus.emit(RunFinished(step=loop.step, outputs=(), stopped_early=True, reason=str(stopped)))
             raise

@@ -1,0 +1,129 @@
+"""Where the frozen text encoders and the VAE sit while the training steps run.
+
+With the latent cache filled and each caption's text-encoder output cached, a step uses neither the VAE
+nor the text encoders, yet they would hold training-device memory beside the UNet the step needs: for
+SDXL in bf16, 1.52 GiB of text encoders and 0.31 GiB of fp32 VAE (`python -m lib_sdcustom.bench resident`).
+`IdleModels` moves them to the CPU for the steps and back for the work that uses them (previews, the
+export's preview). Moves are exact copies, so the training result is the same bit for bit; only where the
+memory is changes. A parked model that is called anyway (a latent or a caption the caches missed) comes
+back to the training device before it runs and stays there: such a run is as correct as an unparked one,
+it only keeps the memory, and the log says which model came back.
+
+Only a bundle this run loaded is parked. A host's bundle shares its tensors with the host's model, which
+keeps them on the GPU anyway: a parked copy would free nothing there and cost a copy in RAM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable, Iterator, TypeVar
+
+import torch
+from torch import nn
+
+from ..config import DataOptions
+from ..models.bundle import ModelBundle
+
+logger = logging.getLogger(__name__)
+Result = TypeVar("Result")
+
+#: Where idle models wait: host memory.
+STORE = torch.device("cpu")
+
+
+def fixed_captions(data: DataOptions) -> bool:
+    """Whether every image always trains with the same caption, so one epoch's captions are all there are."""
+    return not data.shuffle_captions and data.caption_dropout == 0 and data.tag_dropout == 0
+
+
+def idle_during_steps(bundle: ModelBundle, device: torch.device, data: DataOptions, *, latents_cached: bool,
+                      text_cached: bool, owned: bool) -> dict[str, nn.Module]:
+    """The models the steps leave idle, by name: the VAE when the latent cache holds every image, the text
+    encoders when their outputs are cached for captions that never change (`fixed_captions`). None on a
+    device that is the store itself, or for a bundle the run does not own (see the module docstring)."""
+    if not owned or device == STORE:
+        return {}
+    idle: dict[str, nn.Module] = {"VAE": bundle.vae} if latents_cached else {}
+    if text_cached and fixed_captions(data):
+        idle.update((f"text encoder {number}", encoder) for number, encoder in enumerate(bundle.text_encoders, start=1))
+    return idle
+
+
+def _move(module: nn.Module, device: torch.device) -> None:
+    """The one place a model changes device (tests watch it)."""
+    module.to(device)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(item, device) for item in value)
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    return value
+
+
+class IdleModels:
+    """Parks `models` on the CPU for the steps (`parked`) and brings them back to `device` around the work
+    that needs them (`restored_for`); see the module docstring."""
+
+    def __init__(self, models: dict[str, nn.Module], device: torch.device) -> None:
+        self.models = models
+        self.device = device
+        self.parked_names: set[str] = set()
+        self._hooks: dict[str, list[Any]] = {}
+
+    @property
+    def holds_text_encoders(self) -> bool:
+        return any(name.startswith("text encoder") for name in self.models)
+
+    def park(self) -> None:
+        for name, module in self.models.items():
+            _move(module, STORE)
+            self.parked_names.add(name)
+            self._hooks[name] = [part.register_forward_pre_hook(self._comes_back(name), with_kwargs=True)
+                                 for part in (module, *module.children())]
+
+    def restore(self) -> None:
+        for name in list(self.parked_names):
+            self._restore(name)
+
+    def _restore(self, name: str) -> None:
+        for hook in self._hooks.pop(name, []):
+            hook.remove()
+        _move(self.models[name], self.device)
+        self.parked_names.discard(name)
+
+    def _comes_back(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]],
+                                                tuple[tuple[Any, ...], dict[str, Any]]]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            if name in self.parked_names:
+                logger.info("The %s was parked off %s for the training steps but is needed (a cache missed); "
+                            "it stays on %s for the rest of the steps.", name, self.device, self.device)
+                self._restore(name)
+            moved: tuple[tuple[Any, ...], dict[str, Any]] = _to_device((args, kwargs), self.device)
+            return moved
+        return hook
+
+    @contextlib.contextmanager
+    def parked(self) -> Iterator[None]:
+        """The idle models off the training device inside the block, back on it after (also on an error)."""
+        self.park()
+        try:
+            yield
+        finally:
+            self.restore()
+
+    def restored_for(self, work: Callable[[int], Result]) -> Callable[[int], Result]:
+        """`work` (a preview at a step) with the models back on the device, parked again after it."""
+        def restored(step: int) -> Result:
+            was_parked = bool(self.parked_names)
+            self.restore()
+            try:
+                return work(step)
+            finally:
+                if was_parked:
+                    self.park()
+        return restored

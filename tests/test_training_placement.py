@@ -1,0 +1,142 @@
+"""The frozen text encoders and VAE leave the training device for the steps when the caches make them idle
+(`training/placement.py`), and the run trains exactly what it trained with them in place.
+
+The CPU is the only device here, so the tests move a parked model to float64 instead of to the CPU store:
+as exact as a device copy, and visible in `parameters()` at a step. A model that came back for the steps
+would show its own dtype again."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import write_images
+from lib_sdcustom.config import DataOptions, RunConfig
+from lib_sdcustom.events import StepDone
+from lib_sdcustom.models.loader import load_bundle
+from lib_sdcustom.run import train as train_module
+from lib_sdcustom.testing.tiny_families import write_tiny_sdxl
+from lib_sdcustom.training import placement
+from lib_sdcustom.training.placement import IdleModels, idle_during_steps
+
+PARKED = torch.float64  # what "off the device" looks like in these tests
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    return write_tiny_sdxl(tmp_path_factory.mktemp("sdxl"))
+
+
+@pytest.fixture
+def park_as_float64(monkeypatch):
+    """Parking on a store that is not the CPU: `_move` to it widens to float64, back restores the dtype."""
+    store = torch.device("meta")
+    dtypes: dict[int, torch.dtype] = {}
+
+    def move(module: nn.Module, device: torch.device) -> None:
+        if device == store:
+            dtypes[id(module)] = next(module.parameters()).dtype
+            module.to(PARKED)
+        else:
+            module.to(dtypes.pop(id(module)))
+
+    monkeypatch.setattr(placement, "STORE", store)
+    monkeypatch.setattr(placement, "_move", move)
+
+
+def make_config(base: Path, images: Path, root: Path) -> RunConfig:
+    config = RunConfig(method="lora")
+    config.model.base, config.data.data = str(base), str(images)
+    config.data.resolution, config.data.min_bucket, config.data.max_bucket = 64, 64, 128
+    config.output.name, config.output.out, config.output.run_dir = "parked", str(root / "out"), str(root / "run")
+    config.network.rank, config.network.alpha = 4, 4.0
+    config.optimizer.lr = 1e-3
+    training = config.training
+    training.steps, training.batch_size, training.sample_steps, training.sample_every = 6, 2, 1, 3
+    training.train_text_encoder, training.cache_text_encoder_outputs = 0.0, True
+    training.keep_final_state = True  # the test reads the trainer's last weights from it
+    return config
+
+
+def run_watching_dtypes(config: RunConfig, monkeypatch) -> tuple[list[dict[str, torch.dtype]], Path]:
+    """Train; at every step, the dtype of the UNet, the VAE and each text encoder."""
+    bundles = []
+    real_load = train_module._load_base
+    seen: list[dict[str, torch.dtype]] = []
+
+    def watch(event: object) -> None:
+        if isinstance(event, StepDone):
+            bundle = bundles[0]
+            models = {"unet": bundle.unet, "vae": bundle.vae, **{f"te{n}": te for n, te in enumerate(bundle.text_encoders)}}
+            seen.append({name: next(model.parameters()).dtype for name, model in models.items()})
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "_load_base", lambda *args: bundles.append(real_load(*args)) or bundles[-1])
+        result = train_module.train(config, callbacks=[watch])
+    return seen, result.run_dir
+
+
+def test_idle_models_are_parked_for_the_steps_and_the_result_is_the_same(sdxl, tmp_path, monkeypatch, caplog,
+                                                                         park_as_float64):
+    from safetensors.torch import load_file
+
+    images = write_images(tmp_path / "images")
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "idle_during_steps", lambda *args, **kwargs: {})
+        _, in_place = run_watching_dtypes(make_config(sdxl, images, tmp_path / "in_place"), monkeypatch)
+    with caplog.at_level(logging.INFO, logger=placement.__name__):
+        seen, parked = run_watching_dtypes(make_config(sdxl, images, tmp_path / "parked"), monkeypatch)
+
+    assert len(seen) == 6
+    for step in seen:  # every step, after the mid-run preview too: parked; the UNet never
+        assert step == {"unet": torch.float32, "vae": PARKED, "te0": PARKED, "te1": PARKED}
+    assert not [record for record in caplog.records if "is needed" in record.getMessage()]
+    states = [load_file(str(sorted((run / "state").glob("step-*"))[-1] / "trainable.safetensors")) for run in (in_place, parked)]
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+    for preview in ("step00000003.png", "step00000006.png"):  # rendered with the models back in place
+        assert (in_place / "samples" / preview).read_bytes() == (parked / "samples" / preview).read_bytes()
+
+
+def test_the_policy_parks_only_what_the_caches_make_idle(sdxl, park_as_float64):
+    bundle, cpu = load_bundle(sdxl), torch.device("cpu")
+    fixed, shuffled = DataOptions(), DataOptions(shuffle_captions=True)
+    every = idle_during_steps(bundle, cpu, fixed, latents_cached=True, text_cached=True, owned=True)
+    assert every == {"VAE": bundle.vae, "text encoder 1": bundle.text_encoders[0],
+                     "text encoder 2": bundle.text_encoders[1]}
+    assert list(idle_during_steps(bundle, cpu, fixed, latents_cached=False, text_cached=True, owned=True)) == [
+        "text encoder 1", "text encoder 2"]
+    for data in (shuffled, DataOptions(caption_dropout=0.1), DataOptions(tag_dropout=0.1)):  # new captions every epoch
+        assert list(idle_during_steps(bundle, cpu, data, latents_cached=True, text_cached=True, owned=True)) == ["VAE"]
+    assert not idle_during_steps(bundle, cpu, fixed, latents_cached=True, text_cached=True, owned=False)  # a host's
+    assert not idle_during_steps(bundle, placement.STORE, fixed, latents_cached=True, text_cached=True, owned=True)
+
+
+def test_a_parked_model_that_is_called_comes_back_and_stays(park_as_float64, caplog):
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(3, 2), nn.Tanh())
+    inputs = torch.randn(4, 3)
+    expected = encoder(inputs)
+    idle = IdleModels({"VAE": encoder}, torch.device("cpu"))
+    with caplog.at_level(logging.INFO, logger=placement.__name__), idle.parked():
+        assert next(encoder.parameters()).dtype == PARKED
+        assert torch.equal(encoder(inputs), expected)  # back in its own dtype before it ran
+        assert not idle.parked_names and next(encoder.parameters()).dtype == torch.float32
+        assert torch.equal(encoder(inputs), expected)
+    assert any("The VAE was parked" in record.getMessage() for record in caplog.records)
+    assert next(encoder.parameters()).dtype == torch.float32
+
+
+def test_work_between_steps_runs_with_the_models_in_place_then_parks_them_again(park_as_float64):
+    encoder = nn.Linear(3, 2)
+    idle = IdleModels({"text encoder 1": encoder}, torch.device("cpu"))
+    render = idle.restored_for(lambda step: (step, next(encoder.parameters()).dtype))
+    with idle.parked():
+        assert render(5) == (5, torch.float32)
+        assert next(encoder.parameters()).dtype == PARKED
+    assert render(6) == (6, torch.float32) and next(encoder.parameters()).dtype == torch.float32
