@@ -140,3 +140,32 @@ def test_work_between_steps_runs_with_the_models_in_place_then_parks_them_again(
         assert render(5) == (5, torch.float32)
         assert next(encoder.parameters()).dtype == PARKED
     assert render(6) == (6, torch.float32) and next(encoder.parameters()).dtype == torch.float32
+
+
+def test_a_bf16_run_decodes_its_previews_in_bf16(tiny_checkpoint):
+    """The preview's decode, the largest one-off GPU peak of an SDXL run, runs under bf16 autocast for a
+    bf16 run (not fp16: the SDXL VAE overflows there): the decoder's convolutions produce bf16, and the
+    pixels stay within a few levels of fp32's."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from lib_sdcustom.events import EventBus
+    from lib_sdcustom.sampling import PreviewRenderer, latents_to_images
+
+    for precision, autocast in (("bf16", torch.bfloat16), ("fp16", None), ("no", None)):
+        config = RunConfig(method="lora")
+        config.training.mixed_precision = precision
+        context = SimpleNamespace(config=config, trigger_phrase="sks")
+        assert PreviewRenderer(context, EventBus(()), encode=lambda captions: None).decode_autocast == autocast
+
+    bundle = load_bundle(tiny_checkpoint)
+    outputs: list[torch.dtype] = []
+    bundle.vae.decoder.conv_out.register_forward_hook(lambda module, args, output: outputs.append(output.dtype))
+    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain, bf16 = latents_to_images(bundle, latents), latents_to_images(bundle, latents, torch.bfloat16)
+    assert outputs == [torch.float32, torch.bfloat16]
+    for exact, approximate in zip(plain, bf16):
+        difference = np.abs(np.asarray(exact, dtype=np.int16) - np.asarray(approximate, dtype=np.int16))
+        assert difference.mean() < 2 and difference.max() <= 16
