@@ -14,8 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import write_images
+from conftest import cancel_at, write_images
 from lib_sdcustom.config import DataOptions, RunConfig
+from lib_sdcustom.errors import TrainingStopped
 from lib_sdcustom.events import StepDone
 from lib_sdcustom.models.loader import load_bundle
 from lib_sdcustom.run import train as train_module
@@ -62,7 +63,8 @@ def make_config(base: Path, images: Path, root: Path) -> RunConfig:
     return config
 
 
-def run_watching_dtypes(config: RunConfig, monkeypatch) -> tuple[list[dict[str, torch.dtype]], Path]:
+def run_watching_dtypes(config: RunConfig, monkeypatch, resume: Path | None = None
+                        ) -> tuple[list[dict[str, torch.dtype]], Path]:
     """Train; at every step, the dtype of the UNet, the VAE and each text encoder."""
     bundles = []
     real_load = train_module._load_base
@@ -76,7 +78,7 @@ def run_watching_dtypes(config: RunConfig, monkeypatch) -> tuple[list[dict[str, 
 
     with monkeypatch.context() as patch:
         patch.setattr(train_module, "_load_base", lambda *args: bundles.append(real_load(*args)) or bundles[-1])
-        result = train_module.train(config, callbacks=[watch])
+        result = train_module.train(config, callbacks=[watch], resume=resume)
     return seen, result.run_dir
 
 
@@ -101,6 +103,29 @@ def test_idle_models_are_parked_for_the_steps_and_the_result_is_the_same(sdxl, t
         assert torch.equal(states[0][key], states[1][key]), key
     for preview in ("step00000003.png", "step00000006.png"):  # rendered with the models back in place
         assert (in_place / "samples" / preview).read_bytes() == (parked / "samples" / preview).read_bytes()
+
+
+def test_a_resumed_run_with_accumulation_fills_the_cache_from_where_it_stands(sdxl, tmp_path, monkeypatch,
+                                                                               park_as_float64):
+    """Resumed at step 2 with two micro-batches a step: the cache is filled from step 2's micro-batches on,
+    and the run ends with the weights the same interrupted run trains with everything in place."""
+    from safetensors.torch import load_file
+
+    images = write_images(tmp_path / "images")
+    finals = []
+    for name, idle in (("in_place", lambda *args, **kwargs: {}), ("parked", idle_during_steps)):
+        config = make_config(sdxl, images, tmp_path / name)
+        config.training.gradient_accumulation, config.training.batch_size, config.training.sample_every = 2, 1, 0
+        with monkeypatch.context() as patch:
+            patch.setattr(train_module, "idle_during_steps", idle)
+            cancel, stop = cancel_at(2)
+            with pytest.raises(TrainingStopped):
+                train_module.train(config, cancel=cancel, callbacks=[stop])
+            seen, run_dir = run_watching_dtypes(config, monkeypatch, resume=Path(config.output.run_dir))
+        finals.append(load_file(str(sorted((run_dir / "state").glob("step-*"))[-1] / "trainable.safetensors")))
+    assert len(seen) == 4 and all(step["te1"] == step["vae"] == PARKED for step in seen)
+    for key in finals[0]:
+        assert torch.equal(finals[0][key], finals[1][key]), key
 
 
 def test_the_policy_parks_only_what_the_caches_make_idle(sdxl, park_as_float64):
