@@ -168,9 +168,9 @@ def test_work_between_steps_runs_with_the_models_in_place_then_parks_them_again(
 
 
 def test_a_bf16_run_decodes_its_previews_in_bf16(tiny_checkpoint):
-    """The preview's decode, the largest one-off GPU peak of an SDXL run, runs under bf16 autocast for a
-    bf16 run (not fp16: the SDXL VAE overflows there): the decoder's convolutions produce bf16, and the
-    pixels stay within a few levels of fp32's."""
+    """The preview's decode, the largest one-off GPU peak of an SDXL run, runs on a bf16 copy of the VAE for
+    a bf16 run (not fp16: the SDXL VAE overflows there): the decoder's convolutions produce bf16, the pixels
+    stay within a few levels of fp32's, and the VAE itself stays fp32 (it encodes the training images)."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -178,11 +178,11 @@ def test_a_bf16_run_decodes_its_previews_in_bf16(tiny_checkpoint):
     from lib_sdcustom.events import EventBus
     from lib_sdcustom.sampling import PreviewRenderer, latents_to_images
 
-    for precision, autocast in (("bf16", torch.bfloat16), ("fp16", None), ("no", None)):
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", None), ("no", None)):
         config = RunConfig(method="lora")
         config.training.mixed_precision = precision
         context = SimpleNamespace(config=config, trigger_phrase="sks")
-        assert PreviewRenderer(context, EventBus(()), encode=lambda captions: None).decode_autocast == autocast
+        assert PreviewRenderer(context, EventBus(()), encode=lambda captions: None).decode_dtype == dtype
 
     bundle = load_bundle(tiny_checkpoint)
     outputs: list[torch.dtype] = []
@@ -190,7 +190,8 @@ def test_a_bf16_run_decodes_its_previews_in_bf16(tiny_checkpoint):
     latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         plain, bf16 = latents_to_images(bundle, latents), latents_to_images(bundle, latents, torch.bfloat16)
-    assert outputs == [torch.float32, torch.bfloat16]
+    assert outputs == [torch.float32, torch.bfloat16]  # the copy carries the hook along
+    assert {param.dtype for param in bundle.vae.parameters()} == {torch.float32}
     for exact, approximate in zip(plain, bf16):
         difference = np.abs(np.asarray(exact, dtype=np.int16) - np.asarray(approximate, dtype=np.int16))
         assert difference.mean() < 2 and difference.max() <= 16
