@@ -40,12 +40,13 @@ def fixed_captions(data: DataOptions) -> bool:
 def idle_during_steps(bundle: ModelBundle, device: torch.device, data: DataOptions, *, latents_cached: bool,
                       text_cached: bool, owned: bool) -> dict[str, nn.Module]:
     """The models the steps leave idle, by name: the VAE when the latent cache holds every image, the text
-    encoders when their outputs are cached for captions that never change (`fixed_captions`). None on a
-    device that is the store itself, or for a bundle the run does not own (see the module docstring)."""
+    encoders when, besides, their outputs are cached for captions that never change (`fixed_captions`):
+    their cache is filled before the steps by reading one epoch of batches, cheap only from cached latents.
+    None on a device that is the store itself, or for a bundle the run does not own (module docstring)."""
     if not owned or device == STORE:
         return {}
     idle: dict[str, nn.Module] = {"VAE": bundle.vae} if latents_cached else {}
-    if text_cached and fixed_captions(data):
+    if latents_cached and text_cached and fixed_captions(data):
         idle.update((f"text encoder {number}", encoder) for number, encoder in enumerate(bundle.text_encoders, start=1))
     return idle
 
