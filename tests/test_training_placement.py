@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from conftest import cancel_at, write_images
+from test_text_encoder_cache import final_state, make_config as cached_run_config
 from lib_sdcustom.config import DataOptions, RunConfig
 from lib_sdcustom.errors import TrainingStopped
 from lib_sdcustom.events import StepDone
@@ -50,16 +51,9 @@ def park_as_float64(monkeypatch):
 
 
 def make_config(base: Path, images: Path, root: Path) -> RunConfig:
-    config = RunConfig(method="lora")
-    config.model.base, config.data.data = str(base), str(images)
-    config.data.resolution, config.data.min_bucket, config.data.max_bucket = 64, 64, 128
-    config.output.name, config.output.out, config.output.run_dir = "parked", str(root / "out"), str(root / "run")
-    config.network.rank, config.network.alpha = 4, 4.0
-    config.optimizer.lr = 1e-3
-    training = config.training
-    training.steps, training.batch_size, training.sample_steps, training.sample_every = 6, 2, 1, 3
-    training.train_text_encoder, training.cache_text_encoder_outputs = 0.0, True
-    training.keep_final_state = True  # the test reads the trainer's last weights from it
+    """The text-encoder cache tests' LoRA run (cache on), two images a batch, a preview at step 3 of 6."""
+    config = cached_run_config(base, images, root, cache=True, batch_size=2)
+    config.training.sample_every = 3
     return config
 
 
@@ -84,8 +78,6 @@ def run_watching_dtypes(config: RunConfig, monkeypatch, resume: Path | None = No
 
 def test_idle_models_are_parked_for_the_steps_and_the_result_is_the_same(sdxl, tmp_path, monkeypatch, caplog,
                                                                          park_as_float64):
-    from safetensors.torch import load_file
-
     images = write_images(tmp_path / "images")
     with monkeypatch.context() as patch:
         patch.setattr(train_module, "idle_during_steps", lambda *args, **kwargs: {})
@@ -97,7 +89,7 @@ def test_idle_models_are_parked_for_the_steps_and_the_result_is_the_same(sdxl, t
     for step in seen:  # every step, after the mid-run preview too: parked; the UNet never
         assert step == {"unet": torch.float32, "vae": PARKED, "te0": PARKED, "te1": PARKED}
     assert not [record for record in caplog.records if "is needed" in record.getMessage()]
-    states = [load_file(str(sorted((run / "state").glob("step-*"))[-1] / "trainable.safetensors")) for run in (in_place, parked)]
+    states = [final_state(run) for run in (in_place, parked)]
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
@@ -109,8 +101,6 @@ def test_a_resumed_run_with_accumulation_fills_the_cache_from_where_it_stands(sd
                                                                                park_as_float64):
     """Resumed at step 2 with two micro-batches a step: the cache is filled from step 2's micro-batches on,
     and the run ends with the weights the same interrupted run trains with everything in place."""
-    from safetensors.torch import load_file
-
     images = write_images(tmp_path / "images")
     finals = []
     for name, idle in (("in_place", lambda *args, **kwargs: {}), ("parked", idle_during_steps)):
@@ -122,7 +112,7 @@ def test_a_resumed_run_with_accumulation_fills_the_cache_from_where_it_stands(sd
             with pytest.raises(TrainingStopped):
                 train_module.train(config, cancel=cancel, callbacks=[stop])
             seen, run_dir = run_watching_dtypes(config, monkeypatch, resume=Path(config.output.run_dir))
-        finals.append(load_file(str(sorted((run_dir / "state").glob("step-*"))[-1] / "trainable.safetensors")))
+        finals.append(final_state(run_dir))
     assert len(seen) == 4 and all(step["te1"] == step["vae"] == PARKED for step in seen)
     for key in finals[0]:
         assert torch.equal(finals[0][key], finals[1][key]), key
@@ -158,13 +148,14 @@ def test_a_parked_model_that_is_called_comes_back_and_stays(park_as_float64, cap
 
 
 def test_work_between_steps_runs_with_the_models_in_place_then_parks_them_again(park_as_float64):
-    encoder = nn.Linear(3, 2)
-    idle = IdleModels({"text encoder 1": encoder}, torch.device("cpu"))
-    render = idle.restored_for(lambda step: (step, next(encoder.parameters()).dtype))
+    encoder, vae = nn.Linear(3, 2), nn.Linear(2, 2)
+    idle = IdleModels({"text encoder 1": encoder, "VAE": vae}, torch.device("cpu"))
+    render = idle.restored_for(lambda step: (step, next(encoder.parameters()).dtype, next(vae.parameters()).dtype))
     with idle.parked():
-        assert render(5) == (5, torch.float32)
-        assert next(encoder.parameters()).dtype == PARKED
-    assert render(6) == (6, torch.float32) and next(encoder.parameters()).dtype == torch.float32
+        vae(torch.zeros(1, 2))  # a cache miss: the VAE comes back for the rest of the steps
+        assert render(5) == (5, torch.float32, torch.float32)
+        assert next(encoder.parameters()).dtype == PARKED and next(vae.parameters()).dtype == torch.float32
+    assert render(6) == (6, torch.float32, torch.float32) and next(encoder.parameters()).dtype == torch.float32
 
 
 def test_a_bf16_run_decodes_its_previews_in_bf16(tiny_checkpoint):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -80,8 +80,10 @@ class IdleModels:
     def holds_text_encoders(self) -> bool:
         return any(name.startswith("text encoder") for name in self.models)
 
-    def park(self) -> None:
-        for name, module in self.models.items():
+    def park(self, names: Iterable[str] | None = None) -> None:
+        """Move the named models (default: all) to the store, each with a hook that brings it back if called."""
+        for name in self.models if names is None else names:
+            module = self.models[name]
             _move(module, STORE)
             self.parked_names.add(name)
             self._hooks[name] = [part.register_forward_pre_hook(self._comes_back(name), with_kwargs=True)
@@ -120,11 +122,10 @@ class IdleModels:
     def restored_for(self, work: Callable[[int], Result]) -> Callable[[int], Result]:
         """`work` (a preview at a step) with the models back on the device, parked again after it."""
         def restored(step: int) -> Result:
-            was_parked = bool(self.parked_names)
+            parked = set(self.parked_names)  # not those a cache miss brought back: they stay
             self.restore()
             try:
                 return work(step)
             finally:
-                if was_parked:
-                    self.park()
+                self.park(parked)
         return restored
