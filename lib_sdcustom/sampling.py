@@ -102,6 +102,12 @@ class PreviewRenderer:
         # are decoded by the VAE as it is: they are training data.
         self.decode_dtype = torch.bfloat16 if config.training.mixed_precision == "bf16" else None
 
+    def encode_ahead(self) -> None:
+        """Encode the preview's prompt and the empty negative prompt now, one call each as `generate` makes
+        them, so a caching `encode` serves every preview while the text encoders are off the device."""
+        for texts in ([self.prompt], [""]):  # "": generate's default negative prompt
+            self.encode(texts)
+
     def render(self, step: int) -> Image.Image:
         """One preview, saved as `samples/stepNNNNNNNN.png` in the run folder and announced on the bus."""
         bundle = self.context.bundle  # at most the family's own size: SDXL previews at 512 px look broken

@@ -18,7 +18,7 @@ from conftest import cancel_at, write_images
 from test_text_encoder_cache import final_state, make_config as cached_run_config
 from lib_sdcustom.config import DataOptions, RunConfig
 from lib_sdcustom.errors import TrainingStopped
-from lib_sdcustom.events import StepDone
+from lib_sdcustom.events import SamplesRendered, StepDone
 from lib_sdcustom.models.loader import load_bundle
 from lib_sdcustom.run import train as train_module
 from lib_sdcustom.testing.tiny_families import write_tiny_sdxl
@@ -59,16 +59,17 @@ def make_config(base: Path, images: Path, root: Path) -> RunConfig:
 
 def run_watching_dtypes(config: RunConfig, monkeypatch, resume: Path | None = None
                         ) -> tuple[list[dict[str, torch.dtype]], Path]:
-    """Train; at every step, the dtype of the UNet, the VAE and each text encoder."""
+    """Train; at every step and preview, the dtype of the UNet, the VAE and each text encoder."""
     bundles = []
     real_load = train_module._load_base
     seen: list[dict[str, torch.dtype]] = []
 
     def watch(event: object) -> None:
-        if isinstance(event, StepDone):
+        if isinstance(event, (StepDone, SamplesRendered)):
             bundle = bundles[0]
             models = {"unet": bundle.unet, "vae": bundle.vae, **{f"te{n}": te for n, te in enumerate(bundle.text_encoders)}}
-            seen.append({name: next(model.parameters()).dtype for name, model in models.items()})
+            seen.append({"at": type(event).__name__,
+                         **{name: next(model.parameters()).dtype for name, model in models.items()}})
 
     with monkeypatch.context() as patch:
         patch.setattr(train_module, "_load_base", lambda *args: bundles.append(real_load(*args)) or bundles[-1])
@@ -85,9 +86,14 @@ def test_idle_models_are_parked_for_the_steps_and_the_result_is_the_same(sdxl, t
     with caplog.at_level(logging.INFO, logger=placement.__name__):
         seen, parked = run_watching_dtypes(make_config(sdxl, images, tmp_path / "parked"), monkeypatch)
 
-    assert len(seen) == 6
-    for step in seen:  # every step, after the mid-run preview too: parked; the UNet never
+    at = [dtypes.pop("at") for dtypes in seen]
+    steps = [dtypes for dtypes, when in zip(seen, at) if when == "StepDone"]
+    previews = [dtypes for dtypes, when in zip(seen, at) if when == "SamplesRendered"]
+    assert len(steps) == 6 and len(previews) == 2
+    for step in steps:  # every step, after the mid-run preview too: parked; the UNet never
         assert step == {"unet": torch.float32, "vae": PARKED, "te0": PARKED, "te1": PARKED}
+    for preview in previews:  # the VAE decodes; the text encoders' outputs for the preview were encoded ahead
+        assert preview == {"unet": torch.float32, "vae": torch.float32, "te0": PARKED, "te1": PARKED}
     assert not [record for record in caplog.records if "is needed" in record.getMessage()]
     states = [final_state(run) for run in (in_place, parked)]
     assert states[0].keys() == states[1].keys()
@@ -113,7 +119,8 @@ def test_a_resumed_run_with_accumulation_fills_the_cache_from_where_it_stands(sd
                 train_module.train(config, cancel=cancel, callbacks=[stop])
             seen, run_dir = run_watching_dtypes(config, monkeypatch, resume=Path(config.output.run_dir))
         finals.append(final_state(run_dir))
-    assert len(seen) == 4 and all(step["te1"] == step["vae"] == PARKED for step in seen)
+    assert len(seen) == 5 and all(seen_at["te1"] == PARKED for seen_at in seen)  # 4 steps, the final preview
+    assert [seen_at["vae"] for seen_at in seen] == [PARKED] * 4 + [torch.float32]
     for key in finals[0]:
         assert torch.equal(finals[0][key], finals[1][key]), key
 

@@ -35,6 +35,7 @@ from ..training.optimizers import build_optimizer
 from ..training.placement import IdleModels, idle_during_steps
 from ..training.schedules import build_scheduler
 from ..training.state import load_state, state_root
+from ..training.text_cache import TextEncoderCache
 
 logger = logging.getLogger(__name__)
 
@@ -97,33 +98,36 @@ def train(run: RunConfig | RunPlan, *, callbacks: Iterable[Callback] = (), cance
         optimizer = accelerator.prepare(optimizer)
 
         # The loop, fresh or from the saved state; previews and intermediate results come from its hooks.
-        previews = PreviewRenderer(context, bus, encode=method.encode_captions)
+        text_cached = training.cache_text_encoder_outputs and method.frozen_text_conditioning()
+        previews = PreviewRenderer(context, bus, encode=TextEncoderCache(method.encode_captions) if text_cached
+                                   else method.encode_captions)
         idle = IdleModels(idle_during_steps(bundle, accelerator.device, config.data, latents_cached=images.cached,
-                                            text_cached=training.cache_text_encoder_outputs and method.frozen_text_conditioning(),
-                                            owned=owned), accelerator.device)
+                                            text_cached=text_cached, owned=owned), accelerator.device)
+        render = idle.restored_for(previews.render, ["VAE"])  # parked text encoders: previews encode ahead too
         hooks = LoopHooks(export_intermediate=lambda step: method.export(method.intermediate_path(plan.target, step), step=step),
-                          render_samples=idle.restored_for(previews.render))
+                          render_samples=render)
         loop = TrainingLoop(method, bundle, source, config, optimizer=optimizer, scheduler=scheduler, run_dir=run_dir,
                             bus=bus, cancel=cancel, accelerator=accelerator, hooks=hooks)
         if plan.saved_state is not None:
             loop.resume_from(load_state(plan.saved_state))
         if idle.holds_text_encoders:  # each process encodes its share of one epoch's captions
             loop.encode_captions_ahead(-(-images.batches_per_epoch // accelerator.num_processes))
+            previews.encode_ahead()
         _open_run_folder(run_dir, config, fresh=plan.saved_state is None)
         bus.emit(RunStarted(total_steps=training.steps, run_dir=run_dir,
                             description="\n".join([_describe_run(config, plan.training_set, method), *notes])))
         try:
-            with idle.parked():
+            with idle.parked():  # through the final preview, which is the run's largest one-off GPU peak
                 result = loop.run()
+                method.set_training(False)
+                preview = render(result.step) if accelerator.is_main_process else None
         except TrainingStopped as stopped:
             bus.emit(RunFinished(step=loop.step, outputs=(), stopped_early=True, reason=str(stopped)))
             raise
 
         # The export: the result, its preview and card; the resumable states go unless asked to stay.
-        method.set_training(False)
         outputs: list[Path] = []
         if accelerator.is_main_process:
-            preview = previews.render(result.step)
             outputs = _export(method, plan.target, result.step, preview, loop.last_state, run_dir)
         for path in outputs:
             bus.emit(FileSaved(path, "result" if path == plan.target else "sidecar"))

@@ -3,8 +3,9 @@
 With the latent cache filled and each caption's text-encoder output cached, a step uses neither the VAE
 nor the text encoders, yet they would hold training-device memory beside the UNet the step needs: for
 SDXL in bf16, 1.52 GiB of text encoders and 0.31 GiB of fp32 VAE (`python -m lib_sdcustom.bench resident`).
-`IdleModels` moves them to the CPU for the steps and back for the work that uses them (previews, the
-export's preview). Moves are exact copies, so the training result is the same bit for bit; only where the
+`IdleModels` moves them to the CPU for the steps and back for the work that uses them: the VAE for each
+preview (whose prompts are encoded ahead, like the captions, so the text encoders stay parked through the
+final preview, the run's largest one-off peak) and all of them after it. Moves are exact copies, so the training result is the same bit for bit; only where the
 memory is changes. A parked model that is called anyway (a latent or a caption the caches missed) comes
 back to the training device before it runs and stays there: such a run is as correct as an unparked one,
 it only keeps the memory, and the log says which model came back.
@@ -119,13 +120,15 @@ class IdleModels:
         finally:
             self.restore()
 
-    def restored_for(self, work: Callable[[int], Result]) -> Callable[[int], Result]:
-        """`work` (a preview at a step) with the models back on the device, parked again after it."""
+    def restored_for(self, work: Callable[[int], Result], names: Iterable[str] | None = None) -> Callable[[int], Result]:
+        """`work` (a preview at a step) with the named models (default: all) back on the device, parked
+        again after it; the others stay parked unless `work` calls them."""
         def restored(step: int) -> Result:
-            parked = set(self.parked_names)  # not those a cache miss brought back: they stay
-            self.restore()
+            wanted = self.parked_names & set(self.models if names is None else names)  # not those a miss brought back
+            for name in wanted:
+                self._restore(name)
             try:
                 return work(step)
             finally:
-                self.park(parked)
+                self.park(wanted)
         return restored
