@@ -23,7 +23,7 @@ from lib_sdcustom.models.loader import load_bundle
 from lib_sdcustom.run import train as train_module
 from lib_sdcustom.testing.tiny_families import write_tiny_sdxl
 from lib_sdcustom.training import placement
-from lib_sdcustom.training.placement import IdleModels, idle_during_steps
+from lib_sdcustom.training.placement import IdleModels, idle_during_steps, idle_while_encoding
 
 PARKED = torch.float64  # what "off the device" looks like in these tests
 
@@ -59,20 +59,27 @@ def make_config(base: Path, images: Path, root: Path) -> RunConfig:
 
 def run_watching_dtypes(config: RunConfig, monkeypatch, resume: Path | None = None
                         ) -> tuple[list[dict[str, torch.dtype]], Path]:
-    """Train; at every step and preview, the dtype of the UNet, the VAE and each text encoder."""
+    """Train; at every VAE encode, step and preview, the dtype of the UNet, the VAE and each text encoder."""
     bundles = []
     real_load = train_module._load_base
     seen: list[dict[str, torch.dtype]] = []
 
+    def note(at: str) -> None:
+        bundle = bundles[0]
+        models = {"unet": bundle.unet, "vae": bundle.vae, **{f"te{n}": te for n, te in enumerate(bundle.text_encoders)}}
+        seen.append({"at": at, **{name: next(model.parameters()).dtype for name, model in models.items()}})
+
+    def load(*args: object) -> object:
+        bundles.append(real_load(*args))
+        bundles[-1].vae.encoder.register_forward_pre_hook(lambda module, inputs: note("encode"))
+        return bundles[-1]
+
     def watch(event: object) -> None:
         if isinstance(event, (StepDone, SamplesRendered)):
-            bundle = bundles[0]
-            models = {"unet": bundle.unet, "vae": bundle.vae, **{f"te{n}": te for n, te in enumerate(bundle.text_encoders)}}
-            seen.append({"at": type(event).__name__,
-                         **{name: next(model.parameters()).dtype for name, model in models.items()}})
+            note(type(event).__name__)
 
     with monkeypatch.context() as patch:
-        patch.setattr(train_module, "_load_base", lambda *args: bundles.append(real_load(*args)) or bundles[-1])
+        patch.setattr(train_module, "_load_base", load)
         result = train_module.train(config, callbacks=[watch], resume=resume)
     return seen, result.run_dir
 
@@ -89,7 +96,10 @@ def test_idle_models_are_parked_for_the_steps_and_the_result_is_the_same(sdxl, t
     at = [dtypes.pop("at") for dtypes in seen]
     steps = [dtypes for dtypes, when in zip(seen, at) if when == "StepDone"]
     previews = [dtypes for dtypes, when in zip(seen, at) if when == "SamplesRendered"]
-    assert len(steps) == 6 and len(previews) == 2
+    encodes = [dtypes for dtypes, when in zip(seen, at) if when == "encode"]
+    assert len(steps) == 6 and len(previews) == 2 and encodes
+    for encode in encodes:  # filling the latent cache, before the steps: only the text encoders are away
+        assert encode == {"unet": torch.float32, "vae": torch.float32, "te0": PARKED, "te1": PARKED}
     for step in steps:  # every step, after the mid-run preview too: parked; the UNet never
         assert step == {"unet": torch.float32, "vae": PARKED, "te0": PARKED, "te1": PARKED}
     for preview in previews:  # the VAE decodes; the text encoders' outputs for the preview were encoded ahead
@@ -119,7 +129,8 @@ def test_a_resumed_run_with_accumulation_fills_the_cache_from_where_it_stands(sd
                 train_module.train(config, cancel=cancel, callbacks=[stop])
             seen, run_dir = run_watching_dtypes(config, monkeypatch, resume=Path(config.output.run_dir))
         finals.append(final_state(run_dir))
-    assert len(seen) == 5 and all(seen_at["te1"] == PARKED for seen_at in seen)  # 4 steps, the final preview
+    assert [seen_at["at"] for seen_at in seen] == ["StepDone"] * 4 + ["SamplesRendered"]  # the cache was filled
+    assert all(seen_at["te1"] == PARKED for seen_at in seen)
     assert [seen_at["vae"] for seen_at in seen] == [PARKED] * 4 + [torch.float32]
     for key in finals[0]:
         assert torch.equal(finals[0][key], finals[1][key]), key
@@ -137,6 +148,8 @@ def test_the_policy_parks_only_what_the_caches_make_idle(sdxl, park_as_float64):
         assert list(idle_during_steps(bundle, cpu, data, latents_cached=True, text_cached=True, owned=True)) == ["VAE"]
     assert not idle_during_steps(bundle, cpu, fixed, latents_cached=True, text_cached=True, owned=False)  # a host's
     assert not idle_during_steps(bundle, placement.STORE, fixed, latents_cached=True, text_cached=True, owned=True)
+    assert list(idle_while_encoding(bundle, cpu, owned=True)) == ["text encoder 1", "text encoder 2"]
+    assert not idle_while_encoding(bundle, cpu, owned=False) and not idle_while_encoding(bundle, placement.STORE, owned=True)
 
 
 def test_a_parked_model_that_is_called_comes_back_and_stays(park_as_float64, caplog):

@@ -32,7 +32,7 @@ from ..sampling import PreviewRenderer
 from ..training.batches import LatentBatchSource
 from ..training.loop import LoopHooks, TrainingLoop, compute_dtype
 from ..training.optimizers import build_optimizer
-from ..training.placement import IdleModels, idle_during_steps
+from ..training.placement import IdleModels, idle_during_steps, idle_while_encoding
 from ..training.schedules import build_scheduler
 from ..training.state import load_state, state_root
 from ..training.text_cache import TextEncoderCache
@@ -81,7 +81,8 @@ def train(run: RunConfig | RunPlan, *, callbacks: Iterable[Callback] = (), cance
 
     # The method on its batches (latents encoded, or cached, here).
     run_dir = plan.run_dir
-    images = LatentBatchSource.create(plan.training_set, bundle, run_dir=run_dir, use_cache=config.data.cache_latents, bus=bus)
+    with IdleModels(idle_while_encoding(bundle, accelerator.device, owned=owned), accelerator.device).parked():
+        images = LatentBatchSource.create(plan.training_set, bundle, run_dir=run_dir, use_cache=config.data.cache_latents, bus=bus)
     captions = [record.caption for record in plan.training_set.records]
     context = RunContext(config=config, bundle=bundle, training_set=plan.training_set, data_folder=Path(config.data.data),
                          run_dir=run_dir, trigger_phrase=plan.method_type.trigger_phrase(config, captions),

@@ -10,6 +10,7 @@ memory is changes. A parked model that is called anyway (a latent or a caption t
 back to the training device before it runs and stays there: such a run is as correct as an unparked one,
 it only keeps the memory, and the log says which model came back.
 
+The text encoders are parked the same way while the VAE fills the latent cache before the steps.
 Only a bundle this run loaded is parked. A host's bundle shares its tensors with the host's model, which
 keeps them on the GPU anyway: a parked copy would free nothing there and cost a copy in RAM.
 """
@@ -38,17 +39,31 @@ def fixed_captions(data: DataOptions) -> bool:
     return not data.shuffle_captions and data.caption_dropout == 0 and data.tag_dropout == 0
 
 
+def _placeable(device: torch.device, owned: bool) -> bool:
+    return owned and device != STORE
+
+
+def idle_while_encoding(bundle: ModelBundle, device: torch.device, *, owned: bool) -> dict[str, nn.Module]:
+    """The text encoders, while the VAE fills the latent cache: that fp32 encode at full resolution is a
+    one-off peak of gigabytes (2.5 GiB for one 1024 px SDXL image), and they would sit beside it unused."""
+    return _text_encoders(bundle) if _placeable(device, owned) else {}
+
+
+def _text_encoders(bundle: ModelBundle) -> dict[str, nn.Module]:
+    return {f"text encoder {number}": encoder for number, encoder in enumerate(bundle.text_encoders, start=1)}
+
+
 def idle_during_steps(bundle: ModelBundle, device: torch.device, data: DataOptions, *, latents_cached: bool,
                       text_cached: bool, owned: bool) -> dict[str, nn.Module]:
     """The models the steps leave idle, by name: the VAE when the latent cache holds every image, the text
     encoders when, besides, their outputs are cached for captions that never change (`fixed_captions`):
     their cache is filled before the steps by reading one epoch of batches, cheap only from cached latents.
     None on a device that is the store itself, or for a bundle the run does not own (module docstring)."""
-    if not owned or device == STORE:
+    if not _placeable(device, owned):
         return {}
     idle: dict[str, nn.Module] = {"VAE": bundle.vae} if latents_cached else {}
     if latents_cached and text_cached and fixed_captions(data):
-        idle.update((f"text encoder {number}", encoder) for number, encoder in enumerate(bundle.text_encoders, start=1))
+        idle.update(_text_encoders(bundle))
     return idle
 
 
