@@ -5,12 +5,14 @@ nor the text encoders, yet they would hold training-device memory beside the UNe
 SDXL in bf16, 1.52 GiB of text encoders and 0.31 GiB of fp32 VAE (`python -m lib_sdcustom.bench resident`).
 `IdleModels` moves them to the CPU for the steps and back for the work that uses them: the VAE for each
 preview (whose prompts are encoded ahead, like the captions, so the text encoders stay parked through the
-final preview, the run's largest one-off peak) and all of them after it. Moves are exact copies, so the training result is the same bit for bit; only where the
-memory is changes. A parked model that is called anyway (a latent or a caption the caches missed) comes
-back to the training device before it runs and stays there: such a run is as correct as an unparked one,
-it only keeps the memory, and the log says which model came back.
+final preview, the run's largest one-off peak) and all of them after it. The text encoders are parked the
+same way while the VAE fills the latent cache before the steps, the other one-off peak.
 
-The text encoders are parked the same way while the VAE fills the latent cache before the steps.
+Moves are exact copies, so the training result is the same bit for bit; only where the memory is
+changes. A parked model that is called anyway (a latent or a caption the caches missed) comes back to
+the training device before it runs and stays there: such a run is as correct as an unparked one, it only
+keeps the memory, and the log says which model came back.
+
 Only a bundle this run loaded is parked. A host's bundle shares its tensors with the host's model, which
 keeps them on the GPU anyway: a parked copy would free nothing there and cost a copy in RAM.
 """
