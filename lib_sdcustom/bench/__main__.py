@@ -3,7 +3,8 @@ pass/fail).
 
 `speed` puts LoRA/LoCon training through `train()` beside a plain diffusers + peft loop (see `bench/speed.py`);
 `gpu-check` runs its full-size GPU plans in one go (`bench/gpu_check.py`); `sizes` prints each network method's
-file size at full-size shapes (`bench/network_sizes.py`).
+file size at full-size shapes (`bench/network_sizes.py`); `resident` counts what a LoRA run keeps on the GPU
+during its steps, ours beside the reference (`bench/resident.py`).
 
 `quality` trains every method on the bundled micro-world model and writes its table and figures (see
 `bench/quality.py`); `best-step` checks best-step selection against the micro-world judge (`bench/best_step.py`)."""
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import best_step, dreambooth, gpu_check, lora, network_sizes, quality, speed
+from . import best_step, dreambooth, gpu_check, lora, network_sizes, quality, resident, speed
 from ..models.bundle import ModelFamily
 
 SCENARIOS = {
@@ -51,6 +52,8 @@ def main() -> int:
     commands.add_parser(speed.CHILD_COMMAND, help=argparse.SUPPRESS).add_argument("settings")
     network_sizes.add_arguments(commands.add_parser("sizes", help="File size of every network method at full SD1.5 "
                                                                   "and SDXL shapes (meta device, seconds)."))
+    resident.add_arguments(commands.add_parser("resident", help="What a full-size LoRA run keeps on the GPU during its "
+                                                                "steps, ours beside the reference (meta device, seconds)."))
     gpu_check.add_arguments(commands.add_parser("gpu-check", help="Full-size SD1.5 and SDXL LoRA on one GPU, ours "
                                                                  "beside the reference, 30 steps each (--dry-run: tiny, CPU)."))
     args = parser.parse_args()
@@ -62,6 +65,8 @@ def main() -> int:
         return speed.main(args)
     if args.command == "sizes":
         return network_sizes.main(args)
+    if args.command == "resident":
+        return resident.main(args)
     if args.command == "gpu-check":
         return gpu_check.main(args)
     if args.command == speed.CHILD_COMMAND:

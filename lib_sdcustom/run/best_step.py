@@ -24,6 +24,7 @@ from ..files import write_atomically, write_text_atomically
 from ..methods.base import Method
 from ..sampling import generate
 from ..training.batches import BatchSource, LatentBatchSource
+from ..training.conditioning import Conditioning
 from ..training.loop import TrainingLoop
 from ..training.state import state_root
 from ..training.step_selection import (CLASS_SAMPLES, PROBE_SEED, ProbeErrors, StepScore, StepScorer, best, combine,
@@ -53,9 +54,11 @@ class BestStepSelector:
 
     @classmethod
     def start(cls, method: Method, context: RunContext, pictures: LatentBatchSource, training: BatchSource,
-              loop: TrainingLoop, *, resumed_step: int) -> "BestStepSelector":
+              loop: TrainingLoop, *, encode: Callable[[list[str]], Conditioning],
+              resumed_step: int) -> "BestStepSelector":
         """Before the first step of a fresh run (`resumed_step` 0): sample the class prompt and measure the
-        starting point. On resume: read them back, with the scores of the steps already done."""
+        starting point. On resume: read them back, with the scores of the steps already done. The probes'
+        captions go through `encode` (the run's text-encoder cache when its conditioning is frozen)."""
         config, bundle = context.config, context.bundle
         folder = selection_folder(context.run_dir)
         latents_file = folder / "class_latents.safetensors"
@@ -65,7 +68,7 @@ class BestStepSelector:
             write_atomically(latents_file, lambda tmp: save_file({"latents": class_latents.contiguous()}, str(tmp)))
         else:
             class_latents = load_file(str(latents_file))["latents"]
-        scorer = StepScorer(bundle, method.encode_captions,
+        scorer = StepScorer(bundle, encode,
                             instances=instance_batches(training, pictures, pictures.batches_per_epoch),
                             class_latents=class_latents, class_prompt=config.dreambooth.class_prompt,
                             alphas_cumprod=loop.alphas_cumprod, num_timesteps=loop.num_timesteps,
