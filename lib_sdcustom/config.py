@@ -246,6 +246,10 @@ class TrainingOptions:
     keep_final_state: bool = option(False, "Keep the resumable state of the last step, to train further later (for "
                                            "DreamBooth it is as large as the model and its optimizer).")
     save_every: int = option(0, "Also export an intermediate result every N steps (0 = off).")
+    select_best_step: bool = option(False, "Score every intermediate export (save_every) and the last step by the "
+                                           "model's own denoising error on your pictures and on class-prompt samples "
+                                           "(needs the class prompt), and keep the best as the result; the others "
+                                           "stay in the steps folder.")
     sample_every: int = option(0, "Render preview images every N steps (0 = only at the end).")
     sample_prompt: str = option("", "Prompt for preview images (default: the output name or first caption).")
     sample_steps: int = option(20, "Sampler steps for previews.")
@@ -379,8 +383,24 @@ def _validate(config: RunConfig) -> None:
     _require(train.noise_offset >= 0 and train.min_snr_gamma >= 0, "Noise offset and min-SNR gamma must be >= 0.", "Use 0 to turn them off.")
     for name in ("save_state_every", "save_every", "sample_every"):
         _require(getattr(train, name) >= 0, f"--{name.replace('_', '-')} is negative.", "Use 0 (off) or a step count.")
+    _validate_best_step(config)
     _require(config.output.save_precision in SAVE_PRECISION, f"Unknown save precision {config.output.save_precision!r}.",
              f"Use one of: {', '.join(SAVE_PRECISION)}.")
+
+
+def _validate_best_step(config: RunConfig) -> None:
+    """Best-step selection needs steps to choose from and a class prompt to measure drift on."""
+    train = config.training
+    if not train.select_best_step:
+        return
+    _require(0 < train.save_every < train.steps,
+             f"Best-step selection is on, but save_every is {train.save_every} with {train.steps} steps, so there is "
+             "no intermediate result to choose from.",
+             f"Set save_every to a share of the run (e.g. --save-every {max(1, train.steps // 6)}), or turn "
+             "select_best_step off.")
+    _require(bool(config.prior.class_prompt.strip()),
+             "Best-step selection is on, but no class prompt was given; it measures how far the class drifts on "
+             "samples of that prompt.", "Pass --class-prompt, e.g. 'a photo of a dog' (in the tab: fill in the class).")
 
 
 def _validate_network_algorithm(config: RunConfig) -> None:
@@ -439,12 +459,15 @@ def _validate_prior(config: RunConfig) -> None:
     """Prior preservation's numbers, and class images asked of a method that cannot train on them."""
     prior, spec = config.prior, config.spec
     if "prior" not in spec.sections:
+        # The class prompt alone is allowed: best-step selection measures drift on it for every method.
         users = ", ".join(name for name in METHODS if "prior" in method_spec(name).sections)
-        _require(not prior.enabled(),
+        asked = [flag for flag, value in (("--class-data", prior.class_data), ("--class-prompt-file",
+                                          prior.class_prompt_file), ("--style", prior.style)) if value]
+        _require(not (prior.prior_preservation and asked),
                  f"{spec.label} cannot train on class images (it does not change the model's own weights), but "
-                 f"{'style mode' if prior.style else '--class-prompt or --class-data'} asks for them.",
-                 f"Leave --class-prompt and --class-data empty and --style off (or pass --no-prior-preservation), "
-                 f"or use a method that can: {users}.")
+                 f"{' and '.join(asked)} asks for them.",
+                 f"Leave --class-data and --class-prompt-file empty and --style off (or pass "
+                 f"--no-prior-preservation), or use a method that can: {users}.")
         return
     _require(math.isfinite(prior.prior_weight) and prior.prior_weight >= 0, f"--prior-weight is {prior.prior_weight}.",
              "Use a weight >= 0 (1.0 is typical; 0 trains on the class images without effect).")

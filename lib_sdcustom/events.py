@@ -55,6 +55,25 @@ class SamplesRendered:
 
 
 @dataclass(frozen=True)
+class StepScored:
+    """Best-step selection's self-check of a state (`training/step_selection.py`); higher `score` is better."""
+
+    step: int
+    fidelity: float
+    drift: float
+    leak: float
+    score: float
+
+
+@dataclass(frozen=True)
+class BestStepKept:
+    """Best-step selection chose `step` (of `final_step` trained) as the result."""
+
+    step: int
+    final_step: int
+
+
+@dataclass(frozen=True)
 class Warning_:
     message: str
 
@@ -67,7 +86,8 @@ class RunFinished:
     reason: str = ""
 
 
-Event = RunStarted | PhaseProgress | StepDone | FileSaved | SamplesRendered | Warning_ | RunFinished
+Event = (RunStarted | PhaseProgress | StepDone | FileSaved | SamplesRendered | StepScored | BestStepKept | Warning_
+         | RunFinished)
 Callback = Callable[[Event], None]
 
 

@@ -6,6 +6,7 @@ and fail to import beside the host's transformers 4.30.2, while the scheduler cl
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import numpy as np
@@ -32,8 +33,12 @@ def _scheduler_for_sampling(bundle: ModelBundle, steps: int, zero_terminal_snr: 
     return scheduler
 
 
-def latents_to_images(bundle: ModelBundle, latents: torch.Tensor) -> list[Image.Image]:
-    vae = bundle.vae
+def latents_to_images(bundle: ModelBundle, latents: torch.Tensor, dtype: torch.dtype | None = None) -> list[Image.Image]:
+    """Decode with the VAE in its own dtype, or with a copy of it in `dtype` (bf16 for a bf16 run's previews:
+    half the decoder's activation memory, which at SDXL's 1024 px is gigabytes, for a copy of a tenth of a
+    GiB; bf16 has fp32's exponent range, so the SDXL VAE's fp16 overflow cannot happen; docs/bench/speed.md
+    has the figures and the cost in pixel levels). The VAE itself is left as it is: it encodes training data."""
+    vae = bundle.vae if dtype in (None, bundle.vae.dtype) else copy.deepcopy(bundle.vae).to(dtype)
     decoded = vae.decode(latents.to(vae.device, vae.dtype) / bundle.vae_scaling_factor).sample
     array = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(item)) for item in array]
@@ -44,12 +49,13 @@ def generate(bundle: ModelBundle, prompts: list[str], *, seed: int, steps: int =
              width: int = 512, height: int = 512, negative_prompt: str = "", clip_skip: int = 1,
              progress: Callable[[int, int], None] | None = None,
              encode: Callable[[list[str]], Conditioning | torch.Tensor] | None = None,
-             zero_terminal_snr: bool = False) -> list[Image.Image]:
+             zero_terminal_snr: bool = False, decode_dtype: torch.dtype | None = None) -> list[Image.Image]:
     """One image per prompt; image i uses noise from seed + i, so a batch equals the same prompts one by one.
 
     `encode` turns prompts into conditioning (default: the bundle's tokenizers and text encoders the host's
     way, with `clip_skip`); a training method passes its own, so previews see what it trains. A plain tensor
-    from `encode` is SD1/SD2 context. SDXL is told each image is an uncropped `height` x `width` picture."""
+    from `encode` is SD1/SD2 context. SDXL is told each image is an uncropped `height` x `width` picture.
+    `decode_dtype`: see `latents_to_images`."""
     unet = bundle.unet
     device, dtype = unet.device, unet.dtype
     scheduler = _scheduler_for_sampling(bundle, steps, zero_terminal_snr)
@@ -69,7 +75,7 @@ def generate(bundle: ModelBundle, prompts: list[str], *, seed: int, steps: int =
         latents = scheduler.step(guided, timestep, latents).prev_sample
         if progress:
             progress(number + 1, steps)
-    return latents_to_images(bundle, latents)
+    return latents_to_images(bundle, latents, decode_dtype)
 
 
 def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
@@ -92,6 +98,15 @@ class PreviewRenderer:
         config = context.config
         self.prompt = config.training.sample_prompt or context.trigger_phrase
         self.steps = config.training.sample_steps
+        # A bf16 run decodes its previews in bf16 (not an fp16 one: the SDXL VAE overflows there). Class images
+        # are decoded by the VAE as it is: they are training data.
+        self.decode_dtype = torch.bfloat16 if config.training.mixed_precision == "bf16" else None
+
+    def encode_ahead(self) -> None:
+        """Encode the preview's prompt and the empty negative prompt now, one call each as `generate` makes
+        them, so a caching `encode` serves every preview while the text encoders are off the device."""
+        for texts in ([self.prompt], [""]):  # "": generate's default negative prompt
+            self.encode(texts)
 
     def render(self, step: int) -> Image.Image:
         """One preview, saved as `samples/stepNNNNNNNN.png` in the run folder and announced on the bus."""
@@ -99,7 +114,8 @@ class PreviewRenderer:
         size = min(self.context.config.data.resolution, model_native_resolution(bundle))
         image = generate(bundle, [self.prompt], seed=self.context.config.training.seed, steps=self.steps,
                          width=size, height=size, encode=self.encode,
-                         zero_terminal_snr=self.context.config.training.zero_terminal_snr)[0]
+                         zero_terminal_snr=self.context.config.training.zero_terminal_snr,
+                         decode_dtype=self.decode_dtype)[0]
         folder = self.context.run_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step{step:08d}.png"

@@ -23,7 +23,7 @@ width the model does not have, a layer structure not starting with 1, a dropout 
 pivotal word CLIP knows, with a dot, or already an embedding's name (any case);
 DreamBooth without instance prompt, without class prompt, with fp8 base, in style mode; a class folder missing
 or empty without a class prompt, with an unreadable image, with an image without caption or class prompt; an
-empty class prompt file; a negative prior weight; Textual Inversion with a class prompt; --dora with LoHa, with (IA)^3, with
+empty class prompt file; a negative prior weight; Textual Inversion with a class folder; --dora with LoHa, with (IA)^3, with
 fp8 base; OFT with fp8 base, rank 1; BOFT rank 8 (SD's widths need 10), rank 11; zero-terminal-SNR on an epsilon
 model; names '../x', '', 'a|b', 'CON', '.hidden'.
 CLI, files: base missing; base a non-SD safetensors; base a .ckpt carrying a pickled object; base a
@@ -410,8 +410,8 @@ CLI_CASES = [
                                                                         "p.txt")), 2, "has no prompts", "one prompt per line"),
     Case("prior weight negative", lambda ws: ws.train("--class-prompt", "a dog", "--prior-weight", "-1"), 2,
          "--prior-weight is -1.0", "weight >= 0"),
-    Case("textual inversion with class images", lambda ws: ws.train("--method", "textual_inversion", "--class-prompt",
-                                                                    "a dog"), 2,
+    Case("textual inversion with class images", lambda ws: ws.train("--method", "textual_inversion", "--class-data",
+                                                                    str(ws.folder("reg"))), 2,
          "Textual Inversion cannot train on class images", "--no-prior-preservation"),
     Case("dreambooth style mode", lambda ws: ws.train("--method", "dreambooth", "--instance-prompt", "sks",
                                                       "--class-prompt", "a dog", "--style"), 2,

@@ -6,6 +6,7 @@ asserted."""
 from __future__ import annotations
 
 import subprocess
+from dataclasses import asdict
 import sys
 
 import pytest
@@ -101,3 +102,62 @@ def test_gpu_check_dry_run_goes_through_every_plan(tmp_path):
     assert child.stdout.count("| lora | 1 |") == 2 and "| lora | 4 |" in child.stdout
     assert "gradient checkpointing" in child.stdout
     assert child.stdout.count("loading alone") == 2
+
+
+class FakeCounters:
+    """torch.cuda's memory counters over a scripted allocation history, in GiB."""
+
+    def __init__(self) -> None:
+        self.allocated = self.peak = 0
+
+    def run(self, gib: float, keep: float) -> None:  # a phase that peaks at `gib` and leaves `keep` allocated
+        self.peak = max(self.peak, int(gib * 2**30))
+        self.allocated = int(keep * 2**30)
+
+    def max_memory_allocated(self) -> int:
+        return self.peak
+
+    def memory_allocated(self) -> int:
+        return self.allocated
+
+    def reset_peak_memory_stats(self) -> None:
+        self.peak = self.allocated
+
+
+def test_gpu_memory_is_told_apart_by_phase_and_the_report_names_each():
+    """The VAE encoding before the steps and the preview after them peak higher than the steps: the table's
+    whole-run figure is theirs, and the note shows the steps' own peak and the resident tensors."""
+    from lib_sdcustom.bench.gpu_memory import PhaseRecorder
+    from lib_sdcustom.bench.speed import Measured, report
+
+    counters = FakeCounters()
+    recorder = PhaseRecorder(counters)
+    counters.run(9.0, keep=6.0)  # loading, encoding the latent cache, the first step
+    recorder.step()
+    for peak in (7.5, 7.75, 7.5):
+        counters.run(peak, keep=6.5)
+        recorder.step()
+    counters.run(12.0, keep=6.5)  # the final preview
+    recorder.finish()
+    peaks = recorder.peaks
+    assert (peaks.to_first_step, peaks.later_steps, peaks.resident_at_last_step, peaks.after_last_step,
+            peaks.whole_run) == (9.0, 7.75, 6.5, 12.0, 12.0)
+    no_gpu = PhaseRecorder(None)
+    no_gpu.step()
+    no_gpu.finish()
+    assert no_gpu.peaks.whole_run is None
+
+    ours = Measured(1.0, 20.0, 2.0, peaks.whole_run, 722, steady_cuda_gib=peaks.later_steps,
+                    first_cuda_gib=peaks.to_first_step, after_cuda_gib=peaks.after_last_step,
+                    resident_cuda_gib=peaks.resident_at_last_step)
+    reference = Measured(1.0, 10.0, 2.0, 7.5, 722, steady_cuda_gib=7.5, first_cuda_gib=7.25, after_cuda_gib=6.5,
+                         resident_cuda_gib=6.75)
+    plan = {"size": "full", "family": "sdxl", "resolution": 1024, "rank": 16, "steps": 4, "gradient_checkpointing": True,
+            "repeats": 1, "variants": []}
+    text = report({"plan": plan, "device": "CUDA test", "clock": "wall-clock", "cpu_count": 2,
+                   "load_average": [(1.0, 1.0, 1.0), (1.0, 1.0, 1.0)], "loads": [],
+                   "rows": [{"network": "lora", "batch_size": 1, "ours": asdict(ours), "reference": asdict(reference)}]})
+    assert "| 12.00 / 7.50 | 7.75 / 7.50 |" in text
+    assert ("lora batch 1, GPU GiB ours / reference: peak to the end of the first step 9.00 / 7.25; peak in the "
+            "steps after it 7.75 / 7.50, of which resident at the last step 6.50 / 6.75; peak after the last step "
+            "12.00 / 6.50") in text

@@ -3,17 +3,18 @@ pass/fail).
 
 `speed` puts LoRA/LoCon training through `train()` beside a plain diffusers + peft loop (see `bench/speed.py`);
 `gpu-check` runs its full-size GPU plans in one go (`bench/gpu_check.py`); `sizes` prints each network method's
-file size at full-size shapes (`bench/network_sizes.py`).
+file size at full-size shapes (`bench/network_sizes.py`); `resident` counts what a LoRA run keeps on the GPU
+during its steps, ours beside the reference (`bench/resident.py`).
 
 `quality` trains every method on the bundled micro-world model and writes its table and figures (see
-`bench/quality.py`)."""
+`bench/quality.py`); `best-step` checks best-step selection against the micro-world judge (`bench/best_step.py`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import dreambooth, gpu_check, lora, network_sizes, quality, speed
+from . import best_step, dreambooth, gpu_check, lora, network_sizes, quality, resident, speed
 from ..models.bundle import ModelFamily
 
 SCENARIOS = {
@@ -44,20 +45,28 @@ def main() -> int:
         commands.add_parser(module.CHILD_COMMAND, help=argparse.SUPPRESS).add_argument("settings")
     quality.add_arguments(commands.add_parser("quality", help="Customization quality of every method on the micro-world "
                                                                 "model: JSON, Markdown table and PNG grids."))
+    best_step.add_arguments(commands.add_parser("best-step", help="Best-step selection's self-check against the "
+                                                                  "micro-world judge, per run and step."))
     speed.add_arguments(commands.add_parser("speed", help="LoRA/LoCon steps/s, memory and first-step time of train() "
                                                           "beside a plain diffusers + peft loop, with the ratio."))
     commands.add_parser(speed.CHILD_COMMAND, help=argparse.SUPPRESS).add_argument("settings")
     network_sizes.add_arguments(commands.add_parser("sizes", help="File size of every network method at full SD1.5 "
                                                                   "and SDXL shapes (meta device, seconds)."))
+    resident.add_arguments(commands.add_parser("resident", help="What a full-size LoRA run keeps on the GPU during its "
+                                                                "steps, ours beside the reference (meta device, seconds)."))
     gpu_check.add_arguments(commands.add_parser("gpu-check", help="Full-size SD1.5 and SDXL LoRA on one GPU, ours "
                                                                  "beside the reference, 30 steps each (--dry-run: tiny, CPU)."))
     args = parser.parse_args()
     if args.command == "quality":
         return quality.main(args)
+    if args.command == "best-step":
+        return best_step.main(args)
     if args.command == "speed":
         return speed.main(args)
     if args.command == "sizes":
         return network_sizes.main(args)
+    if args.command == "resident":
+        return resident.main(args)
     if args.command == "gpu-check":
         return gpu_check.main(args)
     if args.command == speed.CHILD_COMMAND:

@@ -9,10 +9,12 @@ ones for norm scales, zeros for biases): the loss stays finite, which is all a s
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
@@ -23,25 +25,41 @@ from ..models.ldm_config import configs_from_ldm
 from ..models.writer import ldm_state_dict
 from ..models.stock_configs import stock_ldm_config
 
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
 _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
 
 
-def _meta_state_dicts(family: ModelFamily) -> dict[str, torch.Tensor]:
-    """LDM key -> a tensor of the right shape and dtype (meta for weights; real for integer buffers)."""
+@dataclass
+class MetaModels:
+    """A family's modules from its stock config, on the meta device: shapes and dtypes, no memory."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: list[torch.nn.Module]
+
+
+def meta_models(family: ModelFamily) -> MetaModels:
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from ..models.loader import text_encoder_factory
 
-    configs = configs_from_ldm(stock_ldm_config(family, "epsilon"), source="stock")
+    configs = configs_from_ldm(copy.deepcopy(stock_ldm_config(family, "epsilon")), source="stock")
     text_configs = [configs.text_encoder] + ([configs.text_encoder_2] if configs.text_encoder_2 else [])
     with init_empty_weights(include_buffers=False):
-        unet = UNet2DConditionModel(**configs.unet)
-        vae = AutoencoderKL(**configs.vae)
-        text_encoders = [text_encoder_factory(config)() for config in text_configs]
+        return MetaModels(UNet2DConditionModel(**configs.unet), AutoencoderKL(**configs.vae),
+                          [text_encoder_factory(config)() for config in text_configs])
+
+
+def _meta_state_dicts(family: ModelFamily) -> dict[str, torch.Tensor]:
+    """LDM key -> a tensor of the right shape and dtype (meta for weights; real for integer buffers)."""
+    models = meta_models(family)
+    unet, vae = models.unet, models.vae
     return ldm_state_dict(family, unet.state_dict(), ldm_keys.UNetLayout.from_diffusers_config(unet.config),
                           vae.state_dict(), ldm_keys.VAELayout.from_diffusers_config(vae.config),
-                          [ldm_keys.text_encoder_state_dict(encoder) for encoder in text_encoders], {})
+                          [ldm_keys.text_encoder_state_dict(encoder) for encoder in models.text_encoders], {})
 
 
 def _random_like(key: str, like: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:

@@ -3,7 +3,9 @@ one H200, within 8).
 
 Full-size SD1.5 (512 px, LoRA rank 16, batch 1 and 4) and SDXL (1024 px, batch 1, gradient checkpointing),
 30 steps each, through `train()` and through the diffusers + peft reference loop (`bench/speed.py`), and the
-load-only memory peak of each model. `--compile` adds, last, ours with torch.compile on SD1.5 batch 1
+load-only memory peak of each model. Each row's note splits both sides' GPU memory by phase (to the first
+step, the later steps and what stays resident, after the last step: `bench/gpu_memory.py`), so the steps
+are compared apart from ours' one-off work around them (the latent cache's encode, the final preview). `--compile` adds, last, ours with torch.compile on SD1.5 batch 1
 (compilation is in the first step, outside the rate): on an H200 that run alone outlasted 200 s, so it is
 not in the 8 minutes. The random full-size checkpoints are written first (to `--workdir`, reused when
 present). Measured on one H200 on 2026-12-04: docs/bench/speed.md.

@@ -11,7 +11,6 @@ one `[1, in]` row per module, which is what the file holds.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from typing import Sequence
@@ -22,6 +21,7 @@ from ..config import NetworkOptions
 from ..models.bundle import ModelFamily
 from ..networks.algorithms import ALGORITHMS
 from ..networks.lycoris_backend import attach_network
+from .full_size import meta_models
 
 #: (row label, algorithm, DoRA)
 VARIANTS = tuple((name, name, False) for name in ALGORITHMS) + (("lora + dora", "lora", True),
@@ -29,23 +29,10 @@ VARIANTS = tuple((name, name, False) for name in ALGORITHMS) + (("lora + dora", 
 FAMILIES = {"sd1": ModelFamily.SD1, "sdxl": ModelFamily.SDXL}
 
 
-def _meta_models(family: ModelFamily) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-
-    from ..models.ldm_config import configs_from_ldm
-    from ..models.loader import text_encoder_factory
-    from ..models.stock_configs import stock_ldm_config
-
-    configs = configs_from_ldm(copy.deepcopy(stock_ldm_config(family, "epsilon")), source="stock")
-    text_configs = [configs.text_encoder] + ([configs.text_encoder_2] if configs.text_encoder_2 else [])
-    with init_empty_weights():
-        return UNet2DConditionModel(**configs.unet), [text_encoder_factory(config)() for config in text_configs]
-
-
 def file_bytes(family: ModelFamily, algorithm: str, rank: int, dora: bool) -> int:
     """Bytes of the fp16 network file (tensors and their header, no metadata)."""
-    unet, text_encoders = _meta_models(family)
+    models = meta_models(family)
+    unet, text_encoders = models.unet, models.text_encoders
     # LyCORIS builds its own weights on the CPU (a few MiB), then they follow the meta model.
     attached = attach_network(unet, text_encoders, ALGORITHMS[algorithm], NetworkOptions(rank=rank, alpha=rank / 2),
                               train_text_encoder=True)

@@ -36,6 +36,7 @@ import torch
 
 from ..files import write_text_atomically
 from ..testing.sample_images import write_sample_images
+from .gpu_memory import PhaseRecorder
 from .runner import device_description
 
 CHILD_COMMAND = "speed-one"
@@ -59,9 +60,12 @@ class Measured:
     peak_rss_gib: float
     peak_cuda_gib: float | None
     layers: int
-    # Peak GPU memory over the steps after the first: training alone, without the one-off peaks around it
-    # (loading and the VAE encoding the latent cache before; ours' final preview, decoded by the VAE, after).
+    # GPU memory by phase (`bench/gpu_memory.py`): the steps after the first alone, without the one-off peaks
+    # around them (loading and the VAE encoding the latent cache before; ours' final preview after).
     steady_cuda_gib: float | None = None
+    first_cuda_gib: float | None = None
+    after_cuda_gib: float | None = None
+    resident_cuda_gib: float | None = None
     skipped: str = ""  # why this side did not run (a missing package, no reference for the network), else empty
 
 
@@ -85,25 +89,21 @@ def _timed(run: Callable[[Callable[[], None]], int]) -> Measured:
     started = time.perf_counter()
     stamps: list[tuple[float, float]] = []
     clock = step_clock()
-    cuda_peaks: dict[str, float] = {}  # "to the first step", then "over the later steps", in GiB
+    gpu = PhaseRecorder(torch.cuda if torch.cuda.is_available() else None)
 
     def on_step() -> None:
         stamps.append((time.perf_counter(), clock()))
-        if not torch.cuda.is_available():
-            return
-        if len(stamps) == 1:
-            cuda_peaks["to the first step"] = torch.cuda.max_memory_allocated() / 2**30
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            cuda_peaks["over the later steps"] = torch.cuda.max_memory_allocated() / 2**30
+        gpu.step()
 
     layers = run(on_step)
+    gpu.finish()  # ours renders its final preview after the last step
     durations = [later[1] - earlier[1] for earlier, later in zip(stamps, stamps[1:])]
     rate = 1.0 / statistics.median(durations) if durations else float("nan")
-    rss, peak_to_end = _peaks()  # to the end: ours renders its final preview after the last step
-    peak = max([*cuda_peaks.values(), peak_to_end]) if peak_to_end is not None else None
-    steady = cuda_peaks.get("over the later steps")
-    return Measured(rate, stamps[0][0] - started, rss, peak, layers, steady_cuda_gib=steady)
+    rss, _ = _peaks()
+    peaks = gpu.peaks
+    return Measured(rate, stamps[0][0] - started, rss, peaks.whole_run, layers, steady_cuda_gib=peaks.later_steps,
+                    first_cuda_gib=peaks.to_first_step, after_cuda_gib=peaks.after_last_step,
+                    resident_cuda_gib=peaks.resident_at_last_step)
 
 
 def _ours(settings: dict[str, Any], on_step: Callable[[], None]) -> int:
@@ -269,6 +269,18 @@ def _model_label(plan: dict[str, Any]) -> str:
     return f"{names[plan['family']]} {'full size, random weights' if plan['size'] == 'full' else 'tiny'}"
 
 
+def _gpu_phases(row: dict[str, Any]) -> str:
+    """Where each side's GPU memory peaked: which phase sets the table's whole-run figure."""
+    ours, ref = row["ours"], row["reference"]
+
+    def pair(key: str) -> str:
+        return f"{_number(ours[key])} / {_number(ref[key])}"
+
+    return (f"{row['network']} batch {row['batch_size']}, GPU GiB ours / reference: peak to the end of the first "
+            f"step {pair('first_cuda_gib')}; peak in the steps after it {pair('steady_cuda_gib')}, of which "
+            f"resident at the last step {pair('resident_cuda_gib')}; peak after the last step {pair('after_cuda_gib')}")
+
+
 def report(result: dict[str, Any]) -> str:
     plan = result["plan"]
     (before, *_), (after, *_) = result["load_average"]
@@ -296,6 +308,8 @@ def report(result: dict[str, Any]) -> str:
             f"{_number(ours['steady_cuda_gib'])} / {_number(ref['steady_cuda_gib'])} | {ours['layers']} / {ref['layers']} |")
         if ref["skipped"]:
             notes.append(f"reference not run: {ref['skipped']}")
+        if ours["first_cuda_gib"] is not None:
+            notes.append(_gpu_phases(row))
         for name in plan["variants"]:
             variant = row[name]
             notes.append(f"{row['network']} batch {row['batch_size']}, ours with {name}: "

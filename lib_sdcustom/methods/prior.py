@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -43,7 +43,8 @@ class ClassPrior:
 
     Class image order is a fresh permutation per pass over the class set, derived from (seed, pass), so the
     pairing depends only on the index (resume gives the same batches). Latents are encoded at the instance
-    batch's bucket, on first use, through the run's latent cache.
+    batch's bucket through the run's latent cache: before the steps for a cached run (`fill`), since the VAE
+    may leave the device during the steps; on first use otherwise.
     """
 
     def __init__(self, records: Sequence[ImageRecord], *, weight: float, cache: LatentCache,
@@ -64,6 +65,12 @@ class ClassPrior:
             random.Random(f"{self.seed}:class-images:{epoch}").shuffle(order)
             self._order = (epoch, order)
         return self.records[self._order[1][offset]]
+
+    def fill(self, buckets: Iterable[tuple[int, int]]) -> None:
+        """Encode every class image at every instance bucket (width, height in pixels) into the cache."""
+        for bucket in buckets:
+            for record in self.records:
+                self.cache.get_or_encode(record, bucket, False, self.encode)
 
     def latents(self, index: int, count: int, like: torch.Tensor) -> torch.Tensor:
         """`count` class latents for micro-batch `index`, at the size of the instance latents `like`."""
@@ -204,9 +211,12 @@ class PriorMixin:
         records = (list(user_class_images(folder, options.class_prompt.strip(), options.num_class_images).records)
                    if is_user_folder(folder) else self._generated_class_images(folder))
         cache = source.cache or LatentCache(None, "in-memory, this run only")
-        return ClassPrior(records, weight=options.prior_weight, cache=cache, encode=source.encode,
-                          seed=config.training.seed, stride=config.training.batch_size,
-                          latent_scale=bundle.pixels_per_latent)
+        prior = ClassPrior(records, weight=options.prior_weight, cache=cache, encode=source.encode,
+                           seed=config.training.seed, stride=config.training.batch_size,
+                           latent_scale=bundle.pixels_per_latent)
+        if source.cached:
+            prior.fill(self.context.training_set.bucket_counts())
+        return prior
 
     def _generated_class_images(self, folder: Path) -> list[ImageRecord]:
         config, bundle, options = self.config, self.context.bundle, self.config.prior

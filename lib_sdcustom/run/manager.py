@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..config import RunConfig
 from ..data.scan import ScanCache
 from ..errors import TrainingStopped, UserFacingError
-from ..events import CancelToken, Event, FileSaved, RunStarted, StepDone, Warning_
+from ..events import BestStepKept, CancelToken, Event, FileSaved, RunStarted, StepDone, StepScored, Warning_
 from ..host.base import Host, output_kind, prompt_snippet
 from .plan import RunPlan, plan_run
 
@@ -53,6 +53,8 @@ class RunStatus:
     result: Optional[str] = None
     snippet: str = ""
     previews: List[str] = field(default_factory=list)
+    step_scores: List[Dict[str, float]] = field(default_factory=list)  # best-step selection's `StepScored` events
+    kept_step: Optional[int] = None  # the step best-step selection exported as the result
     description: str = ""
     warnings: List[str] = field(default_factory=list)
     problem: str = ""
@@ -87,7 +89,7 @@ class _Run:
     def snapshot(self) -> RunStatus:
         with self.lock:
             copy = RunStatus(**{**self.status.__dict__})
-            for name in ("losses", "files", "previews", "warnings"):
+            for name in ("losses", "files", "previews", "step_scores", "warnings"):
                 setattr(copy, name, list(getattr(self.status, name)))
             return copy
 
@@ -114,6 +116,11 @@ class _Run:
                     status.files.append(str(event.path))
                 if event.kind == "result":
                     status.result = str(event.path)
+            elif isinstance(event, StepScored):
+                status.step_scores.append({"step": event.step, "fidelity": event.fidelity, "drift": event.drift,
+                                           "leak": event.leak, "score": event.score})
+            elif isinstance(event, BestStepKept):
+                status.kept_step = event.step
             elif isinstance(event, Warning_):
                 status.warnings.append(event.message)
             # RunFinished/SamplesRendered add nothing: the outcome is set when train() returns or raises,

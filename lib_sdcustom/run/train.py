@@ -25,6 +25,7 @@ from ..files import check_free_space, remove_stale_temporaries, write_text_atomi
 from ..methods.base import Method
 from ..models.bundle import ModelBundle
 from ..models.fp8 import store_frozen_base_in_fp8
+from .best_step import BestStepSelector
 from .context import RunContext
 from .folder import start_fresh_run
 from .plan import RunPlan, plan_run
@@ -32,8 +33,10 @@ from ..sampling import PreviewRenderer
 from ..training.batches import LatentBatchSource
 from ..training.loop import LoopHooks, TrainingLoop, compute_dtype
 from ..training.optimizers import build_optimizer
+from ..training.placement import IdleModels, idle_during_steps, idle_while_encoding
 from ..training.schedules import build_scheduler
 from ..training.state import load_state, state_root
+from ..training.text_cache import TextEncoderCache
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ def train(run: RunConfig | RunPlan, *, callbacks: Iterable[Callback] = (), cance
 
     # The base model, with the family's defaults applied to the config, placed and set up for training.
     accelerator = _accelerator(plan.config)
+    owned = bundle is None
     if bundle is None:
         bundle = _load_base(plan.config, accelerator.device)
     config, notes = apply_family_defaults(plan.config, bundle)
@@ -78,7 +82,8 @@ def train(run: RunConfig | RunPlan, *, callbacks: Iterable[Callback] = (), cance
 
     # The method on its batches (latents encoded, or cached, here).
     run_dir = plan.run_dir
-    images = LatentBatchSource.create(plan.training_set, bundle, run_dir=run_dir, use_cache=config.data.cache_latents, bus=bus)
+    with IdleModels(idle_while_encoding(bundle, accelerator.device, owned=owned), accelerator.device).parked():
+        images = LatentBatchSource.create(plan.training_set, bundle, run_dir=run_dir, use_cache=config.data.cache_latents, bus=bus)
     captions = [record.caption for record in plan.training_set.records]
     context = RunContext(config=config, bundle=bundle, training_set=plan.training_set, data_folder=Path(config.data.data),
                          run_dir=run_dir, trigger_phrase=plan.method_type.trigger_phrase(config, captions),
@@ -95,28 +100,57 @@ def train(run: RunConfig | RunPlan, *, callbacks: Iterable[Callback] = (), cance
         optimizer = accelerator.prepare(optimizer)
 
         # The loop, fresh or from the saved state; previews and intermediate results come from its hooks.
-        previews = PreviewRenderer(context, bus, encode=method.encode_captions)
-        hooks = LoopHooks(export_intermediate=lambda step: method.export(method.intermediate_path(plan.target, step), step=step),
-                          render_samples=previews.render)
+        text_cached = training.cache_text_encoder_outputs and method.frozen_text_conditioning()
+        encode = TextEncoderCache(method.encode_captions) if text_cached else method.encode_captions
+        previews = PreviewRenderer(context, bus, encode=encode)
+        idle = IdleModels(idle_during_steps(bundle, accelerator.device, config.data, latents_cached=images.cached,
+                                            text_cached=text_cached, owned=owned), accelerator.device)
+        render = idle.restored_for(previews.render, ["VAE"])  # parked text encoders: previews encode ahead too
+        selector: BestStepSelector | None = None
+
+        def export_step(step: int) -> list[Path]:
+            return method.export(method.intermediate_path(plan.target, step), step=step)
+
+        def export_intermediate(step: int) -> list[Path]:
+            written = export_step(step)
+            if selector is not None:
+                selector.score_during_training(step)
+            return written
+
         loop = TrainingLoop(method, bundle, source, config, optimizer=optimizer, scheduler=scheduler, run_dir=run_dir,
-                            bus=bus, cancel=cancel, accelerator=accelerator, hooks=hooks)
+                            bus=bus, cancel=cancel, accelerator=accelerator,
+                            hooks=LoopHooks(export_intermediate=export_intermediate, render_samples=render))
         if plan.saved_state is not None:
             loop.resume_from(load_state(plan.saved_state))
+        if idle.holds_text_encoders:  # each process encodes its share of one epoch's captions
+            loop.encode_captions_ahead(-(-images.batches_per_epoch // accelerator.num_processes))
+            previews.encode_ahead()
         _open_run_folder(run_dir, config, fresh=plan.saved_state is None)
+        if training.select_best_step and accelerator.is_main_process:
+            # Its probes' captions go through `encode` too, measured here before the text encoders are parked.
+            selector = BestStepSelector.start(method, context, images, source, loop, encode=encode,
+                                              resumed_step=loop.step)
         bus.emit(RunStarted(total_steps=training.steps, run_dir=run_dir,
                             description="\n".join([_describe_run(config, plan.training_set, method), *notes])))
         try:
-            result = loop.run()
+            with idle.parked():  # through the final preview, which is the run's largest one-off GPU peak
+                result = loop.run()
+                method.set_training(False)
+                kept, preview = result.step, None
+                if accelerator.is_main_process:
+                    if selector is not None:  # loads the best state when an earlier step wins
+                        kept = selector.finish(result.step, export_step)
+                    preview = render(kept)
         except TrainingStopped as stopped:
             bus.emit(RunFinished(step=loop.step, outputs=(), stopped_early=True, reason=str(stopped)))
             raise
 
         # The export: the result, its preview and card; the resumable states go unless asked to stay.
-        method.set_training(False)
         outputs: list[Path] = []
         if accelerator.is_main_process:
-            preview = previews.render(result.step)
-            outputs = _export(method, plan.target, result.step, preview, loop.last_state, run_dir)
+            outputs = _export(method, plan.target, kept, preview, loop.last_state, run_dir)
+            if selector is not None:
+                selector.record(outputs)
         for path in outputs:
             bus.emit(FileSaved(path, "result" if path == plan.target else "sidecar"))
         if not training.keep_final_state:  # the states were resume points, kept until the export succeeded

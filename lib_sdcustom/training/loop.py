@@ -131,13 +131,26 @@ class TrainingLoop:
             if param.grad is not None:
                 param.grad = self.accelerator.reduce(param.grad, reduction="mean")
 
+    def _micro_batches(self, step: int) -> list[int]:
+        """The global indices of the micro-batches this process trains at `step`: under `accelerate launch`
+        each process takes its own share."""
+        accumulation, processes = self.training.gradient_accumulation, self.accelerator.num_processes
+        return [(step * accumulation + micro) * processes + self.accelerator.process_index for micro in range(accumulation)]
+
+    def encode_captions_ahead(self, micro_batches: int) -> None:
+        """Fill the text-encoder cache now with the captions of the next `micro_batches` micro-batches, in the
+        steps' own order and grouping, so they get the values the steps would have cached, and the text
+        encoders can leave the device for the steps (`training/placement.py`)."""
+        indices = [index for step in range(self.step, self.training.steps) for index in self._micro_batches(step)]
+        with torch.no_grad(), self.accelerator.autocast():
+            for index in indices[:micro_batches]:
+                self.encode_captions(self.source.batch(index).captions)
+
     def _optimizer_step(self) -> float:
         accumulation = self.training.gradient_accumulation
         total = 0.0
-        processes, rank = self.accelerator.num_processes, self.accelerator.process_index
-        for micro in range(accumulation):
-            # Under `accelerate launch` each process takes its own share of the micro-batches.
-            loss = self._micro_batch_loss((self.step * accumulation + micro) * processes + rank)
+        for index in self._micro_batches(self.step):
+            loss = self._micro_batch_loss(index)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise TrainingStopped(

@@ -90,6 +90,11 @@ def uses_token(method: str | None) -> bool:
 def apply_subject(config: RunConfig, token: str, subject_class: str) -> None:
     """The token ('sks') and class ('dog') -> captions and prompts of the method, unless set explicitly."""
     token, subject_class = (token or "").strip(), (subject_class or "").strip()
+    dreambooth, prior = config.dreambooth, config.prior
+    if subject_class and not prior.class_prompt and not prior.style and ("prior" in config.spec.sections
+                                                                         or config.training.select_best_step):
+        # prior preservation trains on it; best-step selection measures drift on it
+        prior.class_prompt = f"a photo of a {subject_class}"
     if not uses_token(config.method):
         if subject_class and not config.textual_inversion.init_text:
             config.textual_inversion.init_text = subject_class
@@ -101,10 +106,7 @@ def apply_subject(config: RunConfig, token: str, subject_class: str) -> None:
     if not config.data.default_caption:
         config.data.default_caption = phrase
     if "dreambooth" in config.spec.sections:
-        dreambooth = config.dreambooth
         dreambooth.instance_prompt = dreambooth.instance_prompt or f"a photo of {phrase}"
-    if "prior" in config.spec.sections and subject_class and not config.prior.class_prompt and not config.prior.style:
-        config.prior.class_prompt = f"a photo of a {subject_class}"
 
 
 def config_from_form(method: str, folder: str, name: str, token: str, subject_class: str,

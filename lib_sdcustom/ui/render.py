@@ -122,12 +122,31 @@ def result_html(status: RunStatus | None) -> str:
         return (f"<div class='sdcustom-panel sdcustom-done' data-state='finished' "
                 f"data-file='{_e(status.result or '')}'>"
                 f"<div>Saved <code class='sdcustom-file'>{_e(status.result or '-')}</code></div>"
-                f"<div>Use it in a prompt: <code class='sdcustom-snippet'>{_e(snippet)}</code> {copy}</div></div>")
+                f"<div>Use it in a prompt: <code class='sdcustom-snippet'>{_e(snippet)}</code> {copy}</div>"
+                f"{step_scores_html(status)}</div>")
     state = "cancelled" if status.state == CANCELLED else "failed"
     title = "Cancelled." if status.state == CANCELLED else "Training stopped."
     fix = f"<div class='sdcustom-fix'>{_e(status.fix)}</div>" if status.fix else ""
     return (f"<div class='sdcustom-panel sdcustom-{state}' data-state='{state}'>"
             f"<div><b>{title}</b> {_e(status.problem)}</div>{fix}</div>")
+
+
+def step_scores_html(status: RunStatus) -> str:
+    """Best-step selection's scores per step, the kept step marked; '' for a run without selection."""
+    if not status.step_scores:
+        return ""
+    rows = []
+    for item in sorted(status.step_scores, key=lambda item: item["step"]):
+        kept = item["step"] == status.kept_step
+        marker, label = (" data-kept='true'", " (kept)") if kept else ("", "")
+        rows.append(f"<tr data-step='{int(item['step'])}'{marker}>"
+                    f"<td>{int(item['step'])}{label}</td><td>{item['score']:.3f}</td>"
+                    f"<td>{item['fidelity']:.3f}</td><td>{item['drift']:+.3f}</td><td>{item['leak']:+.3f}</td></tr>")
+    return ("<table class='sdcustom-step-scores'><caption>Best step: the self-check of every saved step (higher "
+            "score is better; fidelity: error on your pictures against the start, lower is better; drift: error "
+            "added on class-prompt samples; leak: how much of your subject the bare class prompt has learned)"
+            "</caption><tr><th>step</th><th>score</th><th>fidelity</th><th>drift</th><th>leak</th></tr>"
+            f"{''.join(rows)}</table>")
 
 
 def size(count: int) -> str:
