@@ -10,6 +10,8 @@ from typing import Callable
 import pytest
 import torch
 
+from lib_sdcustom.config import RunConfig
+from lib_sdcustom.errors import TrainingStopped
 from lib_sdcustom.events import CancelToken, StepDone
 from lib_sdcustom.testing.sample_images import write_sample_images
 
@@ -52,3 +54,13 @@ def cancel_at(step: int) -> tuple[CancelToken, Callable[[object], None]]:
             cancel.cancel()
 
     return cancel, stop
+
+
+def train_until_cancelled(config: RunConfig, step: int) -> None:
+    """Train `config` and interrupt it once it reports `step`, as a user's cancel would: the first half of
+    the resume tests."""
+    from lib_sdcustom.run.train import train
+
+    cancel, stop = cancel_at(step)
+    with pytest.raises(TrainingStopped):
+        train(config, callbacks=[stop], cancel=cancel)

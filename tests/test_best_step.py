@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cancel_at
-from lib_sdcustom.errors import ConfigError, TrainingStopped
+from conftest import train_until_cancelled
+from lib_sdcustom.errors import ConfigError
 from lib_sdcustom.events import BestStepKept, StepScored
 from lib_sdcustom.run import best_step, train as train_module
 from lib_sdcustom.run.train import train
@@ -86,9 +86,7 @@ def test_resume_gives_the_same_weights_and_scores(tiny_checkpoint, image_folder,
     whole = selecting_config(tiny_checkpoint, image_folder, tmp_path / "whole", steps=8)
     train(whole)
     halves = selecting_config(tiny_checkpoint, image_folder, tmp_path / "halves", steps=8)
-    cancel, stop = cancel_at(5)
-    with pytest.raises(TrainingStopped):
-        train(halves, callbacks=[stop], cancel=cancel)
+    train_until_cancelled(halves, 5)
     train(halves, resume=Path(halves.output.run_dir))
     expected, resumed = trained_state(Path(whole.output.run_dir)), trained_state(Path(halves.output.run_dir))
     for key in expected:

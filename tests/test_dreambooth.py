@@ -15,11 +15,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import cancel_at, write_images
+from conftest import train_until_cancelled, write_images
 from lib_sdcustom.cli import main
 from lib_sdcustom.config import RunConfig
 from lib_sdcustom.data.class_images import MANIFEST_NAME, ClassImageRecipe, prepare_class_images
-from lib_sdcustom.errors import TrainingStopped
 from lib_sdcustom.formats.checkpoint_file import TrainedWeights, estimated_checkpoint_bytes
 from lib_sdcustom.methods.dreambooth import DreamBoothBatches
 from lib_sdcustom.models.loader import load_bundle
@@ -265,9 +264,7 @@ def test_ema_weights_are_exported_and_resume_exactly(tiny_checkpoint, image_fold
     assert all(torch.equal(exported[key], state["ema." + key]) for key in exported), "the EMA weights are exported"
 
     halves = ema_config("halves")
-    cancel, stop_after_two = cancel_at(2)
-    with pytest.raises(TrainingStopped):
-        train(halves, cancel=cancel, callbacks=[stop_after_two])
+    train_until_cancelled(halves, 2)
     resumed = train(halves, resume=Path(halves.output.run_dir))
     for key, value in read_all(resumed.outputs[0])[0].items():
         torch.testing.assert_close(value, written[key], atol=1e-6, rtol=0)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cancel_at, write_images
+from conftest import train_until_cancelled, write_images
 from host_rules import host_bundled_embeddings, host_target_for
 from lib_sdcustom.config import RunConfig
-from lib_sdcustom.errors import ConfigError, TrainingStopped
+from lib_sdcustom.errors import ConfigError
 from lib_sdcustom.formats.embedding_file import bundled_words, classify_embedding, encoder_vectors
 from lib_sdcustom.formats.network_file import BUNDLE_PREFIX, read_network_file
 from lib_sdcustom.host.base import StandaloneHost
@@ -158,9 +158,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_check
     whole = config_in(tmp_path / "whole")
     train(whole)
     halves = config_in(tmp_path / "halves")
-    cancel, stop_after_two = cancel_at(2)
-    with pytest.raises(TrainingStopped):
-        train(halves, callbacks=[stop_after_two], cancel=cancel)
+    train_until_cancelled(halves, 2)
     train(halves, resume=Path(halves.output.run_dir))
     expected, resumed = final(whole), final(halves)
     assert expected.keys() == resumed.keys() and any(key.startswith(BUNDLE_PREFIX) for key in expected)

@@ -14,10 +14,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import cancel_at, model_digest, write_images
+from conftest import model_digest, train_until_cancelled, write_images
 from lib_sdcustom.cli import main
 from lib_sdcustom.config import RunConfig
-from lib_sdcustom.errors import TrainingStopped
 from lib_sdcustom.events import SamplesRendered
 from lib_sdcustom.formats.embedding_file import classify_embedding, embedding_vectors, read_embedding
 from lib_sdcustom.hashing import sha256_file
@@ -309,9 +308,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_checkpoint, image_folder, tmp_
     whole = make_config(tiny_checkpoint, image_folder, tmp_path / "whole", steps=8)
     train(whole)
     halves = make_config(tiny_checkpoint, image_folder, tmp_path / "halves", steps=8)
-    cancel, stop_after_four = cancel_at(4)
-    with pytest.raises(TrainingStopped):
-        train(halves, callbacks=[stop_after_four], cancel=cancel)
+    train_until_cancelled(halves, 4)
     assert files_in(tmp_path / "halves" / "out") == []
     train(halves, resume=tmp_path / "halves" / "run")
     torch.testing.assert_close(final_state(tmp_path / "halves" / "run"), final_state(tmp_path / "whole" / "run"), atol=1e-6, rtol=0)
