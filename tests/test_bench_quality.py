@@ -136,3 +136,18 @@ def test_the_style_recipe_regularizes_on_its_captions_without_the_identifier(tmp
     trigger = method_class(config.method).trigger_phrase(config, captions)
     assert trigger == "sks" and config.prior.enabled()
     assert class_prompts(config.prior, captions, trigger)[:2] == ["a shape", "a blue square on a white background"]
+
+
+def test_a_regularized_recipe_runs_style_mode_on_a_style_and_prior_preservation_on_a_subject(tmp_path):
+    """lora_regularized is LoRA as the README advises: class images of the class prompt for a subject, style
+    mode with varied plain prompts for a style."""
+    from lib_sdcustom.bench.quality import recipes_named, run_config
+    from lib_sdcustom.microworld.world import CONCEPTS
+
+    recipe = recipes_named(["lora_regularized"])[0]
+    subject = run_config(recipe, CONCEPTS["red_circle"], tmp_path / "subject", tmp_path / "base", tmp_path / "class")
+    style = run_config(recipe, CONCEPTS["outline_style"], tmp_path / "style", tmp_path / "base", tmp_path / "class")
+    assert subject.prior.prior_preservation and not subject.prior.style and not subject.prior.class_prompt_file
+    assert subject.prior.num_class_images == 40
+    assert style.prior.prior_preservation and style.prior.style and Path(style.prior.class_prompt_file).is_file()
+    assert style.prior.num_class_images == 80

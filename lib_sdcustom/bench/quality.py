@@ -101,11 +101,20 @@ class Recipe:
     style: bool = False  # networks: --style (class images of the captions without the trigger)
     content_captions: bool = False  # captions name each picture's other attributes (`teach.content_caption`)
     varied_prompts: bool = False  # class images also of `varied_prompts()` (--class-prompt-file)
+    #: Settings that replace the above on a style concept: what the README tells a user training a style to tick.
+    on_styles: tuple[tuple[str, Any], ...] = ()
+
+    def for_concept(self, concept: Concept) -> Recipe:
+        """The recipe as a user would run it on `concept`."""
+        return replace(self, **dict(self.on_styles)) if concept.kind is ConceptKind.STYLE else self
 
 
 # Tuned on the bundled model with the heart (docs/bench/tuning.md): networks bind the made-up 'sks' through
 # the text encoder's LoRA, which needs a higher rate than the UNet's; DreamBooth trains the text encoder too.
 _NETWORK: dict[str, Any] = {"steps": 600, "lr": 3e-3, "text_encoder_lr": 6e-3}
+# Style mode, the README's advice for a style: captions naming everything but the style, class images of them
+# and of varied plain prompts (lora_style_varied; docs/bench/regularization).
+_STYLE_MODE = (("style", True), ("content_captions", True), ("varied_prompts", True), ("class_images", 2 * CLASS_IMAGES))
 RECIPES: tuple[Recipe, ...] = (
     Recipe("textual_inversion", "textual_inversion", steps=400, lr=5e-2),
     Recipe("lora", "lora", **_NETWORK),
@@ -130,6 +139,9 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("lora_content", "lora", content_captions=True, **_NETWORK),
     Recipe("lora_style_varied", "lora", prior_preservation=True, style=True, content_captions=True,
            varied_prompts=True, class_images=2 * CLASS_IMAGES, **_NETWORK),
+    # The networks as the tab and README run them: prior preservation on the class prompt, style mode on a style.
+    Recipe("lora_regularized", "lora", prior_preservation=True, on_styles=_STYLE_MODE, **_NETWORK),
+    Recipe("locon_regularized", "locon", prior_preservation=True, on_styles=_STYLE_MODE, **_NETWORK),
 )
 
 
@@ -154,6 +166,7 @@ QUICK = Size(tuple(name for name in BENCH_CONCEPTS if CONCEPTS[name].role is Rol
 def run_config(recipe: Recipe, concept: Concept, folder: Path, base: Path, class_folder: Path,
                seed: int = TRAIN_SEEDS[0]) -> RunConfig:
     """The recipe's run with training seed `seed` on five pictures of `concept`, everything under `folder`."""
+    recipe = recipe.for_concept(concept)
     prompts = prompts_for(concept, recipe.method)
     name = f"{recipe.key}_{concept.name}" if method_spec(recipe.method).uses_token else TI_TRIGGER
     images = write_instances(folder / "images", concept, prompts, describe_content=recipe.content_captions)
@@ -573,7 +586,8 @@ def main(args: argparse.Namespace) -> int:
         size = QUICK if args.quick else FULL
         overrides: dict[str, Any] = {key: value for key, value in (("steps", args.steps or size.steps),
                                                    ("class_images", size.class_images)) if value}
-        recipes = [replace(recipe, **overrides) for recipe in recipes_named(args.methods or size.methods)]
+        recipes = [replace(recipe, **overrides, on_styles=tuple(item for item in recipe.on_styles if item[0] not in overrides))
+                   for recipe in recipes_named(args.methods or size.methods)]
         with tempfile.TemporaryDirectory(prefix="sdcustom-quality-") as scratch:
             workdir = args.workdir or Path(scratch)
             result = run(args.out, workdir, recipes=recipes, concepts=args.concepts or size.concepts,
