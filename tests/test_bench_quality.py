@@ -139,15 +139,33 @@ def test_the_style_recipe_regularizes_on_its_captions_without_the_identifier(tmp
 
 
 def test_a_regularized_recipe_runs_style_mode_on_a_style_and_prior_preservation_on_a_subject(tmp_path):
-    """lora_regularized is LoRA as the README advises: class images of the class prompt for a subject, style
-    mode with varied plain prompts for a style."""
+    """lora_regularized: class images of the class prompt and of varied plain prompts for every concept, and on a
+    style, style mode (captions naming everything but the style)."""
     from lib_sdcustom.bench.quality import recipes_named, run_config
     from lib_sdcustom.microworld.world import CONCEPTS
 
     recipe = recipes_named(["lora_regularized"])[0]
     subject = run_config(recipe, CONCEPTS["red_circle"], tmp_path / "subject", tmp_path / "base", tmp_path / "class")
     style = run_config(recipe, CONCEPTS["outline_style"], tmp_path / "style", tmp_path / "base", tmp_path / "class")
-    assert subject.prior.prior_preservation and not subject.prior.style and not subject.prior.class_prompt_file
-    assert subject.prior.num_class_images == 40
-    assert style.prior.prior_preservation and style.prior.style and Path(style.prior.class_prompt_file).is_file()
-    assert style.prior.num_class_images == 80
+    for config in subject, style:
+        assert config.prior.prior_preservation and Path(config.prior.class_prompt_file).is_file()
+        assert config.prior.num_class_images == 80
+    assert style.prior.style and not subject.prior.style
+
+
+def test_the_targets_table_says_by_how_much_each_figure_misses(tmp_path):
+    """A run that learns the concept on every sample but turns the class prompt into it half the time: met,
+    met, over by 0.40 (base 0, margin 0.1), met; two seeds of 64 identical verdicts give exact intervals."""
+    from lib_sdcustom.bench.quality import BenchResult, targets_table
+
+    def scores(subject: int, class_subject: int) -> dict:
+        return {"subject": [subject] * 64, "prompt": [1] * 64, "prompt_and_subject": [subject] * 64,
+                "class_subject": [1, 0] * 32 if class_subject else [0] * 64, "unrelated_subject": [0] * 64,
+                "unrelated_fidelity": [1] * 64, "class_distance": 0.0, "diversity": 0.1, "train_seconds": 1.0}
+
+    result = BenchResult({}, {"red_circle": {"scores": scores(0, 0), "instance_diversity": 0.1}},
+                         {"lora": {"red_circle": {"0": scores(1, 1), "1": scores(1, 1)}}}, {}, [])
+    rows = [line for line in targets_table(result) if line.startswith("| lora |")]
+    assert rows == ["| lora | known subject | 1.00 met | 1.00 met | 0.50 over by 0.40 | 0.00 met |"]
+    noisy = BenchResult({}, result.baselines, {"lora": {"red_circle": {"0": scores(1, 0), "1": scores(0, 0)}}}, {}, [])
+    assert "0.50 short by 0.30, +-0.50" in targets_table(noisy)[-2]

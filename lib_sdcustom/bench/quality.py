@@ -112,9 +112,11 @@ class Recipe:
 # Tuned on the bundled model with the heart (docs/bench/tuning.md): networks bind the made-up 'sks' through
 # the text encoder's LoRA, which needs a higher rate than the UNet's; DreamBooth trains the text encoder too.
 _NETWORK: dict[str, Any] = {"steps": 600, "lr": 3e-3, "text_encoder_lr": 6e-3}
-# Style mode, the README's advice for a style: captions naming everything but the style, class images of them
-# and of varied plain prompts (lora_style_varied; docs/bench/regularization).
-_STYLE_MODE = (("style", True), ("content_captions", True), ("varied_prompts", True), ("class_images", 2 * CLASS_IMAGES))
+# Regularization on varied plain prompts as well as the class prompt: on the tune concepts (docs/bench/regularization)
+# it kept 'on a blue background' working where class images of the class prompt alone did not (0.97 against 0.30
+# on the red circle). On a style, style mode as the README advises: captions that name everything but the style.
+_VARIED = {"prior_preservation": True, "varied_prompts": True, "class_images": 2 * CLASS_IMAGES}
+_STYLE_MODE = (("style", True), ("content_captions", True))
 RECIPES: tuple[Recipe, ...] = (
     Recipe("textual_inversion", "textual_inversion", steps=400, lr=5e-2),
     Recipe("lora", "lora", **_NETWORK),
@@ -139,9 +141,9 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("lora_content", "lora", content_captions=True, **_NETWORK),
     Recipe("lora_style_varied", "lora", prior_preservation=True, style=True, content_captions=True,
            varied_prompts=True, class_images=2 * CLASS_IMAGES, **_NETWORK),
-    # The networks as the tab and README run them: prior preservation on the class prompt, style mode on a style.
-    Recipe("lora_regularized", "lora", prior_preservation=True, on_styles=_STYLE_MODE, **_NETWORK),
-    Recipe("locon_regularized", "locon", prior_preservation=True, on_styles=_STYLE_MODE, **_NETWORK),
+    # The networks regularized on the class prompt and varied plain prompts, in style mode on a style.
+    Recipe("lora_regularized", "lora", on_styles=_STYLE_MODE, **_VARIED, **_NETWORK),
+    Recipe("locon_regularized", "locon", on_styles=_STYLE_MODE, **_VARIED, **_NETWORK),
 )
 
 
@@ -446,6 +448,44 @@ def _kind_table(result: BenchResult, kind: ConceptKind) -> list[str]:
     return lines + [""]
 
 
+#: Done when (issue 14), for every kind of concept: a share of at least `GOAL` for the concept (subject fidelity,
+#: or style score) and for the blue background it is asked to keep; the bare class prompt and the prompts
+#: without the trigger show the concept at most `DRIFT_MARGIN` more often than the base model; every one of
+#: these figures known to within +-`HALF_WIDTH` (its 95% interval).
+GOAL, DRIFT_MARGIN, HALF_WIDTH = 0.8, 0.1, 0.1
+_AT_LEAST = (("subject", "concept"), ("prompt", "blue bg"))
+_AT_MOST_BASE = (("class_subject", "class prompt"), ("unrelated_subject", "no-trigger prompts"))
+
+
+def _target_cell(figure: Estimate, bound: float, at_least: bool) -> str:
+    """'0.91 met', '0.34 short by 0.46' or '0.95 over by 0.15', with ', +-0.12' where the interval is too wide."""
+    gap = (bound - figure.mean) if at_least else (figure.mean - bound)
+    verdict = "met" if gap <= 0 else f"{'short' if at_least else 'over'} by {gap:.2f}"
+    half_width = max(figure.mean - figure.low, figure.high - figure.mean)
+    return f"{figure.mean:.2f} {verdict}" + (f", +-{half_width:.2f}" if half_width > HALF_WIDTH else "")
+
+
+def targets_table(result: BenchResult) -> list[str]:
+    """Each recipe against the issue's targets, kind by kind (bounds of the drift columns are the base's
+    figure plus `DRIFT_MARGIN`); an interval wider than +-`HALF_WIDTH` is named in its cell."""
+    base = _base_runs(result)
+    lines = [f"Against the targets: concept and blue background >= {GOAL}; class prompt and no-trigger prompts show "
+             f"the concept at most {DRIFT_MARGIN} more often than the base model; 95% intervals within "
+             f"+-{HALF_WIDTH} (a wider one is named in its cell).", "",
+             "| method | kind | " + " | ".join(header for _, header in _AT_LEAST + _AT_MOST_BASE) + " |",
+             "|---|---|" + "---|" * (len(_AT_LEAST) + len(_AT_MOST_BASE))]
+    for recipe, runs in result.runs.items():
+        for kind in ConceptKind:
+            concepts = [name for name in result.baselines if CONCEPTS[name].kind is kind]
+            if not concepts:
+                continue
+            cells = [_target_cell(estimate(runs, concepts, key), GOAL, True) for key, _ in _AT_LEAST]
+            cells += [_target_cell(estimate(runs, concepts, key), estimate(base, concepts, key).mean + DRIFT_MARGIN,
+                                   False) for key, _ in _AT_MOST_BASE]
+            lines.append(f"| {recipe} | {kind.value} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _machine(settings: dict[str, Any]) -> str:
     processes = int(settings.get("processes", 1))
     threads = f"{settings['threads']} CPU thread{'s' if settings['threads'] != 1 else ''}"
@@ -493,6 +533,7 @@ def markdown(result: BenchResult) -> str:
     ]
     for kind in ConceptKind:
         lines += _kind_table(result, kind)
+    lines += targets_table(result)
     instance_diversity = float(np.mean([b["instance_diversity"] for b in result.baselines.values()]))
     lines += [f"Diversity of the instance pictures themselves: {instance_diversity:.3f}.", "",
               "Subject fidelity per concept:", "",
