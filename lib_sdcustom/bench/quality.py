@@ -115,7 +115,7 @@ _NETWORK: dict[str, Any] = {"steps": 600, "lr": 3e-3, "text_encoder_lr": 6e-3}
 # Regularization on varied plain prompts as well as the class prompt: on the tune concepts (docs/bench/regularization)
 # it kept 'on a blue background' working where class images of the class prompt alone did not (0.97 against 0.30
 # on the red circle). On a style, style mode as the README advises: captions that name everything but the style.
-_VARIED = {"prior_preservation": True, "varied_prompts": True, "class_images": 2 * CLASS_IMAGES}
+_VARIED: dict[str, Any] = {"prior_preservation": True, "varied_prompts": True, "class_images": 2 * CLASS_IMAGES}
 _STYLE_MODE = (("style", True), ("content_captions", True))
 RECIPES: tuple[Recipe, ...] = (
     Recipe("textual_inversion", "textual_inversion", steps=400, lr=5e-2),
