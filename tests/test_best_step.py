@@ -160,3 +160,39 @@ def test_selection_scores_the_instance_pictures_of_every_kind_of_method(tiny_che
     assert [item["step"] for item in summary["scores"]] == [2, 4] and summary["kept_step"] in (2, 4)
     assert all(0 < item["fidelity"] < 10 for item in summary["scores"])
     assert result.outputs[0].exists()
+
+
+def test_dreambooth_with_ema_is_scored_on_the_ema_it_exports_and_trains_on_unchanged(tiny_checkpoint, image_folder,
+                                                                                      tmp_path, monkeypatch):
+    """The export of a DreamBooth run with EMA holds the EMA, so that is what each step's score must judge; the
+    swap in and out leaves the raw weights, and so the training, bit for bit as without selection."""
+    from lib_sdcustom.training.step_selection import StepScorer
+    from test_dreambooth import make_config as dreambooth_config
+
+    def ema_config(name: str, select: bool):
+        config = dreambooth_config(tiny_checkpoint, image_folder, tmp_path / name, steps=4, prior=False)
+        config.dreambooth.ema, config.dreambooth.ema_decay = True, 0.5
+        config.training.save_every, config.training.select_best_step = 2, select
+        config.prior.class_prompt, config.training.keep_final_state = "a photo", True
+        return config
+
+    measured: list[dict[str, torch.Tensor]] = []
+    measure = StepScorer.measure
+
+    def remembering_the_unet(scorer: StepScorer) -> ProbeErrors:
+        measured.append({key: value.clone() for key, value in scorer.bundle.unet.named_parameters()})
+        return measure(scorer)
+
+    monkeypatch.setattr(StepScorer, "measure", remembering_the_unet)
+    selected = ema_config("selected", True)
+    train(selected)
+    state = trained_state(Path(selected.output.run_dir))
+    assert len(measured) == 3  # the starting point, steps 2 and 4
+    for key, value in measured[-1].items():
+        assert torch.equal(value, state["ema." + key]), key
+    assert any(not torch.equal(state["ema." + key], state["unet." + key]) for key in measured[-1])
+
+    plain = ema_config("plain", False)
+    train(plain)
+    for key, value in trained_state(Path(plain.output.run_dir)).items():
+        assert torch.equal(state[key], value), key

@@ -8,8 +8,9 @@ weighting, precision, accumulation, checkpoints, events and cancel.
 from __future__ import annotations
 
 import abc
+import contextlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -119,6 +120,12 @@ class Method(abc.ABC):
 
     def set_training(self, training: bool) -> None:
         """Switch trainable parts between train and eval mode (dropout), e.g. around preview sampling."""
+
+    @contextlib.contextmanager
+    def as_exported(self) -> Iterator[None]:
+        """Within the block the models hold the weights an export would write, so that previews and best-step
+        scores judge the result the user gets (DreamBooth's EMA); for most methods that is the trained state."""
+        yield
 
     def close(self) -> None:
         """Undo any change to the base models (unhook networks) so a host's model is left as it was."""

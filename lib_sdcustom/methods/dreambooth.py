@@ -13,8 +13,9 @@ every method that trains the model (`methods/prior.py`).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -143,6 +144,23 @@ class DreamBoothMethod(_DreamBoothBatchesMixin, Method):
                 param.copy_(tensors[f"{name}.{key}"])
         if self.ema is not None:
             self.ema.load_state_dict({key[len("ema."):]: value for key, value in tensors.items() if key.startswith("ema.")})
+
+    @contextlib.contextmanager
+    def as_exported(self) -> Iterator[None]:
+        """The EMA in the UNet for the block, the raw weights back after it, bit for bit (kept on the CPU
+        meanwhile, so the swap costs no GPU memory)."""
+        if self.ema is None:
+            yield
+            return
+        unet = self.bundle.unet
+        raw = {key: value.detach().to("cpu", copy=True) for key, value in unet.state_dict().items()}
+        with torch.no_grad():
+            unet.load_state_dict(self.ema.state_dict(), strict=False)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                unet.load_state_dict(raw)
 
     # ----- export -----
     def _trained_weights(self) -> TrainedWeights:

@@ -88,9 +88,10 @@ class BestStepSelector:
 
     # ----- during the run -----
     def score(self, step: int) -> StepScore:
-        """Score the current state as `step`; keep its tensors when it is the best so far. The method must be
-        in eval mode (no dropout)."""
-        result = combine(step, self.scorer.measure(), self.reference)
+        """Score the current state as `step` (the weights its export would hold); keep its tensors when it is
+        the best so far. The method must be in eval mode (no dropout)."""
+        with self.method.as_exported():
+            result = combine(step, self.scorer.measure(), self.reference)
         self.scores = [item for item in self.scores if item.step != step] + [result]
         if best(self.scores) is result:
             tensors = {key: value.detach().float().cpu().contiguous() for key, value in self.method.trainable_state().items()}

@@ -140,7 +140,8 @@ def train(run: RunConfig | RunPlan, *, callbacks: Iterable[Callback] = (), cance
                 if accelerator.is_main_process:
                     if selector is not None:  # loads the best state when an earlier step wins
                         kept = selector.finish(result.step, export_step)
-                    preview = render(kept)
+                    with method.as_exported():
+                        preview = render(kept)
         except TrainingStopped as stopped:
             bus.emit(RunFinished(step=loop.step, outputs=(), stopped_early=True, reason=str(stopped)))
             raise

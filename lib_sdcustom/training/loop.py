@@ -205,5 +205,6 @@ class TrainingLoop:
         if training.sample_every and step % training.sample_every == 0 and not final and self.hooks.render_samples:
             if self.accelerator.is_main_process:
                 self.method.set_training(False)
-                self.hooks.render_samples(step)
+                with self.method.as_exported():
+                    self.hooks.render_samples(step)
                 self.method.set_training(True)
