@@ -188,6 +188,10 @@ class PriorOptions:
     class_prompt_file: str = option("", "A text file of more prompts, one a line, to generate class images of too "
                                         "(for a style: varied content without the trigger, so that plain prompts "
                                         "stay plain).", flag="--class-prompt-file")
+    plain_prompts: bool = option(False, "Also generate class images of SD Customize's varied everyday prompts "
+                                        "(lib_sdcustom/data/plain_prompts.txt: photos, paintings, people, places), "
+                                        "so prompts without the trigger keep drawing what they ask for.",
+                                 flag="--plain-prompts")
     class_data: str = option("", "Folder of class images: your own regularization images (same-stem .txt captions, "
                                  "else the class prompt), or where generated ones go (default: a folder in the run "
                                  "directory).", flag="--class-data")
@@ -199,9 +203,9 @@ class PriorOptions:
 
     def enabled(self) -> bool:
         """Whether there are class images to train on: prior preservation is on and a class prompt or prompt file,
-        a class folder or style mode (the captions) says what they show."""
+        the plain prompts, a class folder or style mode (the captions) says what they show."""
         return self.prior_preservation and bool(self.class_prompt.strip() or self.class_prompt_file or self.class_data
-                                                or self.style)
+                                                or self.style or self.plain_prompts)
 
 
 @dataclass
@@ -462,11 +466,12 @@ def _validate_prior(config: RunConfig) -> None:
         # The class prompt alone is allowed: best-step selection measures drift on it for every method.
         users = ", ".join(name for name in METHODS if "prior" in method_spec(name).sections)
         asked = [flag for flag, value in (("--class-data", prior.class_data), ("--class-prompt-file",
-                                          prior.class_prompt_file), ("--style", prior.style)) if value]
+                                          prior.class_prompt_file), ("--plain-prompts", prior.plain_prompts),
+                                          ("--style", prior.style)) if value]
         _require(not (prior.prior_preservation and asked),
                  f"{spec.label} cannot train on class images (it does not change the model's own weights), but "
                  f"{' and '.join(asked)} asks for them.",
-                 f"Leave --class-data and --class-prompt-file empty and --style off (or pass "
+                 f"Leave --class-data and --class-prompt-file empty and --plain-prompts and --style off (or pass "
                  f"--no-prior-preservation), or use a method that can: {users}.")
         return
     _require(math.isfinite(prior.prior_weight) and prior.prior_weight >= 0, f"--prior-weight is {prior.prior_weight}.",

@@ -8,7 +8,7 @@ Small filesystems: a tmpfs mounted by the test (`mount -t tmpfs -o size=...`, ne
 is not permitted, those cases are skipped and their simulated twins (ENOSPC raised by the writer,
 read-only through permission bits for a non-root user) still run; the skip reason says so.
 
-Cases: 121 in the tables (CLI_CASES 87, INSPECT_CASES 16, API_CASES 12, PAGE_CASES 6) and 11 tests below them.
+Cases: 122 in the tables (CLI_CASES 88, INSPECT_CASES 16, API_CASES 12, PAGE_CASES 6) and 11 tests below them.
 
 CLI, image folder: missing; empty; only text files; a text file named .png; a 1x1 image; a file instead of a
 folder; a caption with bad bytes (stops, names the file and byte); a truncated PNG among good ones (trains,
@@ -23,7 +23,8 @@ width the model does not have, a layer structure not starting with 1, a dropout 
 pivotal word CLIP knows, with a dot, or already an embedding's name (any case);
 DreamBooth without instance prompt, without class prompt, with fp8 base, in style mode; a class folder missing
 or empty without a class prompt, with an unreadable image, with an image without caption or class prompt; an
-empty class prompt file; a negative prior weight; Textual Inversion with a class folder; --dora with LoHa, with (IA)^3, with
+empty class prompt file; a negative prior weight; Textual Inversion with a class folder; a hypernetwork with
+--plain-prompts; --dora with LoHa, with (IA)^3, with
 fp8 base; OFT with fp8 base, rank 1; BOFT rank 8 (SD's widths need 10), rank 11; zero-terminal-SNR on an epsilon
 model; names '../x', '', 'a|b', 'CON', '.hidden'.
 CLI, files: base missing; base a non-SD safetensors; base a .ckpt carrying a pickled object; base a
@@ -413,6 +414,8 @@ CLI_CASES = [
     Case("textual inversion with class images", lambda ws: ws.train("--method", "textual_inversion", "--class-data",
                                                                     str(ws.folder("reg"))), 2,
          "Textual Inversion cannot train on class images", "--no-prior-preservation"),
+    Case("hypernetwork with plain prompts", lambda ws: ws.train("--method", "hypernetwork", "--plain-prompts"), 2,
+         "--plain-prompts asks for them", "--plain-prompts and --style off"),
     Case("dreambooth style mode", lambda ws: ws.train("--method", "dreambooth", "--instance-prompt", "sks",
                                                       "--class-prompt", "a dog", "--style"), 2,
          "Style mode is on with DreamBooth", "--style off"),

@@ -57,14 +57,17 @@ def test_the_command_and_the_module_run_from_any_folder(installed: Path, tmp_pat
         assert "train" in result.stdout and "inspect" in result.stdout
 
 
-def test_the_bundled_model_and_tokenizer_travel_with_the_package(installed: Path, tmp_path: Path) -> None:
+def test_the_bundled_model_tokenizer_and_prompts_travel_with_the_package(installed: Path, tmp_path: Path) -> None:
     script = ("from lib_sdcustom.microworld.model import shipped_checkpoint\n"
               "from lib_sdcustom.models.tokenizer import load_clip_tokenizer\n"
+              "from lib_sdcustom.methods.prior import plain_prompts\n"
               "print(shipped_checkpoint())\n"
-              "print(load_clip_tokenizer()('a sks shape').input_ids)\n")
+              "print(load_clip_tokenizer()('a sks shape').input_ids)\n"
+              "print(len(plain_prompts()))\n")
     result = _run([sys.executable, "-c", script], tmp_path, installed)
     assert result.returncode == 0, result.stderr
-    checkpoint, ids = result.stdout.strip().splitlines()
+    checkpoint, ids, plain = result.stdout.strip().splitlines()
+    assert int(plain) >= 50, "the --plain-prompts list is package data"
     assert Path(checkpoint).is_relative_to(installed) and Path(checkpoint).stat().st_size > 1_000_000
     assert ids.startswith("[49406") and ids.endswith("49407]")
     described = _run([str(installed / "bin" / "sdcustom"), "inspect", checkpoint], tmp_path, installed)

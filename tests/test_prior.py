@@ -20,7 +20,8 @@ from lib_sdcustom.data.latent_cache import LatentCache
 from lib_sdcustom.data.prompt_templates import without_phrase
 from lib_sdcustom.data.scan import ImageRecord
 from lib_sdcustom.events import RunStarted
-from lib_sdcustom.methods.prior import ClassPrior, PriorBatches, class_prompts, split_count, style_caption
+from lib_sdcustom.methods.prior import (ClassPrior, PriorBatches, class_prompts, plain_prompts, split_count,
+                                       style_caption)
 from lib_sdcustom.methods.registry import METHODS, method_spec
 from lib_sdcustom.run.train import train
 from lib_sdcustom.training.batches import Batch
@@ -29,7 +30,7 @@ from lib_sdcustom.ui import form
 
 CLASS = "a photo of a dog"
 CHANGED = {"prior_preservation": False, "class_prompt": "a photo of a cat", "prior_weight": 0.5,
-           "num_class_images": 7, "class_prompt_file": "prompts.txt", "class_data": "reg", "class_sample_steps": 9, "class_guidance": 3.5, "style": True}
+           "num_class_images": 7, "class_prompt_file": "prompts.txt", "plain_prompts": True, "class_data": "reg", "class_sample_steps": 9, "class_guidance": 3.5, "style": True}
 
 
 def test_every_regularization_setting_reaches_the_cli_the_preset_the_tab_and_the_api(tmp_path):
@@ -91,6 +92,18 @@ def test_a_prompt_file_adds_its_lines_to_the_class_prompts(tmp_path):
     options = PriorOptions(class_prompt="a shape", class_prompt_file=str(path), style=True)
     assert class_prompts(options, ["a sks square"], "sks") == ["a shape", "a square", "a red circle", "a tree"]
     assert split_count(40, 3) == [14, 13, 13] and split_count(2, 3) == [1, 1, 0]
+
+
+def test_plain_prompts_add_the_shipped_everyday_prompts_after_the_others(tmp_path):
+    """The shipped list is read from the installed package (tests/test_packaging.py installs it)."""
+    path = tmp_path / "prompts.txt"
+    path.write_text("a tree\n", encoding="utf-8")
+    plain = plain_prompts()
+    assert len(plain) == len(set(plain)) >= 50 and all(prompt.islower() or prompt[0].islower() for prompt in plain)
+    options = PriorOptions(class_prompt=CLASS, class_prompt_file=str(path), plain_prompts=True)
+    assert class_prompts(options, ["a sks dog"], "sks") == [CLASS, "a tree", *plain]
+    assert PriorOptions(plain_prompts=True).enabled() and not PriorOptions(plain_prompts=True,
+                                                                           prior_preservation=False).enabled()
 
 
 def _record(path: Path, caption: str) -> ImageRecord:

@@ -31,6 +31,8 @@ STYLE_TEMPLATES = (
     "a small painting in the style of [name]", "a weird painting in the style of [name]", "a large painting in the style of [name]",
 )
 BUILT_IN = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES, "captions": ("[filewords]",)}
+#: Everyday prompts of varied content for class images (`--plain-prompts`): what the model should keep drawing.
+PLAIN_PROMPTS = Path(__file__).with_name("plain_prompts.txt")
 
 
 def load_templates(spec: str) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ from ..config import PriorOptions, RunConfig
 from ..data.class_images import ClassImageRecipe, is_user_folder, prepare_class_images, user_class_images
 from ..data.dataset import size_conditioning
 from ..data.latent_cache import LatentCache
-from ..data.prompt_templates import prompt_lines, without_phrase
+from ..data.prompt_templates import PLAIN_PROMPTS, prompt_lines, without_phrase
 from ..data.scan import ImageRecord
 from ..errors import DatasetError, TrainingStopped
 from ..events import PhaseProgress
@@ -142,14 +142,21 @@ def style_caption(caption: str, trigger: str) -> str:
 
 def class_prompts(options: PriorOptions, captions: Sequence[str], trigger: str) -> list[str]:
     """What generated class images show: the class prompt, in style mode every distinct training caption without
-    the trigger phrase, then the prompt file's lines (in first-seen order, so the same data gives the same
-    images; with more prompts than class images the file's last lines go unused)."""
+    the trigger phrase, then the prompt file's lines, then the plain prompts (in first-seen order, so the same
+    data gives the same images; with more prompts than class images the last ones go unused)."""
     prompts = [options.class_prompt.strip()] if options.class_prompt.strip() else []
     if options.style:
         prompts += [without_phrase(caption, trigger) for caption in captions]
     if options.class_prompt_file:
         prompts += prompt_file(options.class_prompt_file)
+    if options.plain_prompts:
+        prompts += plain_prompts()
     return list(dict.fromkeys(prompts))
+
+
+def plain_prompts() -> tuple[str, ...]:
+    """The shipped everyday prompts of `--plain-prompts`."""
+    return prompt_lines(PLAIN_PROMPTS, "plain prompt list", "Reinstall SD Customize.")
 
 
 def split_count(total: int, parts: int) -> list[int]:
@@ -179,7 +186,7 @@ def check_class_sources(options: PriorOptions) -> None:
                            "Give a folder of class images, or leave --class-data empty to have them generated.")
     if is_user_folder(folder):
         user_class_images(folder, options.class_prompt.strip(), options.num_class_images)
-    elif not (options.class_prompt.strip() or options.class_prompt_file or options.style):
+    elif not (options.class_prompt.strip() or options.class_prompt_file or options.plain_prompts or options.style):
         state = "does not exist" if not folder.exists() else "holds no images"
         raise DatasetError(f"The class image folder {folder} (--class-data) {state}, and there is no class prompt to "
                            "generate class images from.",
@@ -250,6 +257,7 @@ class PriorMixin:
         else:
             shown = [f"{options.class_prompt.strip()!r}" if options.class_prompt.strip() else "",
                      f"the prompts in {options.class_prompt_file}" if options.class_prompt_file else "",
+                     f"{len(plain_prompts())} plain prompts" if options.plain_prompts else "",
                      f"the captions without {self.context.trigger_phrase!r}" if options.style else ""]
             source = f"{options.num_class_images} images of {' and '.join(part for part in shown if part)}"
         style = "style mode, " if options.style else ""
