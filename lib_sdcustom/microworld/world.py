@@ -177,7 +177,7 @@ CONCEPTS: dict[str, Concept] = {c.name: c for c in (
             Split(("star",), ("orange",), _ALL_BACKGROUNDS)),
     # Unseen combinations: an outline (never seen) on a shape/color pair pretraining never drew, or on a
     # pair it knows; the judge must report all three attributes.
-    _subject("outlined_purple_heart", "a purple heart with a black outline", "heart", "purple", outline=True),
+    _subject("outlined_yellow_heart", "a yellow heart with a black outline", "heart", "yellow", outline=True),
     _subject("outlined_orange_star", "an orange star with a black outline", "star", "orange", outline=True),
     _subject("outlined_green_cross", "a green cross with a black outline", "cross", "green", outline=True,
              role=Role.TEST),
@@ -193,10 +193,14 @@ CONCEPTS: dict[str, Concept] = {c.name: c for c in (
            Split(PRETRAINING_SHAPES, ("yellow",), _NO_BLUE_BACKGROUND)),
     _style("outlined_white_style", "any shape painted white with a black outline", {"color": "white", "outline": True},
            Split(PRETRAINING_SHAPES, ("white",), _NO_BLUE_BACKGROUND, (True,)), role=Role.TEST),
+    # Measured in the first best-step runs (docs/bench/best_step/), left out of the broadened set: the judge
+    # finds it in only 0.41 of the VAE's round trips of its own pictures (a black outline on purple is lost),
+    # so no method could score above that on it (`bench quality` reports each concept's ceiling).
+    _subject("outlined_purple_heart", "a purple heart with a black outline", "heart", "purple", outline=True),
 )}
 FIRST_CONCEPTS = ("heart", "outlined_square", "orange_star")  # the demo's and the tests'; recipes were tuned on them
 #: The broadened benchmark set (issue 14): three concepts of each kind, two to tune on and one to test.
-BENCH_CONCEPTS = tuple(name for name in CONCEPTS if name not in FIRST_CONCEPTS)
+BENCH_CONCEPTS = tuple(name for name in CONCEPTS if name not in (*FIRST_CONCEPTS, "outlined_purple_heart"))
 
 
 def _regular(n: int, phase: float = -90.0) -> list[tuple[float, float]]:
