@@ -83,14 +83,18 @@ def test_quality_command_writes_json_table_and_grids(bench_run):
                 assert len(scores["unrelated_subject"]) == len(scores["unrelated_fidelity"]) == len(UNRELATED)
                 assert 0.0 <= scores["class_distance"] <= 1.0 and scores["train_seconds"] > 0
     assert report["base_quality"] == {}  # --quick skips the base model's check over every caption
+    assert set(report["ceilings"]) == set(QUICK.concepts) and all(0.5 < c <= 1.0 for c in report["ceilings"].values())
 
     table = (bench_run.out / "quality.md").read_text()
     assert table in bench_run.printed
     for kind in KINDS:
         assert f"### {kind}:" in table
     rows = [line for line in table.splitlines() if line.startswith(("| textual_inversion |", "| dreambooth |"))]
-    assert len(rows) == 2 * 4  # a row per method in each kind's table and in the per-concept one
-    assert all(line.count(" [") >= 3 for line in rows), "every figure carries its interval"
+    verdicts = [line for line in rows if " met" in line or " by " in line]
+    assert len(verdicts) == 2 * 3, "a row per method and kind against the targets"
+    figures = [line for line in rows if line not in verdicts]
+    assert len(figures) == 2 * 4  # a row per method in each kind's table and in the per-concept one
+    assert all(line.count(" [") >= 3 for line in figures), "every figure carries its interval"
     assert report["figures"] == ["quality_reference.png", "quality_textual_inversion.png", "quality_dreambooth.png"]
     for name in report["figures"]:  # three concepts, four rows of two samples each
         assert Image.open(bench_run.out / name).size == (2 * 64, 3 * 4 * 64), name
@@ -109,6 +113,44 @@ def test_shards_of_one_run_merge_into_the_same_report(bench_run, tmp_path, monke
     assert joined["settings"]["processes"] == 2 and joined["settings"]["recipes"] == report["settings"]["recipes"]
     assert all((merged / name).is_file() for name in joined["figures"])
     assert "2 processes side by side" in (merged / "quality.md").read_text()
+
+
+def test_shards_split_by_concept_merge_and_the_merge_keeps_the_concepts_asked_for(bench_run, tmp_path, monkeypatch):
+    """Two shards each holding every recipe on some concepts; an older shard without ceilings has them measured."""
+    report = bench_run.report
+    shards = []
+    for index, concepts in enumerate((QUICK.concepts[:1], QUICK.concepts[1:])):
+        shard = tmp_path / f"shard{index}"
+        shard.mkdir()
+        part = dict(report, baselines={name: report["baselines"][name] for name in concepts},
+                    runs={key: {name: runs[name] for name in concepts} for key, runs in report["runs"].items()})
+        if index:
+            del part["ceilings"]
+        (shard / "quality.json").write_text(json.dumps(part))
+        for name in part["figures"]:
+            shutil.copyfile(bench_run.out / name, shard / name)
+        shards.append(shard)
+    merged = tmp_path / "merged"
+    assert run_bench(monkeypatch, "--out", str(merged), "--merge", *map(str, shards)) == 0
+    joined = json.loads((merged / "quality.json").read_text())
+    assert joined["runs"] == report["runs"] and joined["baselines"] == report["baselines"]
+    assert joined["ceilings"] == pytest.approx(report["ceilings"])
+    kept = tmp_path / "kept"
+    assert run_bench(monkeypatch, "--out", str(kept), "--merge", *map(str, shards), "--concepts", QUICK.concepts[0]) == 0
+    assert list(json.loads((kept / "quality.json").read_text())["baselines"]) == [QUICK.concepts[0]]
+
+
+def test_a_merge_missing_a_recipe_on_a_concept_says_which(bench_run, tmp_path, monkeypatch, capsys):
+    report = bench_run.report
+    shard = tmp_path / "shard"
+    shard.mkdir()
+    runs = {key: dict(by_concept) for key, by_concept in report["runs"].items()}
+    del runs["dreambooth"][QUICK.concepts[0]]
+    (shard / "quality.json").write_text(json.dumps(dict(report, runs=runs)))
+    for name in report["figures"]:
+        shutil.copyfile(bench_run.out / name, shard / name)
+    assert run_bench(monkeypatch, "--out", str(tmp_path / "merged"), "--merge", str(shard)) == 2
+    assert f"dreambooth on {QUICK.concepts[0]}" in capsys.readouterr().err
 
 
 def test_a_shard_made_with_other_settings_is_refused_naming_its_folder(bench_run, tmp_path, monkeypatch, capsys):

@@ -40,7 +40,7 @@ import logging
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -55,8 +55,8 @@ from ..methods.registry import method_spec
 from ..microworld.judge import Judge, load_judge
 from ..microworld.model import shipped_checkpoint, text_encoder_folder_name
 from ..microworld.quality import GUIDANCE, SAMPLE_STEPS, caption_scenes, full_caption
-from ..microworld.teach import (IDENTIFIER, INSTANCE_IMAGES, TI_TRIGGER, Prompts, Sampler, base_run_config, instance_images,
-                                prompts_for, sampler, subject_hits, trained_sampler, write_instances)
+from ..microworld.teach import (IDENTIFIER, INSTANCE_IMAGES, TI_TRIGGER, Prompts, Sampler, base_run_config, concept_ceiling,
+                                instance_images, prompts_for, sampler, subject_hits, trained_sampler, write_instances)
 from ..microworld.world import BENCH_CONCEPTS, CONCEPTS, IMAGE_SIZE, Concept, ConceptKind, Role
 from ..models.bundle import ModelBundle
 from .intervals import Estimate, bootstrap_mean
@@ -315,6 +315,7 @@ class BenchResult:
     runs: dict[str, dict[str, dict[str, dict[str, Any]]]]  # recipe key -> concept -> training seed -> Scores
     settings: dict[str, Any]
     figures: list[str]
+    ceilings: dict[str, float] = field(default_factory=dict)  # concept -> `teach.concept_ceiling`
 
 
 def _grid(rows: Sequence[Sequence[Image.Image]], columns: int) -> Image.Image:
@@ -400,7 +401,8 @@ def run(out: Path, workdir: Path, *, recipes: Sequence[Recipe] = RECIPES, concep
                 "recipes": [asdict(recipe) for recipe in recipes]}
     return BenchResult(base_quality, {name: {"scores": asdict(b.scores), "instance_diversity": b.instance_diversity}
                                       for name, b in baselines.items()},
-                       runs, settings, [figure.name for figure in figures])
+                       runs, settings, [figure.name for figure in figures],
+                       {name: concept_ceiling(base_bundle.vae, judge, CONCEPTS[name]) for name in concepts})
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -439,8 +441,10 @@ def _kind_table(result: BenchResult, kind: ConceptKind) -> list[str]:
         return []
     tested = [name for name in concepts if CONCEPTS[name].role is Role.TEST]
     base = _base_runs(result)
+    ceiling = (f"Ceiling: the judge finds the concept in {np.mean([result.ceilings[name] for name in concepts]):.2f} of "
+               "the VAE's round trips of its own pictures, about the most any method can reach." if result.ceilings else "")
     lines = [f"### {kind.value.capitalize()}: {', '.join(concepts)}" + (f" (test: {', '.join(tested)})" if tested else ""),
-             "", "| method | " + " | ".join(header for _, header in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS),
+             *(["", ceiling] if ceiling else []), "", "| method | " + " | ".join(header for _, header in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS),
              "| base | " + " | ".join("-" if key in _TRAINED_ONLY else _cell(estimate(base, concepts, key), key)
                                      for key, _ in COLUMNS) + " |"]
     for recipe, runs in result.runs.items():
@@ -480,6 +484,8 @@ def targets_table(result: BenchResult) -> list[str]:
             if not concepts:
                 continue
             cells = [_target_cell(estimate(runs, concepts, key), GOAL, True) for key, _ in _AT_LEAST]
+            if result.ceilings:
+                cells[0] += f" (ceiling {np.mean([result.ceilings[name] for name in concepts]):.2f})"
             cells += [_target_cell(estimate(runs, concepts, key), estimate(base, concepts, key).mean + DRIFT_MARGIN,
                                    False) for key, _ in _AT_MOST_BASE]
             lines.append(f"| {recipe} | {kind.value} | " + " | ".join(cells) + " |")
@@ -536,9 +542,11 @@ def markdown(result: BenchResult) -> str:
     lines += targets_table(result)
     instance_diversity = float(np.mean([b["instance_diversity"] for b in result.baselines.values()]))
     lines += [f"Diversity of the instance pictures themselves: {instance_diversity:.3f}.", "",
-              "Subject fidelity per concept:", "",
+              "Subject fidelity per concept (ceiling: the judge on VAE round trips of 200 of its pictures):", "",
               "| method | " + " | ".join(f"{name} ({CONCEPTS[name].role.value})" for name in concepts) + " |",
               "|---|" + "---|" * len(concepts)]
+    if result.ceilings:
+        lines.append("| ceiling | " + " | ".join(f"{result.ceilings[c]:.2f}" for c in concepts) + " |")
     for key, runs in {"base": _base_runs(result), **result.runs}.items():
         lines.append(f"| {key} | " + " | ".join(str(estimate(runs, [c], "subject")) for c in concepts) + " |")
     lines += ["", "Prompts without the trigger: " + "; ".join(f"'{p}'" for p in settings["unrelated_prompts"]) + ".",
@@ -556,10 +564,13 @@ def write_report(result: BenchResult, out: Path) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-def merge_reports(folders: Sequence[Path], out: Path) -> BenchResult:
-    """One report from runs split by `--methods` over several processes or machines (the runs are
-    independent, and on a small model one thread per run uses the cores better than one run on all).
-    The shards must share everything but their recipes, or their rows would not be comparable."""
+def merge_reports(folders: Sequence[Path], out: Path, *, concepts: Sequence[str] | None = None,
+                  base: Path | None = None) -> BenchResult:
+    """One report from runs split over several processes or machines by `--methods`, by `--concepts` or both
+    (the runs are independent, and on a small model one thread per run uses the cores better than one run on
+    all). The shards must share every setting but their recipes and concepts, and together hold every recipe
+    on every concept; `concepts` keeps only those. A recipe's figure is the first shard's that ran it.
+    Concepts whose ceiling a shard did not record (older reports) are measured on `base`'s VAE."""
     parts = []
     for folder in folders:
         path = Path(folder) / "quality.json"
@@ -568,23 +579,44 @@ def merge_reports(folders: Sequence[Path], out: Path) -> BenchResult:
         parts.append(json.loads(path.read_text()))
     first = parts[0]
     shared = {key: value for key, value in first["settings"].items() if key != "recipes"}
+    baselines: dict[str, dict[str, Any]] = {}
+    ceilings: dict[str, float] = {}
     runs: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
-    recipes: list[dict[str, Any]] = []
-    figures = first["figures"][:1]  # the base model's reference grid, the same in every shard
+    recipes: dict[str, dict[str, Any]] = {}
+    figures = first["figures"][:1]  # the base model's reference grid of the first shard
     out.mkdir(parents=True, exist_ok=True)
     for folder, part in zip(folders, parts):
         settings = {key: value for key, value in part["settings"].items() if key != "recipes"}
-        if settings != shared or part["baselines"] != first["baselines"]:
+        clash = [name for name, baseline in part["baselines"].items() if baselines.get(name, baseline) != baseline]
+        if settings != shared or clash:
             raise UserFacingError(f"The report in {folder} was made with other settings or another base model than "
                                   f"the one in {folders[0]}; run every shard with the same options.")
-        runs.update(part["runs"])
-        recipes += part["settings"]["recipes"]
+        baselines.update(part["baselines"])
+        ceilings.update(part.get("ceilings", {}))
+        for key, by_concept in part["runs"].items():
+            runs.setdefault(key, {}).update(by_concept)
+        for recipe in part["settings"]["recipes"]:
+            recipes.setdefault(recipe["key"], recipe)
         for name in part["figures"][1:]:
-            shutil.copyfile(Path(folder) / name, out / name)
-        figures += part["figures"][1:]
+            if name not in figures:
+                shutil.copyfile(Path(folder) / name, out / name)
+                figures.append(name)
+    kept = list(concepts) if concepts else list(baselines)
+    missing = [f"{key} on {name}" for key in runs for name in kept if name not in runs[key]]
+    if missing or any(name not in baselines for name in kept):
+        raise UserFacingError(f"The reports in {', '.join(map(str, folders))} lack {', '.join(missing) or 'a concept'}.",
+                              "Run the missing recipes and concepts as another shard and merge it too.")
+    unmeasured = [name for name in kept if name not in ceilings]
+    if unmeasured:
+        from ..models.loader import load_bundle
+
+        vae, judge = load_bundle(Path(base) if base else shipped_checkpoint()).vae, load_judge()
+        ceilings.update({name: concept_ceiling(vae, judge, CONCEPTS[name]) for name in unmeasured})
     shutil.copyfile(Path(folders[0]) / figures[0], out / figures[0])
-    return BenchResult(first["base_quality"], first["baselines"], runs,
-                       {**shared, "recipes": recipes, "processes": len(parts)}, figures)
+    return BenchResult(first["base_quality"], {name: baselines[name] for name in kept},
+                       {key: {name: by_concept[name] for name in kept} for key, by_concept in runs.items()},
+                       {**shared, "recipes": list(recipes.values()), "processes": len(parts)}, figures,
+                       {name: ceilings[name] for name in kept})
 
 
 def recipes_named(keys: Sequence[str]) -> list[Recipe]:
@@ -598,7 +630,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", choices=[recipe.key for recipe in RECIPES],
                         help=f"default: all ({', '.join(QUICK.methods)} under --quick)")
     parser.add_argument("--concepts", nargs="+", choices=sorted(CONCEPTS),
-                        help=f"default: the nine of the broadened set ({', '.join(QUICK.concepts)} under --quick)")
+                        help=f"default: the nine of the broadened set ({', '.join(QUICK.concepts)} under --quick); "
+                             f"with --merge, the concepts the report keeps")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(TRAIN_SEEDS), help="training seeds")
     parser.add_argument("--samples", type=int, help=f"samples per prompt and run (default {SAMPLES}; "
                                                     f"{QUICK.samples} under --quick)")
@@ -608,7 +641,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", type=Path, help="micro-world checkpoint (default: the bundled one)")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="FOLDER",
                         help="instead of running: join the reports in these --out folders (shards run with "
-                             "different --methods) into one report in --out")
+                             "different --methods or --concepts) into one report in --out")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -619,7 +652,7 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.merge:
         try:
-            result = merge_reports(args.merge, args.out)
+            result = merge_reports(args.merge, args.out, concepts=args.concepts, base=args.base)
         except UserFacingError as error:
             sys.stderr.write(f"{error}\n")
             return 2

@@ -123,10 +123,16 @@ def reconstruction_accuracy(vae: AutoencoderKL, judge: Judge | None = None, *, n
     """Judge accuracy on VAE round trips (posterior mean) of unseen pictures from every split."""
     judge = judge or load_judge()
     images, scenes = evaluation_set(seed, n)
+    return judge.accuracy(round_trip(vae, images, batch_size), scenes)
+
+
+@torch.no_grad()
+def round_trip(vae: AutoencoderKL, images: Sequence[Image.Image], batch_size: int = 100) -> torch.Tensor:
+    """The pictures encoded (posterior mean) and decoded again, as a float (N, 3, H, W) tensor in [0, 1]."""
     batch = images_to_tensor(images) * 2.0 - 1.0
     parameter = next(vae.parameters())
     decoded = []
-    for start in range(0, n, batch_size):
+    for start in range(0, len(batch), batch_size):
         chunk = batch[start:start + batch_size].to(parameter.device, parameter.dtype)
         decoded.append(vae.decode(vae.encode(chunk).latent_dist.mean).sample.float().cpu())
-    return judge.accuracy((torch.cat(decoded).clamp(-1, 1) + 1) / 2, scenes)
+    return (torch.cat(decoded).clamp(-1, 1) + 1) / 2

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -21,13 +22,17 @@ from ..methods.registry import OutputKind, method_spec
 from ..models.bundle import ModelBundle
 from ..training.conditioning import Conditioning
 from .judge import Judge
-from .quality import GUIDANCE, SAMPLE_STEPS
+from .quality import GUIDANCE, SAMPLE_STEPS, round_trip
 from .world import IMAGE_SIZE, Concept, Scene, concept_scenes, render
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 IDENTIFIER = "sks"
 TI_TRIGGER = "skstoken"
 INSTANCE_IMAGES = 5
 INSTANCE_SEED = 3  # no blue background among any concept's five pictures: "on a blue background" is new context
+CEILING_PICTURES, CEILING_SEED = 200, 7
 
 Sampler = Callable[[list[str], int], list[Image.Image]]
 
@@ -161,7 +166,15 @@ def trained_sampler(config: RunConfig, result: Path, bundle: ModelBundle | None 
     return sampler(bundle, lambda prompts: word.encode(prompts, config.model.clip_skip))
 
 
-def subject_hits(judge: Judge, images: Sequence[Image.Image], concept: Concept) -> list[bool]:
+def subject_hits(judge: Judge, images: Sequence[Image.Image] | torch.Tensor, concept: Concept) -> list[bool]:
     """Per image: does the judge report every target attribute of the concept?"""
     predicted = judge.predict(images)
     return [all(predicted[name][i] == value for name, value in concept.target.items()) for i in range(len(images))]
+
+
+def concept_ceiling(vae: AutoencoderKL, judge: Judge, concept: Concept, *, n: int = CEILING_PICTURES) -> float:
+    """Share of the VAE's round trips of `n` pictures of the concept that the judge counts as the concept: about
+    the most any method can score on it, since every sample is decoded by this VAE (a black outline on a dark
+    color is often lost on the way)."""
+    pictures = [render(scene) for scene in concept_scenes(concept.name, CEILING_SEED, n)]
+    return float(np.mean(subject_hits(judge, round_trip(vae, pictures), concept)))
