@@ -21,7 +21,11 @@ scores fixed-seed samples, 64 per prompt by default:
 - drift on unrelated prompts without the trigger (`UNRELATED`, the samples split evenly over them): the share
   showing the concept (a style's leak) and the share still drawn as asked;
 - diversity: mean pairwise RMS pixel distance between the subject samples (the instance pictures' own
-  value is reported beside it), and the wall time of the training call.
+  value is reported beside it), and the wall time of the training call;
+- each concept's ceiling (`teach.concept_ceiling`): every sample passes through the VAE, so no method can
+  score much above the share of the concept's own pictures the judge recognizes after a VAE round trip.
+
+The report rates each recipe against issue 14's targets kind by kind (`targets_table`).
 
 The base model answers the same prompts (with 'sks' as an unknown word) as the reference row. Every figure
 carries a 95% interval from a two-stage bootstrap (`bench/intervals.py`): seeds resampled within each
