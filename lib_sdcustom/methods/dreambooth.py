@@ -147,20 +147,16 @@ class DreamBoothMethod(_DreamBoothBatchesMixin, Method):
 
     @contextlib.contextmanager
     def as_exported(self) -> Iterator[None]:
-        """The EMA in the UNet for the block, the raw weights back after it, bit for bit (kept on the CPU
-        meanwhile, so the swap costs no GPU memory)."""
+        """The EMA in the UNet for the block, the raw weights back after it: the two swap storage (both fp32 on
+        the same device), so nothing is copied and the raw weights return bit for bit."""
         if self.ema is None:
             yield
             return
-        unet = self.bundle.unet
-        raw = {key: value.detach().to("cpu", copy=True) for key, value in unet.state_dict().items()}
-        with torch.no_grad():
-            unet.load_state_dict(self.ema.state_dict(), strict=False)
+        self.ema.swap()
         try:
             yield
         finally:
-            with torch.no_grad():
-                unet.load_state_dict(raw)
+            self.ema.swap()
 
     # ----- export -----
     def _trained_weights(self) -> TrainedWeights:

@@ -32,6 +32,12 @@ class ExponentialMovingAverage:
         for name, param in self.parameters.items():
             self.shadow[name].lerp_(param.detach().to(torch.float32), weight)
 
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange the weights' storage with the average's; a second call undoes the first."""
+        for name, param in self.parameters.items():
+            param.data, self.shadow[name] = self.shadow[name], param.data
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)
 
