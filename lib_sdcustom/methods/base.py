@@ -70,6 +70,11 @@ class Method(abc.ABC):
         """Wrap the image batches, e.g. to add class images or turn captions into prompt templates."""
         return source
 
+    def class_cycle_batches(self) -> int:
+        """Micro-batches after which the class images `build_source` added have all been drawn once, so that
+        their captions repeat from then on (0: none added)."""
+        return 0
+
     def intermediate_path(self, target: Path, step: int) -> Path:
         """Where the intermediate result of `step` goes: a sub-folder named after the result, as
         `NAME-step00000100.safetensors`."""

@@ -199,6 +199,7 @@ class PriorMixin:
 
     context: RunContext
     config: RunConfig
+    _prior: ClassPrior | None = None
 
     @classmethod
     def check_before_load(cls, config: RunConfig) -> None:
@@ -223,7 +224,13 @@ class PriorMixin:
                            latent_scale=bundle.pixels_per_latent)
         if source.cached:
             prior.fill(self.context.training_set.bucket_counts())
+        self._prior = prior
         return prior
+
+    def class_cycle_batches(self) -> int:
+        """The class half draws `stride` class images further each micro-batch."""
+        prior = self._prior
+        return 0 if prior is None else -(-len(prior.records) // prior.stride)
 
     def _generated_class_images(self, folder: Path) -> list[ImageRecord]:
         config, bundle, options = self.config, self.context.bundle, self.config.prior

@@ -122,8 +122,9 @@ def train(run: RunConfig | RunPlan, *, callbacks: Iterable[Callback] = (), cance
                             hooks=LoopHooks(export_intermediate=export_intermediate, render_samples=render))
         if plan.saved_state is not None:
             loop.resume_from(load_state(plan.saved_state))
-        if idle.holds_text_encoders:  # each process encodes its share of one epoch's captions
-            loop.encode_captions_ahead(-(-images.batches_per_epoch // accelerator.num_processes))
+        if idle.holds_text_encoders:  # each process encodes its share of the captions until they repeat
+            cycle = max(images.batches_per_epoch, method.class_cycle_batches())
+            loop.encode_captions_ahead(-(-cycle // accelerator.num_processes))
             previews.encode_ahead()
         _open_run_folder(run_dir, config, fresh=plan.saved_state is None)
         if training.select_best_step and accelerator.is_main_process:
