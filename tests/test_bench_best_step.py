@@ -13,12 +13,14 @@ from lib_sdcustom.bench.__main__ import main
 
 
 def _step(step: int, judge: float, instance: float, leak: float) -> dict:
-    return {"step": step, "judge": judge, "errors": {"instance": [instance], "drift": [1.0], "leak": [leak]}}
+    return {"step": step, "judge": judge, "subject": judge, "class_subject": 0.0,
+            "errors": {"instance": [instance], "drift": [1.0], "leak": [leak]}}
 
 
 def _run(steps: list[dict]) -> dict:
     return {"method": "lora", "concept": "red_circle", "seed": 0, "reference": {"instance": [1.0], "drift": [1.0],
-                                                                                "leak": [1.0]}, "steps": steps}
+                                                                                "leak": [1.0]}, "steps": steps,
+            "base_class_subject": 0.0}
 
 
 def test_a_run_agrees_when_the_chosen_steps_judge_score_is_within_the_tolerance_of_the_best():
@@ -46,6 +48,19 @@ def test_the_table_counts_agreeing_runs_for_the_shipped_and_the_other_weights(mo
     assert "| 0 | 0 | 1 of 2 | 1 |" in text and "| (keep the last step) | | 1 of 2 | 1 |" in text
 
 
+def test_a_perfect_selector_agrees_less_often_the_noisier_the_judge():
+    """Clear gaps between steps survive any judge; a gap of one sampling error often does not."""
+    clear = _run([_step(1, 0.0, 1.0, 1.0), _step(2, 1.0, 1.0, 1.0)])
+    assert best_step.perfect_selector_agreement([clear], 8, simulations=50) == (1.0, 1.0)
+    close = _run([_step(1, 0.5, 1.0, 1.0), _step(2, 0.6, 1.0, 1.0)])
+    few, many = (best_step.perfect_selector_agreement([close], samples, simulations=400)[0] for samples in (16, 1024))
+    assert few < 0.9 < many, (few, many)
+    # Step 1 draws the subject more often but turns the class prompt into it beyond the base's share.
+    leaking = {**_run([{**_step(1, 0.3, 1.0, 1.0), "subject": 0.5, "class_subject": 0.4}, _step(2, 0.4, 1.0, 1.0)]),
+               "base_class_subject": 0.2}
+    assert best_step.perfect_selector_agreement([leaking], 4096, simulations=20) == (1.0, 1.0)
+
+
 def test_toy_run_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setattr(sys, "argv", ["bench", "best-step", "--out", str(out), "--workdir", str(tmp_path / "work"),
@@ -58,4 +73,5 @@ def test_toy_run_end_to_end(tmp_path, monkeypatch):
     (run,) = report["runs"]
     assert [item["step"] for item in run["steps"]] == [1, 2] and run["kept_step"] in (1, 2)
     assert all(0.0 <= item["subject"] <= 1.0 and -1.0 <= item["judge"] <= 1.0 for item in run["steps"])
+    assert 0.0 <= run["base_class_subject"] <= 1.0
     assert (out / "best_step.md").read_text() == printed.getvalue()
