@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import SECTIONS, RunConfig, load_config
-from .demo import DEMO_STEPS
 from .errors import TrainingStopped, UserFacingError
 from .events import CancelToken, Event, FileSaved, PhaseProgress, RunFinished, RunStarted, StepDone, Warning_
 
@@ -64,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("file", type=Path)
     demo = commands.add_parser("demo", help="Run the whole pipeline on a small bundled default, no downloads (one to two minutes on a CPU).")
     demo.add_argument("--out", type=Path, default=Path("sdcustom-demo"), help="Folder for the demo's files (default: %(default)s).")
-    demo.add_argument("--steps", type=int, default=DEMO_STEPS, help="Training steps (default: %(default)s).")
+    demo.add_argument("--steps", type=int, default=0, help="Training steps (default: 0 = the benchmark recipe's).")
     demo.add_argument("--quiet", action="store_true", help="No progress bar.")
     install = commands.add_parser("install-micro-model", help="Copy the bundled micro-world model into a WebUI's "
                                   "checkpoint folder (models/Stable-diffusion) in the form the WebUI loads.")

@@ -23,6 +23,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "lion", "prodigy", "adafactor", "sgd")
 SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISION = ("fp16", "fp32", "bf16")
+PLAIN_PROMPT_CHOICES = ("auto", "on", "off")
 
 
 def option(default: Any, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
@@ -188,10 +189,12 @@ class PriorOptions:
     class_prompt_file: str = option("", "A text file of more prompts, one a line, to generate class images of too "
                                         "(for a style: varied content without the trigger, so that plain prompts "
                                         "stay plain).", flag="--class-prompt-file")
-    plain_prompts: bool = option(False, "Also generate class images of SD Customize's varied everyday prompts "
+    plain_prompts: str = option("auto", "Also generate class images of SD Customize's varied everyday prompts "
                                         "(lib_sdcustom/data/plain_prompts.txt: photos, paintings, people, places), "
-                                        "so prompts without the trigger keep drawing what they ask for.",
-                                 flag="--plain-prompts")
+                                        "so prompts without the trigger keep drawing what they ask for. auto: on for "
+                                        "LoRA and LyCORIS networks whenever they train on class images (the quality "
+                                        "benchmark's recipe), off for DreamBooth and DreamBooth-LoRA.",
+                                 flag="--plain-prompts", choices=PLAIN_PROMPT_CHOICES)
     class_data: str = option("", "Folder of class images: your own regularization images (same-stem .txt captions, "
                                  "else the class prompt), or where generated ones go (default: a folder in the run "
                                  "directory).", flag="--class-data")
@@ -201,11 +204,14 @@ class PriorOptions:
                                 "missing), and class images are generated from each caption without it, so prompts "
                                 "without the trigger stay as the base model draws them.", flag="--style")
 
-    def enabled(self) -> bool:
-        """Whether there are class images to train on: prior preservation is on and a class prompt or prompt file,
-        the plain prompts, a class folder or style mode (the captions) says what they show."""
-        return self.prior_preservation and bool(self.class_prompt.strip() or self.class_prompt_file or self.class_data
-                                                or self.style or self.plain_prompts)
+    def names_prompts(self) -> bool:
+        """Whether a class prompt, a prompt file or style mode (the captions) gives prompts to draw class images of."""
+        return bool(self.class_prompt.strip() or self.class_prompt_file or self.style)
+
+    def names_class_images(self) -> bool:
+        """Whether prompts or a class folder say what class images show; the plain prompts alone do not (see
+        `RunConfig.prior_enabled`)."""
+        return self.names_prompts() or bool(self.class_data)
 
 
 @dataclass
@@ -237,10 +243,11 @@ class TrainingOptions:
                                    "widened layer by layer when used): about half the memory of fp16 weights, slightly "
                                    "less exact. Not for DreamBooth, which trains the UNet itself.")
     train_text_encoder: float = option(-1.0, "Train the text encoder for this fraction of the steps (0 = frozen, 1 = the whole run; "
-                                             "-1 = the method's default: networks 1, DreamBooth 0).", flag="--train-text-encoder")
+                                             "-1 = the method's default: 1 for the networks and DreamBooth).", flag="--train-text-encoder")
     seed: int = option(42, "Random seed; the same seed and data give the same result.", flag="--seed")
     noise_offset: float = option(0.0, "Noise offset (0.05-0.1 helps very dark or bright images).")
-    min_snr_gamma: float = option(0.0, "Min-SNR loss weighting gamma (5 is common; 0 = off).")
+    min_snr_gamma: float = option(5.0, "Min-SNR loss weighting gamma (0 = off). 5, the Min-SNR paper's value, is what "
+                                       "every benchmark recipe trains with.")
     zero_terminal_snr: bool = option(False, "Rescale the noise schedule to zero terminal SNR (v-prediction models only; "
                                             "the model then needs a trailing-timestep sampler).")
     cache_text_encoder_outputs: bool = option(False, "Encode each caption once and reuse it while the text encoders are "
@@ -319,6 +326,26 @@ class RunConfig:
     def uses_network(self) -> bool:
         return self.spec.uses_network
 
+    @property
+    def plain_prompts(self) -> bool:
+        """Whether class images include the shipped plain prompts. 'auto' adds them where the method's recipe
+        does (`MethodSpec.plain_prompts_by_default`) and the run already draws class images of other prompts:
+        beside a class prompt they keep the rest of the prompt intact. Without prompts the user asked for no
+        regularization, or for their own images in a class folder (a mistyped folder must not be filled with
+        pictures of the plain prompts)."""
+        prior = self.prior
+        if prior.plain_prompts == "auto":
+            return self.spec.plain_prompts_by_default and prior.prior_preservation and prior.names_prompts()
+        return prior.plain_prompts == "on"
+
+    @property
+    def prior_enabled(self) -> bool:
+        """Whether the run trains on class images: the method can, prior preservation is on, and something says
+        what the class images show."""
+        prior = self.prior
+        return ("prior" in self.spec.sections and prior.prior_preservation
+                and (prior.names_class_images() or self.plain_prompts))
+
     def validate(self) -> "RunConfig":
         """Check every value once, before any model is loaded; raise ConfigError naming the option."""
         _validate(self)
@@ -328,6 +355,8 @@ class RunConfig:
 SECTIONS = ("model", "data", "network", "textual_inversion", "hypernetwork", "dreambooth", "prior", "optimizer", "training",
             "output")
 #: Settings that moved to another section: presets saved before the move still load.
+#: Settings whose type changed: presets saved before still load (`--plain-prompts` was on/off).
+RETYPED_SETTINGS: dict[tuple[str, str], dict[Any, Any]] = {("prior", "plain_prompts"): {True: "on", False: "off"}}
 MOVED_SETTINGS = {("dreambooth", name): "prior" for name in ("prior_preservation", "class_prompt", "prior_weight",
                                                               "num_class_images", "class_data", "class_sample_steps",
                                                               "class_guidance")}
@@ -462,16 +491,18 @@ def _validate_method_sections(config: RunConfig) -> None:
 def _validate_prior(config: RunConfig) -> None:
     """Prior preservation's numbers, and class images asked of a method that cannot train on them."""
     prior, spec = config.prior, config.spec
+    _require(prior.plain_prompts in PLAIN_PROMPT_CHOICES, f"--plain-prompts is {prior.plain_prompts!r}.",
+             f"Use one of: {', '.join(PLAIN_PROMPT_CHOICES)}.")
     if "prior" not in spec.sections:
         # The class prompt alone is allowed: best-step selection measures drift on it for every method.
         users = ", ".join(name for name in METHODS if "prior" in method_spec(name).sections)
         asked = [flag for flag, value in (("--class-data", prior.class_data), ("--class-prompt-file",
-                                          prior.class_prompt_file), ("--plain-prompts", prior.plain_prompts),
+                                          prior.class_prompt_file), ("--plain-prompts on", prior.plain_prompts == "on"),
                                           ("--style", prior.style)) if value]
         _require(not (prior.prior_preservation and asked),
                  f"{spec.label} cannot train on class images (it does not change the model's own weights), but "
                  f"{' and '.join(asked)} asks for them.",
-                 f"Leave --class-data and --class-prompt-file empty and --plain-prompts and --style off (or pass "
+                 f"Leave --class-data and --class-prompt-file empty, --plain-prompts at auto or off and --style off (or pass "
                  f"--no-prior-preservation), or use a method that can: {users}.")
         return
     _require(math.isfinite(prior.prior_weight) and prior.prior_weight >= 0, f"--prior-weight is {prior.prior_weight}.",
@@ -520,6 +551,7 @@ def config_from_dict(values: dict[str, Any], *, source: str = "config") -> RunCo
         if key == "method":
             config.method = str(value)
         elif key in SECTIONS and isinstance(value, dict):
+            value = {name: _retyped(key, name, item) for name, item in value.items()}
             moved = {name: item for name, item in value.items() if (key, name) in MOVED_SETTINGS}
             _fill_section(getattr(config, key), {name: item for name, item in value.items() if name not in moved},
                           f"{source} [{key}]")
@@ -530,6 +562,12 @@ def config_from_dict(values: dict[str, Any], *, source: str = "config") -> RunCo
             raise ConfigError(f"Unknown setting {key!r} in {source}.",
                               f"Top-level keys are 'method' and the sections {', '.join(SECTIONS)}.")
     return config
+
+
+def _retyped(section: str, name: str, value: Any) -> Any:
+    """A value in the type its setting had when the preset was saved, in today's type."""
+    translation = RETYPED_SETTINGS.get((section, name), {})
+    return translation[value] if isinstance(value, bool) and value in translation else value
 
 
 def _fill_section(section: Any, values: dict[str, Any], where: str) -> None:

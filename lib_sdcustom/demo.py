@@ -2,11 +2,12 @@
 
 The package ships a small SD1-architecture model pretrained on the micro-world (`microworld/`): flat shapes
 in named colors on plain backgrounds. It has never seen a heart. The demo writes five pictures of a red
-heart captioned 'a sks shape on a ... background', trains a LoCon (a LoRA that also adapts the ResNet
-convolutions; the WebUI loads it like any LoRA) on them through the same `train()` the WebUI and CLI use,
-and renders 'a sks shape' before and after with the same seeds. The bundled judge counts how many samples
-show a red heart, so the demo reports learning as a number, not only as pictures.
-"""
+heart captioned 'a sks shape on a ... background' and trains them with the recipe the quality benchmark chose
+for the networks (`DEMO_RECIPE`): a LoCon (a LoRA that also adapts the ResNet convolutions; the WebUI loads it
+like any LoRA) regularized on the base model's own pictures of 'a shape' and of the world's plain captions,
+through the same `train()` the WebUI and CLI use. It renders 'a sks shape' before and after with the same
+seeds; the bundled judge counts how many samples show a red heart, so the demo reports learning as a number,
+not only as pictures."""
 
 from __future__ import annotations
 
@@ -23,12 +24,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEMO_CONCEPT = "heart"
-DEMO_METHOD = "locon"  # drew the heart more often than plain LoRA in the quality bench (docs/bench/tuning.md)
-DEMO_STEPS = 600
-DEMO_LR, DEMO_TEXT_ENCODER_LR = 3e-3, 6e-3  # the text encoder's part binds 'sks' and needs the higher rate
-DEMO_RANK = 8
-# The base model's own pretraining weighting; on the first micro model fidelity was about 3x lower without it.
-DEMO_MIN_SNR_GAMMA = 5.0
+#: The network recipe the quality benchmark chose (docs/bench/quality.md): a rank-8 LoCon, rates that learn in a
+#: few hundred steps on the micro model, min-SNR 5, class images of the class prompt and of varied plain prompts.
+DEMO_RECIPE = "locon_regularized"
 GRID_SAMPLES = 4
 JUDGED_SAMPLES = 16
 SAMPLE_SEED = 1000
@@ -54,26 +52,22 @@ class DemoResult:
                 f"{self.hits_after}/{self.judged} after.")
 
 
-def demo_config(folder: Path, *, steps: int = DEMO_STEPS) -> RunConfig:
-    """The demo's run: five heart pictures, a rank-8 LoCon, rates that learn in a few hundred steps."""
+def demo_config(folder: Path, *, steps: int = 0) -> RunConfig:
+    """The demo's run: `DEMO_RECIPE` on five heart pictures (`steps` 0 = the recipe's), saved as the tab saves."""
+    from .bench.quality import recipes_named, run_config
     from .microworld.model import shipped_checkpoint
-    from .microworld.teach import base_run_config, prompts_for, write_instances
     from .microworld.world import CONCEPTS
 
     folder = Path(folder)
-    concept = CONCEPTS[DEMO_CONCEPT]
-    images = write_instances(folder / "images", concept, prompts_for(concept, DEMO_METHOD))
-    config = base_run_config(DEMO_METHOD, shipped_checkpoint(), images, name="demo_lora", out=folder / "Lora",
-                             run_dir=folder / "run")
-    config.output.overwrite = True
-    config.network.rank, config.network.alpha = DEMO_RANK, float(DEMO_RANK)
-    config.optimizer.lr, config.optimizer.text_encoder_lr = DEMO_LR, DEMO_TEXT_ENCODER_LR
-    config.training.steps, config.training.batch_size = steps, 4
-    config.training.min_snr_gamma = DEMO_MIN_SNR_GAMMA
+    config = run_config(recipes_named([DEMO_RECIPE])[0], CONCEPTS[DEMO_CONCEPT], folder, shipped_checkpoint(),
+                        folder / "run" / "class_images")
+    config.output.name, config.output.out, config.output.overwrite = "demo_lora", str(folder / "Lora"), True
+    config.output.save_precision = "fp16"
+    config.training.steps = steps or config.training.steps
     return config
 
 
-def run_demo(folder: Path, *, steps: int = DEMO_STEPS, callbacks: list[Callback] | None = None) -> DemoResult:
+def run_demo(folder: Path, *, steps: int = 0, callbacks: list[Callback] | None = None) -> DemoResult:
     from .microworld.judge import load_judge
     from .microworld.teach import prompts_for, sampler, subject_hits, trained_sampler
     from .microworld.world import CONCEPTS
@@ -84,7 +78,7 @@ def run_demo(folder: Path, *, steps: int = DEMO_STEPS, callbacks: list[Callback]
     folder = Path(folder)
     config = demo_config(folder, steps=steps)
     concept = CONCEPTS[DEMO_CONCEPT]
-    prompt = prompts_for(concept, DEMO_METHOD).subject
+    prompt = prompts_for(concept, config.method).subject
     base = Path(config.model.base)
     before = sampler(load_bundle(base))([prompt] * JUDGED_SAMPLES, SAMPLE_SEED)
     result = train(config, callbacks=callbacks or [])

@@ -24,7 +24,7 @@ pivotal word CLIP knows, with a dot, or already an embedding's name (any case);
 DreamBooth without instance prompt, without class prompt, with fp8 base, in style mode; a class folder missing
 or empty without a class prompt, with an unreadable image, with an image without caption or class prompt; an
 empty class prompt file; a negative prior weight; Textual Inversion with a class folder; a hypernetwork with
---plain-prompts; --dora with LoHa, with (IA)^3, with
+--plain-prompts on; --dora with LoHa, with (IA)^3, with
 fp8 base; OFT with fp8 base, rank 1; BOFT rank 8 (SD's widths need 10), rank 11; zero-terminal-SNR on an epsilon
 model; names '../x', '', 'a|b', 'CON', '.hidden'.
 CLI, files: base missing; base a non-SD safetensors; base a .ckpt carrying a pickled object; base a
@@ -414,8 +414,8 @@ CLI_CASES = [
     Case("textual inversion with class images", lambda ws: ws.train("--method", "textual_inversion", "--class-data",
                                                                     str(ws.folder("reg"))), 2,
          "Textual Inversion cannot train on class images", "--no-prior-preservation"),
-    Case("hypernetwork with plain prompts", lambda ws: ws.train("--method", "hypernetwork", "--plain-prompts"), 2,
-         "--plain-prompts asks for them", "--plain-prompts and --style off"),
+    Case("hypernetwork with plain prompts", lambda ws: ws.train("--method", "hypernetwork", "--plain-prompts", "on"), 2,
+         "--plain-prompts on asks for them", "--plain-prompts at auto or off"),
     Case("dreambooth style mode", lambda ws: ws.train("--method", "dreambooth", "--instance-prompt", "sks",
                                                       "--class-prompt", "a dog", "--style"), 2,
          "Style mode is on with DreamBooth", "--style off"),

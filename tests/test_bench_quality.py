@@ -176,8 +176,8 @@ def test_the_style_recipe_regularizes_on_its_captions_without_the_identifier(tmp
     captions = [read_caption(path) for path in sorted(Path(config.data.data).glob("*.txt"))]
     assert captions[0] == "a sks blue square on a white background"
     trigger = method_class(config.method).trigger_phrase(config, captions)
-    assert trigger == "sks" and config.prior.enabled()
-    assert class_prompts(config.prior, captions, trigger)[:2] == ["a shape", "a blue square on a white background"]
+    assert trigger == "sks" and config.prior_enabled and not config.plain_prompts
+    assert class_prompts(config.prior, captions, trigger, plain=False)[:2] == ["a shape", "a blue square on a white background"]
 
 
 def test_a_regularized_recipe_runs_style_mode_on_a_style_and_prior_preservation_on_a_subject(tmp_path):

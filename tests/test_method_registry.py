@@ -25,7 +25,7 @@ EXPECTED = {
     "glora": (1e-4, 1.0, OutputKind.LORA, set(), {"network", "prior"}, True),
     "textual_inversion": (5e-3, 0.0, OutputKind.EMBEDDING, set(), {"textual_inversion"}, False),
     "hypernetwork": (1e-5, 0.0, OutputKind.HYPERNETWORK, set(), {"hypernetwork"}, True),
-    "dreambooth": (2e-6, 0.0, OutputKind.CHECKPOINT, {"unet", "text_encoder"}, {"dreambooth", "prior"}, True),
+    "dreambooth": (2e-6, 1.0, OutputKind.CHECKPOINT, {"unet", "text_encoder"}, {"dreambooth", "prior"}, True),
     "dreambooth_lora": (1e-4, 1.0, OutputKind.LORA, set(), {"network", "dreambooth", "prior"}, True),
     "pivotal": (1e-4, 1.0, OutputKind.LORA, set(), {"network", "textual_inversion"}, False),
 }

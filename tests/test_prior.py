@@ -30,7 +30,7 @@ from lib_sdcustom.ui import form
 
 CLASS = "a photo of a dog"
 CHANGED = {"prior_preservation": False, "class_prompt": "a photo of a cat", "prior_weight": 0.5,
-           "num_class_images": 7, "class_prompt_file": "prompts.txt", "plain_prompts": True, "class_data": "reg", "class_sample_steps": 9, "class_guidance": 3.5, "style": True}
+           "num_class_images": 7, "class_prompt_file": "prompts.txt", "plain_prompts": "on", "class_data": "reg", "class_sample_steps": 9, "class_guidance": 3.5, "style": True}
 
 
 def test_every_regularization_setting_reaches_the_cli_the_preset_the_tab_and_the_api(tmp_path):
@@ -82,15 +82,15 @@ def test_style_captions_keep_the_trigger_and_class_prompts_are_the_captions_with
     assert style_caption("", "sks") == "", "caption dropout stays unconditional"
     options = PriorOptions(class_prompt="a shape", style=True)
     captions = ["a sks circle on gray", "sks, a square", "a sks circle on gray", "sks"]
-    assert class_prompts(options, captions, "sks") == ["a shape", "a circle on gray", "a square", ""]
-    assert class_prompts(PriorOptions(class_prompt=CLASS), captions, "sks") == [CLASS]
+    assert class_prompts(options, captions, "sks", plain=False) == ["a shape", "a circle on gray", "a square", ""]
+    assert class_prompts(PriorOptions(class_prompt=CLASS), captions, "sks", plain=False) == [CLASS]
 
 
 def test_a_prompt_file_adds_its_lines_to_the_class_prompts(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("a red circle\n\n a tree \n", encoding="utf-8")
     options = PriorOptions(class_prompt="a shape", class_prompt_file=str(path), style=True)
-    assert class_prompts(options, ["a sks square"], "sks") == ["a shape", "a square", "a red circle", "a tree"]
+    assert class_prompts(options, ["a sks square"], "sks", plain=False) == ["a shape", "a square", "a red circle", "a tree"]
     assert split_count(40, 3) == [14, 13, 13] and split_count(2, 3) == [1, 1, 0]
 
 
@@ -100,10 +100,36 @@ def test_plain_prompts_add_the_shipped_everyday_prompts_after_the_others(tmp_pat
     path.write_text("a tree\n", encoding="utf-8")
     plain = plain_prompts()
     assert len(plain) == len(set(plain)) >= 50 and all(prompt.islower() or prompt[0].islower() for prompt in plain)
-    options = PriorOptions(class_prompt=CLASS, class_prompt_file=str(path), plain_prompts=True)
-    assert class_prompts(options, ["a sks dog"], "sks") == [CLASS, "a tree", *plain]
-    assert PriorOptions(plain_prompts=True).enabled() and not PriorOptions(plain_prompts=True,
-                                                                           prior_preservation=False).enabled()
+    options = PriorOptions(class_prompt=CLASS, class_prompt_file=str(path))
+    assert class_prompts(options, ["a sks dog"], "sks", plain=True) == [CLASS, "a tree", *plain]
+
+
+def _plain(method: str, **prior: object) -> tuple[bool, bool]:
+    """(plain prompts used, class images trained on) for `method` with these prior settings."""
+    config = RunConfig(method=method)
+    config.prior = PriorOptions(**prior)  # type: ignore[arg-type]
+    return config.plain_prompts, config.prior_enabled
+
+
+def test_auto_plain_prompts_join_a_networks_class_images_but_never_start_regularization_alone():
+    """The quality benchmark's recipe for LoRA/LyCORIS: the class prompt's images plus varied plain prompts.
+    DreamBooth's recipes were measured with the class prompt alone; without a class nothing is regularized."""
+    assert _plain("lora", class_prompt=CLASS) == (True, True)
+    assert _plain("locon", style=True) == (True, True)
+    assert _plain("lora") == (False, False)
+    assert _plain("lora", class_prompt=CLASS, prior_preservation=False) == (False, False)
+    assert _plain("lora", class_prompt=CLASS, plain_prompts="off") == (False, True)
+    for method in ("dreambooth", "dreambooth_lora"):
+        assert _plain(method, class_prompt=CLASS) == (False, True)
+        assert _plain(method, class_prompt=CLASS, plain_prompts="on") == (True, True)
+    assert _plain("lora", plain_prompts="on") == (True, True)
+    assert _plain("lora", plain_prompts="on", prior_preservation=False) == (True, False)
+    assert _plain("textual_inversion", class_prompt=CLASS) == (False, False)
+
+
+def test_presets_saved_when_plain_prompts_was_on_or_off_still_load():
+    for saved, now in ((True, "on"), (False, "off")):
+        assert config_from_dict({"prior": {"plain_prompts": saved}}).prior.plain_prompts == now
 
 
 def _record(path: Path, caption: str) -> ImageRecord:
@@ -162,9 +188,10 @@ def test_a_loras_first_loss_is_the_instance_term_plus_the_weighted_class_term(ti
                              prior_weight=weight)
         losses[weight] = train(config, callbacks=[lambda event: described.append(event.description)
                                                   if isinstance(event, RunStarted) else None]).losses[0]
-    assert "prior preservation with 2 images of 'a photo of a dog' (weight 1.0)" in described[1]
+    # A network's class images include the plain prompts by default (`--plain-prompts auto`).
+    assert "prior preservation with 2 images of 'a photo of a dog' and 64 plain prompts (weight 1.0)" in described[1]
     manifest = json.loads((tmp_path / "class" / MANIFEST_NAME).read_text())["images"]
-    assert [entry["prompt"] for entry in manifest] == [CLASS, CLASS], "generated once, reused by the later runs"
+    assert [entry["prompt"] for entry in manifest] == [CLASS, plain_prompts()[0]], "generated once, reused by the later runs"
     class_term = losses[1.0] - losses[0.0]
     assert abs(class_term) > 1e-3
     assert losses[2.0] - losses[0.0] == pytest.approx(2 * class_term, abs=1e-5)
@@ -174,7 +201,7 @@ def test_style_mode_generates_class_images_of_every_caption_without_the_trigger(
     images = write_images(tmp_path / "images")
     for index, caption in enumerate(["a sks dog on grass", "a cat", "a sks dog on grass"]):
         (images / f"img{index}.txt").write_text(caption, encoding="utf-8")
-    config = lora_config(tiny_checkpoint, images, tmp_path / "run", style=True, num_class_images=4)
+    config = lora_config(tiny_checkpoint, images, tmp_path / "run", style=True, num_class_images=4, plain_prompts="off")
     config.data.default_caption = "sks"
     described: list[str] = []
     train(config, callbacks=[lambda event: described.append(event.description) if isinstance(event, RunStarted) else None])

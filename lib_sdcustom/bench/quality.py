@@ -192,6 +192,8 @@ def run_config(recipe: Recipe, concept: Concept, folder: Path, base: Path, class
     prior.class_prompt, prior.style = prompts.class_prompt, recipe.style
     prior.prior_preservation, prior.num_class_images = recipe.prior_preservation, recipe.class_images
     prior.class_sample_steps, prior.class_guidance, prior.class_data = SAMPLE_STEPS, GUIDANCE, str(class_folder)
+    # The shipped plain prompts (people, places) are nothing the micro model can draw; `varied_prompts` are its own.
+    prior.plain_prompts = "off"
     if recipe.style:  # the identifier alone is the trigger: 'a sks shape on a gray background' -> 'a shape on ...'
         config.data.default_caption = IDENTIFIER
     if recipe.varied_prompts:

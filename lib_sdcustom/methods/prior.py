@@ -140,7 +140,7 @@ def style_caption(caption: str, trigger: str) -> str:
     return f"{trigger}, {caption}"
 
 
-def class_prompts(options: PriorOptions, captions: Sequence[str], trigger: str) -> list[str]:
+def class_prompts(options: PriorOptions, captions: Sequence[str], trigger: str, *, plain: bool) -> list[str]:
     """What generated class images show: the class prompt, in style mode every distinct training caption without
     the trigger phrase, then the prompt file's lines, then the plain prompts (in first-seen order, so the same
     data gives the same images; with more prompts than class images the last ones go unused)."""
@@ -149,7 +149,7 @@ def class_prompts(options: PriorOptions, captions: Sequence[str], trigger: str) 
         prompts += [without_phrase(caption, trigger) for caption in captions]
     if options.class_prompt_file:
         prompts += prompt_file(options.class_prompt_file)
-    if options.plain_prompts:
+    if plain:
         prompts += plain_prompts()
     return list(dict.fromkeys(prompts))
 
@@ -173,7 +173,7 @@ def class_folder(config: RunConfig, run_dir: Path) -> Path:
     return Path(config.prior.class_data) if config.prior.class_data else Path(run_dir) / CLASS_IMAGES_FOLDER
 
 
-def check_class_sources(options: PriorOptions) -> None:
+def check_class_sources(options: PriorOptions, *, plain: bool) -> None:
     """Before the model loads: the prompt file has prompts; the user's class folder is readable and every image
     in it usable and captioned, or there is a prompt to generate class images from."""
     if options.class_prompt_file:
@@ -186,7 +186,7 @@ def check_class_sources(options: PriorOptions) -> None:
                            "Give a folder of class images, or leave --class-data empty to have them generated.")
     if is_user_folder(folder):
         user_class_images(folder, options.class_prompt.strip(), options.num_class_images)
-    elif not (options.class_prompt.strip() or options.class_prompt_file or options.plain_prompts or options.style):
+    elif not (options.class_prompt.strip() or options.class_prompt_file or plain or options.style):
         state = "does not exist" if not folder.exists() else "holds no images"
         raise DatasetError(f"The class image folder {folder} (--class-data) {state}, and there is no class prompt to "
                            "generate class images from.",
@@ -203,14 +203,14 @@ class PriorMixin:
 
     @classmethod
     def check_before_load(cls, config: RunConfig) -> None:
-        if config.prior.enabled():
-            check_class_sources(config.prior)
+        if config.prior_enabled:
+            check_class_sources(config.prior, plain=config.plain_prompts)
 
     def class_prior(self, source: BatchSource) -> ClassPrior | None:
         """The class half of every batch, or None when there are no class images to train on. Generating class
         images samples from the base model as it is, so call this before any training step."""
         options = self.config.prior
-        if not options.enabled():
+        if not self.config.prior_enabled:
             return None
         if not isinstance(source, LatentBatchSource):
             raise TypeError("prior preservation needs the run's LatentBatchSource (its encoder and latent cache)")
@@ -235,7 +235,7 @@ class PriorMixin:
     def _generated_class_images(self, folder: Path) -> list[ImageRecord]:
         config, bundle, options = self.config, self.context.bundle, self.config.prior
         captions = [record.caption for record in self.context.training_set.records]
-        prompts = class_prompts(options, captions, self.context.trigger_phrase)
+        prompts = class_prompts(options, captions, self.context.trigger_phrase, plain=config.plain_prompts)
         size = config.data.resolution
         self.set_training(False)  # type: ignore[attr-defined]  # sample from the base as it is (no dropout)
         records: list[ImageRecord] = []
@@ -257,14 +257,14 @@ class PriorMixin:
 
     def describe_prior(self) -> str:
         options = self.config.prior
-        if not options.enabled():
+        if not self.config.prior_enabled:
             return "no prior preservation"
         if options.class_data and is_user_folder(Path(options.class_data)):
             source = f"the images in {options.class_data}"
         else:
             shown = [f"{options.class_prompt.strip()!r}" if options.class_prompt.strip() else "",
                      f"the prompts in {options.class_prompt_file}" if options.class_prompt_file else "",
-                     f"{len(plain_prompts())} plain prompts" if options.plain_prompts else "",
+                     f"{len(plain_prompts())} plain prompts" if self.config.plain_prompts else "",
                      f"the captions without {self.context.trigger_phrase!r}" if options.style else ""]
             source = f"{options.num_class_images} images of {' and '.join(part for part in shown if part)}"
         style = "style mode, " if options.style else ""

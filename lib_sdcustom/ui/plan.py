@@ -157,7 +157,7 @@ def estimate_memory(config: RunConfig, base_parameters: Optional[int], family: M
         else:  # textual inversion: the gradient reaches the whole token-embedding tables
             trainable = shape.embedding_tables * scale
         frozen = unet + vae + text
-    prior = "prior" in config.spec.sections and config.prior.enabled()
+    prior = config.prior_enabled
     samples = training.batch_size * (2 if prior else 1)
     latent_pixels = ((resolution or config.data.resolution) / 8) ** 2
     activation_scale = samples * (2 if half else 4) / 4 * (_CHECKPOINTED_SHARE if training.gradient_checkpointing else 1.0)
