@@ -355,9 +355,9 @@ class RunConfig:
 
 SECTIONS = ("model", "data", "network", "textual_inversion", "hypernetwork", "dreambooth", "prior", "optimizer", "training",
             "output")
-#: Settings that moved to another section: presets saved before the move still load.
 #: Settings whose type changed: presets saved before still load (`--plain-prompts` was on/off).
 RETYPED_SETTINGS: dict[tuple[str, str], dict[Any, Any]] = {("prior", "plain_prompts"): {True: "on", False: "off"}}
+#: Settings that moved to another section: presets saved before the move still load.
 MOVED_SETTINGS = {("dreambooth", name): "prior" for name in ("prior_preservation", "class_prompt", "prior_weight",
                                                               "num_class_images", "class_data", "class_sample_steps",
                                                               "class_guidance")}
