@@ -44,6 +44,9 @@ def test_the_table_counts_agreeing_runs_for_the_shipped_and_the_other_weights(mo
     assert "| lora | red_circle | 0 | 1: 0.30, 2: 0.70, 3: 0.40 | 2 (0.70) | 2 (0.70) | yes |" in text
     assert "| lora | red_circle | 1 | 1: 0.30, 2: 0.40, 3: 0.70 | 3 (0.70) | 2 (0.40) | no |" in text
     assert "shipped weights (drift 0, leak 1): 1 of 2 runs (50%" in text
+    # Seed 0 kept its best step; seed 1 kept 0.40 of 0.70. The last steps scored 0.40 (of 0.70) and 0.70.
+    assert "lost to the pick (the run's best less the kept step's): 0.150 on average, at most 0.30, where keeping " \
+           "the last step loses 0.150 on average, at most 0.30." in text
     assert "Weights chosen on the seed-0 runs alone (drift 0, leak 0.25; 1 of 1 there) agree on 0 of 1 runs" in text
     assert "| 0 | 0 | 1 of 2 | 1 |" in text and "| (keep the last step) | | 1 of 2 | 1 |" in text
 

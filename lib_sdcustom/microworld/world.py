@@ -193,7 +193,7 @@ CONCEPTS: dict[str, Concept] = {c.name: c for c in (
            Split(PRETRAINING_SHAPES, ("yellow",), _NO_BLUE_BACKGROUND)),
     _style("outlined_white_style", "any shape painted white with a black outline", {"color": "white", "outline": True},
            Split(PRETRAINING_SHAPES, ("white",), _NO_BLUE_BACKGROUND, (True,)), role=Role.TEST),
-    # Measured in the first best-step runs (docs/bench/best_step/), left out of the broadened set: the judge
+    # Measured in the first best-step runs (32 judge samples; since replaced), left out of the broadened set: the judge
     # finds it in only 0.41 of the VAE's round trips of its own pictures (a black outline on purple is lost),
     # so no method could score above that on it (`bench quality` reports each concept's ceiling).
     _subject("outlined_purple_heart", "a purple heart with a black outline", "heart", "purple", outline=True),

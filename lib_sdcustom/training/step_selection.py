@@ -16,8 +16,9 @@ Real checkpoints have no judge, and the proxy may not download one, so the model
 
 The score is `(1 - fidelity) - DRIFT_WEIGHT * max(drift, 0) - LEAK_WEIGHT * max(leak, 0)`: the share of the
 instance error removed, less what the class lost; higher is better. The weights were chosen on the micro-world
-against the judge (`bench best-step`, docs/bench/best_step/), where the choice is not yet reliable: in 5 of 12
-runs the chosen step scored within 0.05 of the judge's best, about as often as the last step did.
+against the judge (`bench best-step`, docs/bench/best_step/). With the regularized network recipes the chosen
+step scored within 0.05 of the judge's best in 9 of 12 runs (the last step in 8) and lost 0.05 of the judge's
+score on average against the last step's 0.13; short of the 80% aimed for, so selection stays opt-in.
 
 Every error is measured at the same few (noise, timestep) pairs, drawn from a generator of its own, in eval
 mode and without gradients: the scores are repeatable and the training's random streams are not touched, so
@@ -48,9 +49,8 @@ CLASS_SAMPLES = 4
 #: The probe's own noise seed: the same pairs at every export, and no draw from the training's generators.
 PROBE_SEED = 20_141
 #: What a share of added class error (drift) and of the subject learned by the class prompt (leak) cost
-#: against a share of removed instance error (see module doc): the best of a grid on 12 micro-world runs
-#: (docs/bench/best_step/best_step.md), where it agreed with the judge in 5 of 12 runs, not yet the 80% aimed
-#: for; keeping the last step agreed in 6.
+#: against a share of removed instance error (see module doc): the best of a grid on the first 12 micro-world
+#: runs, kept unchanged since so that later runs test them (docs/bench/best_step/best_step.md: 9 of 12).
 DRIFT_WEIGHT = 0.5
 LEAK_WEIGHT = 0.1
 
