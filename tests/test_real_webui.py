@@ -367,8 +367,8 @@ def test_training_right_after_a_lora_generation(webui, micro):
 
 
 def test_locon_quality_on_the_tab_path_with_the_webuis_samplers(webui, micro):
-    """Defect 7's question on the real host: the demo's LoCon saved as the tab saves it (fp16, seed 42),
-    judged over more samples with the WebUI's default sampler and with the benchmark's (DDIM, 25 steps, CFG 6)."""
+    """Defect 7's question on the real host: the LoCon recipe the demo trained then, saved as the tab saves it
+    (fp16, seed 42), judged over more samples with the WebUI's default sampler and with the benchmark's (DDIM, 25 steps, CFG 6)."""
     name = f"{PREFIX}locon_tab"
     status = webui.train(_run_config(webui, CASES[1], name, seed=42))
     assert status["state"] == "finished", status
