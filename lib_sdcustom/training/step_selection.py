@@ -16,9 +16,10 @@ Real checkpoints have no judge, and the proxy may not download one, so the model
 
 The score is `(1 - fidelity) - DRIFT_WEIGHT * max(drift, 0) - LEAK_WEIGHT * max(leak, 0)`: the share of the
 instance error removed, less what the class lost; higher is better. The weights were chosen on the micro-world
-against the judge (`bench best-step`, docs/bench/best_step/). With the regularized network recipes the chosen
-step scored within 0.05 of the judge's best in 9 of 12 runs (the last step in 8) and lost 0.05 of the judge's
-score on average against the last step's 0.13; short of the 80% aimed for, so selection stays opt-in.
+against the judge (`bench best-step`, docs/bench/best_step/). With the regularized network recipes on nine
+concepts, the chosen step scored within 0.05 of the judge's best in 17 of 36 runs, as the last step did, far
+from the 80% aimed for: the judge's score swings between exports by more than these errors follow, so
+selection stays opt-in.
 
 Every error is measured at the same few (noise, timestep) pairs, drawn from a generator of its own, in eval
 mode and without gradients: the scores are repeatable and the training's random streams are not touched, so
@@ -50,7 +51,7 @@ CLASS_SAMPLES = 4
 PROBE_SEED = 20_141
 #: What a share of added class error (drift) and of the subject learned by the class prompt (leak) cost
 #: against a share of removed instance error (see module doc): the best of a grid on the first 12 micro-world
-#: runs, kept unchanged since so that later runs test them (docs/bench/best_step/best_step.md: 9 of 12).
+#: runs, kept unchanged since so that later runs test them (docs/bench/best_step/best_step.md: 17 of 36).
 DRIFT_WEIGHT = 0.5
 LEAK_WEIGHT = 0.1
 
