@@ -101,6 +101,7 @@ class Recipe:
     rank: int = 8
     dora: bool = False  # networks: --dora
     min_snr_gamma: float = 5.0  # the pretraining's weighting (docs/bench/tuning.md)
+    scheduler: str = "constant"  # learning-rate schedule (`--scheduler`)
     class_images: int = CLASS_IMAGES  # used with prior preservation
     style: bool = False  # networks: --style (class images of the captions without the trigger)
     content_captions: bool = False  # captions name each picture's other attributes (`teach.content_caption`)
@@ -148,6 +149,9 @@ RECIPES: tuple[Recipe, ...] = (
     # The networks regularized on the class prompt and varied plain prompts, in style mode on a style.
     Recipe("lora_regularized", "lora", on_styles=_STYLE_MODE, **_VARIED, **_NETWORK),
     Recipe("locon_regularized", "locon", on_styles=_STYLE_MODE, **_VARIED, **_NETWORK),
+    # The same with the rate decaying to zero (cosine): does the state still swing between exports at the end?
+    Recipe("lora_regularized_cosine", "lora", on_styles=_STYLE_MODE, scheduler="cosine", **_VARIED, **_NETWORK),
+    Recipe("locon_regularized_cosine", "locon", on_styles=_STYLE_MODE, scheduler="cosine", **_VARIED, **_NETWORK),
 )
 
 
@@ -185,6 +189,7 @@ def run_config(recipe: Recipe, concept: Concept, folder: Path, base: Path, class
     config.network.rank, config.network.alpha, config.network.dora = recipe.rank, float(recipe.rank), recipe.dora
     config.training.steps, config.training.batch_size, config.training.seed = recipe.steps, recipe.batch_size, seed
     config.training.train_text_encoder, config.training.min_snr_gamma = recipe.train_text_encoder, recipe.min_snr_gamma
+    config.optimizer.scheduler = recipe.scheduler
     config.textual_inversion.vectors, config.textual_inversion.init_text = 2, concept.class_noun
     config.textual_inversion.template = "captions"  # the caption files, which hold the trigger word
     config.dreambooth.instance_prompt = "[filewords]"
