@@ -186,7 +186,7 @@ def check_class_sources(options: PriorOptions, *, plain: bool) -> None:
                            "Give a folder of class images, or leave --class-data empty to have them generated.")
     if is_user_folder(folder):
         user_class_images(folder, options.class_prompt.strip(), options.num_class_images)
-    elif not (options.class_prompt.strip() or options.class_prompt_file or plain or options.style):
+    elif not (options.names_prompts() or plain):
         state = "does not exist" if not folder.exists() else "holds no images"
         raise DatasetError(f"The class image folder {folder} (--class-data) {state}, and there is no class prompt to "
                            "generate class images from.",
