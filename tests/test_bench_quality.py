@@ -113,6 +113,11 @@ def test_shards_of_one_run_merge_into_the_same_report(bench_run, tmp_path, monke
     assert joined["settings"]["processes"] == 2 and joined["settings"]["recipes"] == report["settings"]["recipes"]
     assert all((merged / name).is_file() for name in joined["figures"])
     assert "2 processes side by side" in (merged / "quality.md").read_text()
+    # A merged report joins a later shard (a new recipe's rows beside the table's) and counts its processes.
+    again = tmp_path / "again"
+    later = write_shards(bench_run, tmp_path / "later")[0]
+    assert run_bench(monkeypatch, "--out", str(again), "--merge", str(merged), str(later)) == 0
+    assert json.loads((again / "quality.json").read_text())["settings"]["processes"] == 3
 
 
 def test_shards_split_by_concept_merge_and_the_merge_keeps_the_concepts_asked_for(bench_run, tmp_path, monkeypatch):

@@ -591,8 +591,12 @@ def merge_reports(folders: Sequence[Path], out: Path, *, concepts: Sequence[str]
         if not path.is_file():
             raise UserFacingError(f"No benchmark report at {path}. Pass the --out folders of finished quality runs.")
         parts.append(json.loads(path.read_text()))
+    def compared(settings: dict[str, Any]) -> dict[str, Any]:
+        """The settings shards must share: not their recipes, nor how many processes an earlier merge joined."""
+        return {key: value for key, value in settings.items() if key not in ("recipes", "processes")}
+
     first = parts[0]
-    shared = {key: value for key, value in first["settings"].items() if key != "recipes"}
+    shared = compared(first["settings"])
     baselines: dict[str, dict[str, Any]] = {}
     ceilings: dict[str, float] = {}
     runs: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
@@ -600,7 +604,7 @@ def merge_reports(folders: Sequence[Path], out: Path, *, concepts: Sequence[str]
     figures = first["figures"][:1]  # the base model's reference grid of the first shard
     out.mkdir(parents=True, exist_ok=True)
     for folder, part in zip(folders, parts):
-        settings = {key: value for key, value in part["settings"].items() if key != "recipes"}
+        settings = compared(part["settings"])
         clash = [name for name, baseline in part["baselines"].items() if baselines.get(name, baseline) != baseline]
         if settings != shared or clash:
             raise UserFacingError(f"The report in {folder} was made with other settings or another base model than "
@@ -627,9 +631,10 @@ def merge_reports(folders: Sequence[Path], out: Path, *, concepts: Sequence[str]
         vae, judge = load_bundle(Path(base) if base else shipped_checkpoint()).vae, load_judge()
         ceilings.update({name: concept_ceiling(vae, judge, CONCEPTS[name]) for name in unmeasured})
     shutil.copyfile(Path(folders[0]) / figures[0], out / figures[0])
+    processes = sum(int(part["settings"].get("processes", 1)) for part in parts)
     return BenchResult(first["base_quality"], {name: baselines[name] for name in kept},
                        {key: {name: by_concept[name] for name in kept} for key, by_concept in runs.items()},
-                       {**shared, "recipes": list(recipes.values()), "processes": len(parts)}, figures,
+                       {**shared, "recipes": list(recipes.values()), "processes": processes}, figures,
                        {name: ceilings[name] for name in kept})
 
 
