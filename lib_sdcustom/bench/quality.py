@@ -152,6 +152,9 @@ RECIPES: tuple[Recipe, ...] = (
     # The same with the rate decaying to zero (cosine): does the state still swing between exports at the end?
     Recipe("lora_regularized_cosine", "lora", on_styles=_STYLE_MODE, scheduler="cosine", **_VARIED, **_NETWORK),
     Recipe("locon_regularized_cosine", "locon", on_styles=_STYLE_MODE, scheduler="cosine", **_VARIED, **_NETWORK),
+    Recipe("dreambooth_cosine", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0, prior_preservation=True,
+           scheduler="cosine"),
+    Recipe("dreambooth_lora_cosine", "dreambooth_lora", prior_preservation=True, scheduler="cosine", **_NETWORK),
 )
 
 
