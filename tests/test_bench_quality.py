@@ -158,6 +158,21 @@ def test_a_merge_missing_a_recipe_on_a_concept_says_which(bench_run, tmp_path, m
     assert f"dreambooth on {QUICK.concepts[0]}" in capsys.readouterr().err
 
 
+def test_shards_whose_base_measures_differ_by_float_rounding_merge_but_other_verdicts_do_not(bench_run, tmp_path,
+                                                                                            monkeypatch):
+    """Processes that split the work otherwise round the base model's diversity differently in the last bits."""
+    shards = write_shards(bench_run, tmp_path)
+    part = json.loads((shards[1] / "quality.json").read_text())
+    baseline = next(iter(part["baselines"].values()))
+    baseline["instance_diversity"] += 1e-7
+    (shards[1] / "quality.json").write_text(json.dumps(part))
+    assert run_bench(monkeypatch, "--out", str(tmp_path / "merged"), "--merge", *map(str, shards)) == 0
+    verdicts = baseline["scores"]["subject"]
+    verdicts[0] = 1 - verdicts[0]
+    (shards[1] / "quality.json").write_text(json.dumps(part))
+    assert run_bench(monkeypatch, "--out", str(tmp_path / "refused"), "--merge", *map(str, shards)) == 2
+
+
 def test_a_shard_made_with_other_settings_is_refused_naming_its_folder(bench_run, tmp_path, monkeypatch, capsys):
     shards = write_shards(bench_run, tmp_path)
     other = json.loads((shards[1] / "quality.json").read_text())

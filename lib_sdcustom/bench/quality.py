@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import random
 import shutil
 import time
@@ -528,9 +529,12 @@ def _base_line(base_quality: dict[str, Any]) -> str:
 def _recipe_line(recipes: Sequence[dict[str, Any]]) -> str:
     def settings(r: dict[str, Any]) -> str:
         rank = f" / {r['rank']}" if method_spec(r["method"]).uses_network else ""
-        return f"{r['key']} {r['steps']} / {r['lr']:g} / {r['batch_size']}{rank}"
+        schedule = r.get("scheduler", "constant")  # older reports ran every recipe at a constant rate
+        decay = "" if schedule == "constant" else f", {schedule} decay"
+        return f"{r['key']} {r['steps']} / {r['lr']:g} / {r['batch_size']}{rank}{decay}"
 
-    return "Recipes (steps, lr, batch, rank): " + "; ".join(settings(r) for r in recipes) + "."
+    return ("Recipes (steps, lr, batch, rank; the rate is constant unless a decay is named): "
+            + "; ".join(settings(r) for r in recipes) + ".")
 
 
 def markdown(result: BenchResult) -> str:
@@ -581,6 +585,18 @@ def write_report(result: BenchResult, out: Path) -> tuple[Path, Path]:
     return json_path, md_path
 
 
+def _same_measure(first: Any, second: Any) -> bool:
+    """Whether two shards measured the same thing: every judge verdict equal, every float (a diversity, a
+    distance) equal to float rounding, which differs between processes that split the work otherwise."""
+    if isinstance(first, dict) and isinstance(second, dict):
+        return first.keys() == second.keys() and all(_same_measure(first[key], second[key]) for key in first)
+    if isinstance(first, list) and isinstance(second, list):
+        return len(first) == len(second) and all(map(_same_measure, first, second))
+    if isinstance(first, float) or isinstance(second, float):
+        return math.isclose(first, second, rel_tol=1e-4, abs_tol=1e-6)
+    return bool(first == second)
+
+
 def merge_reports(folders: Sequence[Path], out: Path, *, concepts: Sequence[str] | None = None,
                   base: Path | None = None) -> BenchResult:
     """One report from runs split over several processes or machines by `--methods`, by `--concepts` or both
@@ -608,7 +624,8 @@ def merge_reports(folders: Sequence[Path], out: Path, *, concepts: Sequence[str]
     out.mkdir(parents=True, exist_ok=True)
     for folder, part in zip(folders, parts):
         settings = compared(part["settings"])
-        clash = [name for name, baseline in part["baselines"].items() if baselines.get(name, baseline) != baseline]
+        clash = [name for name, baseline in part["baselines"].items()
+                 if not _same_measure(baselines.get(name, baseline), baseline)]
         if settings != shared or clash:
             raise UserFacingError(f"The report in {folder} was made with other settings or another base model than "
                                   f"the one in {folders[0]}; run every shard with the same options.")
