@@ -20,7 +20,7 @@ from .methods.registry import METHODS, MethodSpec, method_spec
 TI_TEMPLATES = ("object", "style", "captions")
 EMBEDDING_FORMATS = ("safetensors", "pt")
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "prodigy", "adafactor", "sgd")
-SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
+SCHEDULERS = ("auto", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISION = ("fp16", "fp32", "bf16")
 PLAIN_PROMPT_CHOICES = ("auto", "on", "off")
@@ -223,7 +223,8 @@ class OptimizerOptions:
     text_encoder_lr: float = option(0.0, "Learning rate for the text encoder (0 = --lr).")
     optimizer: str = option("adamw", "Optimizer.", choices=OPTIMIZERS)
     weight_decay: float = option(0.01, "Weight decay.")
-    scheduler: str = option("constant", "Learning-rate schedule after warmup.", choices=SCHEDULERS)
+    scheduler: str = option("auto", "Learning-rate schedule after warmup (auto = the method's: a cosine decay to 0 "
+                                    "for LoRA/LyCORIS networks, constant for the others).", choices=SCHEDULERS)
     warmup_steps: int = option(0, "Linear warmup steps.")
     restarts: int = option(1, "Number of cycles for cosine_with_restarts.")
     power: float = option(1.0, "Power of the polynomial schedule.")
@@ -308,6 +309,12 @@ class RunConfig:
     @property
     def lr(self) -> float:
         return self.optimizer.lr or self.spec.default_lr
+
+    @property
+    def scheduler(self) -> str:
+        """The learning-rate schedule the run trains with: `--scheduler auto` takes the method's."""
+        chosen = self.optimizer.scheduler
+        return self.spec.default_scheduler if chosen == "auto" else chosen
 
     @property
     def unet_lr(self) -> float:

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from lib_sdcustom.config import OPTIMIZERS
+from lib_sdcustom.config import OPTIMIZERS, RunConfig, config_from_dict
 from lib_sdcustom.errors import ConfigError
 from lib_sdcustom.training.optimizers import build_optimizer
 from lib_sdcustom.training.schedules import build_scheduler
@@ -61,3 +61,12 @@ def test_adamw_uses_the_fused_kernel_where_torch_has_one() -> None:
     optimizer = build_optimizer("adamw", [{"params": [weight], "lr": 0.1}], lr=0.1, weight_decay=0.0)
     has_cpu_kernel = torch.torch_version.TorchVersion(torch.__version__) >= "2.4"
     assert bool(optimizer.defaults["fused"]) == has_cpu_kernel
+
+
+def test_auto_schedule_decays_the_networks_and_keeps_the_other_methods_constant() -> None:
+    """The quality benchmark's recipes: networks with a cosine decay, the rest measured at a constant rate."""
+    assert [RunConfig(method=method).scheduler for method in ("lora", "locon", "lokr")] == ["cosine"] * 3
+    for method in ("dreambooth", "dreambooth_lora", "textual_inversion", "hypernetwork", "pivotal"):
+        assert RunConfig(method=method).scheduler == "constant"
+    chosen = config_from_dict({"method": "lora", "optimizer": {"scheduler": "constant"}})
+    assert chosen.scheduler == "constant"  # a user's or a preset's choice stands

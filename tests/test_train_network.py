@@ -164,6 +164,7 @@ def test_every_written_module_maps_to_a_host_module(trained_files, tiny_checkpoi
     assert any(m.startswith("lora_te_text_model_encoder_layers_") for m in modules)
     assert metadata["ss_output_name"] == path.stem
     assert metadata["ss_network_module"] == ("networks.lora" if method == "lora" else "lycoris.kohya")
+    assert metadata["ss_lr_scheduler"] == "cosine"  # `--scheduler auto`, resolved: the schedule it trained with
     assert all(isinstance(v, str) for v in metadata.values())
     assert json.loads(metadata["ss_tag_frequency"])
 

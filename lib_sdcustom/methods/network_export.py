@@ -50,7 +50,7 @@ def network_facts(context: RunContext, *, step: int) -> NetworkTrainingFacts:
         unet_lr=config.unet_lr,
         text_encoder_lr=config.text_encoder_lr if config.text_encoder_fraction > 0 else None,
         optimizer=config.optimizer.optimizer,
-        lr_scheduler=config.optimizer.scheduler,
+        lr_scheduler=config.scheduler,
         lr_warmup_steps=config.optimizer.warmup_steps,
         max_grad_norm=config.optimizer.max_grad_norm,
         steps=step,

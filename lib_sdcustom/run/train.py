@@ -194,7 +194,7 @@ def _optimizer_and_schedule(config: RunConfig, method: Method
     encoder's group stops at its share of the run and the method's late groups start at their step."""
     options, steps = config.optimizer, config.training.steps
     optimizer = build_optimizer(options.optimizer, method.param_groups(), lr=config.lr, weight_decay=options.weight_decay)
-    scheduler = build_scheduler(optimizer, options.scheduler, steps, warmup_steps=options.warmup_steps,
+    scheduler = build_scheduler(optimizer, config.scheduler, steps, warmup_steps=options.warmup_steps,
                                 restarts=options.restarts, power=options.power,
                                 stop_groups_at={"text_encoder": round(config.text_encoder_fraction * steps)},
                                 start_groups_at=method.late_groups())
