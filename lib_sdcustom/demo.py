@@ -25,8 +25,9 @@ logger = logging.getLogger(__name__)
 
 DEMO_CONCEPT = "heart"
 #: The network recipe the quality benchmark chose (docs/bench/quality.md): a rank-8 LoCon, rates that learn in a
-#: few hundred steps on the micro model, min-SNR 5, class images of the class prompt and of varied plain prompts.
-DEMO_RECIPE = "locon_regularized"
+#: few hundred steps on the micro model and decay to 0 (cosine), min-SNR 5, class images of the class prompt and
+#: of varied plain prompts.
+DEMO_RECIPE = "locon_regularized_cosine"
 GRID_SAMPLES = 4
 JUDGED_SAMPLES = 16
 SAMPLE_SEED = 1000

@@ -48,8 +48,9 @@ logger = logging.getLogger(__name__)
 TOLERANCE = 0.05
 #: Done when (issue 14): the chosen step is within `TOLERANCE` of the judge's best in this share of runs.
 TARGET_SHARE = 0.8
-#: The network recipes the README's defaults follow (class images of the class prompt and varied plain prompts).
-METHODS = ("lora_regularized", "locon_regularized")
+#: The network recipes the README's defaults follow (class images of the class prompt and varied plain prompts, a
+#: cosine-decayed rate).
+METHODS = ("lora_regularized_cosine", "locon_regularized_cosine")
 #: One 'tune' concept of each kind (`world.ConceptKind`).
 CONCEPT_NAMES = ("outlined_yellow_heart", "red_circle", "yellow_style")
 SEEDS = (0, 1)
