@@ -51,7 +51,8 @@ CLASS_SAMPLES = 4
 PROBE_SEED = 20_141
 #: What a share of added class error (drift) and of the subject learned by the class prompt (leak) cost
 #: against a share of removed instance error (see module doc): the best of a grid on the first 12 micro-world
-#: runs, kept unchanged since so that later runs test them (docs/bench/best_step/best_step.md: 17 of 36).
+#: runs, kept unchanged since so that later runs test them (docs/bench/best_step/: 17 of 36 runs at a constant
+#: rate, in constant/; the cosine-decayed default's runs beside it).
 DRIFT_WEIGHT = 0.5
 LEAK_WEIGHT = 0.1
 
