@@ -584,6 +584,11 @@ def write_report(result: BenchResult, out: Path) -> tuple[Path, Path]:
     return json_path, md_path
 
 
+def _shared_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings shards must share: not their recipes, nor how many processes an earlier merge joined."""
+    return {key: value for key, value in settings.items() if key not in ("recipes", "processes")}
+
+
 def _same_measure(first: Any, second: Any) -> bool:
     """Whether two shards measured the same thing: every judge verdict equal, every float (a diversity, a
     distance) equal to float rounding, which differs between processes that split the work otherwise."""
@@ -609,12 +614,8 @@ def merge_reports(folders: Sequence[Path], out: Path, *, concepts: Sequence[str]
         if not path.is_file():
             raise UserFacingError(f"No benchmark report at {path}. Pass the --out folders of finished quality runs.")
         parts.append(json.loads(path.read_text()))
-    def compared(settings: dict[str, Any]) -> dict[str, Any]:
-        """The settings shards must share: not their recipes, nor how many processes an earlier merge joined."""
-        return {key: value for key, value in settings.items() if key not in ("recipes", "processes")}
-
     first = parts[0]
-    shared = compared(first["settings"])
+    shared = _shared_settings(first["settings"])
     baselines: dict[str, dict[str, Any]] = {}
     ceilings: dict[str, float] = {}
     runs: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
@@ -622,7 +623,7 @@ def merge_reports(folders: Sequence[Path], out: Path, *, concepts: Sequence[str]
     figures = first["figures"][:1]  # the base model's reference grid of the first shard
     out.mkdir(parents=True, exist_ok=True)
     for folder, part in zip(folders, parts):
-        settings = compared(part["settings"])
+        settings = _shared_settings(part["settings"])
         clash = [name for name, baseline in part["baselines"].items()
                  if not _same_measure(baselines.get(name, baseline), baseline)]
         if settings != shared or clash:
