@@ -154,6 +154,11 @@ RECIPES: tuple[Recipe, ...] = (
     # settles by the last step instead of swinging between exports.
     Recipe("lora_regularized_cosine", "lora", on_styles=_STYLE_MODE, scheduler="cosine", **_VARIED, **_NETWORK),
     Recipe("locon_regularized_cosine", "locon", on_styles=_STYLE_MODE, scheduler="cosine", **_VARIED, **_NETWORK),
+    # DreamBooth-LoRA with the networks' regularization and decay (no style mode: DreamBooth batches keep the
+    # captions whole), and DreamBooth for twice its steps with the rate decaying over them.
+    Recipe("dreambooth_lora_varied_cosine", "dreambooth_lora", scheduler="cosine", **_VARIED, **_NETWORK),
+    Recipe("dreambooth_cosine", "dreambooth", steps=600, lr=2e-4, train_text_encoder=1.0, prior_preservation=True,
+           scheduler="cosine"),
 )
 
 
