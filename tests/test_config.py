@@ -31,6 +31,8 @@ def test_valid_config_passes_unchanged() -> None:
     (lambda c: setattr(c.data, "resolution", 500), "--resolution is 500"),
     (lambda c: setattr(c.output, "name", ""), "No output name"),
     (lambda c: setattr(c, "method", "magic"), "Unknown method 'magic'"),
+    (lambda c: setattr(c.prior, "class_prompt_share", 1.5), "--class-prompt-share is 1.5"),
+    (lambda c: setattr(c.prior, "class_prompt_share", float("nan")), "--class-prompt-share is nan"),
 ])
 def test_invalid_values_name_the_option_and_the_fix(change, words: str) -> None:
     config = _valid()

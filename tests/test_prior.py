@@ -20,7 +20,8 @@ from lib_sdcustom.data.latent_cache import LatentCache
 from lib_sdcustom.data.prompt_templates import without_phrase
 from lib_sdcustom.data.scan import ImageRecord
 from lib_sdcustom.events import RunStarted
-from lib_sdcustom.methods.prior import (ClassPrior, PriorBatches, class_prompts, plain_prompts, split_count,
+from lib_sdcustom.methods.prior import (ClassPrior, PriorBatches, class_image_counts, class_prompts, plain_prompts,
+                                       split_count,
                                        style_caption)
 from lib_sdcustom.methods.registry import METHODS, method_spec
 from lib_sdcustom.run.train import train
@@ -30,7 +31,7 @@ from lib_sdcustom.ui import form
 
 CLASS = "a photo of a dog"
 CHANGED = {"prior_preservation": False, "class_prompt": "a photo of a cat", "prior_weight": 0.5,
-           "num_class_images": 7, "class_prompt_file": "prompts.txt", "plain_prompts": "on", "class_data": "reg", "class_sample_steps": 9, "class_guidance": 3.5, "style": True}
+           "num_class_images": 7, "class_prompt_share": 0.25, "class_prompt_file": "prompts.txt", "plain_prompts": "on", "class_data": "reg", "class_sample_steps": 9, "class_guidance": 3.5, "style": True}
 
 
 def test_every_regularization_setting_reaches_the_cli_the_preset_the_tab_and_the_api(tmp_path):
@@ -92,6 +93,18 @@ def test_a_prompt_file_adds_its_lines_to_the_class_prompts(tmp_path):
     options = PriorOptions(class_prompt="a shape", class_prompt_file=str(path), style=True)
     assert class_prompts(options, ["a sks square"], "sks", plain=False) == ["a shape", "a square", "a red circle", "a tree"]
     assert split_count(40, 3) == [14, 13, 13] and split_count(2, 3) == [1, 1, 0]
+
+
+def test_the_class_prompt_keeps_its_share_of_class_images_however_many_prompts_join_it():
+    prompts = ["a shape", *(f"a shape {index}" for index in range(79))]
+    assert class_image_counts(80, prompts, "a shape", 0.0) == [1] * 80, "0: an even split, as before"
+    halved = class_image_counts(80, prompts, "a shape", 0.5)
+    assert halved[0] == 40 and sum(halved) == 80 and halved[1:] == [1] * 40 + [0] * 39
+    assert class_image_counts(10, ["a shape", "a tree", "a cat"], "a shape", 0.5) == [5, 3, 2]
+    assert class_image_counts(10, ["a shape", "a tree"], "a shape", 1.0) == [10, 0]
+    assert class_image_counts(10, ["a shape", "a tree"], "a shape", 0.01) == [1, 9], "never rounded down to none"
+    assert class_image_counts(10, ["a tree", "a cat"], "", 0.5) == [5, 5], "no class prompt: nothing to favour"
+    assert class_image_counts(10, ["a shape"], "a shape", 0.5) == [10]
 
 
 def test_plain_prompts_add_the_shipped_everyday_prompts_after_the_others(tmp_path):

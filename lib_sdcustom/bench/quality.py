@@ -107,6 +107,7 @@ class Recipe:
     style: bool = False  # networks: --style (class images of the captions without the trigger)
     content_captions: bool = False  # captions name each picture's other attributes (`teach.content_caption`)
     varied_prompts: bool = False  # class images also of `varied_prompts()` (--class-prompt-file)
+    class_prompt_share: float = 0.0  # of the class images, with varied prompts (--class-prompt-share)
     #: Settings that replace the above on a style concept: what the README tells a user training a style to tick.
     on_styles: tuple[tuple[str, Any], ...] = ()
 
@@ -157,6 +158,12 @@ RECIPES: tuple[Recipe, ...] = (
     # DreamBooth-LoRA with the networks' regularization and decay (no style mode: DreamBooth batches keep the
     # captions whole), and DreamBooth for twice its steps with the rate decaying over them.
     Recipe("dreambooth_lora_varied_cosine", "dreambooth_lora", scheduler="cosine", **_VARIED, **_NETWORK),
+    # LoRA's cosine row with half the class images of the bare class prompt (an even split gives it 1 of 80),
+    # and the same at 1.5 times the rates, against the decay's halving of the total step.
+    Recipe("lora_class_half", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.5,
+           **_VARIED, **_NETWORK),
+    Recipe("lora_class_half_fast", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.5,
+           **_VARIED, **{**_NETWORK, "lr": 4.5e-3, "text_encoder_lr": 9e-3}),
     Recipe("dreambooth_cosine", "dreambooth", steps=600, lr=2e-4, train_text_encoder=1.0, prior_preservation=True,
            scheduler="cosine"),
 )
@@ -204,6 +211,7 @@ def run_config(recipe: Recipe, concept: Concept, folder: Path, base: Path, class
     prior = config.prior
     prior.class_prompt, prior.style = prompts.class_prompt, recipe.style
     prior.prior_preservation, prior.num_class_images = recipe.prior_preservation, recipe.class_images
+    prior.class_prompt_share = recipe.class_prompt_share
     prior.class_sample_steps, prior.class_guidance, prior.class_data = SAMPLE_STEPS, GUIDANCE, str(class_folder)
     # The shipped plain prompts (people, places) are nothing the micro model can draw; `varied_prompts` are its own.
     prior.plain_prompts = "off"
@@ -535,7 +543,9 @@ def _recipe_line(recipes: Sequence[dict[str, Any]]) -> str:
         rank = f" / {r['rank']}" if method_spec(r["method"]).uses_network else ""
         schedule = r.get("scheduler", "constant")  # older reports ran every recipe at a constant rate
         decay = "" if schedule == "constant" else f", {schedule} decay"
-        return f"{r['key']} {r['steps']} / {r['lr']:g} / {r['batch_size']}{rank}{decay}"
+        share = r.get("class_prompt_share", 0.0)  # older reports split the class images evenly
+        held = f", {share:.0%} of the class images of the class prompt" if share else ""
+        return f"{r['key']} {r['steps']} / {r['lr']:g} / {r['batch_size']}{rank}{decay}{held}"
 
     return ("Recipes (steps, lr, batch, rank; the rate is constant unless a decay is named): "
             + "; ".join(settings(r) for r in recipes) + ".")

@@ -165,6 +165,16 @@ def split_count(total: int, parts: int) -> list[int]:
     return [total // parts + (i < total % parts) for i in range(parts)]
 
 
+def class_image_counts(total: int, prompts: Sequence[str], class_prompt: str, class_share: float) -> list[int]:
+    """How many of `total` class images each prompt gets. The class prompt (first, when set) keeps `class_share`
+    of them however many prompts join it: split evenly over a long prompt file it would get one image in eighty,
+    and the bare class prompt is the one prior preservation exists to hold."""
+    if not (class_share and class_prompt and len(prompts) > 1 and prompts[0] == class_prompt):
+        return split_count(total, len(prompts))
+    first = min(total, max(1, round(total * class_share)))
+    return [first, *split_count(total - first, len(prompts) - 1)]
+
+
 def prompt_file(path: str) -> tuple[str, ...]:
     return prompt_lines(Path(path), "class prompt file (--class-prompt-file)", "Write one prompt per line.")
 
@@ -239,7 +249,9 @@ class PriorMixin:
         size = config.data.resolution
         self.set_training(False)  # type: ignore[attr-defined]  # sample from the base as it is (no dropout)
         records: list[ImageRecord] = []
-        for prompt, count in zip(prompts, split_count(options.num_class_images, len(prompts))):
+        counts = class_image_counts(options.num_class_images, prompts, options.class_prompt.strip(),
+                                    options.class_prompt_share)
+        for prompt, count in zip(prompts, counts):
             if not count:
                 break
             recipe = ClassImageRecipe(prompt=prompt, base=bundle.identity.sha256 or bundle.identity.name, width=size,
@@ -267,5 +279,7 @@ class PriorMixin:
                      f"{len(plain_prompts())} plain prompts" if self.config.plain_prompts else "",
                      f"the captions without {self.context.trigger_phrase!r}" if options.style else ""]
             source = f"{options.num_class_images} images of {' and '.join(part for part in shown if part)}"
+            if options.class_prompt_share and options.class_prompt.strip():
+                source += f" ({options.class_prompt_share:.0%} of the class prompt)"
         style = "style mode, " if options.style else ""
         return f"{style}prior preservation with {source} (weight {options.prior_weight})"
