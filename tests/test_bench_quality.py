@@ -213,6 +213,10 @@ def test_a_regularized_recipe_runs_style_mode_on_a_style_and_prior_preservation_
         assert config.prior.prior_preservation and Path(config.prior.class_prompt_file).is_file()
         assert config.prior.num_class_images == 80
     assert style.prior.style and not subject.prior.style
+    assert subject.prior.class_prompt_share == 0.0, "an even split unless a recipe says otherwise"
+    half = run_config(recipes_named(["lora_class_half"])[0], CONCEPTS["red_circle"], tmp_path / "half",
+                      tmp_path / "base", tmp_path / "class")
+    assert half.prior.class_prompt_share == 0.5 and half.scheduler == "cosine"
 
 
 def test_the_targets_table_says_by_how_much_each_figure_misses(tmp_path):
