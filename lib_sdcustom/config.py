@@ -195,9 +195,9 @@ class PriorOptions:
     plain_prompts: str = option("auto", "Also generate class images of SD Customize's varied everyday prompts "
                                         "(lib_sdcustom/data/plain_prompts.txt: photos, paintings, people, places), "
                                         "so prompts without the trigger keep drawing what they ask for. auto: on for "
-                                        "LoRA and LyCORIS networks beside a class prompt, a prompt file or style mode "
-                                        "(the quality benchmark's recipe); off for DreamBooth, DreamBooth-LoRA and a "
-                                        "class folder alone.",
+                                        "LoRA, LyCORIS and DreamBooth-LoRA networks beside a class prompt, a prompt "
+                                        "file or style mode (the quality benchmark's recipe); off for DreamBooth and "
+                                        "a class folder alone.",
                                  flag="--plain-prompts", choices=PLAIN_PROMPT_CHOICES)
     class_data: str = option("", "Folder of class images: your own regularization images (same-stem .txt captions, "
                                  "else the class prompt), or where generated ones go (default: a folder in the run "

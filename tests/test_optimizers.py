@@ -64,9 +64,10 @@ def test_adamw_uses_the_fused_kernel_where_torch_has_one() -> None:
 
 
 def test_auto_schedule_decays_the_networks_and_keeps_the_other_methods_constant() -> None:
-    """The quality benchmark's recipes: networks with a cosine decay, the rest measured at a constant rate."""
-    assert [RunConfig(method=method).scheduler for method in ("lora", "locon", "lokr")] == ["cosine"] * 3
-    for method in ("dreambooth", "dreambooth_lora", "textual_inversion", "hypernetwork", "pivotal"):
+    """The quality benchmark's recipes: networks and DreamBooth-LoRA with a cosine decay, the rest measured at a
+    constant rate."""
+    assert [RunConfig(method=method).scheduler for method in ("lora", "locon", "lokr", "dreambooth_lora")] == ["cosine"] * 4
+    for method in ("dreambooth", "textual_inversion", "hypernetwork", "pivotal"):
         assert RunConfig(method=method).scheduler == "constant"
     chosen = config_from_dict({"method": "lora", "optimizer": {"scheduler": "constant"}})
     assert chosen.scheduler == "constant"  # a user's or a preset's choice stands

@@ -126,15 +126,16 @@ def _plain(method: str, **prior: object) -> tuple[bool, bool]:
 
 def test_auto_plain_prompts_join_a_networks_class_images_but_never_start_regularization_alone():
     """The quality benchmark's recipe for LoRA/LyCORIS: the class prompt's images plus varied plain prompts.
-    DreamBooth's recipes were measured with the class prompt alone; without a class nothing is regularized."""
+    DreamBooth-LoRA takes LoRA's; full DreamBooth was measured with the class prompt alone; without a class
+    nothing is regularized."""
     assert _plain("lora", class_prompt=CLASS) == (True, True)
+    assert _plain("dreambooth_lora", class_prompt=CLASS) == (True, True)
     assert _plain("locon", style=True) == (True, True)
     assert _plain("lora") == (False, False)
     assert _plain("lora", class_prompt=CLASS, prior_preservation=False) == (False, False)
     assert _plain("lora", class_prompt=CLASS, plain_prompts="off") == (False, True)
-    for method in ("dreambooth", "dreambooth_lora"):
-        assert _plain(method, class_prompt=CLASS) == (False, True)
-        assert _plain(method, class_prompt=CLASS, plain_prompts="on") == (True, True)
+    assert _plain("dreambooth", class_prompt=CLASS) == (False, True)
+    assert _plain("dreambooth", class_prompt=CLASS, plain_prompts="on") == (True, True)
     assert _plain("lora", plain_prompts="on") == (True, True)
     assert _plain("lora", plain_prompts="on", prior_preservation=False) == (True, False)
     assert _plain("textual_inversion", class_prompt=CLASS) == (False, False)
