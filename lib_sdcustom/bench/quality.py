@@ -159,11 +159,13 @@ RECIPES: tuple[Recipe, ...] = (
     # captions whole), and DreamBooth for twice its steps with the rate decaying over them.
     Recipe("dreambooth_lora_varied_cosine", "dreambooth_lora", scheduler="cosine", **_VARIED, **_NETWORK),
     # LoRA's cosine row with half the class images of the bare class prompt (an even split gives it 1 of 80),
-    # and the same at 1.5 times the rates, against the decay's halving of the total step.
+    # the same at 1.5 times the rates (against the decay's halving of the total step), and with a quarter.
     Recipe("lora_class_half", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.5,
            **_VARIED, **_NETWORK),
     Recipe("lora_class_half_fast", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.5,
            **_VARIED, **{**_NETWORK, "lr": 4.5e-3, "text_encoder_lr": 9e-3}),
+    Recipe("lora_class_quarter", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
+           **_VARIED, **_NETWORK),
     Recipe("dreambooth_cosine", "dreambooth", steps=600, lr=2e-4, train_text_encoder=1.0, prior_preservation=True,
            scheduler="cosine"),
 )
