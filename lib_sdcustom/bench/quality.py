@@ -155,8 +155,8 @@ RECIPES: tuple[Recipe, ...] = (
     # settles by the last step instead of swinging between exports.
     Recipe("lora_regularized_cosine", "lora", on_styles=_STYLE_MODE, scheduler="cosine", **_VARIED, **_NETWORK),
     Recipe("locon_regularized_cosine", "locon", on_styles=_STYLE_MODE, scheduler="cosine", **_VARIED, **_NETWORK),
-    # DreamBooth-LoRA with the networks' regularization and decay (no style mode: DreamBooth batches keep the
-    # captions whole), and DreamBooth for twice its steps with the rate decaying over them.
+    # DreamBooth-LoRA with the networks' regularization and decay, its defaults since (no style mode: DreamBooth
+    # batches keep the captions whole), and DreamBooth for twice its steps with the rate decaying over them.
     Recipe("dreambooth_lora_varied_cosine", "dreambooth_lora", scheduler="cosine", **_VARIED, **_NETWORK),
     # LoRA's cosine row with half the class images of the bare class prompt (an even split gives it 1 of 80),
     # the same at 1.5 times the rates (against the decay's halving of the total step), and with a quarter.
@@ -184,8 +184,8 @@ class Size:
 
 #: The table's rows (docs/bench/quality.md): each method the issue's targets name, as a user would run it;
 #: the other recipes are variants and older rows, run by name with --methods.
-TABLE_METHODS = ("lora_regularized_cosine", "locon_regularized_cosine", "dreambooth", "dreambooth_lora",
-                 "textual_inversion")
+TABLE_METHODS = ("lora_regularized_cosine", "locon_regularized_cosine", "dreambooth",
+                 "dreambooth_lora_varied_cosine", "textual_inversion")
 FULL = Size(BENCH_CONCEPTS, TABLE_METHODS, SAMPLES, 0)
 #: --quick: the whole pipeline at toy size (the test concept of each kind, a network-free and a checkpoint
 #: method, two samples, two steps, four class images, no base-model check), for a CI smoke test.
