@@ -31,7 +31,7 @@ from lib_sdcustom.ui import form
 
 CLASS = "a photo of a dog"
 CHANGED = {"prior_preservation": False, "class_prompt": "a photo of a cat", "prior_weight": 0.5,
-           "num_class_images": 7, "class_prompt_share": 0.25, "class_prompt_file": "prompts.txt", "plain_prompts": "on", "class_data": "reg", "class_sample_steps": 9, "class_guidance": 3.5, "style": True}
+           "num_class_images": 7, "class_prompt_share": 0.5, "class_prompt_file": "prompts.txt", "plain_prompts": "on", "class_data": "reg", "class_sample_steps": 9, "class_guidance": 3.5, "style": True}
 
 
 def test_every_regularization_setting_reaches_the_cli_the_preset_the_tab_and_the_api(tmp_path):
@@ -202,8 +202,10 @@ def test_a_loras_first_loss_is_the_instance_term_plus_the_weighted_class_term(ti
                              prior_weight=weight)
         losses[weight] = train(config, callbacks=[lambda event: described.append(event.description)
                                                   if isinstance(event, RunStarted) else None]).losses[0]
-    # A network's class images include the plain prompts by default (`--plain-prompts auto`).
-    assert "prior preservation with 2 images of 'a photo of a dog' and 64 plain prompts (weight 1.0)" in described[1]
+    # A network's class images include the plain prompts by default (`--plain-prompts auto`); the class prompt
+    # keeps a quarter of them (`--class-prompt-share`; of two images, the one it always keeps).
+    assert ("prior preservation with 2 images of 'a photo of a dog' (25% of them) and 64 plain prompts (weight 1.0)"
+            in described[1])
     manifest = json.loads((tmp_path / "class" / MANIFEST_NAME).read_text())["images"]
     assert [entry["prompt"] for entry in manifest] == [CLASS, plain_prompts()[0]], "generated once, reused by the later runs"
     class_term = losses[1.0] - losses[0.0]

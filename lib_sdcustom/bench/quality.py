@@ -107,7 +107,7 @@ class Recipe:
     style: bool = False  # networks: --style (class images of the captions without the trigger)
     content_captions: bool = False  # captions name each picture's other attributes (`teach.content_caption`)
     varied_prompts: bool = False  # class images also of `varied_prompts()` (--class-prompt-file)
-    class_prompt_share: float = 0.0  # of the class images, with varied prompts (--class-prompt-share)
+    class_prompt_share: float = 0.0  # of the class images, with varied prompts (--class-prompt-share; 0 = even)
     #: Settings that replace the above on a style concept: what the README tells a user training a style to tick.
     on_styles: tuple[tuple[str, Any], ...] = ()
 

@@ -278,8 +278,9 @@ class PriorMixin:
                      f"the prompts in {options.class_prompt_file}" if options.class_prompt_file else "",
                      f"{len(plain_prompts())} plain prompts" if self.config.plain_prompts else "",
                      f"the captions without {self.context.trigger_phrase!r}" if options.style else ""]
-            source = f"{options.num_class_images} images of {' and '.join(part for part in shown if part)}"
-            if options.class_prompt_share and options.class_prompt.strip():
-                source += f" ({options.class_prompt_share:.0%} of the class prompt)"
+            named = [part for part in shown if part]
+            if options.class_prompt_share and options.class_prompt.strip() and len(named) > 1:
+                named[0] += f" ({options.class_prompt_share:.0%} of them)"
+            source = f"{options.num_class_images} images of {' and '.join(named)}"
         style = "style mode, " if options.style else ""
         return f"{style}prior preservation with {source} (weight {options.prior_weight})"
