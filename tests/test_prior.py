@@ -21,8 +21,7 @@ from lib_sdcustom.data.prompt_templates import without_phrase
 from lib_sdcustom.data.scan import ImageRecord
 from lib_sdcustom.events import RunStarted
 from lib_sdcustom.methods.prior import (ClassPrior, PriorBatches, class_image_counts, class_prompts, plain_prompts,
-                                       split_count,
-                                       style_caption)
+                                       split_count, style_caption)
 from lib_sdcustom.methods.registry import METHODS, method_spec
 from lib_sdcustom.run.train import train
 from lib_sdcustom.training.batches import Batch
