@@ -166,6 +166,11 @@ RECIPES: tuple[Recipe, ...] = (
            **_VARIED, **{**_NETWORK, "lr": 4.5e-3, "text_encoder_lr": 9e-3}),
     Recipe("lora_class_quarter", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
            **_VARIED, **_NETWORK),
+    # LoCon and DreamBooth-LoRA as they ship: the quarter share that LoRA's row measured.
+    Recipe("locon_class_quarter", "locon", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
+           **_VARIED, **_NETWORK),
+    Recipe("dreambooth_lora_class_quarter", "dreambooth_lora", scheduler="cosine", class_prompt_share=0.25,
+           **_VARIED, **_NETWORK),
     Recipe("dreambooth_cosine", "dreambooth", steps=600, lr=2e-4, train_text_encoder=1.0, prior_preservation=True,
            scheduler="cosine"),
 )
