@@ -207,7 +207,8 @@ class PriorOptions:
     class_guidance: float = option(7.0, "Guidance scale when generating class images.")
     style: bool = option(False, "Style mode: every caption carries the trigger phrase (put in front where it is "
                                 "missing), and class images are generated from each caption without it, so prompts "
-                                "without the trigger stay as the base model draws them.", flag="--style")
+                                "without the trigger stay as the base model draws them. DreamBooth: with the "
+                                "instance prompt '[filewords]'.", flag="--style")
 
     def names_prompts(self) -> bool:
         """Whether a class prompt, a prompt file or style mode (the captions) gives prompts to draw class images of."""
@@ -493,9 +494,15 @@ def _validate_method_sections(config: RunConfig) -> None:
         db = config.dreambooth
         _require(bool(db.instance_prompt.strip()), "No instance prompt given.",
                  "Pass --instance-prompt, e.g. 'a photo of sks dog'.")
-        _require(not (config.prior.prior_preservation and not config.prior.class_prompt.strip()),
+        _require(not (config.prior.prior_preservation and not config.prior.class_prompt.strip()
+                       and not config.prior.style),
                  "Prior preservation is on but no class prompt was given.",
                  "Pass --class-prompt, e.g. 'a photo of a dog', or turn it off with --no-prior-preservation.")
+        _require(not (config.prior.style and "[filewords]" not in db.instance_prompt),
+                 f"Style mode is on with {config.spec.label}, but the instance prompt {db.instance_prompt!r} gives "
+                 "every picture the same caption, so the style cannot be told apart from what the pictures show.",
+                 "Set the instance prompt to '[filewords]' (each picture's own caption, the trigger put in front) "
+                 "and caption what each picture shows but not the style, or turn --style off.")
         _require(0 < db.ema_decay < 1, f"--ema-decay is {db.ema_decay}.", "Use a value just below 1, e.g. 0.9999.")
     _validate_prior(config)
 
@@ -525,9 +532,6 @@ def _validate_prior(config: RunConfig) -> None:
              "Use a share from 0 (an even split over all the prompts) to 1 (the class prompt alone).")
     _require(prior.class_sample_steps >= 1 and prior.class_guidance >= 1,
              "Class-image sampler steps and guidance must be >= 1.", "Fix --class-sample-steps / --class-guidance.")
-    _require(not (prior.style and "dreambooth" in spec.sections),
-             f"Style mode is on with {spec.label}, which captions every image with its instance prompt.",
-             "Train a style with a network method (e.g. lora) and --style, or turn --style off.")
 
 
 def _validate_hypernetwork(options: HypernetworkOptions) -> None:

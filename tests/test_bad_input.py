@@ -416,7 +416,7 @@ CLI_CASES = [
          "Textual Inversion cannot train on class images", "--no-prior-preservation"),
     Case("hypernetwork with plain prompts", lambda ws: ws.train("--method", "hypernetwork", "--plain-prompts", "on"), 2,
          "--plain-prompts on asks for them", "--plain-prompts at auto or off"),
-    Case("dreambooth style mode", lambda ws: ws.train("--method", "dreambooth", "--instance-prompt", "sks",
+    Case("dreambooth style mode without [filewords]", lambda ws: ws.train("--method", "dreambooth", "--instance-prompt", "sks",
                                                       "--class-prompt", "a dog", "--style"), 2,
          "Style mode is on with DreamBooth", "--style off"),
     Case("dora with loha", lambda ws: ws.train("--method", "loha", "--dora"), 2, "--dora is on with LoHa",

@@ -20,8 +20,9 @@ from lib_sdcustom.data.latent_cache import LatentCache
 from lib_sdcustom.data.prompt_templates import without_phrase
 from lib_sdcustom.data.scan import ImageRecord
 from lib_sdcustom.events import RunStarted
-from lib_sdcustom.methods.prior import (ClassPrior, PriorBatches, class_image_counts, class_prompts, plain_prompts,
-                                       split_count, style_caption)
+from lib_sdcustom.methods.dreambooth import DreamBoothBatches
+from lib_sdcustom.methods.prior import (ClassPrior, PriorBatches, StyleCaptions, class_image_counts, class_prompts,
+                                       plain_prompts, split_count, style_caption)
 from lib_sdcustom.methods.registry import METHODS, method_spec
 from lib_sdcustom.run.train import train
 from lib_sdcustom.training.batches import Batch
@@ -212,11 +213,13 @@ def test_a_loras_first_loss_is_the_instance_term_plus_the_weighted_class_term(ti
     assert losses[2.0] - losses[0.0] == pytest.approx(2 * class_term, abs=1e-5)
 
 
-def test_style_mode_generates_class_images_of_every_caption_without_the_trigger(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "dreambooth_lora"])
+def test_style_mode_generates_class_images_of_every_caption_without_the_trigger(tiny_checkpoint, tmp_path, method):
     images = write_images(tmp_path / "images")
     for index, caption in enumerate(["a sks dog on grass", "a cat", "a sks dog on grass"]):
         (images / f"img{index}.txt").write_text(caption, encoding="utf-8")
     config = lora_config(tiny_checkpoint, images, tmp_path / "run", style=True, num_class_images=4, plain_prompts="off")
+    config.method, config.dreambooth.instance_prompt = method, "[filewords]"
     config.data.default_caption = "sks"
     described: list[str] = []
     train(config, callbacks=[lambda event: described.append(event.description) if isinstance(event, RunStarted) else None])
@@ -224,3 +227,23 @@ def test_style_mode_generates_class_images_of_every_caption_without_the_trigger(
     # img3 has no caption: captioned with the trigger, its plain prompt is '' (the unconditional picture).
     assert sorted(entry["prompt"] for entry in manifest) == ["", "a cat", "a dog on grass", "a dog on grass"]
     assert "style mode, prior preservation with 4 images of the captions without 'sks'" in described[0]
+
+
+def test_dreambooth_in_style_mode_puts_the_trigger_in_each_caption_and_defaults_to_filewords(tmp_path):
+    class Captions:
+        def batch(self, index: int) -> Batch:
+            return Batch(latents=torch.zeros(2, 4, 8, 8), captions=["a house by a lake", ""])
+
+    batches = DreamBoothBatches(StyleCaptions(Captions(), "sks"), instance_prompt="[filewords]", name="x", prior=None)
+    assert batches.batch(0).captions == ["sks, a house by a lake", ""]
+    config = RunConfig(method="dreambooth_lora")
+    config.prior.style, config.data.default_caption = True, "sks"
+    assert method_spec("dreambooth_lora").method_class().trigger_phrase(config, ["a house", "a lake"]) == "sks"
+    fields = form.option_fields()
+    style = [True if f.key == "prior.style" else f.default for f in fields]
+    for method in ("dreambooth", "dreambooth_lora"):
+        assert form.config_from_form(method, "imgs", "x", "sks", "", fields, style).dreambooth.instance_prompt == \
+            "[filewords]"
+    plain = [f.default for f in fields]
+    assert form.config_from_form("dreambooth", "imgs", "x", "sks", "dog", fields, plain).dreambooth.instance_prompt == \
+        "a photo of sks dog"

@@ -6,7 +6,8 @@ Two trainers share the DreamBooth batches (`_DreamBoothBatchesMixin`):
   exports a single-file checkpoint;
 - `DreamBoothLoraMethod` trains a LoRA on the same batches and exports it like any network.
 
-The batches: each image is captioned with the instance prompt, `[filewords]` taking the image's own caption.
+The batches: each image is captioned with the instance prompt, `[filewords]` taking the image's own caption
+(in style mode with the trigger put in front, as for the networks).
 With prior preservation every micro-batch of n instance examples gets n class examples appended, as for
 every method that trains the model (`methods/prior.py`).
 """
@@ -32,7 +33,7 @@ from ..training.conditioning import Conditioning
 from ..training.ema import ExponentialMovingAverage
 from .base import SAVE_DTYPES, Method, shared_phrase
 from .network import NetworkMethod
-from .prior import ClassPrior, PriorMixin, with_class_half
+from .prior import ClassPrior, PriorMixin, StyleCaptions, style_trigger, with_class_half
 from .text_conditioning import encode_captions
 
 
@@ -69,13 +70,19 @@ class _DreamBoothBatchesMixin(PriorMixin):
 
     @classmethod
     def trigger_phrase(cls, config: RunConfig, captions: Sequence[str] = ()) -> str:
-        """The instance prompt; its [filewords] stand for what every caption shares ('sks shape')."""
+        """The instance prompt; its [filewords] stand for what every caption shares ('sks shape'). In style mode
+        (validated to caption with [filewords]) the networks' style trigger, put into every caption."""
+        if config.prior.style:
+            return style_trigger(config)
         return fill_template(config.dreambooth.instance_prompt, name=config.output.name,
                              filewords=shared_phrase(captions))
 
     def build_source(self, source: BatchSource) -> BatchSource:
-        return DreamBoothBatches(source, instance_prompt=self.config.dreambooth.instance_prompt,
-                                 name=self.config.output.name, prior=self.class_prior(source))
+        """Style mode's captions under the instance prompt, then the class half, as for the networks."""
+        prior = self.class_prior(source)
+        captions = StyleCaptions(source, self.context.trigger_phrase) if self.config.prior.style else source
+        return DreamBoothBatches(captions, instance_prompt=self.config.dreambooth.instance_prompt,
+                                 name=self.config.output.name, prior=prior)
 
     def describe_prior(self) -> str:
         return f"instance prompt {self.config.dreambooth.instance_prompt!r}, {super().describe_prior()}"

@@ -16,7 +16,7 @@ from ..training.batches import BatchSource
 from ..training.conditioning import Conditioning
 from .base import Method
 from .network_export import export_network
-from .prior import PriorBatches, PriorMixin, StyleCaptions
+from .prior import PriorBatches, PriorMixin, StyleCaptions, style_trigger
 from .text_conditioning import encode_captions
 
 
@@ -41,11 +41,8 @@ class NetworkMethod(PriorMixin, Method):
 
     @classmethod
     def trigger_phrase(cls, config: RunConfig, captions: Sequence[str] = ()) -> str:
-        """In style mode the default caption, else the name: captions of a style describe varied content, so
-        what they share is no trigger."""
-        if config.prior.style:
-            return config.data.default_caption or config.output.name
-        return super().trigger_phrase(config, captions)
+        """In style mode `style_trigger`, else the base's choice."""
+        return style_trigger(config) if config.prior.style else super().trigger_phrase(config, captions)
 
     def build_source(self, source: BatchSource) -> BatchSource:
         """Style mode's captions, then the class half of each batch when prior preservation has class images."""

@@ -133,6 +133,12 @@ class StyleCaptions:
         return batch
 
 
+def style_trigger(config: RunConfig) -> str:
+    """Style mode's trigger: the default caption, else the name. Captions of a style describe varied content,
+    so what they share is no trigger."""
+    return config.data.default_caption or config.output.name
+
+
 def style_caption(caption: str, trigger: str) -> str:
     """`caption` with `trigger` in it: unchanged when it holds the phrase already, else 'TRIGGER, caption'."""
     if not caption or not trigger or without_phrase(caption, trigger) != caption:

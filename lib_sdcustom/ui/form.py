@@ -106,7 +106,9 @@ def apply_subject(config: RunConfig, token: str, subject_class: str) -> None:
     if not config.data.default_caption:
         config.data.default_caption = phrase
     if "dreambooth" in config.spec.sections:
-        dreambooth.instance_prompt = dreambooth.instance_prompt or f"a photo of {phrase}"
+        # A style is told apart from the content by each picture's own caption; the trigger goes in front.
+        default = "[filewords]" if prior.style else f"a photo of {phrase}"
+        dreambooth.instance_prompt = dreambooth.instance_prompt or default
 
 
 def config_from_form(method: str, folder: str, name: str, token: str, subject_class: str,
