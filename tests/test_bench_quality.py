@@ -95,6 +95,7 @@ def test_quality_command_writes_json_table_and_grids(bench_run):
     figures = [line for line in rows if line not in verdicts]
     assert len(figures) == 2 * 4  # a row per method in each kind's table and in the per-concept one
     assert all(line.count(" [") >= 3 for line in figures), "every figure carries its interval"
+    assert "textual_inversion 2 / 0.05 / 4; dreambooth 2 / 0.0002 / 4, style mode on styles." in table
     assert report["figures"] == ["quality_reference.png", "quality_textual_inversion.png", "quality_dreambooth.png"]
     for name in report["figures"]:  # three concepts, four rows of two samples each
         assert Image.open(bench_run.out / name).size == (2 * 64, 3 * 4 * 64), name
@@ -198,6 +199,20 @@ def test_the_style_recipe_regularizes_on_its_captions_without_the_identifier(tmp
     trigger = method_class(config.method).trigger_phrase(config, captions)
     assert trigger == "sks" and config.prior_enabled and not config.plain_prompts
     assert class_prompts(config.prior, captions, trigger, plain=False)[:2] == ["a shape", "a blue square on a white background"]
+
+
+@pytest.mark.parametrize("key", ["dreambooth", "dreambooth_lora_class_quarter"])
+def test_dreambooth_recipes_train_a_style_in_style_mode_behind_the_identifier(tmp_path, key):
+    """On a style DreamBooth captions with [filewords] as the networks do, the identifier put in front."""
+    from lib_sdcustom.bench.quality import recipes_named, run_config
+    from lib_sdcustom.methods.registry import method_class
+    from lib_sdcustom.microworld.world import CONCEPTS
+
+    config = run_config(recipes_named([key])[0], CONCEPTS["outline_style"], tmp_path, tmp_path / "base",
+                        tmp_path / "class")
+    config.validate()
+    assert config.prior.style and config.dreambooth.instance_prompt == "[filewords]"
+    assert method_class(config.method).trigger_phrase(config, ["a sks blue square on a white background"]) == "sks"
 
 
 def test_a_regularized_recipe_runs_style_mode_on_a_style_and_prior_preservation_on_a_subject(tmp_path):

@@ -562,7 +562,8 @@ def _recipe_line(recipes: Sequence[dict[str, Any]]) -> str:
         decay = "" if schedule == "constant" else f", {schedule} decay"
         share = r.get("class_prompt_share", 0.0)  # older reports split the class images evenly
         held = f", {share:.0%} of the class images of the class prompt" if share else ""
-        return f"{r['key']} {r['steps']} / {r['lr']:g} / {r['batch_size']}{rank}{decay}{held}"
+        style = ", style mode on styles" if dict(r.get("on_styles", ())).get("style") else ""
+        return f"{r['key']} {r['steps']} / {r['lr']:g} / {r['batch_size']}{rank}{decay}{held}{style}"
 
     return ("Recipes (steps, lr, batch, rank; the rate is constant unless a decay is named): "
             + "; ".join(settings(r) for r in recipes) + ".")
