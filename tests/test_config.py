@@ -33,6 +33,7 @@ def test_valid_config_passes_unchanged() -> None:
     (lambda c: setattr(c, "method", "magic"), "Unknown method 'magic'"),
     (lambda c: setattr(c.prior, "class_prompt_share", 1.5), "--class-prompt-share is 1.5"),
     (lambda c: setattr(c.prior, "class_prompt_share", float("nan")), "--class-prompt-share is nan"),
+    (lambda c: setattr(c.prior, "class_prompt_share", -0.5), "--class-prompt-share is -0.5"),
 ])
 def test_invalid_values_name_the_option_and_the_fix(change, words: str) -> None:
     config = _valid()

@@ -107,6 +107,15 @@ def test_the_class_prompt_keeps_its_share_of_class_images_however_many_prompts_j
     assert class_image_counts(10, ["a shape"], "a shape", 0.5) == [10]
 
 
+def test_the_class_prompt_share_defaults_to_the_methods_own():
+    """-1 (the default) takes the method's measured share; any other value is the user's."""
+    shares = {method: RunConfig(method=method).class_prompt_share for method in ("lora", "locon", "dreambooth_lora")}
+    assert shares == {"lora": 0.25, "locon": 0.0, "dreambooth_lora": 0.25}
+    config = RunConfig(method="locon")
+    config.prior.class_prompt_share = 0.5
+    assert config.class_prompt_share == 0.5
+
+
 def test_plain_prompts_add_the_shipped_everyday_prompts_after_the_others(tmp_path):
     """The shipped list is read from the installed package (tests/test_packaging.py installs it)."""
     path = tmp_path / "prompts.txt"

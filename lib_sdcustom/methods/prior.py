@@ -256,7 +256,7 @@ class PriorMixin:
         self.set_training(False)  # type: ignore[attr-defined]  # sample from the base as it is (no dropout)
         records: list[ImageRecord] = []
         counts = class_image_counts(options.num_class_images, prompts, options.class_prompt.strip(),
-                                    options.class_prompt_share)
+                                    config.class_prompt_share)
         for prompt, count in zip(prompts, counts):
             if not count:
                 break
@@ -285,8 +285,9 @@ class PriorMixin:
                      f"{len(plain_prompts())} plain prompts" if self.config.plain_prompts else "",
                      f"the captions without {self.context.trigger_phrase!r}" if options.style else ""]
             named = [part for part in shown if part]
-            if options.class_prompt_share and options.class_prompt.strip() and len(named) > 1:
-                named[0] += f" ({options.class_prompt_share:.0%} of them)"
+            share = self.config.class_prompt_share
+            if share and options.class_prompt.strip() and len(named) > 1:
+                named[0] += f" ({share:.0%} of them)"
             source = f"{options.num_class_images} images of {' and '.join(named)}"
         style = "style mode, " if options.style else ""
         return f"{style}prior preservation with {source} (weight {options.prior_weight})"
