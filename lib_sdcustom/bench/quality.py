@@ -178,10 +178,8 @@ RECIPES: tuple[Recipe, ...] = (
            class_prompt_share=0.25, **_VARIED, **_NETWORK),
     Recipe("dreambooth_cosine", "dreambooth", steps=600, lr=2e-4, train_text_encoder=1.0, prior_preservation=True,
            scheduler="cosine"),
-    # The same at twice the rate (is it short of the targets for want of training?), and with the networks' class
-    # images (a quarter of the class prompt, the rest of varied plain prompts) instead of the class prompt's alone.
-    Recipe("dreambooth_cosine_fast", "dreambooth", steps=600, lr=4e-4, train_text_encoder=1.0,
-           prior_preservation=True, scheduler="cosine"),
+    # The same with the networks' class images (a quarter of the class prompt, the rest of varied plain prompts)
+    # instead of the class prompt's alone.
     Recipe("dreambooth_varied_cosine", "dreambooth", steps=600, lr=2e-4, train_text_encoder=1.0,
            scheduler="cosine", class_prompt_share=0.25, **_VARIED),
 )
