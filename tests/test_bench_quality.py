@@ -95,7 +95,8 @@ def test_quality_command_writes_json_table_and_grids(bench_run):
     figures = [line for line in rows if line not in verdicts]
     assert len(figures) == 2 * 4  # a row per method in each kind's table and in the per-concept one
     assert all(line.count(" [") >= 3 for line in figures), "every figure carries its interval"
-    assert "textual_inversion 2 / 0.05 / 4; dreambooth 2 / 0.0002 / 4, style mode on styles." in table
+    assert ("textual_inversion 2 / 0.05 / 4; dreambooth 2 / 0.0002 / 4, 25% of the class images of the class "
+            "prompt, style mode on styles.") in table
     assert report["figures"] == ["quality_reference.png", "quality_textual_inversion.png", "quality_dreambooth.png"]
     for name in report["figures"]:  # three concepts, four rows of two samples each
         assert Image.open(bench_run.out / name).size == (2 * 64, 3 * 4 * 64), name

@@ -199,7 +199,7 @@ class Size:
 #: The table's rows (docs/bench/quality.md): each method the issue's targets name, as a user would run it;
 #: the other recipes are variants and older rows, run by name with --methods.
 TABLE_METHODS = ("lora_class_quarter", "locon_regularized_cosine", "dreambooth",
-                 "dreambooth_lora_varied_cosine", "textual_inversion")
+                 "dreambooth_lora_class_quarter", "textual_inversion")
 FULL = Size(BENCH_CONCEPTS, TABLE_METHODS, SAMPLES, 0)
 #: --quick: the whole pipeline at toy size (the test concept of each kind, a network-free and a checkpoint
 #: method, two samples, two steps, four class images, no base-model check), for a CI smoke test.
