@@ -145,6 +145,21 @@ def test_shards_split_by_concept_merge_and_the_merge_keeps_the_concepts_asked_fo
     kept = tmp_path / "kept"
     assert run_bench(monkeypatch, "--out", str(kept), "--merge", *map(str, shards), "--concepts", QUICK.concepts[0]) == 0
     assert list(json.loads((kept / "quality.json").read_text())["baselines"]) == [QUICK.concepts[0]]
+    # A rerun in front replaces a recipe's figures on its concepts; the others keep theirs.
+    rerun = tmp_path / "rerun"
+    rerun.mkdir()
+    first = QUICK.concepts[0]
+    seconds = {"0": {**report["runs"]["dreambooth"][first]["0"], "train_seconds": 1234.0}}
+    (rerun / "quality.json").write_text(json.dumps(dict(report, baselines={first: report["baselines"][first]},
+                                                        runs={"dreambooth": {first: seconds}},
+                                                        figures=report["figures"][:1])))
+    shutil.copyfile(bench_run.out / report["figures"][0], rerun / report["figures"][0])
+    replaced = tmp_path / "replaced"
+    assert run_bench(monkeypatch, "--out", str(replaced), "--merge", str(rerun), *map(str, shards)) == 0
+    runs = json.loads((replaced / "quality.json").read_text())["runs"]
+    assert runs["dreambooth"][first] == seconds
+    assert runs["dreambooth"][QUICK.concepts[1]] == report["runs"]["dreambooth"][QUICK.concepts[1]]
+    assert runs["textual_inversion"] == report["runs"]["textual_inversion"]
 
 
 def test_a_merge_missing_a_recipe_on_a_concept_says_which(bench_run, tmp_path, monkeypatch, capsys):

@@ -638,7 +638,8 @@ def merge_reports(folders: Sequence[Path], out: Path, *, concepts: Sequence[str]
     """One report from runs split over several processes or machines by `--methods`, by `--concepts` or both
     (the runs are independent, and on a small model one thread per run uses the cores better than one run on
     all). The shards must share every setting but their recipes and concepts, and together hold every recipe
-    on every concept; `concepts` keeps only those. A recipe's figure is the first shard's that ran it.
+    on every concept; `concepts` keeps only those. A recipe's figures on a concept, its settings and its grid are
+    the first shard's that ran it (so a rerun goes in front of the report it replaces).
     Concepts whose ceiling a shard did not record (older reports) are measured on `base`'s VAE."""
     parts = []
     for folder in folders:
@@ -664,7 +665,8 @@ def merge_reports(folders: Sequence[Path], out: Path, *, concepts: Sequence[str]
         baselines.update(part["baselines"])
         ceilings.update(part.get("ceilings", {}))
         for key, by_concept in part["runs"].items():
-            runs.setdefault(key, {}).update(by_concept)
+            for name, seeds in by_concept.items():
+                runs.setdefault(key, {}).setdefault(name, seeds)
         for recipe in part["settings"]["recipes"]:
             recipes.setdefault(recipe["key"], recipe)
         for name in part["figures"][1:]:
