@@ -64,8 +64,9 @@ class MethodSpec:
     #: were measured constant, or (DreamBooth) gained only with twice the steps.
     default_scheduler: str = "constant"
     #: What `--class-prompt-share -1` (the default) gives the class prompt of the generated class images. A
-    #: quarter kept LoRA's bare class prompt at the base's level and its styles behind the trigger; LoCon did
-    #: better on every kind with an even split (0), so it keeps that (docs/bench/class_share).
+    #: quarter brought LoRA's bare class prompt back to the base's level and raised its styles; LoCon's stayed
+    #: there with an even split (0), and a quarter cost it new combinations (0.83 to 0.68), so it keeps the even
+    #: split (docs/bench/class_share).
     class_prompt_share: float = 0.25
 
     @property
