@@ -33,7 +33,7 @@ from ..training.conditioning import Conditioning
 from ..training.ema import ExponentialMovingAverage
 from .base import SAVE_DTYPES, Method, shared_phrase
 from .network import NetworkMethod
-from .prior import ClassPrior, PriorMixin, StyleCaptions, style_trigger, with_class_half
+from .prior import ClassPrior, PriorMixin, style_trigger, with_class_half
 from .text_conditioning import encode_captions
 
 
@@ -80,8 +80,7 @@ class _DreamBoothBatchesMixin(PriorMixin):
     def build_source(self, source: BatchSource) -> BatchSource:
         """Style mode's captions under the instance prompt, then the class half, as for the networks."""
         prior = self.class_prior(source)
-        captions = StyleCaptions(source, self.context.trigger_phrase) if self.config.prior.style else source
-        return DreamBoothBatches(captions, instance_prompt=self.config.dreambooth.instance_prompt,
+        return DreamBoothBatches(self.style_captioned(source), instance_prompt=self.config.dreambooth.instance_prompt,
                                  name=self.config.output.name, prior=prior)
 
     def describe_prior(self) -> str:

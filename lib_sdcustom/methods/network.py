@@ -16,7 +16,7 @@ from ..training.batches import BatchSource
 from ..training.conditioning import Conditioning
 from .base import Method
 from .network_export import export_network
-from .prior import PriorBatches, PriorMixin, StyleCaptions, style_trigger
+from .prior import PriorBatches, PriorMixin, style_trigger
 from .text_conditioning import encode_captions
 
 
@@ -47,7 +47,7 @@ class NetworkMethod(PriorMixin, Method):
     def build_source(self, source: BatchSource) -> BatchSource:
         """Style mode's captions, then the class half of each batch when prior preservation has class images."""
         prior = self.class_prior(source)
-        batches = StyleCaptions(source, self.context.trigger_phrase) if self.config.prior.style else source
+        batches = self.style_captioned(source)
         return batches if prior is None else PriorBatches(batches, prior)
 
     def param_groups(self) -> list[dict[str, Any]]:

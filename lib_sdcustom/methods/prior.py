@@ -243,6 +243,10 @@ class PriorMixin:
         self._prior = prior
         return prior
 
+    def style_captioned(self, source: BatchSource) -> BatchSource:
+        """`source` with style mode's captions (the trigger in each) when style mode is on, else unchanged."""
+        return StyleCaptions(source, self.context.trigger_phrase) if self.config.prior.style else source
+
     def class_cycle_batches(self) -> int:
         """The class half draws `stride` class images further each micro-batch."""
         prior = self._prior
