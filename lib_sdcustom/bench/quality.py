@@ -99,6 +99,7 @@ class Recipe:
     train_text_encoder: float = -1.0  # share of the run; -1 = the method's default
     batch_size: int = 4
     prior_preservation: bool = False
+    prior_weight: float = 1.0  # of the class images' loss (--prior-weight)
     rank: int = 8
     dora: bool = False  # networks: --dora
     min_snr_gamma: float = 5.0  # the pretraining's weighting (docs/bench/tuning.md)
@@ -182,6 +183,18 @@ RECIPES: tuple[Recipe, ...] = (
     # instead of the class prompt's alone.
     Recipe("dreambooth_varied_cosine", "dreambooth", steps=600, lr=2e-4, train_text_encoder=1.0,
            scheduler="cosine", class_prompt_share=0.25, **_VARIED),
+    # Levers not swept before, tried on the new combinations' tune concepts against the shipped rows: the class
+    # images' loss at half weight, twice LoRA's rank, twice its text encoder's rate, and DreamBooth at twice its rate.
+    Recipe("lora_quarter_prior_half", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
+           prior_weight=0.5, **_VARIED, **_NETWORK),
+    Recipe("lora_quarter_rank16", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
+           rank=16, **_VARIED, **_NETWORK),
+    Recipe("lora_quarter_te_fast", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
+           **_VARIED, **{**_NETWORK, "text_encoder_lr": 1.2e-2}),
+    Recipe("dreambooth_prior_half", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0, prior_preservation=True,
+           prior_weight=0.5, class_prompt_share=0.25, on_styles=_STYLE_MODE),
+    Recipe("dreambooth_fast", "dreambooth", steps=300, lr=4e-4, train_text_encoder=1.0, prior_preservation=True,
+           class_prompt_share=0.25, on_styles=_STYLE_MODE),
 )
 
 
@@ -227,6 +240,7 @@ def run_config(recipe: Recipe, concept: Concept, folder: Path, base: Path, class
     prior = config.prior
     prior.class_prompt, prior.style = prompts.class_prompt, recipe.style
     prior.prior_preservation, prior.num_class_images = recipe.prior_preservation, recipe.class_images
+    prior.prior_weight = recipe.prior_weight
     prior.class_prompt_share = recipe.class_prompt_share
     prior.class_sample_steps, prior.class_guidance, prior.class_data = SAMPLE_STEPS, GUIDANCE, str(class_folder)
     # The shipped plain prompts (people, places) are nothing the micro model can draw; `varied_prompts` are its own.
@@ -562,7 +576,9 @@ def _recipe_line(recipes: Sequence[dict[str, Any]]) -> str:
         share = r.get("class_prompt_share", 0.0)  # older reports split the class images evenly
         held = f", {share:.0%} of the class images of the class prompt" if share else ""
         style = ", style mode on styles" if dict(r.get("on_styles", ())).get("style") else ""
-        return f"{r['key']} {r['steps']} / {r['lr']:g} / {r['batch_size']}{rank}{decay}{held}{style}"
+        weight = r.get("prior_weight", 1.0)  # older reports weighed the class images fully
+        weighed = f", class images' loss at weight {weight:g}" if weight != 1.0 and r["prior_preservation"] else ""
+        return f"{r['key']} {r['steps']} / {r['lr']:g} / {r['batch_size']}{rank}{decay}{held}{weighed}{style}"
 
     return ("Recipes (steps, lr, batch, rank; the rate is constant unless a decay is named): "
             + "; ".join(settings(r) for r in recipes) + ".")
