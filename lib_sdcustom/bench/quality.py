@@ -184,13 +184,15 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("dreambooth_varied_cosine", "dreambooth", steps=600, lr=2e-4, train_text_encoder=1.0,
            scheduler="cosine", class_prompt_share=0.25, **_VARIED),
     # Levers not swept before, tried on the new combinations' tune concepts against the shipped rows: the class
-    # images' loss at half weight, twice LoRA's rank, twice its text encoder's rate, and DreamBooth at twice its rate.
+    # images' loss at half weight (LoRA; LoCon with its even split), twice LoRA's rank, twice its text encoder's rate, and DreamBooth at twice its rate.
     Recipe("lora_quarter_prior_half", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
            prior_weight=0.5, **_VARIED, **_NETWORK),
     Recipe("lora_quarter_rank16", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
            rank=16, **_VARIED, **_NETWORK),
     Recipe("lora_quarter_te_fast", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
            **_VARIED, **{**_NETWORK, "text_encoder_lr": 1.2e-2}),
+    Recipe("locon_prior_half", "locon", on_styles=_STYLE_MODE, scheduler="cosine", prior_weight=0.5, **_VARIED,
+           **_NETWORK),
     Recipe("dreambooth_prior_half", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0, prior_preservation=True,
            prior_weight=0.5, class_prompt_share=0.25, on_styles=_STYLE_MODE),
     Recipe("dreambooth_fast", "dreambooth", steps=300, lr=4e-4, train_text_encoder=1.0, prior_preservation=True,
