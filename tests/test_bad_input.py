@@ -409,8 +409,8 @@ CLI_CASES = [
         "reg", {"r.png": (ws.images / "img0.png").read_bytes()}))), 2, "has no caption", "--class-prompt"),
     Case("class prompt file empty", lambda ws: ws.train("--class-prompt-file", str(ws.folder("p", {"p.txt": b"\n"}) /
                                                                         "p.txt")), 2, "has no prompts", "one prompt per line"),
-    Case("prior weight negative", lambda ws: ws.train("--class-prompt", "a dog", "--prior-weight", "-1"), 2,
-         "--prior-weight is -1.0", "weight >= 0"),
+    Case("prior weight negative", lambda ws: ws.train("--class-prompt", "a dog", "--prior-weight", "-0.5"), 2,
+         "--prior-weight is -0.5", "weight >= 0"),
     Case("textual inversion with class images", lambda ws: ws.train("--method", "textual_inversion", "--class-data",
                                                                     str(ws.folder("reg"))), 2,
          "Textual Inversion cannot train on class images", "--no-prior-preservation"),

@@ -173,6 +173,14 @@ def test_a_merge_missing_a_recipe_on_a_concept_says_which(bench_run, tmp_path, m
         shutil.copyfile(bench_run.out / name, shard / name)
     assert run_bench(monkeypatch, "--out", str(tmp_path / "merged"), "--merge", str(shard)) == 2
     assert f"dreambooth on {QUICK.concepts[0]}" in capsys.readouterr().err
+    # Keeping only the complete recipes merges: a variant stopped part way stays out, grid and all.
+    kept = tmp_path / "kept"
+    assert run_bench(monkeypatch, "--out", str(kept), "--merge", str(shard), "--methods", "textual_inversion") == 0
+    joined = json.loads((kept / "quality.json").read_text())
+    assert list(joined["runs"]) == ["textual_inversion"] and joined["runs"]["textual_inversion"] == runs["textual_inversion"]
+    assert [recipe["key"] for recipe in joined["settings"]["recipes"]] == ["textual_inversion"]
+    assert joined["figures"] == ["quality_reference.png", "quality_textual_inversion.png"]
+    assert not (kept / "quality_dreambooth.png").exists()
 
 
 def test_shards_whose_base_measures_differ_by_float_rounding_merge_but_other_verdicts_do_not(bench_run, tmp_path,
@@ -229,6 +237,20 @@ def test_dreambooth_recipes_train_a_style_in_style_mode_behind_the_identifier(tm
     config.validate()
     assert config.prior.style and config.dreambooth.instance_prompt == "[filewords]"
     assert method_class(config.method).trigger_phrase(config, ["a sks blue square on a white background"]) == "sks"
+
+
+def test_each_table_row_trains_with_its_methods_shipped_regularization_and_schedule(tmp_path):
+    """The table rates the defaults a user gets (rates, steps and batch aside: the micro model's own)."""
+    from lib_sdcustom.bench.quality import TABLE_METHODS, recipes_named, run_config
+    from lib_sdcustom.config import RunConfig
+    from lib_sdcustom.microworld.world import CONCEPTS
+
+    for recipe in recipes_named(TABLE_METHODS):
+        config = run_config(recipe, CONCEPTS["red_circle"], tmp_path / recipe.key, tmp_path / "base", tmp_path / "class")
+        shipped = RunConfig(method=recipe.method)
+        assert (config.scheduler, config.prior_enabled) == (shipped.scheduler, "prior" in shipped.spec.sections)
+        if config.prior_enabled:
+            assert (config.prior_weight, config.class_prompt_share) == (shipped.prior_weight, shipped.class_prompt_share)
 
 
 def test_a_regularized_recipe_runs_style_mode_on_a_style_and_prior_preservation_on_a_subject(tmp_path):

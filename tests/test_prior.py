@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from conftest import write_images
 from lib_sdcustom.cli import build_parser, config_from_args
@@ -116,6 +117,15 @@ def test_the_class_prompt_share_defaults_to_the_methods_own():
     assert config.class_prompt_share == 0.5
 
 
+def test_the_prior_weight_defaults_to_the_methods_own():
+    """-1 (the default) takes the method's measured weight; any other value, 0 included, is the user's."""
+    weights = {method: RunConfig(method=method).prior_weight for method in ("lora", "dreambooth", "dreambooth_lora")}
+    assert weights == {"lora": 1.0, "dreambooth": 0.5, "dreambooth_lora": 1.0}
+    config = RunConfig(method="dreambooth")
+    config.prior.prior_weight = 0.0
+    assert config.prior_weight == 0.0
+
+
 def test_plain_prompts_add_the_shipped_everyday_prompts_after_the_others(tmp_path):
     """The shipped list is read from the installed package (tests/test_packaging.py installs it)."""
     path = tmp_path / "prompts.txt"
@@ -205,12 +215,16 @@ def lora_config(tiny_checkpoint: Path, images: Path, root: Path, **prior: object
 
 
 def test_a_loras_first_loss_is_the_instance_term_plus_the_weighted_class_term(tiny_checkpoint, image_folder, tmp_path):
-    losses, described = {}, []
+    losses, described, weights_on_file = {}, [], []
     for weight in (0.0, 1.0, 2.0):
         config = lora_config(tiny_checkpoint, image_folder, tmp_path / f"w{weight}", class_prompt=CLASS,
                              prior_weight=weight)
-        losses[weight] = train(config, callbacks=[lambda event: described.append(event.description)
-                                                  if isinstance(event, RunStarted) else None]).losses[0]
+        result = train(config, callbacks=[lambda event: described.append(event.description)
+                                          if isinstance(event, RunStarted) else None])
+        losses[weight] = result.losses[0]
+        with safe_open(str(result.outputs[0]), "pt") as handle:
+            weights_on_file.append(handle.metadata()["ss_prior_loss_weight"])
+    assert weights_on_file == ["0.0", "1.0", "2.0"], "kohya's record of the weight trained with"
     # A network's class images include the plain prompts by default (`--plain-prompts auto`); the class prompt
     # keeps a quarter of them (`--class-prompt-share`; of two images, the one it always keeps).
     assert ("prior preservation with 2 images of 'a photo of a dog' (25% of them) and 64 plain prompts (weight 1.0)"

@@ -183,8 +183,10 @@ RECIPES: tuple[Recipe, ...] = (
     # instead of the class prompt's alone.
     Recipe("dreambooth_varied_cosine", "dreambooth", steps=600, lr=2e-4, train_text_encoder=1.0,
            scheduler="cosine", class_prompt_share=0.25, **_VARIED),
-    # Levers not swept before, tried on the new combinations' tune concepts against the shipped rows: the class
-    # images' loss at half weight (LoRA; LoCon with its even split), twice LoRA's rank, twice its text encoder's rate, and DreamBooth at twice its rate.
+    # Levers not swept before, tried on the new combinations' tune concepts against the shipped rows
+    # (docs/bench/prior_weight): the class images' loss at half weight (for LoCon with its even split), twice
+    # LoRA's rank, twice its text encoder's rate, DreamBooth at twice its rate. DreamBooth's class images at half
+    # weight are its default since, and its row.
     Recipe("lora_quarter_prior_half", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
            prior_weight=0.5, **_VARIED, **_NETWORK),
     Recipe("lora_quarter_rank16", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
@@ -213,7 +215,7 @@ class Size:
 
 #: The table's rows (docs/bench/quality.md): each method the issue's targets name, as a user would run it;
 #: the other recipes are variants and older rows, run by name with --methods.
-TABLE_METHODS = ("lora_class_quarter", "locon_regularized_cosine", "dreambooth",
+TABLE_METHODS = ("lora_class_quarter", "locon_regularized_cosine", "dreambooth_prior_half",
                  "dreambooth_lora_class_quarter", "textual_inversion")
 FULL = Size(BENCH_CONCEPTS, TABLE_METHODS, SAMPLES, 0)
 #: --quick: the whole pipeline at toy size (the test concept of each kind, a network-free and a checkpoint
@@ -380,6 +382,11 @@ class BenchResult:
     ceilings: dict[str, float] = field(default_factory=dict)  # concept -> `teach.concept_ceiling`
 
 
+def grid_name(key: str) -> str:
+    """The file of a recipe's sample grid in a report's folder."""
+    return f"quality_{key}.png"
+
+
 def _grid(rows: Sequence[Sequence[Image.Image]], columns: int) -> Image.Image:
     sheet = Image.new("RGB", (columns * IMAGE_SIZE, len(rows) * IMAGE_SIZE), "white")
     for r, row in enumerate(rows):
@@ -454,7 +461,7 @@ def run(out: Path, workdir: Path, *, recipes: Sequence[Recipe] = RECIPES, concep
                             np.mean(scores.unrelated_subject), scores.train_seconds)
                 if seed == seeds[0]:
                     rows += images
-        figure = out / f"quality_{recipe.key}.png"
+        figure = out / grid_name(recipe.key)
         _save_png(_grid(rows, min(samples, 8)), figure)
         figures.append(figure)
     settings = {"base": base.name, "instance_images": INSTANCE_IMAGES, "samples": samples, "seeds": list(seeds),
@@ -652,11 +659,12 @@ def _same_measure(first: Any, second: Any) -> bool:
 
 
 def merge_reports(folders: Sequence[Path], out: Path, *, concepts: Sequence[str] | None = None,
-                  base: Path | None = None) -> BenchResult:
+                  methods: Sequence[str] | None = None, base: Path | None = None) -> BenchResult:
     """One report from runs split over several processes or machines by `--methods`, by `--concepts` or both
     (the runs are independent, and on a small model one thread per run uses the cores better than one run on
     all). The shards must share every setting but their recipes and concepts, and together hold every recipe
-    on every concept; `concepts` keeps only those. A recipe's figures on a concept, its settings and its grid are
+    on every concept; `concepts` and `methods` (recipe keys) keep only those, so a shard may also hold a variant
+    stopped part way. A recipe's figures on a concept, its settings and its grid are
     the first shard's that ran it (so a rerun goes in front of the report it replaces).
     Concepts whose ceiling a shard did not record (older reports) are measured on `base`'s VAE."""
     parts = []
@@ -684,11 +692,13 @@ def merge_reports(folders: Sequence[Path], out: Path, *, concepts: Sequence[str]
         ceilings.update(part.get("ceilings", {}))
         for key, by_concept in part["runs"].items():
             for name, seeds in by_concept.items():
-                runs.setdefault(key, {}).setdefault(name, seeds)
+                if methods is None or key in methods:
+                    runs.setdefault(key, {}).setdefault(name, seeds)
         for recipe in part["settings"]["recipes"]:
-            recipes.setdefault(recipe["key"], recipe)
+            if methods is None or recipe["key"] in methods:
+                recipes.setdefault(recipe["key"], recipe)
         for name in part["figures"][1:]:
-            if name not in figures:
+            if name not in figures and (methods is None or name in map(grid_name, methods)):
                 shutil.copyfile(Path(folder) / name, out / name)
                 figures.append(name)
     kept = list(concepts) if concepts else list(baselines)
@@ -719,7 +729,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="folder for quality.json/.md and figures")
     parser.add_argument("--workdir", type=Path, help="folder for the runs (default: a temporary folder)")
     parser.add_argument("--methods", nargs="+", choices=[recipe.key for recipe in RECIPES],
-                        help=f"default: the table's {', '.join(FULL.methods)} ({', '.join(QUICK.methods)} under --quick)")
+                        help=f"default: the table's {', '.join(FULL.methods)} ({', '.join(QUICK.methods)} under "
+                             f"--quick); with --merge, the recipes the report keeps (default: all)")
     parser.add_argument("--concepts", nargs="+", choices=sorted(CONCEPTS),
                         help=f"default: the nine of the broadened set ({', '.join(QUICK.concepts)} under --quick); "
                              f"with --merge, the concepts the report keeps")
@@ -743,7 +754,7 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.merge:
         try:
-            result = merge_reports(args.merge, args.out, concepts=args.concepts, base=args.base)
+            result = merge_reports(args.merge, args.out, concepts=args.concepts, methods=args.methods, base=args.base)
         except UserFacingError as error:
             sys.stderr.write(f"{error}\n")
             return 2

@@ -214,7 +214,7 @@ def checkpoint_metadata(context: RunContext, *, step: int, text_encoder_trained:
         "sdcustom_instance_prompt": db.instance_prompt,
         "sdcustom_class_prompt": prior.class_prompt if prior.prior_preservation else "",
         "sdcustom_prior_preservation": str(prior.prior_preservation).lower(),
-        "sdcustom_prior_weight": str(prior.prior_weight) if prior.prior_preservation else "",
+        "sdcustom_prior_weight": str(config.prior_weight) if prior.prior_preservation else "",
         "sdcustom_text_encoder_trained": str(text_encoder_trained).lower(),
         # What our loader reads when the checkpoint travels without its YAML (the host reads the YAML).
         PREDICTION_METADATA_KEY: "v" if context.bundle.prediction_type == "v_prediction" else "epsilon",

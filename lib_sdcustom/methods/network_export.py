@@ -78,6 +78,7 @@ def network_facts(context: RunContext, *, step: int) -> NetworkTrainingFacts:
         noise_offset=config.training.noise_offset,
         min_snr_gamma=config.training.min_snr_gamma or None,
         zero_terminal_snr=config.training.zero_terminal_snr,
+        prior_loss_weight=config.prior_weight if config.prior_enabled else None,
         shuffle_caption=config.data.shuffle_captions,
         keep_tokens=config.data.keep_tokens,
         caption_dropout_rate=config.data.caption_dropout,

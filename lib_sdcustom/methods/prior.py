@@ -235,7 +235,7 @@ class PriorMixin:
         records = (list(user_class_images(folder, options.class_prompt.strip(), options.num_class_images).records)
                    if is_user_folder(folder) else self._generated_class_images(folder))
         cache = source.cache or LatentCache(None, "in-memory, this run only")
-        prior = ClassPrior(records, weight=options.prior_weight, cache=cache, encode=source.encode,
+        prior = ClassPrior(records, weight=config.prior_weight, cache=cache, encode=source.encode,
                            seed=config.training.seed, stride=config.training.batch_size,
                            latent_scale=bundle.pixels_per_latent)
         if source.cached:
@@ -294,4 +294,4 @@ class PriorMixin:
                 named[0] += f" ({share:.0%} of them)"
             source = f"{options.num_class_images} images of {' and '.join(named)}"
         style = "style mode, " if options.style else ""
-        return f"{style}prior preservation with {source} (weight {options.prior_weight})"
+        return f"{style}prior preservation with {source} (weight {self.config.prior_weight})"
