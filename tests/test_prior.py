@@ -108,22 +108,17 @@ def test_the_class_prompt_keeps_its_share_of_class_images_however_many_prompts_j
     assert class_image_counts(10, ["a shape"], "a shape", 0.5) == [10]
 
 
-def test_the_class_prompt_share_defaults_to_the_methods_own():
-    """-1 (the default) takes the method's measured share; any other value is the user's."""
-    shares = {method: RunConfig(method=method).class_prompt_share for method in ("lora", "locon", "dreambooth_lora")}
-    assert shares == {"lora": 0.25, "locon": 0.0, "dreambooth_lora": 0.25}
-    config = RunConfig(method="locon")
-    config.prior.class_prompt_share = 0.5
-    assert config.class_prompt_share == 0.5
-
-
-def test_the_prior_weight_defaults_to_the_methods_own():
-    """-1 (the default) takes the method's measured weight; any other value, 0 included, is the user's."""
-    weights = {method: RunConfig(method=method).prior_weight for method in ("lora", "dreambooth", "dreambooth_lora")}
-    assert weights == {"lora": 1.0, "dreambooth": 0.5, "dreambooth_lora": 1.0}
-    config = RunConfig(method="dreambooth")
-    config.prior.prior_weight = 0.0
-    assert config.prior_weight == 0.0
+@pytest.mark.parametrize("setting, methods, chosen", [
+    ("class_prompt_share", {"lora": 0.25, "locon": 0.0, "dreambooth_lora": 0.25, "dreambooth": 0.25}, 0.5),
+    ("prior_weight", {"lora": 1.0, "locon": 1.0, "dreambooth_lora": 1.0, "dreambooth": 0.5}, 0.0),
+])
+def test_a_prior_setting_left_at_minus_one_takes_the_methods_measured_value(setting, methods, chosen):
+    """-1 (the default) takes the method's own value; any other value, 0 included, is the user's."""
+    assert {method: getattr(RunConfig(method=method), setting) for method in methods} == methods
+    for method in methods:
+        config = RunConfig(method=method)
+        setattr(config.prior, setting, chosen)
+        assert getattr(config, setting) == chosen
 
 
 def test_plain_prompts_add_the_shipped_everyday_prompts_after_the_others(tmp_path):
