@@ -667,6 +667,7 @@ def merge_reports(folders: Sequence[Path], out: Path, *, concepts: Sequence[str]
     stopped part way. A recipe's figures on a concept, its settings and its grid are
     the first shard's that ran it (so a rerun goes in front of the report it replaces).
     Concepts whose ceiling a shard did not record (older reports) are measured on `base`'s VAE."""
+    kept_grids = None if methods is None else {grid_name(key) for key in methods}
     parts = []
     for folder in folders:
         path = Path(folder) / "quality.json"
@@ -691,14 +692,14 @@ def merge_reports(folders: Sequence[Path], out: Path, *, concepts: Sequence[str]
         baselines.update(part["baselines"])
         ceilings.update(part.get("ceilings", {}))
         for key, by_concept in part["runs"].items():
-            for name, seeds in by_concept.items():
-                if methods is None or key in methods:
+            if methods is None or key in methods:
+                for name, seeds in by_concept.items():
                     runs.setdefault(key, {}).setdefault(name, seeds)
         for recipe in part["settings"]["recipes"]:
             if methods is None or recipe["key"] in methods:
                 recipes.setdefault(recipe["key"], recipe)
         for name in part["figures"][1:]:
-            if name not in figures and (methods is None or name in map(grid_name, methods)):
+            if name not in figures and (kept_grids is None or name in kept_grids):
                 shutil.copyfile(Path(folder) / name, out / name)
                 figures.append(name)
     kept = list(concepts) if concepts else list(baselines)
