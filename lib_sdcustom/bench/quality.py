@@ -199,6 +199,13 @@ RECIPES: tuple[Recipe, ...] = (
            prior_weight=0.5, class_prompt_share=0.25, on_styles=_STYLE_MODE),
     Recipe("dreambooth_fast", "dreambooth", steps=300, lr=4e-4, train_text_encoder=1.0, prior_preservation=True,
            class_prompt_share=0.25, on_styles=_STYLE_MODE),
+    # Two more levers for LoRA's new combinations (docs/bench/lora_batch): twice the batch, against the seeds'
+    # spread, and twice the UNet's rate (its text encoder's already is), since without convolutions the UNet's
+    # attention layers alone must learn a look the base has never drawn.
+    Recipe("lora_quarter_batch8", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
+           **_VARIED, **{**_NETWORK, "batch_size": 8}),
+    Recipe("lora_quarter_unet_fast", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
+           **_VARIED, **{**_NETWORK, "lr": 6e-3}),
 )
 
 
