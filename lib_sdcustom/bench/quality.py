@@ -206,6 +206,8 @@ RECIPES: tuple[Recipe, ...] = (
            **_VARIED, **{**_NETWORK, "batch_size": 8}),
     Recipe("lora_quarter_unet_fast", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
            **_VARIED, **{**_NETWORK, "lr": 6e-3}),
+    Recipe("locon_unet_fast", "locon", on_styles=_STYLE_MODE, scheduler="cosine", **_VARIED,
+           **{**_NETWORK, "lr": 6e-3}),
     # DreamBooth's text encoder at twice the UNet's rate, as the networks train theirs: the purple triangle, its
     # weak concept, drifted in colour, and twice both rates (dreambooth_fast) lifted it but cost the held-out cross.
     Recipe("dreambooth_te_fast", "dreambooth", steps=300, lr=2e-4, text_encoder_lr=4e-4, train_text_encoder=1.0,
