@@ -199,9 +199,9 @@ RECIPES: tuple[Recipe, ...] = (
            prior_weight=0.5, class_prompt_share=0.25, on_styles=_STYLE_MODE),
     Recipe("dreambooth_fast", "dreambooth", steps=300, lr=4e-4, train_text_encoder=1.0, prior_preservation=True,
            class_prompt_share=0.25, on_styles=_STYLE_MODE),
-    # Two more levers for LoRA's new combinations (docs/bench/lora_batch): twice the batch, against the seeds'
-    # spread, and twice the UNet's rate (its text encoder's already is), since without convolutions the UNet's
-    # attention layers alone must learn a look the base has never drawn.
+    # The batch and the ratio of the UNet's rate to the text encoder's (docs/bench/rates; none adopted): twice
+    # LoRA's batch, against the seeds' spread; the networks' UNet at their text encoder's rate (without
+    # convolutions, LoRA's attention layers alone must learn a look the base has never drawn; LoCon for styles).
     Recipe("lora_quarter_batch8", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
            **_VARIED, **{**_NETWORK, "batch_size": 8}),
     Recipe("lora_quarter_unet_fast", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
@@ -209,7 +209,7 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("locon_unet_fast", "locon", on_styles=_STYLE_MODE, scheduler="cosine", **_VARIED,
            **{**_NETWORK, "lr": 6e-3}),
     # DreamBooth's text encoder at twice the UNet's rate, as the networks train theirs: the purple triangle, its
-    # weak concept, drifted in colour, and twice both rates (dreambooth_fast) lifted it but cost the held-out cross.
+    # weak concept, came out in the wrong colour, and twice both rates (dreambooth_fast) lifted it.
     Recipe("dreambooth_te_fast", "dreambooth", steps=300, lr=2e-4, text_encoder_lr=4e-4, train_text_encoder=1.0,
            prior_preservation=True, prior_weight=0.5, class_prompt_share=0.25, on_styles=_STYLE_MODE),
 )
