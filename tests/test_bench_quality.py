@@ -288,3 +288,14 @@ def test_the_targets_table_says_by_how_much_each_figure_misses(tmp_path):
     assert rows == ["| lora | known subject | 1.00 met | 1.00 met | 0.50 over by 0.40 | 0.00 met |"]
     noisy = BenchResult({}, result.baselines, {"lora": {"red_circle": {"0": scores(1, 0), "1": scores(0, 0)}}}, {}, [])
     assert "0.50 short by 0.30, +-0.50" in targets_table(noisy)[-2]
+
+
+def test_the_recipe_line_names_a_text_encoder_rate_set_apart_from_the_unets():
+    """Two DreamBooth rows that differ only in the text encoder's rate must not read the same in the report."""
+    from dataclasses import asdict
+
+    from lib_sdcustom.bench.quality import _recipe_line, recipes_named
+
+    line = _recipe_line([asdict(recipe) for recipe in recipes_named(["dreambooth_te_fast", "dreambooth_prior_half"])])
+    assert "dreambooth_te_fast 300 / 0.0002 (text encoder 0.0004) / 4," in line
+    assert "dreambooth_prior_half 300 / 0.0002 / 4," in line
