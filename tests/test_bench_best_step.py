@@ -23,6 +23,14 @@ def _run(steps: list[dict]) -> dict:
             "base_class_subject": 0.0}
 
 
+def test_the_default_recipes_are_the_quality_tables_network_rows():
+    """The agreement figure is the README's claim about the shipped defaults, so it must be measured on them."""
+    from lib_sdcustom.bench.quality import TABLE_METHODS, recipes_named
+
+    assert set(best_step.METHODS) <= set(TABLE_METHODS)
+    assert {recipe.method for recipe in recipes_named(best_step.METHODS)} == {"lora", "locon"}
+
+
 def test_a_run_agrees_when_the_chosen_steps_judge_score_is_within_the_tolerance_of_the_best():
     # The instance error falls every step; the class prompt learns the subject from step 3 on.
     steps = [_step(1, 0.30, 0.8, 1.0), _step(2, 0.70, 0.6, 1.0), _step(3, 0.40, 0.5, 0.5)]
