@@ -125,6 +125,9 @@ _NETWORK: dict[str, Any] = {"steps": 600, "lr": 3e-3, "text_encoder_lr": 6e-3}
 # on the red circle). On a style, style mode as the README advises: captions that name everything but the style.
 _VARIED: dict[str, Any] = {"prior_preservation": True, "varied_prompts": True, "class_images": 2 * CLASS_IMAGES}
 _STYLE_MODE = (("style", True), ("content_captions", True))
+# LoRA's table row (a quarter of the class images for the class prompt, decaying rate, style mode on styles): the
+# base of the levers tried against it.
+_LORA_QUARTER: dict[str, Any] = {"on_styles": _STYLE_MODE, "scheduler": "cosine", "class_prompt_share": 0.25, **_VARIED}
 RECIPES: tuple[Recipe, ...] = (
     Recipe("textual_inversion", "textual_inversion", steps=400, lr=5e-2),
     Recipe("lora", "lora", **_NETWORK),
@@ -169,14 +172,11 @@ RECIPES: tuple[Recipe, ...] = (
            **_VARIED, **_NETWORK),
     Recipe("lora_class_half_fast", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.5,
            **_VARIED, **{**_NETWORK, "lr": 4.5e-3, "text_encoder_lr": 9e-3}),
-    Recipe("lora_class_quarter", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
-           **_VARIED, **_NETWORK),
+    Recipe("lora_class_quarter", "lora", **_LORA_QUARTER, **_NETWORK),
     # LoCon and DreamBooth-LoRA as they ship: the quarter share that LoRA's row measured; DreamBooth-LoRA in
     # style mode on a style, like the networks.
-    Recipe("locon_class_quarter", "locon", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
-           **_VARIED, **_NETWORK),
-    Recipe("dreambooth_lora_class_quarter", "dreambooth_lora", on_styles=_STYLE_MODE, scheduler="cosine",
-           class_prompt_share=0.25, **_VARIED, **_NETWORK),
+    Recipe("locon_class_quarter", "locon", **_LORA_QUARTER, **_NETWORK),
+    Recipe("dreambooth_lora_class_quarter", "dreambooth_lora", **_LORA_QUARTER, **_NETWORK),
     Recipe("dreambooth_cosine", "dreambooth", steps=600, lr=2e-4, train_text_encoder=1.0, prior_preservation=True,
            scheduler="cosine"),
     # The same with the networks' class images (a quarter of the class prompt, the rest of varied plain prompts)
@@ -187,12 +187,9 @@ RECIPES: tuple[Recipe, ...] = (
     # (docs/bench/prior_weight): the class images' loss at half weight (for LoCon with its even split), twice
     # LoRA's rank, twice its text encoder's rate, DreamBooth at twice its rate. DreamBooth's class images at half
     # weight are its default since, and its row.
-    Recipe("lora_quarter_prior_half", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
-           prior_weight=0.5, **_VARIED, **_NETWORK),
-    Recipe("lora_quarter_rank16", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
-           rank=16, **_VARIED, **_NETWORK),
-    Recipe("lora_quarter_te_fast", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
-           **_VARIED, **{**_NETWORK, "text_encoder_lr": 1.2e-2}),
+    Recipe("lora_quarter_prior_half", "lora", prior_weight=0.5, **_LORA_QUARTER, **_NETWORK),
+    Recipe("lora_quarter_rank16", "lora", rank=16, **_LORA_QUARTER, **_NETWORK),
+    Recipe("lora_quarter_te_fast", "lora", **_LORA_QUARTER, **{**_NETWORK, "text_encoder_lr": 1.2e-2}),
     Recipe("locon_prior_half", "locon", on_styles=_STYLE_MODE, scheduler="cosine", prior_weight=0.5, **_VARIED,
            **_NETWORK),
     Recipe("dreambooth_prior_half", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0, prior_preservation=True,
@@ -202,10 +199,8 @@ RECIPES: tuple[Recipe, ...] = (
     # The batch and the ratio of the UNet's rate to the text encoder's (docs/bench/rates; none adopted): twice
     # LoRA's batch, against the seeds' spread; the networks' UNet at their text encoder's rate (without
     # convolutions, LoRA's attention layers alone must learn a look the base has never drawn; LoCon for styles).
-    Recipe("lora_quarter_batch8", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
-           **_VARIED, **{**_NETWORK, "batch_size": 8}),
-    Recipe("lora_quarter_unet_fast", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.25,
-           **_VARIED, **{**_NETWORK, "lr": 6e-3}),
+    Recipe("lora_quarter_batch8", "lora", **_LORA_QUARTER, **{**_NETWORK, "batch_size": 8}),
+    Recipe("lora_quarter_unet_fast", "lora", **_LORA_QUARTER, **{**_NETWORK, "lr": 6e-3}),
     Recipe("locon_unet_fast", "locon", on_styles=_STYLE_MODE, scheduler="cosine", **_VARIED,
            **{**_NETWORK, "lr": 6e-3}),
     # DreamBooth's text encoder at twice the UNet's rate, as the networks train theirs: the purple triangle, its
