@@ -299,3 +299,17 @@ def test_the_recipe_line_names_a_text_encoder_rate_set_apart_from_the_unets():
     line = _recipe_line([asdict(recipe) for recipe in recipes_named(["dreambooth_te_fast", "dreambooth_prior_half"])])
     assert "dreambooth_te_fast 300 / 0.0002 (text encoder 0.0004) / 4," in line
     assert "dreambooth_prior_half 300 / 0.0002 / 4," in line
+
+
+def test_the_recipe_line_names_a_min_snr_gamma_other_than_the_default():
+    """The min-SNR sweep's rows differ from LoRA's only in gamma; the report must tell them apart."""
+    from dataclasses import asdict
+
+    from lib_sdcustom.bench.quality import _recipe_line, recipes_named
+
+    line = _recipe_line([asdict(recipe) for recipe in
+                         recipes_named(["lora_quarter_snr_off", "lora_quarter_snr1", "lora_class_quarter"])])
+    rows = dict(part.split(" ", 1) for part in line.split(": ", 1)[1].rstrip(".").split("; "))
+    assert "min-SNR off" in rows["lora_quarter_snr_off"]
+    assert "min-SNR gamma 1," in rows["lora_quarter_snr1"]
+    assert "min-SNR" not in rows["lora_class_quarter"]

@@ -207,6 +207,11 @@ RECIPES: tuple[Recipe, ...] = (
     # weak concept, came out in the wrong colour, and twice both rates (dreambooth_fast) lifted it.
     Recipe("dreambooth_te_fast", "dreambooth", steps=300, lr=2e-4, text_encoder_lr=4e-4, train_text_encoder=1.0,
            prior_preservation=True, prior_weight=0.5, class_prompt_share=0.25, on_styles=_STYLE_MODE),
+    # Min-SNR's gamma, set once on one concept (docs/bench/tuning.md), swept on LoRA's new combinations
+    # (docs/bench/min_snr): off weights the low-noise steps, where an outline is drawn, as much as the rest; 1
+    # weights them less than 5 does, leaving the layout and colour decided at high noise.
+    Recipe("lora_quarter_snr_off", "lora", **_LORA_QUARTER, **{**_NETWORK, "min_snr_gamma": 0.0}),
+    Recipe("lora_quarter_snr1", "lora", **_LORA_QUARTER, **{**_NETWORK, "min_snr_gamma": 1.0}),
 )
 
 
@@ -596,7 +601,9 @@ def _recipe_line(recipes: Sequence[dict[str, Any]]) -> str:
         weight = r.get("prior_weight", 1.0)  # older reports weighed the class images fully
         weighed = f", class images' loss at weight {weight:g}" if weight != 1.0 and r["prior_preservation"] else ""
         rate = f"{r['lr']:g} (text encoder {r['text_encoder_lr']:g})" if r.get("text_encoder_lr") else f"{r['lr']:g}"
-        return f"{r['key']} {r['steps']} / {rate} / {r['batch_size']}{rank}{decay}{held}{weighed}{style}"
+        gamma = r.get("min_snr_gamma", 5.0)
+        snr = "" if gamma == 5.0 else (", min-SNR off" if gamma == 0 else f", min-SNR gamma {gamma:g}")
+        return f"{r['key']} {r['steps']} / {rate} / {r['batch_size']}{rank}{decay}{held}{weighed}{snr}{style}"
 
     return ("Recipes (steps, lr, batch, rank; the rate is constant unless a decay is named): "
             + "; ".join(settings(r) for r in recipes) + ".")
