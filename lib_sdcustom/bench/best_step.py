@@ -55,7 +55,8 @@ METHODS = ("lora_class_quarter", "locon_regularized_cosine")
 CONCEPT_NAMES = ("outlined_yellow_heart", "red_circle", "yellow_style")
 SEEDS = (0, 1)
 #: Judge samples per prompt and step: at 32, even a perfect selector agreed in only about 85% of the runs
-#: (`perfect_selector_agreement`), too close to the target to tell a good proxy from luck; at 64, in about 92%.
+#: (`perfect_selector_agreement`), too close to the target to tell a good proxy from luck; at 64, in about 88%.
+#: At 128 (95%) LoRA's runs agreed as often as at 64, so 64 stays and halves the judging (docs/bench/best_step/judge128).
 SAMPLES = 64
 #: Judge sample counts at which the report states a perfect selector's agreement, and the simulations behind it.
 NOISE_SAMPLES = (64, 128, 256)
