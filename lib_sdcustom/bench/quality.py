@@ -212,9 +212,11 @@ RECIPES: tuple[Recipe, ...] = (
     # weights them less than 5 does, leaving the layout and colour decided at high noise.
     Recipe("lora_quarter_snr_off", "lora", **_LORA_QUARTER, **{**_NETWORK, "min_snr_gamma": 0.0}),
     Recipe("lora_quarter_snr1", "lora", **_LORA_QUARTER, **{**_NETWORK, "min_snr_gamma": 1.0}),
-    # The same off for LoCon's styles, whose outline style is a low-noise detail.
+    # The same for LoCon's styles (off: the outline style is a low-noise detail; 1, the other way).
     Recipe("locon_snr_off", "locon", on_styles=_STYLE_MODE, scheduler="cosine", **_VARIED,
            **{**_NETWORK, "min_snr_gamma": 0.0}),
+    Recipe("locon_snr1", "locon", on_styles=_STYLE_MODE, scheduler="cosine", **_VARIED,
+           **{**_NETWORK, "min_snr_gamma": 1.0}),
 )
 
 
