@@ -87,6 +87,10 @@ UNRELATED: tuple[tuple[str, dict[str, str]], ...] = (
 CLASS_IMAGES = 40
 
 
+#: Every table recipe's min-SNR weighting, the pretraining's (docs/bench/tuning.md, docs/bench/min_snr).
+MIN_SNR_GAMMA = 5.0
+
+
 @dataclass(frozen=True)
 class Recipe:
     """One row of the table: a method with settings that learn on the micro model in under a minute."""
@@ -102,7 +106,7 @@ class Recipe:
     prior_weight: float = 1.0  # of the class images' loss (--prior-weight)
     rank: int = 8
     dora: bool = False  # networks: --dora
-    min_snr_gamma: float = 5.0  # the pretraining's weighting (docs/bench/tuning.md)
+    min_snr_gamma: float = MIN_SNR_GAMMA
     scheduler: str = "constant"  # learning-rate schedule (`--scheduler`)
     class_images: int = CLASS_IMAGES  # used with prior preservation
     style: bool = False  # networks: --style (class images of the captions without the trigger)
@@ -125,9 +129,10 @@ _NETWORK: dict[str, Any] = {"steps": 600, "lr": 3e-3, "text_encoder_lr": 6e-3}
 # on the red circle). On a style, style mode as the README advises: captions that name everything but the style.
 _VARIED: dict[str, Any] = {"prior_preservation": True, "varied_prompts": True, "class_images": 2 * CLASS_IMAGES}
 _STYLE_MODE = (("style", True), ("content_captions", True))
-# LoRA's table row (a quarter of the class images for the class prompt, decaying rate, style mode on styles): the
-# base of the levers tried against it.
-_LORA_QUARTER: dict[str, Any] = {"on_styles": _STYLE_MODE, "scheduler": "cosine", "class_prompt_share": 0.25, **_VARIED}
+# LoCon's table row (class images of the class prompt and varied prompts, decaying rate, style mode on styles), and
+# LoRA's (the same with a quarter of the class images for the class prompt): the bases of the levers tried.
+_COSINE_VARIED: dict[str, Any] = {"on_styles": _STYLE_MODE, "scheduler": "cosine", **_VARIED}
+_LORA_QUARTER: dict[str, Any] = {**_COSINE_VARIED, "class_prompt_share": 0.25}
 RECIPES: tuple[Recipe, ...] = (
     Recipe("textual_inversion", "textual_inversion", steps=400, lr=5e-2),
     Recipe("lora", "lora", **_NETWORK),
@@ -161,17 +166,16 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("locon_regularized", "locon", on_styles=_STYLE_MODE, **_VARIED, **_NETWORK),
     # The same with the rate decaying to zero (cosine), the networks' default (`--scheduler auto`): the state
     # settles by the last step instead of swinging between exports.
-    Recipe("lora_regularized_cosine", "lora", on_styles=_STYLE_MODE, scheduler="cosine", **_VARIED, **_NETWORK),
-    Recipe("locon_regularized_cosine", "locon", on_styles=_STYLE_MODE, scheduler="cosine", **_VARIED, **_NETWORK),
+    Recipe("lora_regularized_cosine", "lora", **_COSINE_VARIED, **_NETWORK),
+    Recipe("locon_regularized_cosine", "locon", **_COSINE_VARIED, **_NETWORK),
     # DreamBooth-LoRA with the networks' regularization and decay, its defaults since (measured before DreamBooth
     # had style mode), and DreamBooth for twice its steps with the rate decaying over them.
     Recipe("dreambooth_lora_varied_cosine", "dreambooth_lora", scheduler="cosine", **_VARIED, **_NETWORK),
     # LoRA's cosine row with half the class images of the bare class prompt (an even split gives it 1 of 80),
     # the same at 1.5 times the rates (against the decay's halving of the total step), and with a quarter.
-    Recipe("lora_class_half", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.5,
-           **_VARIED, **_NETWORK),
-    Recipe("lora_class_half_fast", "lora", on_styles=_STYLE_MODE, scheduler="cosine", class_prompt_share=0.5,
-           **_VARIED, **{**_NETWORK, "lr": 4.5e-3, "text_encoder_lr": 9e-3}),
+    Recipe("lora_class_half", "lora", class_prompt_share=0.5, **_COSINE_VARIED, **_NETWORK),
+    Recipe("lora_class_half_fast", "lora", class_prompt_share=0.5, **_COSINE_VARIED,
+           **{**_NETWORK, "lr": 4.5e-3, "text_encoder_lr": 9e-3}),
     Recipe("lora_class_quarter", "lora", **_LORA_QUARTER, **_NETWORK),
     # LoCon and DreamBooth-LoRA as they ship: the quarter share that LoRA's row measured; DreamBooth-LoRA in
     # style mode on a style, like the networks.
@@ -190,8 +194,7 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("lora_quarter_prior_half", "lora", prior_weight=0.5, **_LORA_QUARTER, **_NETWORK),
     Recipe("lora_quarter_rank16", "lora", rank=16, **_LORA_QUARTER, **_NETWORK),
     Recipe("lora_quarter_te_fast", "lora", **_LORA_QUARTER, **{**_NETWORK, "text_encoder_lr": 1.2e-2}),
-    Recipe("locon_prior_half", "locon", on_styles=_STYLE_MODE, scheduler="cosine", prior_weight=0.5, **_VARIED,
-           **_NETWORK),
+    Recipe("locon_prior_half", "locon", prior_weight=0.5, **_COSINE_VARIED, **_NETWORK),
     Recipe("dreambooth_prior_half", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0, prior_preservation=True,
            prior_weight=0.5, class_prompt_share=0.25, on_styles=_STYLE_MODE),
     Recipe("dreambooth_fast", "dreambooth", steps=300, lr=4e-4, train_text_encoder=1.0, prior_preservation=True,
@@ -201,8 +204,7 @@ RECIPES: tuple[Recipe, ...] = (
     # convolutions, LoRA's attention layers alone must learn a look the base has never drawn; LoCon for styles).
     Recipe("lora_quarter_batch8", "lora", **_LORA_QUARTER, **{**_NETWORK, "batch_size": 8}),
     Recipe("lora_quarter_unet_fast", "lora", **_LORA_QUARTER, **{**_NETWORK, "lr": 6e-3}),
-    Recipe("locon_unet_fast", "locon", on_styles=_STYLE_MODE, scheduler="cosine", **_VARIED,
-           **{**_NETWORK, "lr": 6e-3}),
+    Recipe("locon_unet_fast", "locon", **_COSINE_VARIED, **{**_NETWORK, "lr": 6e-3}),
     # DreamBooth's text encoder at twice the UNet's rate, as the networks train theirs: the purple triangle, its
     # weak concept, came out in the wrong colour, and twice both rates (dreambooth_fast) lifted it.
     Recipe("dreambooth_te_fast", "dreambooth", steps=300, lr=2e-4, text_encoder_lr=4e-4, train_text_encoder=1.0,
@@ -213,10 +215,8 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("lora_quarter_snr_off", "lora", **_LORA_QUARTER, **{**_NETWORK, "min_snr_gamma": 0.0}),
     Recipe("lora_quarter_snr1", "lora", **_LORA_QUARTER, **{**_NETWORK, "min_snr_gamma": 1.0}),
     # The same for LoCon's styles (off: the outline style is a low-noise detail; 1, the other way).
-    Recipe("locon_snr_off", "locon", on_styles=_STYLE_MODE, scheduler="cosine", **_VARIED,
-           **{**_NETWORK, "min_snr_gamma": 0.0}),
-    Recipe("locon_snr1", "locon", on_styles=_STYLE_MODE, scheduler="cosine", **_VARIED,
-           **{**_NETWORK, "min_snr_gamma": 1.0}),
+    Recipe("locon_snr_off", "locon", **_COSINE_VARIED, **{**_NETWORK, "min_snr_gamma": 0.0}),
+    Recipe("locon_snr1", "locon", **_COSINE_VARIED, **{**_NETWORK, "min_snr_gamma": 1.0}),
 )
 
 
@@ -606,8 +606,8 @@ def _recipe_line(recipes: Sequence[dict[str, Any]]) -> str:
         weight = r.get("prior_weight", 1.0)  # older reports weighed the class images fully
         weighed = f", class images' loss at weight {weight:g}" if weight != 1.0 and r["prior_preservation"] else ""
         rate = f"{r['lr']:g} (text encoder {r['text_encoder_lr']:g})" if r.get("text_encoder_lr") else f"{r['lr']:g}"
-        gamma = r.get("min_snr_gamma", 5.0)
-        snr = "" if gamma == 5.0 else (", min-SNR off" if gamma == 0 else f", min-SNR gamma {gamma:g}")
+        gamma = r.get("min_snr_gamma", MIN_SNR_GAMMA)
+        snr = "" if gamma == MIN_SNR_GAMMA else (", min-SNR off" if gamma == 0 else f", min-SNR gamma {gamma:g}")
         return f"{r['key']} {r['steps']} / {rate} / {r['batch_size']}{rank}{decay}{held}{weighed}{snr}{style}"
 
     return ("Recipes (steps, lr, batch, rank; the rate is constant unless a decay is named): "
