@@ -6,7 +6,10 @@ Real checkpoints have no judge, and the proxy may not download one, so the model
   run's starting point (1 = no better than at step 0, lower is better). The pictures are the first epoch's
   batches of the training data; none is held back, because a held-out split would change what the run
   learns (and with 3 pictures there is nothing to spare), and best-step selection must leave the trained
-  weights exactly as they are without it. Overfitting shows in the drift term instead.
+  weights exactly as they are without it. Overfitting shows in the drift term instead. Held-out pictures
+  would not help either: on fresh pictures of a micro-world concept the error was lowest at the first
+  export in most runs and rose while the judge's score rose (docs/bench/best_step/held_out/), so a
+  held-out fidelity term picks the earliest step.
 - drift: the rise of its denoising error on base-model samples of the class prompt (made once, before the
   first step), relative to the starting point (0 = the class is drawn as before, higher is worse): a
   model that has moved the class no longer denoises the base model's own class pictures as well.
