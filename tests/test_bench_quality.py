@@ -149,7 +149,7 @@ def test_shards_split_by_concept_merge_and_the_merge_keeps_the_concepts_asked_fo
     rerun = tmp_path / "rerun"
     rerun.mkdir()
     first = QUICK.concepts[0]
-    seconds = {"0": {**report["runs"]["dreambooth"][first]["0"], "train_seconds": 1234.0}}
+    seconds = {seed: {**runs, "train_seconds": 1234.0} for seed, runs in report["runs"]["dreambooth"][first].items()}
     (rerun / "quality.json").write_text(json.dumps(dict(report, baselines={first: report["baselines"][first]},
                                                         runs={"dreambooth": {first: seconds}},
                                                         figures=report["figures"][:1])))
@@ -313,3 +313,50 @@ def test_the_recipe_line_names_a_min_snr_gamma_other_than_the_default():
     assert "min-SNR off" in rows["lora_quarter_snr_off"]
     assert "min-SNR gamma 1," in rows["lora_quarter_snr1"]
     assert "min-SNR" not in rows["lora_class_quarter"]
+
+
+def _shard(report: dict, folder: Path, out: Path, *, seeds: dict[str, str], recipes: list[dict] | None = None) -> Path:
+    """A copy of `report` whose runs are those of the seeds named in `seeds` (new name: stored seed)."""
+    folder.mkdir(parents=True)
+    runs = {key: {name: {new: by_seed[old] for new, old in seeds.items()} for name, by_seed in by_concept.items()}
+            for key, by_concept in report["runs"].items()}
+    settings = dict(report["settings"], seeds=[int(seed) for seed in seeds])
+    if recipes is not None:
+        settings["recipes"] = recipes
+        runs = {key: by_concept for key, by_concept in runs.items() if key in {recipe["key"] for recipe in recipes}}
+    (folder / "quality.json").write_text(json.dumps(dict(report, runs=runs, settings=settings)))
+    for name in report["figures"]:
+        shutil.copyfile(out / name, folder / name)
+    return folder
+
+
+def test_shards_split_by_seed_merge_and_a_recipe_lacking_a_seed_is_named(bench_run, tmp_path, monkeypatch, capsys):
+    report = bench_run.report
+    shards = [_shard(report, tmp_path / f"seed{seed}", bench_run.out, seeds={seed: seed}) for seed in ("0", "1")]
+    merged = tmp_path / "merged"
+    assert run_bench(monkeypatch, "--out", str(merged), "--merge", *map(str, shards)) == 0
+    joined = json.loads((merged / "quality.json").read_text())
+    assert joined["runs"] == report["runs"] and joined["settings"]["seeds"] == [0, 1]
+    # A third seed run for one recipe: the merge keeps that recipe with all three seeds when asked to...
+    ti = [recipe for recipe in report["settings"]["recipes"] if recipe["key"] == "textual_inversion"]
+    third = _shard(report, tmp_path / "seed2", bench_run.out, seeds={"2": "0"}, recipes=ti)
+    three = tmp_path / "three"
+    assert run_bench(monkeypatch, "--out", str(three), "--merge", str(merged), str(third),
+                     "--methods", "textual_inversion") == 0
+    joined = json.loads((three / "quality.json").read_text())
+    assert joined["settings"]["seeds"] == [0, 1, 2] and list(joined["runs"]) == ["textual_inversion"]
+    assert all(sorted(by_seed) == ["0", "1", "2"] for by_seed in joined["runs"]["textual_inversion"].values())
+    assert "training seeds 0, 1, 2" in (three / "quality.md").read_text()
+    # ...and names what the others lack rather than mixing two seed counts in one table.
+    assert run_bench(monkeypatch, "--out", str(tmp_path / "mixed"), "--merge", str(merged), str(third)) == 2
+    assert f"dreambooth on {QUICK.concepts[0]} with seed(s) 2" in capsys.readouterr().err
+
+
+def test_a_seed_shard_of_a_recipe_run_with_other_settings_is_refused(bench_run, tmp_path, monkeypatch, capsys):
+    report = bench_run.report
+    changed = [dict(recipe, steps=recipe["steps"] + 1) for recipe in report["settings"]["recipes"]
+               if recipe["key"] == "textual_inversion"]
+    third = _shard(report, tmp_path / "seed2", bench_run.out, seeds={"2": "0"}, recipes=changed)
+    assert run_bench(monkeypatch, "--out", str(tmp_path / "merged"), "--merge", str(bench_run.out), str(third),
+                     "--methods", "textual_inversion") == 2
+    assert "ran textual_inversion with other settings" in capsys.readouterr().err

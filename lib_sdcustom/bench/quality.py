@@ -663,8 +663,17 @@ def write_report(result: BenchResult, out: Path) -> tuple[Path, Path]:
 
 
 def _shared_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings shards must share: not their recipes, nor how many processes an earlier merge joined."""
-    return {key: value for key, value in settings.items() if key not in ("recipes", "processes")}
+    """The settings shards must share: not their recipes, their training seeds, nor how many processes an
+    earlier merge joined."""
+    return {key: value for key, value in settings.items() if key not in ("recipes", "seeds", "processes")}
+
+
+def _join_seeds(held: dict[str, Any], shard: dict[str, Any]) -> None:
+    """Add a shard's runs of one recipe on one concept to those `held`: its seeds join when they are all new
+    (a later shard with more seeds), and are left out when any is held already (a rerun in front replaces the
+    runs behind it, seeds and all)."""
+    if not held.keys() & shard.keys():
+        held.update(shard)
 
 
 def _same_measure(first: Any, second: Any) -> bool:
@@ -683,10 +692,12 @@ def merge_reports(folders: Sequence[Path], out: Path, *, concepts: Sequence[str]
                   methods: Sequence[str] | None = None, base: Path | None = None) -> BenchResult:
     """One report from runs split over several processes or machines by `--methods`, by `--concepts` or both
     (the runs are independent, and on a small model one thread per run uses the cores better than one run on
-    all). The shards must share every setting but their recipes and concepts, and together hold every recipe
-    on every concept; `concepts` and `methods` (recipe keys) keep only those, so a shard may also hold a variant
-    stopped part way. A recipe's figures on a concept, its settings and its grid are
-    the first shard's that ran it (so a rerun goes in front of the report it replaces).
+    all), or by `--seeds` (more training seeds for some recipes). The shards must share every setting but their
+    recipes, concepts and seeds, and together hold every kept recipe on every kept concept with the same seeds;
+    `concepts` and `methods` (recipe keys) keep only those, so a shard may also hold a variant stopped part way.
+    A recipe's figures on a concept, its settings and its grid are the first shard's that ran it (so a rerun
+    goes in front of the report it replaces); a shard of other seeds of a recipe must have run it with the same
+    settings.
     Concepts whose ceiling a shard did not record (older reports) are measured on `base`'s VAE."""
     kept_grids = None if methods is None else {grid_name(key) for key in methods}
     parts = []
@@ -712,22 +723,35 @@ def merge_reports(folders: Sequence[Path], out: Path, *, concepts: Sequence[str]
                                   f"the one in {folders[0]}; run every shard with the same options.")
         baselines.update(part["baselines"])
         ceilings.update(part.get("ceilings", {}))
+        for recipe in part["settings"]["recipes"]:
+            key = recipe["key"]
+            if methods is not None and key not in methods:
+                continue
+            earlier_recipe = recipes.setdefault(key, recipe)
+            earlier = runs.get(key, {})
+            joining = [name for name, by_seed in part["runs"].get(key, {}).items()
+                       if earlier.get(name) and not by_seed.keys() & earlier[name].keys()]
+            if joining and any(earlier_recipe[field] != recipe[field] for field in earlier_recipe.keys() & recipe.keys()):
+                raise UserFacingError(f"The report in {folder} ran {key} with other settings than an earlier shard, "
+                                      f"so its seeds cannot join that shard's on {', '.join(joining)}.",
+                                      "Run every seed of a recipe with the same options.")
         for key, by_concept in part["runs"].items():
             if methods is None or key in methods:
-                for name, seeds in by_concept.items():
-                    runs.setdefault(key, {}).setdefault(name, seeds)
-        for recipe in part["settings"]["recipes"]:
-            if methods is None or recipe["key"] in methods:
-                recipes.setdefault(recipe["key"], recipe)
+                for name, by_seed in by_concept.items():
+                    _join_seeds(runs.setdefault(key, {}).setdefault(name, {}), by_seed)
         for name in part["figures"][1:]:
             if name not in figures and (kept_grids is None or name in kept_grids):
                 shutil.copyfile(Path(folder) / name, out / name)
                 figures.append(name)
     kept = list(concepts) if concepts else list(baselines)
-    missing = [f"{key} on {name}" for key in runs for name in kept if name not in runs[key]]
+    seeds = sorted({int(seed) for by_concept in runs.values() for name in kept for seed in by_concept.get(name, {})})
+    missing = [f"{key} on {name} with seed(s) {', '.join(str(seed) for seed in seeds if str(seed) not in held)}"
+               for key, by_concept in runs.items() for name in kept
+               for held in [by_concept.get(name, {})] if sorted(map(int, held)) != seeds]
     if missing or any(name not in baselines for name in kept):
         raise UserFacingError(f"The reports in {', '.join(map(str, folders))} lack {', '.join(missing) or 'a concept'}.",
-                              "Run the missing recipes and concepts as another shard and merge it too.")
+                              "Run the missing recipes, concepts and seeds as another shard and merge it too, or keep "
+                              "only the recipes run with every seed (--methods).")
     unmeasured = [name for name in kept if name not in ceilings]
     if unmeasured:
         from ..models.loader import load_bundle
@@ -738,7 +762,7 @@ def merge_reports(folders: Sequence[Path], out: Path, *, concepts: Sequence[str]
     processes = sum(int(part["settings"].get("processes", 1)) for part in parts)
     return BenchResult(first["base_quality"], {name: baselines[name] for name in kept},
                        {key: {name: by_concept[name] for name in kept} for key, by_concept in runs.items()},
-                       {**shared, "recipes": list(recipes.values()), "processes": processes}, figures,
+                       {**shared, "seeds": seeds, "recipes": list(recipes.values()), "processes": processes}, figures,
                        {name: ceilings[name] for name in kept})
 
 
