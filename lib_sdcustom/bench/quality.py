@@ -668,12 +668,11 @@ def _shared_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in settings.items() if key not in ("recipes", "seeds", "processes")}
 
 
-def _join_seeds(held: dict[str, Any], shard: dict[str, Any]) -> None:
-    """Add a shard's runs of one recipe on one concept to those `held`: its seeds join when they are all new
-    (a later shard with more seeds), and are left out when any is held already (a rerun in front replaces the
-    runs behind it, seeds and all)."""
-    if not held.keys() & shard.keys():
-        held.update(shard)
+def _seeds_join(held: dict[str, Any], shard: dict[str, Any]) -> bool:
+    """Whether a shard's runs of one recipe on one concept join those `held`: yes when its seeds are all new
+    (a later shard with more seeds), no when any is held already (a rerun in front replaces the runs behind
+    it, seeds and all)."""
+    return not held.keys() & shard.keys()
 
 
 def _same_measure(first: Any, second: Any) -> bool:
@@ -730,7 +729,7 @@ def merge_reports(folders: Sequence[Path], out: Path, *, concepts: Sequence[str]
             earlier_recipe = recipes.setdefault(key, recipe)
             earlier = runs.get(key, {})
             joining = [name for name, by_seed in part["runs"].get(key, {}).items()
-                       if earlier.get(name) and not by_seed.keys() & earlier[name].keys()]
+                       if earlier.get(name) and _seeds_join(earlier[name], by_seed)]
             if joining and any(earlier_recipe[field] != recipe[field] for field in earlier_recipe.keys() & recipe.keys()):
                 raise UserFacingError(f"The report in {folder} ran {key} with other settings than an earlier shard, "
                                       f"so its seeds cannot join that shard's on {', '.join(joining)}.",
@@ -738,7 +737,9 @@ def merge_reports(folders: Sequence[Path], out: Path, *, concepts: Sequence[str]
         for key, by_concept in part["runs"].items():
             if methods is None or key in methods:
                 for name, by_seed in by_concept.items():
-                    _join_seeds(runs.setdefault(key, {}).setdefault(name, {}), by_seed)
+                    held = runs.setdefault(key, {}).setdefault(name, {})
+                    if _seeds_join(held, by_seed):
+                        held.update(by_seed)
         for name in part["figures"][1:]:
             if name not in figures and (kept_grids is None or name in kept_grids):
                 shutil.copyfile(Path(folder) / name, out / name)
