@@ -57,8 +57,7 @@ def test_every_regularization_setting_reaches_the_cli_the_preset_the_tab_and_the
     from_tab = form.config_from_form("lora", "imgs", "x", "sks", "dog", fields, values)
     assert dataclasses.asdict(from_tab.prior) == CHANGED
     for method in METHODS:
-        assert form.section_visible("prior", method) is (method_spec(method).uses_network and method != "pivotal"
-                                                         or method == "dreambooth"), method
+        assert form.section_visible("prior", method) is (method_spec(method).uses_network or method == "dreambooth"), method
 
 
 def test_presets_saved_before_the_move_load_their_dreambooth_class_settings():

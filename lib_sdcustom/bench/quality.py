@@ -217,6 +217,9 @@ RECIPES: tuple[Recipe, ...] = (
     # The same for LoCon's styles (off: the outline style is a low-noise detail; 1, the other way).
     Recipe("locon_snr_off", "locon", **_COSINE_VARIED, **{**_NETWORK, "min_snr_gamma": 0.0}),
     Recipe("locon_snr1", "locon", **_COSINE_VARIED, **{**_NETWORK, "min_snr_gamma": 1.0}),
+    # Pivotal tuning as LoRA's row ships (a quarter of the class images for the class prompt, cosine, style mode on
+    # a style): a new word beside the network, against the networks' seed-dependent new combinations.
+    Recipe("pivotal_class_quarter", "pivotal", **_LORA_QUARTER, **_NETWORK),
 )
 
 

@@ -30,6 +30,7 @@ from ..models.tokenizer import load_clip_tokenizer
 from ..run.context import RunContext
 from ..training.conditioning import Conditioning
 from .network import NetworkMethod
+from .prior import PriorBatches
 from .registry import method_spec
 from .textual_inversion import STATE_KEYS, LearnedWord, NamedWordCaptions, TemplatedSource, refuse_known_word
 
@@ -58,6 +59,7 @@ class PivotalMethod(NamedWordCaptions, NetworkMethod):
                 f"The embedding {clashes[0]} already uses the word {config.output.name!r}; the WebUI would use it and "
                 "skip the word bundled in this LoRA.",
                 "Choose another --name, or move that embedding out of the embeddings folder.")
+        super().check_before_load(config)  # the class images' sources (`PriorMixin`)
 
     # ----- training -----
     @property
@@ -70,7 +72,11 @@ class PivotalMethod(NamedWordCaptions, NetworkMethod):
         return {group["name"]: start for group in super().param_groups()} if start else {}
 
     def build_source(self, source: "BatchSource") -> "BatchSource":
-        return TemplatedSource(source, self.templates, trigger=self.word_name, seed=self.config.training.seed)
+        """The templates' prompts (each holds the word, so style mode's captions need nothing more), then the
+        class half of each batch when prior preservation has class images, as for LoRA."""
+        prior = self.class_prior(source)
+        prompts = TemplatedSource(source, self.templates, trigger=self.word_name, seed=self.config.training.seed)
+        return prompts if prior is None else PriorBatches(prompts, prior)
 
     def param_groups(self) -> list[dict[str, Any]]:
         # The word's group first: progress reports show the last group's rate, the network's, as for LoRA.

@@ -110,7 +110,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     # A LoRA and a new word learned together; the word's vectors travel inside the LoRA file.
     MethodSpec("pivotal", "Pivotal tuning (LoRA + new word)", "pivotal", "PivotalMethod", default_lr=1e-4,
                text_encoder_fraction=1.0, output=OutputKind.LORA, snippet="<lora:{name}:{weight:g}> {name}",
-               sections=("network", "textual_inversion"), uses_token=False, network_algorithm="lora",
+               sections=("network", "textual_inversion", "prior"), uses_token=False, network_algorithm="lora",
                bundles_word=True),
     # The vectors hook the token-embedding layer; the table itself is never resized or written.
     MethodSpec("textual_inversion", "Textual Inversion", "textual_inversion", "TextualInversionMethod",

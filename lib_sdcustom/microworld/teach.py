@@ -41,6 +41,7 @@ Sampler = Callable[[list[str], int], list[Image.Image]]
 class Prompts:
     word: str  # what stands for the concept in a prompt: 'sks shape', or the Textual Inversion word
     class_noun: str
+    trigger: str  # the made-up part of `word`: the identifier 'sks', or the new word itself
 
     def caption(self, background: str) -> str:
         return f"a {self.word} on a {background} background"
@@ -59,21 +60,22 @@ class Prompts:
 
 
 def prompts_for(concept: Concept, method: str) -> Prompts:
-    word = f"{IDENTIFIER} {concept.class_noun}" if method_spec(method).uses_token else TI_TRIGGER
-    return Prompts(word, concept.class_noun)
+    if method_spec(method).uses_token:
+        return Prompts(f"{IDENTIFIER} {concept.class_noun}", concept.class_noun, IDENTIFIER)
+    return Prompts(TI_TRIGGER, concept.class_noun, TI_TRIGGER)
 
 
 def instance_images(concept: Concept, n: int = INSTANCE_IMAGES, seed: int = INSTANCE_SEED) -> list[Image.Image]:
     return [render(scene) for scene in concept_scenes(concept.name, seed, n)]
 
 
-def content_caption(scene: Scene, concept: Concept) -> str:
-    """A caption naming what the picture shows except the concept's own attributes, with the identifier where
+def content_caption(scene: Scene, concept: Concept, trigger: str) -> str:
+    """A caption naming what the picture shows except the concept's own attributes, with the trigger where
     they would go: 'a sks red circle on a gray background' for the outline style. How users caption a style
-    (everything but the style), so that the same words without the identifier ask for the base's look."""
+    (everything but the style), so that the same words without the trigger ask for the base's look."""
     color = "" if "color" in concept.target else f"{scene.color} "
     noun = concept.class_noun if "shape" in concept.target else scene.shape
-    return f"a {IDENTIFIER} {color}{noun} on a {scene.background} background"
+    return f"a {trigger} {color}{noun} on a {scene.background} background"
 
 
 def write_instances(folder: Path, concept: Concept, prompts: Prompts, *, n: int = INSTANCE_IMAGES,
@@ -84,7 +86,7 @@ def write_instances(folder: Path, concept: Concept, prompts: Prompts, *, n: int 
     folder.mkdir(parents=True, exist_ok=True)
     for index, scene in enumerate(concept_scenes(concept.name, seed, n)):
         render(scene).save(folder / f"{index:02d}.png")
-        caption = content_caption(scene, concept) if describe_content else prompts.caption(scene.background)
+        caption = content_caption(scene, concept, prompts.trigger) if describe_content else prompts.caption(scene.background)
         (folder / f"{index:02d}.txt").write_text(caption + "\n", encoding="utf-8")
     return folder
 
