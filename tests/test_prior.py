@@ -208,11 +208,14 @@ def lora_config(tiny_checkpoint: Path, images: Path, root: Path, **prior: object
     return config
 
 
-def test_a_loras_first_loss_is_the_instance_term_plus_the_weighted_class_term(tiny_checkpoint, image_folder, tmp_path):
+@pytest.mark.parametrize("method, name", [("lora", "net"), ("pivotal", "zwx-toy")])
+def test_a_networks_first_loss_is_the_instance_term_plus_the_weighted_class_term(tiny_checkpoint, image_folder,
+                                                                                  tmp_path, method, name):
     losses, described, weights_on_file = {}, [], []
     for weight in (0.0, 1.0, 2.0):
         config = lora_config(tiny_checkpoint, image_folder, tmp_path / f"w{weight}", class_prompt=CLASS,
                              prior_weight=weight)
+        config.method, config.output.name = method, name
         result = train(config, callbacks=[lambda event: described.append(event.description)
                                           if isinstance(event, RunStarted) else None])
         losses[weight] = result.losses[0]
