@@ -208,9 +208,17 @@ def lora_config(tiny_checkpoint: Path, images: Path, root: Path, **prior: object
     return config
 
 
-@pytest.mark.parametrize("method, name", [("lora", "net"), ("pivotal", "zwx-toy")])
+# A network's class images include the plain prompts by default (`--plain-prompts auto`); the class prompt keeps a
+# quarter of them (`--class-prompt-share`; of two images, the one it always keeps). Pivotal tuning's are of the class
+# prompt alone: LoRA's class images cost its new combinations and styles (docs/bench/pivotal_prior).
+LORA_CLASS_IMAGES = "2 images of 'a photo of a dog' (25% of them) and 64 plain prompts (weight 1.0)"
+PIVOTAL_CLASS_IMAGES = "2 images of 'a photo of a dog' (weight 1.0)"
+
+
+@pytest.mark.parametrize("method, name, class_images", [("lora", "net", LORA_CLASS_IMAGES),
+                                                         ("pivotal", "zwx-toy", PIVOTAL_CLASS_IMAGES)])
 def test_a_networks_first_loss_is_the_instance_term_plus_the_weighted_class_term(tiny_checkpoint, image_folder,
-                                                                                  tmp_path, method, name):
+                                                                                  tmp_path, method, name, class_images):
     losses, described, weights_on_file = {}, [], []
     for weight in (0.0, 1.0, 2.0):
         config = lora_config(tiny_checkpoint, image_folder, tmp_path / f"w{weight}", class_prompt=CLASS,
@@ -222,31 +230,35 @@ def test_a_networks_first_loss_is_the_instance_term_plus_the_weighted_class_term
         with safe_open(str(result.outputs[0]), "pt") as handle:
             weights_on_file.append(handle.metadata()["ss_prior_loss_weight"])
     assert weights_on_file == ["0.0", "1.0", "2.0"], "kohya's record of the weight trained with"
-    # A network's class images include the plain prompts by default (`--plain-prompts auto`); the class prompt
-    # keeps a quarter of them (`--class-prompt-share`; of two images, the one it always keeps).
-    assert ("prior preservation with 2 images of 'a photo of a dog' (25% of them) and 64 plain prompts (weight 1.0)"
-            in described[1])
+    assert f"prior preservation with {class_images}" in described[1]
     manifest = json.loads((tmp_path / "class" / MANIFEST_NAME).read_text())["images"]
-    assert [entry["prompt"] for entry in manifest] == [CLASS, plain_prompts()[0]], "generated once, reused by the later runs"
+    expected = [CLASS, plain_prompts()[0]] if method == "lora" else [CLASS, CLASS]
+    assert [entry["prompt"] for entry in manifest] == expected, "generated once, reused by the later runs"
     class_term = losses[1.0] - losses[0.0]
     assert abs(class_term) > 1e-3
     assert losses[2.0] - losses[0.0] == pytest.approx(2 * class_term, abs=1e-5)
 
 
-@pytest.mark.parametrize("method", ["lora", "dreambooth_lora"])
-def test_style_mode_generates_class_images_of_every_caption_without_the_trigger(tiny_checkpoint, tmp_path, method):
+# Pivotal tuning's trigger is its new word, the output's name (an uncaptioned picture's prompt is the word alone);
+# the others' is the default caption.
+@pytest.mark.parametrize("method, trigger", [("lora", "sks"), ("dreambooth_lora", "sks"), ("pivotal", "zwx-toy")])
+def test_style_mode_generates_class_images_of_every_caption_without_the_trigger(tiny_checkpoint, tmp_path, method,
+                                                                                 trigger):
     images = write_images(tmp_path / "images")
-    for index, caption in enumerate(["a sks dog on grass", "a cat", "a sks dog on grass"]):
+    for index, caption in enumerate([f"a {trigger} dog on grass", "a cat", f"a {trigger} dog on grass"]):
         (images / f"img{index}.txt").write_text(caption, encoding="utf-8")
     config = lora_config(tiny_checkpoint, images, tmp_path / "run", style=True, num_class_images=4, plain_prompts="off")
     config.method, config.dreambooth.instance_prompt = method, "[filewords]"
-    config.data.default_caption = "sks"
+    if method == "pivotal":
+        config.output.name = trigger
+    else:
+        config.data.default_caption = trigger
     described: list[str] = []
     train(config, callbacks=[lambda event: described.append(event.description) if isinstance(event, RunStarted) else None])
     manifest = json.loads((tmp_path / "class" / MANIFEST_NAME).read_text())["images"]
     # img3 has no caption: captioned with the trigger, its plain prompt is '' (the unconditional picture).
     assert sorted(entry["prompt"] for entry in manifest) == ["", "a cat", "a dog on grass", "a dog on grass"]
-    assert "style mode, prior preservation with 4 images of the captions without 'sks'" in described[0]
+    assert f"style mode, prior preservation with 4 images of the captions without {trigger!r}" in described[0]
 
 
 def test_dreambooth_in_style_mode_puts_the_trigger_in_each_caption_and_defaults_to_filewords(tmp_path):

@@ -222,6 +222,8 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("pivotal_class_quarter", "pivotal", **_LORA_QUARTER, **_NETWORK),
     # What the tab gives pivotal tuning once a class is named: class images of the class prompt, constant rate.
     Recipe("pivotal_prior", "pivotal", prior_preservation=True, **_NETWORK),
+    # LoRA's class images at pivotal tuning's constant rate: the decay's share of what the class images cost.
+    Recipe("pivotal_class_quarter_constant", "pivotal", **{**_LORA_QUARTER, "scheduler": "constant"}, **_NETWORK),
 )
 
 
