@@ -27,7 +27,7 @@ EXPECTED = {
     "hypernetwork": (1e-5, 0.0, OutputKind.HYPERNETWORK, set(), {"hypernetwork"}, True),
     "dreambooth": (2e-6, 1.0, OutputKind.CHECKPOINT, {"unet", "text_encoder"}, {"dreambooth", "prior"}, True),
     "dreambooth_lora": (1e-4, 1.0, OutputKind.LORA, set(), {"network", "dreambooth", "prior"}, True),
-    "pivotal": (1e-4, 1.0, OutputKind.LORA, set(), {"network", "textual_inversion"}, False),
+    "pivotal": (1e-4, 1.0, OutputKind.LORA, set(), {"network", "textual_inversion", "prior"}, False),
 }
 
 
