@@ -224,6 +224,8 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("pivotal_prior", "pivotal", prior_preservation=True, **_NETWORK),
     # LoRA's class images at pivotal tuning's constant rate: the decay's share of what the class images cost.
     Recipe("pivotal_class_quarter_constant", "pivotal", **{**_LORA_QUARTER, "scheduler": "constant"}, **_NETWORK),
+    # The shipped pivotal row without the text encoder's LoRA: the word alone binds the subject in the text.
+    Recipe("pivotal_class_quarter_unet", "pivotal", train_text_encoder=0.0, **_LORA_QUARTER, **_NETWORK),
 )
 
 
