@@ -108,8 +108,9 @@ def test_the_class_prompt_keeps_its_share_of_class_images_however_many_prompts_j
 
 
 @pytest.mark.parametrize("setting, methods, chosen", [
-    ("class_prompt_share", {"lora": 0.25, "locon": 0.0, "dreambooth_lora": 0.25, "dreambooth": 0.25}, 0.5),
-    ("prior_weight", {"lora": 1.0, "locon": 1.0, "dreambooth_lora": 1.0, "dreambooth": 0.5}, 0.0),
+    ("class_prompt_share", {"lora": 0.25, "locon": 0.0, "dreambooth_lora": 0.25, "dreambooth": 0.25, "pivotal": 0.5},
+     0.75),
+    ("prior_weight", {"lora": 1.0, "locon": 1.0, "dreambooth_lora": 1.0, "dreambooth": 0.5, "pivotal": 0.25}, 0.0),
 ])
 def test_a_prior_setting_left_at_minus_one_takes_the_methods_measured_value(setting, methods, chosen):
     """-1 (the default) takes the method's own value; any other value, 0 included, is the user's."""
@@ -209,10 +210,10 @@ def lora_config(tiny_checkpoint: Path, images: Path, root: Path, **prior: object
 
 
 # Every network's class images include the plain prompts by default (`--plain-prompts auto`); the class prompt
-# keeps a quarter of them (`--class-prompt-share`; of two images, the one it always keeps).
-@pytest.mark.parametrize("method, name", [("lora", "net"), ("pivotal", "zwx-toy")])
+# keeps its method's share of them (`--class-prompt-share`; of two images, the one it always keeps).
+@pytest.mark.parametrize("method, name, share", [("lora", "net", "25%"), ("pivotal", "zwx-toy", "50%")])
 def test_a_networks_first_loss_is_the_instance_term_plus_the_weighted_class_term(tiny_checkpoint, image_folder,
-                                                                                  tmp_path, method, name):
+                                                                                  tmp_path, method, name, share):
     losses, described, weights_on_file = {}, [], []
     for weight in (0.0, 1.0, 2.0):
         config = lora_config(tiny_checkpoint, image_folder, tmp_path / f"w{weight}", class_prompt=CLASS,
@@ -224,8 +225,8 @@ def test_a_networks_first_loss_is_the_instance_term_plus_the_weighted_class_term
         with safe_open(str(result.outputs[0]), "pt") as handle:
             weights_on_file.append(handle.metadata()["ss_prior_loss_weight"])
     assert weights_on_file == ["0.0", "1.0", "2.0"], "kohya's record of the weight trained with"
-    assert ("prior preservation with 2 images of 'a photo of a dog' (25% of them) and 64 plain prompts (weight 1.0)"
-            in described[1])
+    assert (f"prior preservation with 2 images of 'a photo of a dog' ({share} of them) and 64 plain prompts "
+            "(weight 1.0)") in described[1]
     manifest = json.loads((tmp_path / "class" / MANIFEST_NAME).read_text())["images"]
     assert [entry["prompt"] for entry in manifest] == [CLASS, plain_prompts()[0]], "generated once, reused by the later runs"
     class_term = losses[1.0] - losses[0.0]

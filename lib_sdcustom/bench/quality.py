@@ -226,6 +226,11 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("pivotal_class_quarter_constant", "pivotal", **{**_LORA_QUARTER, "scheduler": "constant"}, **_NETWORK),
     # The shipped pivotal row without the text encoder's LoRA: the word alone binds the subject in the text.
     Recipe("pivotal_class_quarter_unet", "pivotal", train_text_encoder=0.0, **_LORA_QUARTER, **_NETWORK),
+    # The class images' loss at a quarter of its weight (pivotal's drift for its new combinations), and the same
+    # with half the class images for the class prompt (against the drift of the bare class prompt): its defaults.
+    Recipe("pivotal_prior_weight_quarter", "pivotal", prior_weight=0.25, **_LORA_QUARTER, **_NETWORK),
+    Recipe("pivotal_prior_weight_quarter_class_half", "pivotal", prior_weight=0.25,
+           **{**_LORA_QUARTER, "class_prompt_share": 0.5}, **_NETWORK),
 )
 
 

@@ -9,9 +9,9 @@ samples, with the prompt's blue background 66 vs 29, the bare class prompt showi
 the network and the word's vectors as `bundle_emb.NAME.*` (`formats/embedding_file.bundled_word_tensors`):
 the WebUI registers the word while the LoRA is active, so `<lora:NAME:1> a photo of NAME` uses both.
 
-Its LoRA changes the model as LoRA's does, so it trains on class images as LoRA does (`PriorMixin`), with LoRA's
-defaults: they keep the bare class prompt near the base model's, at the cost of the new combinations that
-pivotal tuning alone draws best (docs/bench/pivotal_prior).
+Its LoRA changes the model as LoRA's does, so it trains on class images as LoRA does (`PriorMixin`). At LoRA's
+full weight they kept the bare class prompt at the base model's level but took back the new combinations that
+pivotal tuning alone draws best; its defaults weigh them 0.25 (docs/bench/pivotal_prior).
 
 The word is the output name, so the host's own rules for it apply before any model loads: it must not be a
 word CLIP already has as one token (it would replace that word in every prompt), and no embedding of that

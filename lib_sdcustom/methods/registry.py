@@ -107,13 +107,15 @@ METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     # One scale per channel, starting at 1: the (IA)^3 paper (T-Few) trains them at 3e-3.
     _network("ia3", "(IA)³ (LyCORIS)", "ia3", default_lr=3e-3),
     _network("glora", "GLoRA (LyCORIS)", "glora"),
-    # A LoRA and a new word learned together; the word's vectors travel inside the LoRA file. LoRA's class images
-    # and decay: without class images it drew new combinations best (0.88) but its bare class prompt showed the
-    # subject half the time (base 0.01-0.24); with LoRA's, 0.61 and 0.14-0.30 (docs/bench/pivotal_prior).
+    # A LoRA and a new word learned together; the word's vectors travel inside the LoRA file. Without class images
+    # it drew new combinations best (0.88) but its bare class prompt showed the subject half the time (base
+    # 0.01-0.24); with LoRA's class images, 0.61 and 0.14-0.30. Their loss at a quarter of its weight, with half
+    # of them for the class prompt: 0.79 and 0.18-0.31 (docs/bench/pivotal_prior).
     MethodSpec("pivotal", "Pivotal tuning (LoRA + new word)", "pivotal", "PivotalMethod", default_lr=1e-4,
                text_encoder_fraction=1.0, output=OutputKind.LORA, snippet="<lora:{name}:{weight:g}> {name}",
                sections=("network", "textual_inversion", "prior"), uses_token=False, network_algorithm="lora",
-               bundles_word=True, plain_prompts_by_default=True, default_scheduler="cosine"),
+               bundles_word=True, plain_prompts_by_default=True, default_scheduler="cosine",
+               class_prompt_share=0.5, prior_weight=0.25),
     # The vectors hook the token-embedding layer; the table itself is never resized or written.
     MethodSpec("textual_inversion", "Textual Inversion", "textual_inversion", "TextualInversionMethod",
                default_lr=5e-3, text_encoder_fraction=0.0, output=OutputKind.EMBEDDING, snippet="{name}",
