@@ -231,6 +231,9 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("pivotal_prior_weight_quarter", "pivotal", prior_weight=0.25, **_LORA_QUARTER, **_NETWORK),
     Recipe("pivotal_prior_weight_quarter_class_half", "pivotal", prior_weight=0.25,
            **{**_LORA_QUARTER, "class_prompt_share": 0.5}, **_NETWORK),
+    # Pivotal tuning's lighter prior on LoRA.
+    Recipe("lora_prior_weight_quarter_class_half", "lora", prior_weight=0.25,
+           **{**_LORA_QUARTER, "class_prompt_share": 0.5}, **_NETWORK),
 )
 
 
