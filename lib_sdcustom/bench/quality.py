@@ -220,7 +220,7 @@ RECIPES: tuple[Recipe, ...] = (
     # Pivotal tuning as LoRA's row ships (a quarter of the class images for the class prompt, cosine, style mode on
     # a style): a new word beside the network, against the networks' seed-dependent new combinations.
     Recipe("pivotal_class_quarter", "pivotal", **_LORA_QUARTER, **_NETWORK),
-    # What the tab gives pivotal tuning once a class is named: class images of the class prompt, constant rate.
+    # Class images of the bare class prompt alone, at a constant rate (kohya's plain regularization images).
     Recipe("pivotal_prior", "pivotal", prior_preservation=True, **_NETWORK),
     # LoRA's class images at pivotal tuning's constant rate: the decay's share of what the class images cost.
     Recipe("pivotal_class_quarter_constant", "pivotal", **{**_LORA_QUARTER, "scheduler": "constant"}, **_NETWORK),

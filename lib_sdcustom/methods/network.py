@@ -45,10 +45,14 @@ class NetworkMethod(PriorMixin, Method):
         return style_trigger(config) if config.prior.style else super().trigger_phrase(config, captions)
 
     def build_source(self, source: BatchSource) -> BatchSource:
-        """Style mode's captions, then the class half of each batch when prior preservation has class images."""
+        """The method's captions, then the class half of each batch when prior preservation has class images."""
         prior = self.class_prior(source)
-        batches = self.style_captioned(source)
+        batches = self.captioned(source)
         return batches if prior is None else PriorBatches(batches, prior)
+
+    def captioned(self, source: BatchSource) -> BatchSource:
+        """The training captions: style mode's (the trigger in each) when it is on, else the data's own."""
+        return self.style_captioned(source)
 
     def param_groups(self) -> list[dict[str, Any]]:
         return self.attached.param_groups(unet_lr=self.config.unet_lr, text_encoder_lr=self.config.text_encoder_lr)

@@ -34,7 +34,6 @@ from ..models.tokenizer import load_clip_tokenizer
 from ..run.context import RunContext
 from ..training.conditioning import Conditioning
 from .network import NetworkMethod
-from .prior import PriorBatches
 from .registry import method_spec
 from .textual_inversion import STATE_KEYS, LearnedWord, NamedWordCaptions, TemplatedSource, refuse_known_word
 
@@ -75,12 +74,9 @@ class PivotalMethod(NamedWordCaptions, NetworkMethod):
         start = round(self.config.textual_inversion.word_first * self.config.training.steps)
         return {group["name"]: start for group in super().param_groups()} if start else {}
 
-    def build_source(self, source: "BatchSource") -> "BatchSource":
-        """The templates' prompts (each holds the word, so style mode's captions need nothing more), then the
-        class half of each batch when prior preservation has class images, as for LoRA."""
-        prior = self.class_prior(source)
-        prompts = TemplatedSource(source, self.templates, trigger=self.word_name, seed=self.config.training.seed)
-        return prompts if prior is None else PriorBatches(prompts, prior)
+    def captioned(self, source: "BatchSource") -> "BatchSource":
+        """The templates' prompts: each holds the word, so style mode's captions need nothing more."""
+        return TemplatedSource(source, self.templates, trigger=self.word_name, seed=self.config.training.seed)
 
     def param_groups(self) -> list[dict[str, Any]]:
         # The word's group first: progress reports show the last group's rate, the network's, as for LoRA.
