@@ -315,6 +315,23 @@ def test_the_recipe_line_names_a_min_snr_gamma_other_than_the_default():
     assert "min-SNR" not in rows["lora_class_quarter"]
 
 
+def test_the_ema_recipe_exports_the_moving_average_and_its_line_says_so(tmp_path):
+    """dreambooth_prior_half_ema differs from DreamBooth's row only in exporting the UNet's EMA."""
+    from dataclasses import asdict
+
+    from lib_sdcustom.bench.quality import _recipe_line, recipes_named, run_config
+    from lib_sdcustom.microworld.world import CONCEPTS
+
+    recipes = recipes_named(["dreambooth_prior_half_ema", "dreambooth_prior_half"])
+    line = _recipe_line([asdict(recipe) for recipe in recipes])
+    rows = dict(part.split(" ", 1) for part in line.split(": ", 1)[1].rstrip(".").split("; "))
+    assert "moving average" in rows["dreambooth_prior_half_ema"]
+    assert "moving average" not in rows["dreambooth_prior_half"]
+    configs = [run_config(recipe, CONCEPTS["red_circle"], tmp_path / recipe.key, tmp_path / "base", tmp_path / "class")
+               for recipe in recipes]
+    assert [config.dreambooth.ema for config in configs] == [True, False]
+
+
 def _shard(report: dict, folder: Path, out: Path, *, seeds: dict[str, str], recipes: list[dict] | None = None) -> Path:
     """A copy of `report` whose runs are those of the seeds named in `seeds` (new name: stored seed)."""
     folder.mkdir(parents=True)

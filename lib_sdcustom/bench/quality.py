@@ -113,6 +113,7 @@ class Recipe:
     content_captions: bool = False  # captions name each picture's other attributes (`teach.content_caption`)
     varied_prompts: bool = False  # class images also of `varied_prompts()` (--class-prompt-file)
     class_prompt_share: float = 0.0  # of the class images, with varied prompts (--class-prompt-share; 0 = even)
+    ema: bool = False  # DreamBooth: export the UNet's moving average (--ema)
     #: Settings that replace the above on a style concept: what the README tells a user training a style to tick.
     on_styles: tuple[tuple[str, Any], ...] = ()
 
@@ -197,6 +198,10 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("locon_prior_half", "locon", prior_weight=0.5, **_COSINE_VARIED, **_NETWORK),
     Recipe("dreambooth_prior_half", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0, prior_preservation=True,
            prior_weight=0.5, class_prompt_share=0.25, on_styles=_STYLE_MODE),
+    # DreamBooth's row with the UNet's moving average exported: the constant rate leaves the last step wherever
+    # the last batches pushed it, and the seeds' spread is most of each interval.
+    Recipe("dreambooth_prior_half_ema", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0,
+           prior_preservation=True, prior_weight=0.5, class_prompt_share=0.25, on_styles=_STYLE_MODE, ema=True),
     Recipe("dreambooth_fast", "dreambooth", steps=300, lr=4e-4, train_text_encoder=1.0, prior_preservation=True,
            class_prompt_share=0.25, on_styles=_STYLE_MODE),
     # The batch and the ratio of the UNet's rate to the text encoder's (docs/bench/rates; none adopted): twice
@@ -275,7 +280,7 @@ def run_config(recipe: Recipe, concept: Concept, folder: Path, base: Path, class
     config.optimizer.scheduler = recipe.scheduler
     config.textual_inversion.vectors, config.textual_inversion.init_text = 2, concept.class_noun
     config.textual_inversion.template = "captions"  # the caption files, which hold the trigger word
-    config.dreambooth.instance_prompt = "[filewords]"
+    config.dreambooth.instance_prompt, config.dreambooth.ema = "[filewords]", recipe.ema
     prior = config.prior
     prior.class_prompt, prior.style = prompts.class_prompt, recipe.style
     prior.prior_preservation, prior.num_class_images = recipe.prior_preservation, recipe.class_images
@@ -625,7 +630,8 @@ def _recipe_line(recipes: Sequence[dict[str, Any]]) -> str:
         rate = f"{r['lr']:g} (text encoder {r['text_encoder_lr']:g})" if r.get("text_encoder_lr") else f"{r['lr']:g}"
         gamma = r.get("min_snr_gamma", MIN_SNR_GAMMA)
         snr = "" if gamma == MIN_SNR_GAMMA else (", min-SNR off" if gamma == 0 else f", min-SNR gamma {gamma:g}")
-        return f"{r['key']} {r['steps']} / {rate} / {r['batch_size']}{rank}{decay}{held}{weighed}{snr}{style}"
+        ema = ", the UNet's moving average exported" if r.get("ema") else ""  # older reports had no EMA recipe
+        return f"{r['key']} {r['steps']} / {rate} / {r['batch_size']}{rank}{decay}{held}{weighed}{snr}{ema}{style}"
 
     return ("Recipes (steps, lr, batch, rank; the rate is constant unless a decay is named): "
             + "; ".join(settings(r) for r in recipes) + ".")
