@@ -205,6 +205,12 @@ RECIPES: tuple[Recipe, ...] = (
     # DreamBooth's class images at a quarter of their weight: half had lifted its held-out cross.
     Recipe("dreambooth_prior_quarter", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0,
            prior_preservation=True, prior_weight=0.25, class_prompt_share=0.25, on_styles=_STYLE_MODE),
+    # DreamBooth as it ships since (docs/bench/prior_by_mode): a quarter of the weight on a subject, where it drew
+    # new combinations best, and the full weight in style mode, where lighter class images let the style into
+    # the bare class prompt.
+    Recipe("dreambooth_prior_by_mode", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0,
+           prior_preservation=True, prior_weight=0.25, class_prompt_share=0.25,
+           on_styles=(*_STYLE_MODE, ("prior_weight", 1.0))),
     Recipe("dreambooth_fast", "dreambooth", steps=300, lr=4e-4, train_text_encoder=1.0, prior_preservation=True,
            class_prompt_share=0.25, on_styles=_STYLE_MODE),
     # The batch and the ratio of the UNet's rate to the text encoder's (docs/bench/rates; none adopted): twice
