@@ -246,11 +246,15 @@ def test_each_table_row_trains_with_its_methods_shipped_regularization_and_sched
     from lib_sdcustom.microworld.world import CONCEPTS
 
     for recipe in recipes_named(TABLE_METHODS):
-        config = run_config(recipe, CONCEPTS["red_circle"], tmp_path / recipe.key, tmp_path / "base", tmp_path / "class")
-        shipped = RunConfig(method=recipe.method)
-        assert (config.scheduler, config.prior_enabled) == (shipped.scheduler, "prior" in shipped.spec.sections)
-        if config.prior_enabled:
-            assert (config.prior_weight, config.class_prompt_share) == (shipped.prior_weight, shipped.class_prompt_share)
+        for concept in "red_circle", "outline_style":
+            config = run_config(recipe, CONCEPTS[concept], tmp_path / recipe.key / concept, tmp_path / "base",
+                                tmp_path / "class")
+            shipped = RunConfig(method=recipe.method)
+            shipped.prior.style = config.prior.style
+            assert (config.scheduler, config.prior_enabled) == (shipped.scheduler, "prior" in shipped.spec.sections)
+            if config.prior_enabled:
+                assert ((config.prior_weight, config.class_prompt_share)
+                        == (shipped.prior_weight, shipped.class_prompt_share)), (recipe.key, concept)
 
 
 def test_a_regularized_recipe_runs_style_mode_on_a_style_and_prior_preservation_on_a_subject(tmp_path):
@@ -315,8 +319,9 @@ def test_the_recipe_line_names_a_min_snr_gamma_other_than_the_default():
     assert "min-SNR" not in rows["lora_class_quarter"]
 
 
-def test_the_ema_recipe_exports_the_moving_average_and_its_line_says_so(tmp_path):
-    """dreambooth_prior_half_ema differs from DreamBooth's row only in exporting the UNet's EMA."""
+def test_the_recipe_line_names_an_exported_moving_average_and_a_weight_kept_for_styles(tmp_path):
+    """dreambooth_prior_half_ema differs from DreamBooth's row only in exporting the UNet's EMA, and
+    dreambooth_prior_by_mode from dreambooth_prior_quarter only on styles."""
     from dataclasses import asdict
 
     from lib_sdcustom.bench.quality import _recipe_line, recipes_named, run_config
@@ -327,6 +332,8 @@ def test_the_ema_recipe_exports_the_moving_average_and_its_line_says_so(tmp_path
     rows = dict(part.split(" ", 1) for part in line.split(": ", 1)[1].rstrip(".").split("; "))
     assert "moving average" in rows["dreambooth_prior_half_ema"]
     assert "moving average" not in rows["dreambooth_prior_half"]
+    by_mode = _recipe_line([asdict(recipe) for recipe in recipes_named(["dreambooth_prior_by_mode"])])
+    assert "class images' loss at weight 0.25 (1 on styles)" in by_mode
     configs = [run_config(recipe, CONCEPTS["red_circle"], tmp_path / recipe.key, tmp_path / "base", tmp_path / "class")
                for recipe in recipes]
     assert [config.dreambooth.ema for config in configs] == [True, False]

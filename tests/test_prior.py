@@ -110,7 +110,7 @@ def test_the_class_prompt_keeps_its_share_of_class_images_however_many_prompts_j
 @pytest.mark.parametrize("setting, methods, chosen", [
     ("class_prompt_share", {"lora": 0.25, "locon": 0.0, "dreambooth_lora": 0.25, "dreambooth": 0.25, "pivotal": 0.5},
      0.75),
-    ("prior_weight", {"lora": 1.0, "locon": 1.0, "dreambooth_lora": 1.0, "dreambooth": 0.5, "pivotal": 0.25}, 0.0),
+    ("prior_weight", {"lora": 1.0, "locon": 1.0, "dreambooth_lora": 1.0, "dreambooth": 0.25, "pivotal": 0.25}, 0.0),
 ])
 def test_a_prior_setting_left_at_minus_one_takes_the_methods_measured_value(setting, methods, chosen):
     """-1 (the default) takes the method's own value; any other value, 0 included, is the user's."""
@@ -119,6 +119,16 @@ def test_a_prior_setting_left_at_minus_one_takes_the_methods_measured_value(sett
         config = RunConfig(method=method)
         setattr(config.prior, setting, chosen)
         assert getattr(config, setting) == chosen
+
+
+@pytest.mark.parametrize("method", ["lora", "dreambooth", "pivotal"])
+def test_style_mode_weighs_the_class_images_fully_unless_the_user_sets_a_weight(method):
+    """In style mode the class images keep the style behind its trigger; a lighter default let it leak."""
+    config = RunConfig(method=method)
+    config.prior.style = True
+    assert config.prior_weight == 1.0
+    config.prior.prior_weight = 0.25
+    assert config.prior_weight == 0.25
 
 
 def test_plain_prompts_add_the_shipped_everyday_prompts_after_the_others(tmp_path):

@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import math
-import shutil
 import sys
 import tempfile
 import time
@@ -36,12 +35,12 @@ import numpy as np
 from ..errors import UserFacingError
 from ..files import write_text_atomically
 from ..microworld.judge import Judge, load_judge
-from ..microworld.model import shipped_checkpoint, text_encoder_folder_name
+from ..microworld.model import shipped_checkpoint
 from ..microworld.teach import prompts_for, sampler, subject_hits, trained_sampler
 from ..microworld.world import CONCEPTS, Concept
 from ..run.best_step import SCORES_FILE
 from ..training.step_selection import DRIFT_WEIGHT, LEAK_WEIGHT, ProbeErrors, StepScore, best, combine
-from .quality import Recipe, recipes_named, run_config, sample_groups
+from .quality import Recipe, prepared_run, recipes_named, sample_groups
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +88,8 @@ def one_run(recipe: Recipe, concept: Concept, seed: int, workdir: Path, base: Pa
     """Train with selection on, then judge every scored step; the run's record."""
     from ..run.train import train
 
-    folder = workdir / recipe.key / concept.name / f"seed{seed}"
-    if folder.exists():
-        shutil.rmtree(folder)
-    config = run_config(recipe, concept, folder, base, workdir / f"class_images_{concept.name}", seed)
+    config = prepared_run(recipe, concept, seed, workdir, base)
     config.training.save_every, config.training.select_best_step = save_every, True
-    shutil.copytree(base.parent / text_encoder_folder_name(base.stem), Path(config.output.out) / text_encoder_folder_name(base.stem))
     started = time.monotonic()
     result = train(config)
     seconds = time.monotonic() - started

@@ -264,7 +264,7 @@ class Size:
 
 #: The table's rows (docs/bench/quality.md): each method the issue's targets name, as a user would run it;
 #: the other recipes are variants and older rows, run by name with --methods.
-TABLE_METHODS = ("lora_class_quarter", "locon_regularized_cosine", "dreambooth_prior_half",
+TABLE_METHODS = ("lora_class_quarter", "locon_regularized_cosine", "dreambooth_prior_by_mode",
                  "dreambooth_lora_class_quarter", "textual_inversion")
 FULL = Size(BENCH_CONCEPTS, TABLE_METHODS, SAMPLES, 0)
 #: --quick: the whole pipeline at toy size (the test concept of each kind, a network-free and a checkpoint
@@ -456,18 +456,25 @@ def _base_quality(bundle: ModelBundle, judge: Judge) -> dict[str, Any]:
     return {"reconstruction": reconstruction_accuracy(bundle.vae, judge), "samples": report.to_dict()}
 
 
-def _train_and_score(recipe: Recipe, concept: Concept, seed: int, workdir: Path, base: Path, judge: Judge,
-                     samples: int, reference_class: Sequence[Image.Image]) -> tuple[Scores, list[list[Image.Image]]]:
-    from ..run.train import train
-
+def prepared_run(recipe: Recipe, concept: Concept, seed: int, workdir: Path, base: Path) -> RunConfig:
+    """The run's settings, in a fresh folder of `workdir`. Class images are kept per concept and seed: the training
+    seed seeds their generation, so a seed's runs train on the same ones whichever shard makes them first."""
     folder = workdir / recipe.key / concept.name / f"seed{seed}"
     if folder.exists():
         shutil.rmtree(folder)
-    config = run_config(recipe, concept, folder, base, workdir / f"class_images_{concept.name}", seed)
+    config = run_config(recipe, concept, folder, base, workdir / f"class_images_{concept.name}_seed{seed}", seed)
     # The base's YAML names its text-encoder folder relative to itself; a checkpoint exported
     # elsewhere needs the folder beside it too.
     text_folder = text_encoder_folder_name(base.stem)
     shutil.copytree(base.parent / text_folder, Path(config.output.out) / text_folder)
+    return config
+
+
+def _train_and_score(recipe: Recipe, concept: Concept, seed: int, workdir: Path, base: Path, judge: Judge,
+                     samples: int, reference_class: Sequence[Image.Image]) -> tuple[Scores, list[list[Image.Image]]]:
+    from ..run.train import train
+
+    config = prepared_run(recipe, concept, seed, workdir, base)
     started = time.monotonic()
     result = train(config)
     seconds = time.monotonic() - started
@@ -633,9 +640,12 @@ def _recipe_line(recipes: Sequence[dict[str, Any]]) -> str:
         decay = "" if schedule == "constant" else f", {schedule} decay"
         share = r.get("class_prompt_share", 0.0)  # older reports split the class images evenly
         held = f", {share:.0%} of the class images of the class prompt" if share else ""
-        style = ", style mode on styles" if dict(r.get("on_styles", ())).get("style") else ""
+        on_styles = dict(r.get("on_styles", ()))
+        style = ", style mode on styles" if on_styles.get("style") else ""
         weight = r.get("prior_weight", 1.0)  # older reports weighed the class images fully
+        style_weight = on_styles.get("prior_weight", weight)
         weighed = f", class images' loss at weight {weight:g}" if weight != 1.0 and r["prior_preservation"] else ""
+        weighed += f" ({style_weight:g} on styles)" if weighed and style_weight != weight else ""
         rate = f"{r['lr']:g} (text encoder {r['text_encoder_lr']:g})" if r.get("text_encoder_lr") else f"{r['lr']:g}"
         gamma = r.get("min_snr_gamma", MIN_SNR_GAMMA)
         snr = "" if gamma == MIN_SNR_GAMMA else (", min-SNR off" if gamma == 0 else f", min-SNR gamma {gamma:g}")

@@ -68,9 +68,10 @@ class MethodSpec:
     #: there with an even split (0), and a quarter cost it new combinations (0.83 to 0.68), so it keeps the even
     #: split (docs/bench/class_share).
     class_prompt_share: float = 0.25
-    #: What `--prior-weight -1` (the default) weighs the class images' loss by. DreamBooth's paper and kohya
-    #: weigh it 1; full DreamBooth drew new combinations more often at 0.5 on the quality benchmark with the
-    #: bare class prompt still at the base's level (docs/bench/prior_weight).
+    #: What `--prior-weight -1` (the default) weighs the class images' loss by on a subject; style mode weighs
+    #: them fully whatever the method (`STYLE_PRIOR_WEIGHT`). DreamBooth's paper and kohya weigh it 1; full
+    #: DreamBooth drew new combinations more often at 0.25 on the quality benchmark with the bare class prompt
+    #: still at the base's level (docs/bench/prior_by_mode).
     prior_weight: float = 1.0
 
     @property
@@ -86,6 +87,10 @@ class MethodSpec:
 
 
 _LORA_SNIPPET = "<lora:{name}:{weight:g}>"
+#: The class images' weight in style mode under `--prior-weight -1`. There they are what keeps the style behind its
+#: trigger: lighter, they let it into the bare class prompt for DreamBooth (0.32 against 0.21, base 0.15) and
+#: pivotal tuning, and cost LoRA's styles (docs/bench/prior_by_mode).
+STYLE_PRIOR_WEIGHT = 1.0
 
 
 def _network(name: str, label: str, algorithm: str, default_lr: float = 1e-4, class_prompt_share: float = 0.25
@@ -129,7 +134,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("dreambooth", "DreamBooth (full fine-tune)", "dreambooth", "DreamBoothMethod", default_lr=2e-6,
                text_encoder_fraction=1.0, output=OutputKind.CHECKPOINT,
                snippet="Select the checkpoint '{name}' at the top of txt2img.", trained_in_place=COMPONENTS,
-               sections=("dreambooth", "prior"), prior_weight=0.5),
+               sections=("dreambooth", "prior"), prior_weight=0.25),
     # A LoRA on DreamBooth's batches: with LoRA's regularization and schedule it scored the same as LoRA, sample
     # for sample, on the quality benchmark's subjects (docs/bench/tuning.md), so it takes LoRA's defaults.
     MethodSpec("dreambooth_lora", "DreamBooth-LoRA", "dreambooth", "DreamBoothLoraMethod", default_lr=1e-4,
