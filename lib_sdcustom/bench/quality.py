@@ -130,6 +130,10 @@ _NETWORK: dict[str, Any] = {"steps": 600, "lr": 3e-3, "text_encoder_lr": 6e-3}
 # on the red circle). On a style, style mode as the README advises: captions that name everything but the style.
 _VARIED: dict[str, Any] = {"prior_preservation": True, "varied_prompts": True, "class_images": 2 * CLASS_IMAGES}
 _STYLE_MODE = (("style", True), ("content_captions", True))
+# DreamBooth's recipe (300 steps, the text encoder trained throughout) with its class images of the class prompt
+# alone, a quarter of them when other prompts join, and style mode on a style: the base of its levers.
+_DREAMBOOTH: dict[str, Any] = {"steps": 300, "lr": 2e-4, "train_text_encoder": 1.0, "prior_preservation": True,
+                               "class_prompt_share": 0.25, "on_styles": _STYLE_MODE}
 # LoCon's table row (class images of the class prompt and varied prompts, decaying rate, style mode on styles), and
 # LoRA's (the same with a quarter of the class images for the class prompt): the bases of the levers tried.
 _COSINE_VARIED: dict[str, Any] = {"on_styles": _STYLE_MODE, "scheduler": "cosine", **_VARIED}
@@ -151,8 +155,7 @@ RECIPES: tuple[Recipe, ...] = (
     # On a style in style mode (captions naming all but the style, the instance prompt '[filewords]'), as the
     # README advises since DreamBooth has it, with the shipped quarter of the class images for the class prompt
     # (on a subject the class prompt is its only prompt); measured without it before, in docs/bench/style_mode.
-    Recipe("dreambooth", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0, prior_preservation=True,
-           class_prompt_share=0.25, on_styles=_STYLE_MODE),
+    Recipe("dreambooth", "dreambooth", **_DREAMBOOTH),
     Recipe("dreambooth_no_prior", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0),
     Recipe("dreambooth_lora", "dreambooth_lora", prior_preservation=True, **_NETWORK),
     # LoRA with regularization (docs/bench/regularization): class images of the class prompt; style mode on
@@ -196,23 +199,18 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("lora_quarter_rank16", "lora", rank=16, **_LORA_QUARTER, **_NETWORK),
     Recipe("lora_quarter_te_fast", "lora", **_LORA_QUARTER, **{**_NETWORK, "text_encoder_lr": 1.2e-2}),
     Recipe("locon_prior_half", "locon", prior_weight=0.5, **_COSINE_VARIED, **_NETWORK),
-    Recipe("dreambooth_prior_half", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0, prior_preservation=True,
-           prior_weight=0.5, class_prompt_share=0.25, on_styles=_STYLE_MODE),
+    Recipe("dreambooth_prior_half", "dreambooth", prior_weight=0.5, **_DREAMBOOTH),
     # DreamBooth's row with the UNet's moving average exported: the constant rate leaves the last step wherever
     # the last batches pushed it, and the seeds' spread is most of each interval.
-    Recipe("dreambooth_prior_half_ema", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0,
-           prior_preservation=True, prior_weight=0.5, class_prompt_share=0.25, on_styles=_STYLE_MODE, ema=True),
+    Recipe("dreambooth_prior_half_ema", "dreambooth", prior_weight=0.5, ema=True, **_DREAMBOOTH),
     # DreamBooth's class images at a quarter of their weight: half had lifted its held-out cross.
-    Recipe("dreambooth_prior_quarter", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0,
-           prior_preservation=True, prior_weight=0.25, class_prompt_share=0.25, on_styles=_STYLE_MODE),
+    Recipe("dreambooth_prior_quarter", "dreambooth", prior_weight=0.25, **_DREAMBOOTH),
     # DreamBooth as it ships since (docs/bench/prior_by_mode): a quarter of the weight on a subject, where it drew
     # new combinations best, and the full weight in style mode, where lighter class images let the style into
     # the bare class prompt.
-    Recipe("dreambooth_prior_by_mode", "dreambooth", steps=300, lr=2e-4, train_text_encoder=1.0,
-           prior_preservation=True, prior_weight=0.25, class_prompt_share=0.25,
-           on_styles=(*_STYLE_MODE, ("prior_weight", 1.0))),
-    Recipe("dreambooth_fast", "dreambooth", steps=300, lr=4e-4, train_text_encoder=1.0, prior_preservation=True,
-           class_prompt_share=0.25, on_styles=_STYLE_MODE),
+    Recipe("dreambooth_prior_by_mode", "dreambooth", prior_weight=0.25,
+           **{**_DREAMBOOTH, "on_styles": (*_STYLE_MODE, ("prior_weight", 1.0))}),
+    Recipe("dreambooth_fast", "dreambooth", **{**_DREAMBOOTH, "lr": 4e-4}),
     # The batch and the ratio of the UNet's rate to the text encoder's (docs/bench/rates; none adopted): twice
     # LoRA's batch, against the seeds' spread; the networks' UNet at their text encoder's rate (without
     # convolutions, LoRA's attention layers alone must learn a look the base has never drawn; LoCon for styles).
@@ -221,8 +219,7 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("locon_unet_fast", "locon", **_COSINE_VARIED, **{**_NETWORK, "lr": 6e-3}),
     # DreamBooth's text encoder at twice the UNet's rate, as the networks train theirs: the purple triangle, its
     # weak concept, came out in the wrong colour, and twice both rates (dreambooth_fast) lifted it.
-    Recipe("dreambooth_te_fast", "dreambooth", steps=300, lr=2e-4, text_encoder_lr=4e-4, train_text_encoder=1.0,
-           prior_preservation=True, prior_weight=0.5, class_prompt_share=0.25, on_styles=_STYLE_MODE),
+    Recipe("dreambooth_te_fast", "dreambooth", text_encoder_lr=4e-4, prior_weight=0.5, **_DREAMBOOTH),
     # Min-SNR's gamma, set once on one concept (docs/bench/tuning.md), swept on LoRA's new combinations
     # (docs/bench/min_snr): off weights the low-noise steps, where an outline is drawn, as much as the rest; 1
     # weights them less than 5 does, leaving the layout and colour decided at high noise.
@@ -289,7 +286,8 @@ def run_config(recipe: Recipe, concept: Concept, folder: Path, base: Path, class
     config.optimizer.scheduler = recipe.scheduler
     config.textual_inversion.vectors, config.textual_inversion.init_text = 2, concept.class_noun
     config.textual_inversion.template = "captions"  # the caption files, which hold the trigger word
-    config.dreambooth.instance_prompt, config.dreambooth.ema = "[filewords]", recipe.ema
+    config.dreambooth.instance_prompt = "[filewords]"
+    config.dreambooth.ema = recipe.ema
     prior = config.prior
     prior.class_prompt, prior.style = prompts.class_prompt, recipe.style
     prior.prior_preservation, prior.num_class_images = recipe.prior_preservation, recipe.class_images
