@@ -22,6 +22,7 @@ EMBEDDING_FORMATS = ("safetensors", "pt")
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "prodigy", "adafactor", "sgd")
 SCHEDULERS = ("auto", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+TIMESTEP_SAMPLINGS = ("uniform", "stratified")
 SAVE_PRECISION = ("fp16", "fp32", "bf16")
 PLAIN_PROMPT_CHOICES = ("auto", "on", "off")
 
@@ -258,6 +259,9 @@ class TrainingOptions:
     noise_offset: float = option(0.0, "Noise offset (0.05-0.1 helps very dark or bright images).")
     min_snr_gamma: float = option(5.0, "Min-SNR loss weighting gamma (0 = off). 5, the Min-SNR paper's value, is what "
                                        "the quality table's recipes train with; off and 1 did no better there.")
+    timestep_sampling: str = option("uniform", "How each batch draws its noise levels: 'uniform' (each sample on its own) "
+                                               "or 'stratified' (one in each equal slice of the schedule, so a batch "
+                                               "covers every noise level).", choices=TIMESTEP_SAMPLINGS)
     zero_terminal_snr: bool = option(False, "Rescale the noise schedule to zero terminal SNR (v-prediction models only; "
                                             "the model then needs a trailing-timestep sampler).")
     cache_text_encoder_outputs: bool = option(False, "Encode each caption once and reuse it while the text encoders are "
@@ -440,6 +444,8 @@ def _validate(config: RunConfig) -> None:
              "Fix --batch-size / --gradient-accumulation.")
     _require(train.mixed_precision in MIXED_PRECISION, f"Unknown mixed precision {train.mixed_precision!r}.",
              f"Use one of: {', '.join(MIXED_PRECISION)}.")
+    _require(train.timestep_sampling in TIMESTEP_SAMPLINGS, f"Unknown timestep sampling {train.timestep_sampling!r}.",
+             f"Use one of: {', '.join(TIMESTEP_SAMPLINGS)}.")
     _require(not (train.fp8_base and "unet" in config.spec.trained_in_place),
              f"fp8 base storage is on, but {config.spec.label} trains the UNet's own weights, which cannot be 8-bit.",
              "Turn fp8_base off, or use DreamBooth-LoRA (method dreambooth_lora), which keeps the base frozen.")

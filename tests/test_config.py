@@ -27,6 +27,7 @@ def test_valid_config_passes_unchanged() -> None:
 @pytest.mark.parametrize("change,words", [
     (lambda c: setattr(c.network, "rank", 0), "--rank is 0"),
     (lambda c: setattr(c.optimizer, "optimizer", "adamx"), "Unknown optimizer 'adamx'"),
+    (lambda c: setattr(c.training, "timestep_sampling", "sobol"), "Unknown timestep sampling 'sobol'"),
     (lambda c: setattr(c.optimizer, "lr", float("nan")), "--lr is nan"),
     (lambda c: setattr(c.data, "resolution", 500), "--resolution is 500"),
     (lambda c: setattr(c.output, "name", ""), "No output name"),

@@ -47,6 +47,20 @@ def test_noise_offset_adds_a_per_channel_constant() -> None:
     assert difference.abs().max() > 0
 
 
+def test_stratified_timesteps_put_one_sample_in_each_slice_of_the_schedule() -> None:
+    """Each of the batch's equal slices of the schedule gets exactly one timestep, in shuffled order, while a
+    sample's timestep stays uniform over the whole schedule (its mean over many batches is the middle)."""
+    generator = torch.Generator().manual_seed(0)
+    batches = torch.stack([objectives.sample_timesteps(8, 1000, generator, "stratified") for _ in range(2000)])
+    assert batches.min() >= 0 and batches.max() <= 999
+    assert all(sorted((batch // 125).tolist()) == list(range(8)) for batch in batches)
+    assert not all(torch.equal(batch // 125, torch.arange(8)) for batch in batches[:20])
+    assert batches[:, 0].float().mean().item() == pytest.approx(499.5, abs=15)
+    independent = [objectives.sample_timesteps(8, 1000, generator) for _ in range(20)]
+    assert any(sorted((batch // 125).tolist()) != list(range(8)) for batch in independent)
+    assert batches.dtype == independent[0].dtype == torch.long
+
+
 def test_weighted_loss_scales_each_sample() -> None:
     per_sample = torch.tensor([1.0, 3.0])
     assert objectives.weighted_loss(per_sample).item() == 2.0

@@ -20,6 +20,7 @@ from lib_sdcustom.models.loader import load_bundle
 from lib_sdcustom.networks.algorithms import ALGORITHMS
 from lib_sdcustom.networks.lycoris_backend import TextModelView, attach_network, kohya_targets
 from lib_sdcustom.run.train import train
+from lib_sdcustom.training import objectives
 
 
 def make_config(tiny_checkpoint: Path, images: Path, out: Path, *, method: str = "lora", steps: int = 6) -> RunConfig:
@@ -252,6 +253,21 @@ def write_single(source: Path, folder: Path) -> Path:
     folder.mkdir()
     (folder / "only.png").write_bytes(next(source.glob("*.png")).read_bytes())
     return folder
+
+
+def test_the_loop_draws_timesteps_as_configured(tiny_checkpoint, image_folder, tmp_path, monkeypatch):
+    drawn: list[str] = []
+    sample_timesteps = objectives.sample_timesteps
+
+    def recording(batch: int, num_train_timesteps: int, generator: torch.Generator, sampling: str = "uniform"):
+        drawn.append(sampling)
+        return sample_timesteps(batch, num_train_timesteps, generator, sampling)
+
+    monkeypatch.setattr(objectives, "sample_timesteps", recording)
+    config = make_config(tiny_checkpoint, image_folder, tmp_path / "stratified", steps=2)
+    config.training.timestep_sampling = "stratified"
+    train(config)
+    assert drawn == ["stratified"] * 2
 
 
 def test_gradient_checkpointing_gives_the_same_training(tiny_checkpoint, image_folder, tmp_path):

@@ -104,7 +104,8 @@ class TrainingLoop:
         torch.manual_seed(_mixed_seed(training.seed, index, 2))  # module dropout inside the network
         latents = batch.latents.to(device, compute_dtype(training.mixed_precision))
         noise = objectives.sample_noise(latents, generator, training.noise_offset)
-        timesteps = objectives.sample_timesteps(latents.shape[0], self.num_timesteps, generator)
+        timesteps = objectives.sample_timesteps(latents.shape[0], self.num_timesteps, generator,
+                                                training.timestep_sampling)
         noisy = objectives.add_noise(latents, noise, timesteps, self.alphas_cumprod)
         sizes = batch.sizes if batch.sizes is not None else uncropped_sizes(latents, self.bundle)
         with self.accelerator.autocast():

@@ -20,8 +20,20 @@ def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset
     return noise
 
 
-def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randint(0, num_train_timesteps, (batch,), generator=generator, dtype=torch.long)
+def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator,
+                     sampling: str = "uniform") -> torch.Tensor:
+    """One training timestep per sample, each uniform over the schedule.
+
+    "stratified" splits the schedule into `batch` equal strata and draws one timestep inside each, handed to
+    the samples in random order (jittered stratification, the low-discrepancy sampler of Kingma et al.'s
+    Variational Diffusion Models): every sample's timestep is still uniform, but a batch never piles onto a few
+    noise levels, so the loss and its gradient vary less from step to step and from seed to seed.
+    """
+    if sampling == "uniform":
+        return torch.randint(0, num_train_timesteps, (batch,), generator=generator, dtype=torch.long)
+    strata = torch.randperm(batch, generator=generator).to(torch.float64)
+    jitter = torch.rand(batch, generator=generator, dtype=torch.float64)
+    return ((strata + jitter) * num_train_timesteps / batch).long().clamp_(max=num_train_timesteps - 1)
 
 
 def _gather(values: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
