@@ -261,7 +261,8 @@ class TrainingOptions:
                                        "the quality table's recipes train with; off and 1 did no better there.")
     timestep_sampling: str = option("uniform", "How each batch draws its noise levels: 'uniform' (each sample on its own) "
                                                "or 'stratified' (one in each equal slice of the schedule, so a batch "
-                                               "covers every noise level).", choices=TIMESTEP_SAMPLINGS)
+                                               "covers every noise level). The quality table's recipes train with "
+                                               "uniform; stratified did no better there.", choices=TIMESTEP_SAMPLINGS)
     zero_terminal_snr: bool = option(False, "Rescale the noise schedule to zero terminal SNR (v-prediction models only; "
                                             "the model then needs a trailing-timestep sampler).")
     cache_text_encoder_outputs: bool = option(False, "Encode each caption once and reuse it while the text encoders are "
