@@ -105,8 +105,11 @@ class Recipe:
     prior_preservation: bool = False
     prior_weight: float = 1.0  # of the class images' loss (--prior-weight)
     rank: int = 8
+    #: Alpha over rank of the ResNet convolutions (LoCon's `--conv-alpha` / `--rank`); the attention layers' is 1.
+    conv_scale: float = 1.0
     dora: bool = False  # networks: --dora
     min_snr_gamma: float = MIN_SNR_GAMMA
+    timestep_sampling: str = "uniform"  # --timestep-sampling
     scheduler: str = "constant"  # learning-rate schedule (`--scheduler`)
     class_images: int = CLASS_IMAGES  # used with prior preservation
     style: bool = False  # networks: --style (class images of the captions without the trigger)
@@ -134,6 +137,10 @@ _STYLE_MODE = (("style", True), ("content_captions", True))
 # alone, a quarter of them when other prompts join, and style mode on a style: the base of its levers.
 _DREAMBOOTH: dict[str, Any] = {"steps": 300, "lr": 2e-4, "train_text_encoder": 1.0, "prior_preservation": True,
                                "class_prompt_share": 0.25, "on_styles": _STYLE_MODE}
+# DreamBooth as it ships (docs/bench/prior_by_mode): the class images' loss at a quarter on a subject, in full in
+# style mode.
+_DREAMBOOTH_BY_MODE: dict[str, Any] = {**_DREAMBOOTH, "prior_weight": 0.25,
+                                       "on_styles": (*_STYLE_MODE, ("prior_weight", 1.0))}
 # LoCon's table row (class images of the class prompt and varied prompts, decaying rate, style mode on styles), and
 # LoRA's (the same with a quarter of the class images for the class prompt): the bases of the levers tried.
 _COSINE_VARIED: dict[str, Any] = {"on_styles": _STYLE_MODE, "scheduler": "cosine", **_VARIED}
@@ -208,8 +215,7 @@ RECIPES: tuple[Recipe, ...] = (
     # DreamBooth as it ships since (docs/bench/prior_by_mode): a quarter of the weight on a subject, where it drew
     # new combinations best, and the full weight in style mode, where lighter class images let the style into
     # the bare class prompt.
-    Recipe("dreambooth_prior_by_mode", "dreambooth", prior_weight=0.25,
-           **{**_DREAMBOOTH, "on_styles": (*_STYLE_MODE, ("prior_weight", 1.0))}),
+    Recipe("dreambooth_prior_by_mode", "dreambooth", **_DREAMBOOTH_BY_MODE),
     Recipe("dreambooth_fast", "dreambooth", **{**_DREAMBOOTH, "lr": 4e-4}),
     # The batch and the ratio of the UNet's rate to the text encoder's (docs/bench/rates; none adopted): twice
     # LoRA's batch, against the seeds' spread; the networks' UNet at their text encoder's rate (without
@@ -228,6 +234,17 @@ RECIPES: tuple[Recipe, ...] = (
     # The same for LoCon's styles (off: the outline style is a low-noise detail; 1, the other way).
     Recipe("locon_snr_off", "locon", **_COSINE_VARIED, **{**_NETWORK, "min_snr_gamma": 0.0}),
     Recipe("locon_snr1", "locon", **_COSINE_VARIED, **{**_NETWORK, "min_snr_gamma": 1.0}),
+    # LoCon with its convolutions' updates scaled down (kohya's lower --conv-alpha): LoCon draws new combinations
+    # (0.83) where LoRA, without convolutions, does not (0.66), and LoRA draws styles (0.83) where LoCon does not
+    # (0.74); a lighter convolution update is the setting between the two.
+    Recipe("locon_conv_half", "locon", conv_scale=0.5, **_COSINE_VARIED, **_NETWORK),
+    Recipe("locon_conv_quarter", "locon", conv_scale=0.25, **_COSINE_VARIED, **_NETWORK),
+    # LoRA's and LoCon's rows with each batch's timesteps stratified over the schedule: the runs' spread between
+    # seeds (0.11 to 1.00 on new combinations) is most of their intervals, and timesteps drawn independently
+    # leave some batches on a few noise levels.
+    Recipe("lora_quarter_stratified", "lora", timestep_sampling="stratified", **_LORA_QUARTER, **_NETWORK),
+    Recipe("locon_stratified", "locon", timestep_sampling="stratified", **_COSINE_VARIED, **_NETWORK),
+    Recipe("dreambooth_stratified", "dreambooth", timestep_sampling="stratified", **_DREAMBOOTH_BY_MODE),
     # Pivotal tuning as LoRA's row ships (a quarter of the class images for the class prompt, cosine, style mode on
     # a style): a new word beside the network, against the networks' seed-dependent new combinations.
     Recipe("pivotal_class_quarter", "pivotal", **_LORA_QUARTER, **_NETWORK),
@@ -281,8 +298,10 @@ def run_config(recipe: Recipe, concept: Concept, folder: Path, base: Path, class
     config.output.save_precision = "fp32"
     config.optimizer.lr, config.optimizer.text_encoder_lr = recipe.lr, recipe.text_encoder_lr
     config.network.rank, config.network.alpha, config.network.dora = recipe.rank, float(recipe.rank), recipe.dora
+    config.network.conv_alpha = recipe.rank * recipe.conv_scale
     config.training.steps, config.training.batch_size, config.training.seed = recipe.steps, recipe.batch_size, seed
     config.training.train_text_encoder, config.training.min_snr_gamma = recipe.train_text_encoder, recipe.min_snr_gamma
+    config.training.timestep_sampling = recipe.timestep_sampling
     config.optimizer.scheduler = recipe.scheduler
     config.textual_inversion.vectors, config.textual_inversion.init_text = 2, concept.class_noun
     config.textual_inversion.template = "captions"  # the caption files, which hold the trigger word
@@ -648,7 +667,12 @@ def _recipe_line(recipes: Sequence[dict[str, Any]]) -> str:
         gamma = r.get("min_snr_gamma", MIN_SNR_GAMMA)
         snr = "" if gamma == MIN_SNR_GAMMA else (", min-SNR off" if gamma == 0 else f", min-SNR gamma {gamma:g}")
         ema = ", the UNet's moving average exported" if r.get("ema") else ""  # older reports had no EMA recipe
-        return f"{r['key']} {r['steps']} / {rate} / {r['batch_size']}{rank}{decay}{held}{weighed}{snr}{ema}{style}"
+        conv_scale = r.get("conv_scale", 1.0)  # older reports scaled convolutions as the attention layers
+        conv = f", convolutions' alpha {conv_scale:g} x rank" if conv_scale != 1.0 else ""
+        sampling = r.get("timestep_sampling", "uniform")  # older reports drew each timestep on its own
+        strata = ", stratified timesteps" if sampling == "stratified" else ""
+        return (f"{r['key']} {r['steps']} / {rate} / {r['batch_size']}{rank}{conv}{decay}{held}{weighed}{snr}"
+                f"{strata}{ema}{style}")
 
     return ("Recipes (steps, lr, batch, rank; the rate is constant unless a decay is named): "
             + "; ".join(settings(r) for r in recipes) + ".")
