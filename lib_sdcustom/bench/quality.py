@@ -226,6 +226,11 @@ RECIPES: tuple[Recipe, ...] = (
     # DreamBooth's text encoder at twice the UNet's rate, as the networks train theirs: the purple triangle, its
     # weak concept, came out in the wrong colour, and twice both rates (dreambooth_fast) lifted it.
     Recipe("dreambooth_te_fast", "dreambooth", text_encoder_lr=4e-4, prior_weight=0.5, **_DREAMBOOTH),
+    # The same on the shipped quarter weight, which had kept the held-out cross that the faster text encoder lost
+    # at 0.5.
+    Recipe("dreambooth_by_mode_te_fast", "dreambooth", text_encoder_lr=4e-4, **_DREAMBOOTH_BY_MODE),
+    # Between the two: at 4e-4 the purple triangle gained and the held-out cross lost the most.
+    Recipe("dreambooth_by_mode_te_mid", "dreambooth", text_encoder_lr=3e-4, **_DREAMBOOTH_BY_MODE),
     # Min-SNR's gamma, set once on one concept (docs/bench/tuning.md), swept on LoRA's new combinations
     # (docs/bench/min_snr): off weights the low-noise steps, where an outline is drawn, as much as the rest; 1
     # weights them less than 5 does, leaving the layout and colour decided at high noise.
