@@ -239,16 +239,15 @@ RECIPES: tuple[Recipe, ...] = (
     # The same for LoCon's styles (off: the outline style is a low-noise detail; 1, the other way).
     Recipe("locon_snr_off", "locon", **_COSINE_VARIED, **{**_NETWORK, "min_snr_gamma": 0.0}),
     Recipe("locon_snr1", "locon", **_COSINE_VARIED, **{**_NETWORK, "min_snr_gamma": 1.0}),
-    # LoCon with its convolutions' updates scaled down (kohya's lower --conv-alpha): LoCon draws new combinations
-    # (0.83) where LoRA, without convolutions, does not (0.66), and LoRA draws styles (0.83) where LoCon does not
-    # (0.74); a lighter convolution update is the setting between the two.
+    # LoCon with its convolutions' updates scaled down (kohya's lower --conv-alpha; docs/bench/conv_alpha): LoCon
+    # draws new combinations (0.83) where LoRA, without convolutions, does not (0.66), and LoRA draws styles (0.83)
+    # where LoCon does not (0.74); a lighter convolution update is the setting between the two.
     Recipe("locon_conv_half", "locon", conv_scale=0.5, **_COSINE_VARIED, **_NETWORK),
     Recipe("locon_conv_quarter", "locon", conv_scale=0.25, **_COSINE_VARIED, **_NETWORK),
-    # LoRA's and LoCon's rows with each batch's timesteps stratified over the schedule: the runs' spread between
-    # seeds (0.11 to 1.00 on new combinations) is most of their intervals, and timesteps drawn independently
-    # leave some batches on a few noise levels.
+    # LoRA's and DreamBooth's rows with each batch's timesteps stratified over the schedule
+    # (docs/bench/timestep_sampling): the runs' spread between seeds (0.11 to 1.00 on new combinations) is most of
+    # their intervals, and timesteps drawn independently leave some batches on a few noise levels.
     Recipe("lora_quarter_stratified", "lora", timestep_sampling="stratified", **_LORA_QUARTER, **_NETWORK),
-    Recipe("locon_stratified", "locon", timestep_sampling="stratified", **_COSINE_VARIED, **_NETWORK),
     Recipe("dreambooth_stratified", "dreambooth", timestep_sampling="stratified", **_DREAMBOOTH_BY_MODE),
     # Pivotal tuning as LoRA's row ships (a quarter of the class images for the class prompt, cosine, style mode on
     # a style): a new word beside the network, against the networks' seed-dependent new combinations.
