@@ -107,6 +107,7 @@ class Recipe:
     rank: int = 8
     #: Alpha over rank of the ResNet convolutions (LoCon's `--conv-alpha` / `--rank`); the attention layers' is 1.
     conv_scale: float = 1.0
+    dropout: float = 0.0  # networks: --dropout, on each layer's rank activations
     dora: bool = False  # networks: --dora
     min_snr_gamma: float = MIN_SNR_GAMMA
     timestep_sampling: str = "uniform"  # --timestep-sampling
@@ -249,6 +250,9 @@ RECIPES: tuple[Recipe, ...] = (
     # their intervals, and timesteps drawn independently leave some batches on a few noise levels.
     Recipe("lora_quarter_stratified", "lora", timestep_sampling="stratified", **_LORA_QUARTER, **_NETWORK),
     Recipe("dreambooth_stratified", "dreambooth", timestep_sampling="stratified", **_DREAMBOOTH_BY_MODE),
+    # LoRA's row with dropout on its rank activations (kohya's network_dropout, 0.1 as its users set it;
+    # docs/bench/dropout): a regularizer against runs that latch onto whatever their first steps happened to fit.
+    Recipe("lora_quarter_dropout", "lora", dropout=0.1, **_LORA_QUARTER, **_NETWORK),
     # Pivotal tuning as LoRA's row ships (a quarter of the class images for the class prompt, cosine, style mode on
     # a style): a new word beside the network, against the networks' seed-dependent new combinations.
     Recipe("pivotal_class_quarter", "pivotal", **_LORA_QUARTER, **_NETWORK),
@@ -303,6 +307,7 @@ def run_config(recipe: Recipe, concept: Concept, folder: Path, base: Path, class
     config.optimizer.lr, config.optimizer.text_encoder_lr = recipe.lr, recipe.text_encoder_lr
     config.network.rank, config.network.alpha, config.network.dora = recipe.rank, float(recipe.rank), recipe.dora
     config.network.conv_alpha = recipe.rank * recipe.conv_scale
+    config.network.dropout = recipe.dropout
     config.training.steps, config.training.batch_size, config.training.seed = recipe.steps, recipe.batch_size, seed
     config.training.train_text_encoder, config.training.min_snr_gamma = recipe.train_text_encoder, recipe.min_snr_gamma
     config.training.timestep_sampling = recipe.timestep_sampling
@@ -673,10 +678,11 @@ def _recipe_line(recipes: Sequence[dict[str, Any]]) -> str:
         ema = ", the UNet's moving average exported" if r.get("ema") else ""  # older reports had no EMA recipe
         conv_scale = r.get("conv_scale", 1.0)  # older reports scaled convolutions as the attention layers
         conv = f", convolutions' alpha {conv_scale:g} x rank" if conv_scale != 1.0 else ""
+        dropout = f", dropout {r['dropout']:g}" if r.get("dropout") else ""  # older reports had no dropout recipe
         sampling = r.get("timestep_sampling", "uniform")  # older reports drew each timestep on its own
         strata = ", stratified timesteps" if sampling == "stratified" else ""
-        return (f"{r['key']} {r['steps']} / {rate} / {r['batch_size']}{rank}{conv}{decay}{held}{weighed}{snr}"
-                f"{strata}{ema}{style}")
+        return (f"{r['key']} {r['steps']} / {rate} / {r['batch_size']}{rank}{conv}{dropout}{decay}{held}{weighed}"
+                f"{snr}{strata}{ema}{style}")
 
     return ("Recipes (steps, lr, batch, rank; the rate is constant unless a decay is named): "
             + "; ".join(settings(r) for r in recipes) + ".")
