@@ -94,6 +94,9 @@ class NetworkOptions:
     conv_alpha: float = option(0.0, "Alpha for convolutions (0 = same as --alpha).")
     dropout: float = option(0.0, "Dropout on the network's hidden rank activations.")
     lokr_factor: int = option(-1, "LoKr Kronecker factor (-1 = automatic).")
+    loraplus_lr_ratio: float = option(1.0, "LoRA+: learning rate of each layer's up matrix over its down matrix's "
+                                           "(kohya's loraplus_lr_ratio; the LoRA+ paper uses 16; 1 = off). LoRA and "
+                                           "LoCon.")
     dora: bool = option(False, "DoRA: learn each layer's weight norm apart from its direction (LoRA and LoCon; "
                                "slower, often closer to a full fine-tune).", flag="--dora")
 
@@ -487,6 +490,13 @@ def _validate_network_algorithm(config: RunConfig) -> None:
              f"fp8 base storage is on with {config.spec.label}{' and --dora' if net.dora else ''}, which trains on the "
              "layers' merged weights; LyCORIS can only add to an 8-bit layer's output.",
              "Turn fp8_base off, or train LoRA, LoCon, LoHa, LoKr or GLoRA without --dora.")
+    up_methods = [m for m in METHODS if (name := method_spec(m).network_algorithm) and ALGORITHMS[name].up_matrix]
+    _require(net.loraplus_lr_ratio > 0, f"--loraplus-lr-ratio is {net.loraplus_lr_ratio}.",
+             "Use a ratio above 0: 1 is plain LoRA, 16 what the LoRA+ paper uses.")
+    _require(net.loraplus_lr_ratio == 1 or algorithm.up_matrix,
+             f"--loraplus-lr-ratio is {net.loraplus_lr_ratio} with {config.spec.label}, which has no up matrix to "
+             "speed up; LoRA+ is for updates made of an up and a down matrix.",
+             f"Set --loraplus-lr-ratio 1, or use one of: {', '.join(up_methods)}.")
     _require(net.rank >= algorithm.min_rank and not (algorithm.even_rank and net.rank % 2),
              f"--rank is {net.rank}; {algorithm.rank_note}",
              f"Use {'an even' if algorithm.even_rank else 'a'} --rank of {algorithm.min_rank} or more.")

@@ -25,7 +25,7 @@ DreamBooth without instance prompt, without class prompt, with fp8 base, in styl
 or empty without a class prompt, with an unreadable image, with an image without caption or class prompt; an
 empty class prompt file; a negative prior weight; Textual Inversion with a class folder; a hypernetwork with
 --plain-prompts on; --dora with LoHa, with (IA)^3, with
-fp8 base; OFT with fp8 base, rank 1; BOFT rank 8 (SD's widths need 10), rank 11; zero-terminal-SNR on an epsilon
+fp8 base; --loraplus-lr-ratio with LoHa, at 0; OFT with fp8 base, rank 1; BOFT rank 8 (SD's widths need 10), rank 11; zero-terminal-SNR on an epsilon
 model; names '../x', '', 'a|b', 'CON', '.hidden'.
 CLI, files: base missing; base a non-SD safetensors; base a .ckpt carrying a pickled object; base a
 truncated safetensors; base a text file; --config missing / not TOML / unknown key; --resume of a folder
@@ -421,6 +421,10 @@ CLI_CASES = [
          "Style mode is on with DreamBooth", "--style off"),
     Case("dora with loha", lambda ws: ws.train("--method", "loha", "--dora"), 2, "--dora is on with LoHa",
          "lora, locon, pivotal, dreambooth_lora"),
+    Case("loraplus with loha", lambda ws: ws.train("--method", "loha", "--loraplus-lr-ratio", "16"), 2,
+         "--loraplus-lr-ratio is 16.0 with LoHa", "lora, locon, pivotal, dreambooth_lora"),
+    Case("loraplus ratio 0", lambda ws: ws.train("--loraplus-lr-ratio", "0"), 2, "--loraplus-lr-ratio is 0.0",
+         "ratio above 0"),
     Case("dora with ia3", lambda ws: ws.train("--method", "ia3", "--dora"), 2, "--dora is on with (IA)", "--dora off"),
     Case("dora fp8", lambda ws: ws.train("--dora", "--fp8-base"), 2, "LoRA and --dora, which trains on the", "fp8_base off"),
     Case("oft fp8", lambda ws: ws.train("--method", "oft", "--fp8-base"), 2, "merged weights", "fp8_base off"),

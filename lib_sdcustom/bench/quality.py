@@ -109,6 +109,7 @@ class Recipe:
     conv_scale: float = 1.0
     dropout: float = 0.0  # networks: --dropout, on each layer's rank activations
     dora: bool = False  # networks: --dora
+    loraplus_ratio: float = 1.0  # LoRA/LoCon: the up matrices' rate over the rest (--loraplus-lr-ratio)
     min_snr_gamma: float = MIN_SNR_GAMMA
     timestep_sampling: str = "uniform"  # --timestep-sampling
     scheduler: str = "constant"  # learning-rate schedule (`--scheduler`)
@@ -253,6 +254,11 @@ RECIPES: tuple[Recipe, ...] = (
     # LoRA's row with dropout on its rank activations (kohya's network_dropout, 0.1 as its users set it;
     # docs/bench/dropout): a regularizer against runs that latch onto whatever their first steps happened to fit.
     Recipe("lora_quarter_dropout", "lora", dropout=0.1, **_LORA_QUARTER, **_NETWORK),
+    # LoRA's row with LoRA+ (docs/bench/loraplus): the up matrices, which start at zero, learn faster than the down
+    # matrices, at 4 times the rate, and at 16 times a quarter of it (the paper's ratio; the down matrices slower).
+    Recipe("lora_quarter_plus4", "lora", loraplus_ratio=4.0, **_LORA_QUARTER, **_NETWORK),
+    Recipe("lora_quarter_plus16", "lora", loraplus_ratio=16.0, **_LORA_QUARTER,
+           **{**_NETWORK, "lr": _NETWORK["lr"] / 4, "text_encoder_lr": _NETWORK["text_encoder_lr"] / 4}),
     # Pivotal tuning as LoRA's row ships (a quarter of the class images for the class prompt, cosine, style mode on
     # a style): a new word beside the network, against the networks' seed-dependent new combinations.
     Recipe("pivotal_class_quarter", "pivotal", **_LORA_QUARTER, **_NETWORK),
@@ -307,7 +313,7 @@ def run_config(recipe: Recipe, concept: Concept, folder: Path, base: Path, class
     config.optimizer.lr, config.optimizer.text_encoder_lr = recipe.lr, recipe.text_encoder_lr
     config.network.rank, config.network.alpha, config.network.dora = recipe.rank, float(recipe.rank), recipe.dora
     config.network.conv_alpha = recipe.rank * recipe.conv_scale
-    config.network.dropout = recipe.dropout
+    config.network.dropout, config.network.loraplus_lr_ratio = recipe.dropout, recipe.loraplus_ratio
     config.training.steps, config.training.batch_size, config.training.seed = recipe.steps, recipe.batch_size, seed
     config.training.train_text_encoder, config.training.min_snr_gamma = recipe.train_text_encoder, recipe.min_snr_gamma
     config.training.timestep_sampling = recipe.timestep_sampling
@@ -679,6 +685,8 @@ def _recipe_line(recipes: Sequence[dict[str, Any]]) -> str:
         conv_scale = r.get("conv_scale", 1.0)  # older reports scaled convolutions as the attention layers
         conv = f", convolutions' alpha {conv_scale:g} x rank" if conv_scale != 1.0 else ""
         dropout = f", dropout {r['dropout']:g}" if r.get("dropout") else ""  # older reports had no dropout recipe
+        plus = r.get("loraplus_ratio", 1.0)  # older reports trained both matrices at one rate
+        dropout += f", LoRA+ up matrices at {plus:g} x the rate" if plus != 1.0 else ""
         sampling = r.get("timestep_sampling", "uniform")  # older reports drew each timestep on its own
         strata = ", stratified timesteps" if sampling == "stratified" else ""
         return (f"{r['key']} {r['steps']} / {rate} / {r['batch_size']}{rank}{conv}{dropout}{decay}{held}{weighed}"

@@ -55,7 +55,8 @@ class NetworkMethod(PriorMixin, Method):
         return self.style_captioned(source)
 
     def param_groups(self) -> list[dict[str, Any]]:
-        return self.attached.param_groups(unet_lr=self.config.unet_lr, text_encoder_lr=self.config.text_encoder_lr)
+        return self.attached.param_groups(unet_lr=self.config.unet_lr, text_encoder_lr=self.config.text_encoder_lr,
+                                          up_lr_ratio=self.config.network.loraplus_lr_ratio)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return self.attached.state_dict()

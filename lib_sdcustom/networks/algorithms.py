@@ -38,6 +38,9 @@ class NetworkAlgorithm:
     #: `--dora` (weight-decomposed updates) is offered: LoRA and LoCon, the types the host reads `dora_scale` with
     #: and LyCORIS trains it for in the host's orientation.
     supports_dora: bool = False
+    #: The update is an up matrix times a down matrix (LyCORIS's `lora_up` @ `lora_down`), the pair whose rates
+    #: LoRA+ sets apart (`--loraplus-lr-ratio`).
+    up_matrix: bool = False
     #: The smallest --rank that works on every Stable Diffusion layer, whether it must be even, and why.
     min_rank: int = 1
     even_rank: bool = False
@@ -59,9 +62,9 @@ ALGORITHMS: dict[str, NetworkAlgorithm] = {
     algorithm.name: algorithm
     for algorithm in (
         NetworkAlgorithm("lora", "lora", False, "networks.lora", "low-rank update of attention layers",
-                         supports_dora=True),
+                         supports_dora=True, up_matrix=True),
         NetworkAlgorithm("locon", "lora", True, "lycoris.kohya", "LoRA extended to ResNet convolutions",
-                         supports_dora=True),
+                         supports_dora=True, up_matrix=True),
         NetworkAlgorithm("loha", "loha", True, "lycoris.kohya", "Hadamard product of two low-rank updates"),
         NetworkAlgorithm("lokr", "lokr", True, "lycoris.kohya", "Kronecker product update"),
         NetworkAlgorithm("oft", "diag-oft", False, "lycoris.kohya",

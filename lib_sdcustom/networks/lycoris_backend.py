@@ -96,12 +96,20 @@ class AttachedNetwork:
     def text_encoder_modules(self) -> list[nn.Module]:
         return list(self.network.text_encoder_loras)
 
-    def param_groups(self, *, unet_lr: float, text_encoder_lr: float) -> list[dict[str, Any]]:
+    def param_groups(self, *, unet_lr: float, text_encoder_lr: float, up_lr_ratio: float = 1.0) -> list[dict[str, Any]]:
+        """One group per model; with LoRA+ (`up_lr_ratio` != 1) its up matrices come first in a group of their own,
+        under the same name, so that a schedule that stops or delays 'text_encoder' moves both, and the last group,
+        whose rate the loop reports, runs at the UNet's own rate."""
         groups = []
         for modules, lr, label in ((self.text_encoder_modules, text_encoder_lr, "text_encoder"), (self.unet_modules, unet_lr, "unet")):
-            params = [p for module in modules for p in module.parameters() if p.requires_grad]
-            if params:
-                groups.append({"params": params, "lr": lr, "name": label})
+            up: list[nn.Parameter] = []
+            rest: list[nn.Parameter] = []
+            for module in modules:
+                for name, param in module.named_parameters():
+                    if param.requires_grad:
+                        (up if up_lr_ratio != 1 and name.startswith("lora_up.") else rest).append(param)
+            groups += [{"params": params, "lr": rate, "name": label}
+                       for params, rate in ((up, lr * up_lr_ratio), (rest, lr)) if params]
         return groups
 
     @property
