@@ -147,6 +147,8 @@ _DREAMBOOTH_BY_MODE: dict[str, Any] = {**_DREAMBOOTH, "prior_weight": 0.25,
 # LoRA's (the same with a quarter of the class images for the class prompt): the bases of the levers tried.
 _COSINE_VARIED: dict[str, Any] = {"on_styles": _STYLE_MODE, "scheduler": "cosine", **_VARIED}
 _LORA_QUARTER: dict[str, Any] = {**_COSINE_VARIED, "class_prompt_share": 0.25}
+# The networks' steps at a quarter of their rates: the down matrices' rates with LoRA+, whose up matrices run faster.
+_QUARTER_RATES: dict[str, Any] = {**_NETWORK, "lr": _NETWORK["lr"] / 4, "text_encoder_lr": _NETWORK["text_encoder_lr"] / 4}
 RECIPES: tuple[Recipe, ...] = (
     Recipe("textual_inversion", "textual_inversion", steps=400, lr=5e-2),
     Recipe("lora", "lora", **_NETWORK),
@@ -254,11 +256,13 @@ RECIPES: tuple[Recipe, ...] = (
     # LoRA's row with dropout on its rank activations (kohya's network_dropout, 0.1 as its users set it;
     # docs/bench/dropout): a regularizer against runs that latch onto whatever their first steps happened to fit.
     Recipe("lora_quarter_dropout", "lora", dropout=0.1, **_LORA_QUARTER, **_NETWORK),
-    # LoRA's row with LoRA+ (docs/bench/loraplus): the up matrices, which start at zero, learn faster than the down
-    # matrices, at 4 times the rate, and at 16 times a quarter of it (the paper's ratio; the down matrices slower).
+    # LoRA's and LoCon's rows with LoRA+ (docs/bench/loraplus): the up matrices, which start at zero, learn
+    # faster than the down matrices, at 4 times the rate, and at 16 and 32 times a quarter of it (16 is the
+    # paper's ratio; the down matrices slower).
     Recipe("lora_quarter_plus4", "lora", loraplus_ratio=4.0, **_LORA_QUARTER, **_NETWORK),
-    Recipe("lora_quarter_plus16", "lora", loraplus_ratio=16.0, **_LORA_QUARTER,
-           **{**_NETWORK, "lr": _NETWORK["lr"] / 4, "text_encoder_lr": _NETWORK["text_encoder_lr"] / 4}),
+    Recipe("lora_quarter_plus16", "lora", loraplus_ratio=16.0, **_LORA_QUARTER, **_QUARTER_RATES),
+    Recipe("lora_quarter_plus32", "lora", loraplus_ratio=32.0, **_LORA_QUARTER, **_QUARTER_RATES),
+    Recipe("locon_plus16", "locon", loraplus_ratio=16.0, **_COSINE_VARIED, **_QUARTER_RATES),
     # Pivotal tuning as LoRA's row ships (a quarter of the class images for the class prompt, cosine, style mode on
     # a style): a new word beside the network, against the networks' seed-dependent new combinations.
     Recipe("pivotal_class_quarter", "pivotal", **_LORA_QUARTER, **_NETWORK),
