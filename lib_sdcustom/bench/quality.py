@@ -689,11 +689,11 @@ def _recipe_line(recipes: Sequence[dict[str, Any]]) -> str:
         conv_scale = r.get("conv_scale", 1.0)  # older reports scaled convolutions as the attention layers
         conv = f", convolutions' alpha {conv_scale:g} x rank" if conv_scale != 1.0 else ""
         dropout = f", dropout {r['dropout']:g}" if r.get("dropout") else ""  # older reports had no dropout recipe
-        plus = r.get("loraplus_ratio", 1.0)  # older reports trained both matrices at one rate
-        dropout += f", LoRA+ up matrices at {plus:g} x the rate" if plus != 1.0 else ""
+        ratio = r.get("loraplus_ratio", 1.0)  # older reports trained both matrices at one rate
+        plus = f", LoRA+ up matrices at {ratio:g} x the rate" if ratio != 1.0 else ""
         sampling = r.get("timestep_sampling", "uniform")  # older reports drew each timestep on its own
         strata = ", stratified timesteps" if sampling == "stratified" else ""
-        return (f"{r['key']} {r['steps']} / {rate} / {r['batch_size']}{rank}{conv}{dropout}{decay}{held}{weighed}"
+        return (f"{r['key']} {r['steps']} / {rate} / {r['batch_size']}{rank}{conv}{dropout}{plus}{decay}{held}{weighed}"
                 f"{snr}{strata}{ema}{style}")
 
     return ("Recipes (steps, lr, batch, rank; the rate is constant unless a decay is named): "

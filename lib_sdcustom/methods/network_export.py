@@ -44,7 +44,7 @@ def network_facts(context: RunContext, *, step: int) -> NetworkTrainingFacts:
         conv_dim=conv or None,
         conv_alpha=(network.conv_alpha or network.alpha) if conv else None,
         network_dropout=network.dropout,
-        # LyCORIS's names; the host reads `dora_scale` as [1, in], LyCORIS's non-default orientation.
+        # LyCORIS's and kohya's names; the host reads `dora_scale` as [1, in], LyCORIS's non-default orientation.
         network_args={**({"dora_wd": "True", "wd_on_output": "False"} if network.dora else {}),
                       **({"loraplus_lr_ratio": str(network.loraplus_lr_ratio)} if network.loraplus_lr_ratio != 1 else {})},
         learning_rate=config.lr,
