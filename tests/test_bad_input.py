@@ -24,9 +24,9 @@ pivotal word CLIP knows, with a dot, or already an embedding's name (any case);
 DreamBooth without instance prompt, without class prompt, with fp8 base, in style mode; a class folder missing
 or empty without a class prompt, with an unreadable image, with an image without caption or class prompt; an
 empty class prompt file; a negative prior weight; Textual Inversion with a class folder; a hypernetwork with
---plain-prompts on; --dora with LoHa, with (IA)^3, with
-fp8 base; --loraplus-lr-ratio with LoHa, at 0; OFT with fp8 base, rank 1; BOFT rank 8 (SD's widths need 10), rank 11; zero-terminal-SNR on an epsilon
-model; names '../x', '', 'a|b', 'CON', '.hidden'.
+--plain-prompts on; --dora with LoHa, with (IA)^3, with fp8 base; --loraplus-lr-ratio with LoHa, at 0; OFT
+with fp8 base, rank 1; BOFT rank 8 (SD's widths need 10), rank 11; zero-terminal-SNR on an epsilon model;
+names '../x', '', 'a|b', 'CON', '.hidden'.
 CLI, files: base missing; base a non-SD safetensors; base a .ckpt carrying a pickled object; base a
 truncated safetensors; base a text file; --config missing / not TOML / unknown key; --resume of a folder
 without config.toml / without run.json / whose state is another run's; a fresh run over another run's
