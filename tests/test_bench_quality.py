@@ -339,17 +339,17 @@ def test_the_recipe_line_names_an_exported_moving_average_and_a_weight_kept_for_
     assert [config.dreambooth.ema for config in configs] == [True, False]
 
 
-def test_the_convolution_timestep_dropout_and_loraplus_levers_reach_the_run_and_the_recipe_line(tmp_path):
+def test_the_convolution_timestep_dropout_loraplus_and_flip_levers_reach_the_run_and_the_recipe_line(tmp_path):
     """locon_conv_half differs from LoCon's row only in its convolutions' alpha, lora_quarter_stratified from
-    LoRA's only in how its timesteps are drawn, lora_quarter_dropout only in its dropout, and lora_quarter_plus16
-    in its up matrices' ratio and a quarter of the rates."""
+    LoRA's only in how its timesteps are drawn, lora_quarter_dropout only in its dropout, lora_quarter_plus16
+    in its up matrices' ratio and a quarter of the rates, and lora_quarter_flip in its mirrored pictures."""
     from dataclasses import asdict
 
     from lib_sdcustom.bench.quality import _recipe_line, recipes_named, run_config
     from lib_sdcustom.microworld.world import CONCEPTS
 
     recipes = recipes_named(["locon_conv_half", "locon_regularized_cosine", "lora_quarter_stratified",
-                             "lora_quarter_dropout", "lora_quarter_plus16"])
+                             "lora_quarter_dropout", "lora_quarter_plus16", "lora_quarter_flip"])
     line = _recipe_line([asdict(recipe) for recipe in recipes])
     rows = dict(part.split(" ", 1) for part in line.split(": ", 1)[1].rstrip(".").split("; "))
     assert "convolutions' alpha 0.5 x rank" in rows["locon_conv_half"]
@@ -361,14 +361,17 @@ def test_the_convolution_timestep_dropout_and_loraplus_levers_reach_the_run_and_
     assert rows["lora_quarter_plus16"].startswith("600 / 0.00075 (text encoder 0.0015) /")
     assert ", LoRA+ up matrices at 16 x the rate" in rows["lora_quarter_plus16"]
     assert "LoRA+" not in rows["lora_quarter_dropout"]
+    assert ", pictures mirrored half the time," in rows["lora_quarter_flip"]
+    assert "mirrored" not in rows["lora_quarter_plus16"]
     configs = [run_config(recipe, CONCEPTS["red_circle"], tmp_path / recipe.key, tmp_path / "base", tmp_path / "class")
                for recipe in recipes]
     alphas = [(config.network.alpha, config.network.conv_alpha) for config in configs]
-    assert alphas == [(8.0, 4.0), (8.0, 8.0), (8.0, 8.0), (8.0, 8.0), (8.0, 8.0)]
+    assert alphas == [(8.0, 4.0)] + [(8.0, 8.0)] * 5
     assert [config.training.timestep_sampling for config in configs] == ["uniform", "uniform", "stratified", "uniform",
-                                                                         "uniform"]
-    assert [config.network.dropout for config in configs] == [0.0, 0.0, 0.0, 0.1, 0.0]
-    assert [config.network.loraplus_lr_ratio for config in configs] == [1.0, 1.0, 1.0, 1.0, 16.0]
+                                                                         "uniform", "uniform"]
+    assert [config.network.dropout for config in configs] == [0.0, 0.0, 0.0, 0.1, 0.0, 0.0]
+    assert [config.network.loraplus_lr_ratio for config in configs] == [1.0, 1.0, 1.0, 1.0, 16.0, 1.0]
+    assert [config.data.flip for config in configs] == [False] * 5 + [True]
 
 
 def _shard(report: dict, folder: Path, out: Path, *, seeds: dict[str, str], recipes: list[dict] | None = None) -> Path:

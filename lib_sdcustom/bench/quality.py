@@ -110,6 +110,7 @@ class Recipe:
     dropout: float = 0.0  # networks: --dropout, on each layer's rank activations
     dora: bool = False  # networks: --dora
     loraplus_ratio: float = 1.0  # LoRA/LoCon: the up matrices' rate over the rest (--loraplus-lr-ratio)
+    flip: bool = False  # --flip: each picture mirrored half the time (every micro-world concept is mirror-safe)
     min_snr_gamma: float = MIN_SNR_GAMMA
     timestep_sampling: str = "uniform"  # --timestep-sampling
     scheduler: str = "constant"  # learning-rate schedule (`--scheduler`)
@@ -263,6 +264,10 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("lora_quarter_plus16", "lora", loraplus_ratio=16.0, **_LORA_QUARTER, **_QUARTER_RATES),
     Recipe("lora_quarter_plus32", "lora", loraplus_ratio=32.0, **_LORA_QUARTER, **_QUARTER_RATES),
     Recipe("locon_plus16", "locon", loraplus_ratio=16.0, **_COSINE_VARIED, **_QUARTER_RATES),
+    # The table's LoRA and DreamBooth rows with mirrored pictures (`--flip`, kohya's flip_aug): twice the views of
+    # five pictures, against runs that learn the pictures' layouts and drop a feature (docs/bench/flip).
+    Recipe("lora_quarter_flip", "lora", flip=True, **_LORA_QUARTER, **_NETWORK),
+    Recipe("dreambooth_by_mode_flip", "dreambooth", flip=True, **_DREAMBOOTH_BY_MODE),
     # Pivotal tuning as LoRA's row ships (a quarter of the class images for the class prompt, cosine, style mode on
     # a style): a new word beside the network, against the networks' seed-dependent new combinations.
     Recipe("pivotal_class_quarter", "pivotal", **_LORA_QUARTER, **_NETWORK),
@@ -321,6 +326,7 @@ def run_config(recipe: Recipe, concept: Concept, folder: Path, base: Path, class
     config.training.steps, config.training.batch_size, config.training.seed = recipe.steps, recipe.batch_size, seed
     config.training.train_text_encoder, config.training.min_snr_gamma = recipe.train_text_encoder, recipe.min_snr_gamma
     config.training.timestep_sampling = recipe.timestep_sampling
+    config.data.flip = recipe.flip
     config.optimizer.scheduler = recipe.scheduler
     config.textual_inversion.vectors, config.textual_inversion.init_text = 2, concept.class_noun
     config.textual_inversion.template = "captions"  # the caption files, which hold the trigger word
@@ -691,10 +697,11 @@ def _recipe_line(recipes: Sequence[dict[str, Any]]) -> str:
         dropout = f", dropout {r['dropout']:g}" if r.get("dropout") else ""  # older reports had no dropout recipe
         ratio = r.get("loraplus_ratio", 1.0)  # older reports trained both matrices at one rate
         plus = f", LoRA+ up matrices at {ratio:g} x the rate" if ratio != 1.0 else ""
+        flip = ", pictures mirrored half the time" if r.get("flip") else ""  # older reports never mirrored
         sampling = r.get("timestep_sampling", "uniform")  # older reports drew each timestep on its own
         strata = ", stratified timesteps" if sampling == "stratified" else ""
         return (f"{r['key']} {r['steps']} / {rate} / {r['batch_size']}{rank}{conv}{dropout}{plus}{decay}{held}{weighed}"
-                f"{snr}{strata}{ema}{style}")
+                f"{snr}{strata}{flip}{ema}{style}")
 
     return ("Recipes (steps, lr, batch, rank; the rate is constant unless a decay is named): "
             + "; ".join(settings(r) for r in recipes) + ".")
