@@ -294,6 +294,16 @@ def test_the_targets_table_says_by_how_much_each_figure_misses(tmp_path):
     assert "0.50 short by 0.30, +-0.50" in targets_table(noisy)[-2]
 
 
+def test_a_miss_that_rounds_to_the_target_is_named_with_three_decimals():
+    """0.798 against 0.8 is a miss; two decimals would print it as '0.80 short by 0.00'."""
+    from lib_sdcustom.bench.intervals import Estimate
+    from lib_sdcustom.bench.quality import _target_cell
+
+    assert _target_cell(Estimate(0.798, 0.76, 0.84), 0.8, at_least=True) == "0.798 short by 0.002"
+    assert _target_cell(Estimate(0.34, 0.3, 0.4), 0.24, at_least=False) == "0.34 over by 0.10"
+    assert _target_cell(Estimate(0.8, 0.76, 0.84), 0.8, at_least=True) == "0.80 met"
+
+
 def test_the_recipe_line_names_a_text_encoder_rate_set_apart_from_the_unets():
     """Two DreamBooth rows that differ only in the text encoder's rate must not read the same in the report."""
     from dataclasses import asdict

@@ -629,11 +629,13 @@ _AT_MOST_BASE = (("class_subject", "class prompt"), ("unrelated_subject", "no-tr
 
 
 def _target_cell(figure: Estimate, bound: float, at_least: bool) -> str:
-    """'0.91 met', '0.34 short by 0.46' or '0.95 over by 0.15', with ', +-0.12' where the interval is too wide."""
+    """'0.91 met', '0.34 short by 0.46' or '0.95 over by 0.15', with ', +-0.12' where the interval is too wide.
+    A miss too small for two decimals gets three ('0.798 short by 0.002'), never a 'short by 0.00'."""
     gap = (bound - figure.mean) if at_least else (figure.mean - bound)
-    verdict = "met" if gap <= 0 else f"{'short' if at_least else 'over'} by {gap:.2f}"
+    digits = 3 if 0 < gap < 0.005 else 2
+    verdict = "met" if gap <= 0 else f"{'short' if at_least else 'over'} by {gap:.{digits}f}"
     half_width = max(figure.mean - figure.low, figure.high - figure.mean)
-    return f"{figure.mean:.2f} {verdict}" + (f", +-{half_width:.2f}" if half_width > HALF_WIDTH else "")
+    return f"{figure.mean:.{digits}f} {verdict}" + (f", +-{half_width:.2f}" if half_width > HALF_WIDTH else "")
 
 
 def targets_table(result: BenchResult) -> list[str]:
