@@ -57,7 +57,8 @@ class DemoResult:
 
 def demo_config(folder: Path, *, steps: int = 0) -> RunConfig:
     """The demo's run: `DEMO_RECIPE` on five heart pictures (`steps` 0 = the recipe's), saved as the tab saves."""
-    from .bench.quality import recipes_named, run_config
+    from .bench.quality import run_config
+    from .bench.recipes import recipes_named
     from .microworld.model import shipped_checkpoint
     from .microworld.world import CONCEPTS
 

@@ -25,7 +25,8 @@ def _run(steps: list[dict]) -> dict:
 
 def test_the_default_recipes_are_the_quality_tables_network_rows():
     """The agreement figure is the README's claim about the shipped defaults, so it must be measured on them."""
-    from lib_sdcustom.bench.quality import TABLE_METHODS, recipes_named
+    from lib_sdcustom.bench.quality import TABLE_METHODS
+    from lib_sdcustom.bench.recipes import recipes_named
 
     assert set(best_step.METHODS) <= set(TABLE_METHODS)
     assert {recipe.method for recipe in recipes_named(best_step.METHODS)} == {"lora", "locon"}

@@ -210,7 +210,8 @@ def test_a_shard_made_with_other_settings_is_refused_naming_its_folder(bench_run
 def test_the_style_recipe_regularizes_on_its_captions_without_the_identifier(tmp_path):
     """lora_style: captions name everything but the style, the identifier alone is the trigger, and the class
     images show the same captions without it (what prompts without the trigger must keep drawing)."""
-    from lib_sdcustom.bench.quality import recipes_named, run_config
+    from lib_sdcustom.bench.quality import run_config
+    from lib_sdcustom.bench.recipes import recipes_named
     from lib_sdcustom.data.scan import read_caption
     from lib_sdcustom.methods.prior import class_prompts
     from lib_sdcustom.methods.registry import method_class
@@ -228,7 +229,8 @@ def test_the_style_recipe_regularizes_on_its_captions_without_the_identifier(tmp
 @pytest.mark.parametrize("key", ["dreambooth", "dreambooth_lora_class_quarter"])
 def test_dreambooth_recipes_train_a_style_in_style_mode_behind_the_identifier(tmp_path, key):
     """On a style DreamBooth captions with [filewords] as the networks do, the identifier put in front."""
-    from lib_sdcustom.bench.quality import recipes_named, run_config
+    from lib_sdcustom.bench.quality import run_config
+    from lib_sdcustom.bench.recipes import recipes_named
     from lib_sdcustom.methods.registry import method_class
     from lib_sdcustom.microworld.world import CONCEPTS
 
@@ -241,7 +243,8 @@ def test_dreambooth_recipes_train_a_style_in_style_mode_behind_the_identifier(tm
 
 def test_each_table_row_trains_with_its_methods_shipped_regularization_and_schedule(tmp_path):
     """The table rates the defaults a user gets (rates, steps and batch aside: the micro model's own)."""
-    from lib_sdcustom.bench.quality import TABLE_METHODS, recipes_named, run_config
+    from lib_sdcustom.bench.quality import TABLE_METHODS, run_config
+    from lib_sdcustom.bench.recipes import recipes_named
     from lib_sdcustom.config import RunConfig
     from lib_sdcustom.microworld.world import CONCEPTS
 
@@ -260,7 +263,8 @@ def test_each_table_row_trains_with_its_methods_shipped_regularization_and_sched
 def test_a_regularized_recipe_runs_style_mode_on_a_style_and_prior_preservation_on_a_subject(tmp_path):
     """lora_regularized: class images of the class prompt and of varied plain prompts for every concept, and on a
     style, style mode (captions naming everything but the style)."""
-    from lib_sdcustom.bench.quality import recipes_named, run_config
+    from lib_sdcustom.bench.quality import run_config
+    from lib_sdcustom.bench.recipes import recipes_named
     from lib_sdcustom.microworld.world import CONCEPTS
 
     recipe = recipes_named(["lora_regularized"])[0]
@@ -308,9 +312,9 @@ def test_the_recipe_line_names_a_text_encoder_rate_set_apart_from_the_unets():
     """Two DreamBooth rows that differ only in the text encoder's rate must not read the same in the report."""
     from dataclasses import asdict
 
-    from lib_sdcustom.bench.quality import _recipe_line, recipes_named
+    from lib_sdcustom.bench.recipes import recipe_line, recipes_named
 
-    line = _recipe_line([asdict(recipe) for recipe in recipes_named(["dreambooth_te_fast", "dreambooth_prior_half"])])
+    line = recipe_line([asdict(recipe) for recipe in recipes_named(["dreambooth_te_fast", "dreambooth_prior_half"])])
     assert "dreambooth_te_fast 300 / 0.0002 (text encoder 0.0004) / 4," in line
     assert "dreambooth_prior_half 300 / 0.0002 / 4," in line
 
@@ -319,9 +323,9 @@ def test_the_recipe_line_names_a_min_snr_gamma_other_than_the_default():
     """The min-SNR sweep's rows differ from LoRA's only in gamma; the report must tell them apart."""
     from dataclasses import asdict
 
-    from lib_sdcustom.bench.quality import _recipe_line, recipes_named
+    from lib_sdcustom.bench.recipes import recipe_line, recipes_named
 
-    line = _recipe_line([asdict(recipe) for recipe in
+    line = recipe_line([asdict(recipe) for recipe in
                          recipes_named(["lora_quarter_snr_off", "lora_quarter_snr1", "lora_class_quarter"])])
     rows = dict(part.split(" ", 1) for part in line.split(": ", 1)[1].rstrip(".").split("; "))
     assert "min-SNR off" in rows["lora_quarter_snr_off"]
@@ -334,33 +338,37 @@ def test_the_recipe_line_names_an_exported_moving_average_and_a_weight_kept_for_
     dreambooth_prior_by_mode from dreambooth_prior_quarter only on styles."""
     from dataclasses import asdict
 
-    from lib_sdcustom.bench.quality import _recipe_line, recipes_named, run_config
+    from lib_sdcustom.bench.quality import run_config
+    from lib_sdcustom.bench.recipes import recipe_line, recipes_named
     from lib_sdcustom.microworld.world import CONCEPTS
 
     recipes = recipes_named(["dreambooth_prior_half_ema", "dreambooth_prior_half"])
-    line = _recipe_line([asdict(recipe) for recipe in recipes])
+    line = recipe_line([asdict(recipe) for recipe in recipes])
     rows = dict(part.split(" ", 1) for part in line.split(": ", 1)[1].rstrip(".").split("; "))
     assert "moving average" in rows["dreambooth_prior_half_ema"]
     assert "moving average" not in rows["dreambooth_prior_half"]
-    by_mode = _recipe_line([asdict(recipe) for recipe in recipes_named(["dreambooth_prior_by_mode"])])
+    by_mode = recipe_line([asdict(recipe) for recipe in recipes_named(["dreambooth_prior_by_mode"])])
     assert "class images' loss at weight 0.25 (1 on styles)" in by_mode
     configs = [run_config(recipe, CONCEPTS["red_circle"], tmp_path / recipe.key, tmp_path / "base", tmp_path / "class")
                for recipe in recipes]
     assert [config.dreambooth.ema for config in configs] == [True, False]
 
 
-def test_the_convolution_timestep_dropout_loraplus_and_flip_levers_reach_the_run_and_the_recipe_line(tmp_path):
+def test_the_network_levers_reach_the_run_and_therecipe_line(tmp_path):
     """locon_conv_half differs from LoCon's row only in its convolutions' alpha, lora_quarter_stratified from
     LoRA's only in how its timesteps are drawn, lora_quarter_dropout only in its dropout, lora_quarter_plus16
-    in its up matrices' ratio and a quarter of the rates, and lora_quarter_flip in its mirrored pictures."""
+    in its up matrices' ratio and a quarter of the rates, lora_quarter_flip in its mirrored pictures and
+    lora_quarter_dora in DoRA."""
     from dataclasses import asdict
 
-    from lib_sdcustom.bench.quality import _recipe_line, recipes_named, run_config
+    from lib_sdcustom.bench.quality import run_config
+    from lib_sdcustom.bench.recipes import recipe_line, recipes_named
     from lib_sdcustom.microworld.world import CONCEPTS
 
     recipes = recipes_named(["locon_conv_half", "locon_regularized_cosine", "lora_quarter_stratified",
-                             "lora_quarter_dropout", "lora_quarter_plus16", "lora_quarter_flip"])
-    line = _recipe_line([asdict(recipe) for recipe in recipes])
+                             "lora_quarter_dropout", "lora_quarter_plus16", "lora_quarter_flip",
+                             "lora_quarter_dora"])
+    line = recipe_line([asdict(recipe) for recipe in recipes])
     rows = dict(part.split(" ", 1) for part in line.split(": ", 1)[1].rstrip(".").split("; "))
     assert "convolutions' alpha 0.5 x rank" in rows["locon_conv_half"]
     assert "convolutions" not in rows["locon_regularized_cosine"]
@@ -373,15 +381,18 @@ def test_the_convolution_timestep_dropout_loraplus_and_flip_levers_reach_the_run
     assert "LoRA+" not in rows["lora_quarter_dropout"]
     assert ", pictures mirrored half the time," in rows["lora_quarter_flip"]
     assert "mirrored" not in rows["lora_quarter_plus16"]
+    assert rows["lora_quarter_dora"].endswith("/ 4 / 8, DoRA, cosine decay, 25% of the class images of the class prompt, "
+                                              "style mode on styles")
+    assert "DoRA" not in rows["lora_quarter_flip"]
     configs = [run_config(recipe, CONCEPTS["red_circle"], tmp_path / recipe.key, tmp_path / "base", tmp_path / "class")
                for recipe in recipes]
     alphas = [(config.network.alpha, config.network.conv_alpha) for config in configs]
-    assert alphas == [(8.0, 4.0)] + [(8.0, 8.0)] * 5
-    assert [config.training.timestep_sampling for config in configs] == ["uniform", "uniform", "stratified", "uniform",
-                                                                         "uniform", "uniform"]
-    assert [config.network.dropout for config in configs] == [0.0, 0.0, 0.0, 0.1, 0.0, 0.0]
-    assert [config.network.loraplus_lr_ratio for config in configs] == [1.0, 1.0, 1.0, 1.0, 16.0, 1.0]
-    assert [config.data.flip for config in configs] == [False] * 5 + [True]
+    assert alphas == [(8.0, 4.0)] + [(8.0, 8.0)] * 6
+    assert [config.training.timestep_sampling for config in configs] == ["uniform", "uniform", "stratified"] + ["uniform"] * 4
+    assert [config.network.dropout for config in configs] == [0.0, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0]
+    assert [config.network.loraplus_lr_ratio for config in configs] == [1.0, 1.0, 1.0, 1.0, 16.0, 1.0, 1.0]
+    assert [config.data.flip for config in configs] == [False] * 5 + [True, False]
+    assert [config.network.dora for config in configs] == [False] * 6 + [True]
 
 
 def _shard(report: dict, folder: Path, out: Path, *, seeds: dict[str, str], recipes: list[dict] | None = None) -> Path:

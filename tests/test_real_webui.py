@@ -206,7 +206,8 @@ CASES = [Case("lora", "lora", "heart"), Case("locon", "locon", "heart"),
 
 def _run_config(webui: WebUI, case: Case, name: str, **training) -> dict:
     """The benchmark recipe's settings for `case`, as an API request; the host picks model and folders."""
-    from lib_sdcustom.bench.quality import RECIPES, run_config
+    from lib_sdcustom.bench.quality import run_config
+    from lib_sdcustom.bench.recipes import RECIPES
     from lib_sdcustom.config import config_to_dict
     from lib_sdcustom.microworld.model import shipped_checkpoint
     from lib_sdcustom.microworld.world import CONCEPTS

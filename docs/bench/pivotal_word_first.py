@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from lib_sdcustom.bench.quality import SAMPLES, Recipe, evaluate, run_config
+from lib_sdcustom.bench.quality import SAMPLES, evaluate, run_config
+from lib_sdcustom.bench.recipes import Recipe
 from lib_sdcustom.microworld.judge import load_judge
 from lib_sdcustom.microworld.model import shipped_checkpoint, text_encoder_folder_name
 from lib_sdcustom.microworld.teach import prompts_for, trained_sampler

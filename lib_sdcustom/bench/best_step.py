@@ -40,7 +40,8 @@ from ..microworld.teach import prompts_for, sampler, subject_hits, trained_sampl
 from ..microworld.world import CONCEPTS, Concept
 from ..run.best_step import SCORES_FILE
 from ..training.step_selection import DRIFT_WEIGHT, LEAK_WEIGHT, ProbeErrors, StepScore, best, combine
-from .quality import Recipe, prepared_run, recipes_named, sample_groups
+from .quality import prepared_run, sample_groups
+from .recipes import Recipe, recipes_named
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from lib_sdcustom.bench.quality import recipes_named, run, write_report
+from lib_sdcustom.bench.quality import run, write_report
+from lib_sdcustom.bench.recipes import recipes_named
 from lib_sdcustom.microworld.world import BENCH_CONCEPTS, CONCEPTS, ConceptKind, Role
 
 CONCEPTS_TUNED = tuple(name for name in BENCH_CONCEPTS
