@@ -6,9 +6,9 @@ never saw together, subjects the base model already draws from plain words, and 
 colors. Each kind has two concepts to tune recipes on and one to check them on (`world.Role`); the first
 three concepts (heart, outlined square, orange star) can still be named with `--concepts`.
 
-For every method (a recipe of `bench/recipes.py`), concept and training seed one run trains on five instance pictures through the same
-`train()` users run, and the result is loaded back from the exported file the way a consumer would
-(network file attached, embedding hooked into the text encoder, checkpoint loaded). The shipped judge then
+For every method (a recipe of `bench/recipes.py`), concept and training seed one run trains on five instance
+pictures through the same `train()` users run, and the result is loaded back from the exported file the way a
+consumer would (network file attached, embedding hooked into the text encoder, checkpoint loaded). The shipped judge then
 scores fixed-seed samples, 64 per prompt by default:
 
 - subject fidelity: share of 'a sks <class>' samples the judge calls the concept (every target attribute;
