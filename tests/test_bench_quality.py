@@ -354,11 +354,11 @@ def test_the_recipe_line_names_an_exported_moving_average_and_a_weight_kept_for_
     assert [config.dreambooth.ema for config in configs] == [True, False]
 
 
-def test_the_network_levers_reach_the_run_and_therecipe_line(tmp_path):
+def test_the_network_levers_reach_the_run_and_the_recipe_line(tmp_path):
     """locon_conv_half differs from LoCon's row only in its convolutions' alpha, lora_quarter_stratified from
     LoRA's only in how its timesteps are drawn, lora_quarter_dropout only in its dropout, lora_quarter_plus16
     in its up matrices' ratio and a quarter of the rates, lora_quarter_flip in its mirrored pictures and
-    lora_quarter_dora in DoRA."""
+    lora_quarter_dora in DoRA and lora_quarter_noise_offset in its noise offset."""
     from dataclasses import asdict
 
     from lib_sdcustom.bench.quality import run_config
@@ -367,7 +367,7 @@ def test_the_network_levers_reach_the_run_and_therecipe_line(tmp_path):
 
     recipes = recipes_named(["locon_conv_half", "locon_regularized_cosine", "lora_quarter_stratified",
                              "lora_quarter_dropout", "lora_quarter_plus16", "lora_quarter_flip",
-                             "lora_quarter_dora"])
+                             "lora_quarter_dora", "lora_quarter_noise_offset"])
     line = recipe_line([asdict(recipe) for recipe in recipes])
     rows = dict(part.split(" ", 1) for part in line.split(": ", 1)[1].rstrip(".").split("; "))
     assert "convolutions' alpha 0.5 x rank" in rows["locon_conv_half"]
@@ -384,15 +384,18 @@ def test_the_network_levers_reach_the_run_and_therecipe_line(tmp_path):
     assert rows["lora_quarter_dora"].endswith("/ 4 / 8, DoRA, cosine decay, 25% of the class images of the class prompt, "
                                               "style mode on styles")
     assert "DoRA" not in rows["lora_quarter_flip"]
+    assert rows["lora_quarter_noise_offset"].endswith(", noise offset 0.1, style mode on styles")
+    assert "noise offset" not in rows["lora_quarter_dora"]
     configs = [run_config(recipe, CONCEPTS["red_circle"], tmp_path / recipe.key, tmp_path / "base", tmp_path / "class")
                for recipe in recipes]
     alphas = [(config.network.alpha, config.network.conv_alpha) for config in configs]
-    assert alphas == [(8.0, 4.0)] + [(8.0, 8.0)] * 6
-    assert [config.training.timestep_sampling for config in configs] == ["uniform", "uniform", "stratified"] + ["uniform"] * 4
-    assert [config.network.dropout for config in configs] == [0.0, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0]
-    assert [config.network.loraplus_lr_ratio for config in configs] == [1.0, 1.0, 1.0, 1.0, 16.0, 1.0, 1.0]
-    assert [config.data.flip for config in configs] == [False] * 5 + [True, False]
-    assert [config.network.dora for config in configs] == [False] * 6 + [True]
+    assert alphas == [(8.0, 4.0)] + [(8.0, 8.0)] * 7
+    assert [config.training.timestep_sampling for config in configs] == ["uniform", "uniform", "stratified"] + ["uniform"] * 5
+    assert [config.network.dropout for config in configs] == [0.0, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0]
+    assert [config.network.loraplus_lr_ratio for config in configs] == [1.0, 1.0, 1.0, 1.0, 16.0, 1.0, 1.0, 1.0]
+    assert [config.data.flip for config in configs] == [False] * 5 + [True, False, False]
+    assert [config.network.dora for config in configs] == [False] * 6 + [True, False]
+    assert [config.training.noise_offset for config in configs] == [0.0] * 7 + [0.1]
 
 
 def _shard(report: dict, folder: Path, out: Path, *, seeds: dict[str, str], recipes: list[dict] | None = None) -> Path:

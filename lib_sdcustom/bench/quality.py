@@ -122,7 +122,7 @@ def run_config(recipe: Recipe, concept: Concept, folder: Path, base: Path, class
     config.network.dropout, config.network.loraplus_lr_ratio = recipe.dropout, recipe.loraplus_ratio
     config.training.steps, config.training.batch_size, config.training.seed = recipe.steps, recipe.batch_size, seed
     config.training.train_text_encoder, config.training.min_snr_gamma = recipe.train_text_encoder, recipe.min_snr_gamma
-    config.training.timestep_sampling = recipe.timestep_sampling
+    config.training.timestep_sampling, config.training.noise_offset = recipe.timestep_sampling, recipe.noise_offset
     config.data.flip = recipe.flip
     config.optimizer.scheduler = recipe.scheduler
     config.textual_inversion.vectors, config.textual_inversion.init_text = 2, concept.class_noun

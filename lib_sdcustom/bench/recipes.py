@@ -43,6 +43,7 @@ class Recipe:
     flip: bool = False  # --flip: each picture mirrored half the time (every micro-world concept is mirror-safe)
     min_snr_gamma: float = MIN_SNR_GAMMA
     timestep_sampling: str = "uniform"  # --timestep-sampling
+    noise_offset: float = 0.0  # --noise-offset: each latent channel's noise shifted by this times one normal draw
     scheduler: str = "constant"  # learning-rate schedule (`--scheduler`)
     class_images: int = CLASS_IMAGES  # used with prior preservation
     style: bool = False  # networks: --style (class images of the captions without the trigger)
@@ -201,6 +202,10 @@ RECIPES: tuple[Recipe, ...] = (
     # LoRA's and LoCon's rows with DoRA (`--dora`; docs/bench/dora): each layer's weight norm learnt apart from its
     # direction. On the held-out cross without class images DoRA drew 0.78 against LoRA's 0.69 (new_methods).
     Recipe("lora_quarter_dora", "lora", dora=True, **_LORA_QUARTER, **_NETWORK),
+    # LoRA's row with a noise offset of 0.1 (the top of the range kohya's users set; docs/bench/noise_offset): noise
+    # that also shifts each channel's mean teaches the whole-picture colour the plain noise hides, and the new
+    # combinations LoRA misses drop one of colour, outline and shape.
+    Recipe("lora_quarter_noise_offset", "lora", noise_offset=0.1, **_LORA_QUARTER, **_NETWORK),
     Recipe("locon_cosine_dora", "locon", dora=True, **_COSINE_VARIED, **_NETWORK),
     # Pivotal tuning as LoRA's row ships (a quarter of the class images for the class prompt, cosine, style mode on
     # a style): a new word beside the network, against the networks' seed-dependent new combinations.
@@ -256,8 +261,9 @@ def recipe_line(recipes: Sequence[dict[str, Any]]) -> str:
         dora = ", DoRA" if r.get("dora") else ""
         sampling = r.get("timestep_sampling", "uniform")  # older reports drew each timestep on its own
         strata = ", stratified timesteps" if sampling == "stratified" else ""
+        offset = f", noise offset {r['noise_offset']:g}" if r.get("noise_offset") else ""  # older reports had none
         return (f"{r['key']} {r['steps']} / {rate} / {r['batch_size']}{rank}{dora}{conv}{dropout}{plus}{decay}{held}{weighed}"
-                f"{snr}{strata}{flip}{ema}{style}")
+                f"{snr}{strata}{offset}{flip}{ema}{style}")
 
     return ("Recipes (steps, lr, batch, rank; the rate is constant unless a decay is named): "
             + "; ".join(settings(r) for r in recipes) + ".")
