@@ -357,7 +357,7 @@ def test_the_recipe_line_names_an_exported_moving_average_and_a_weight_kept_for_
 def test_the_network_levers_reach_the_run_and_the_recipe_line(tmp_path):
     """locon_conv_half differs from LoCon's row only in its convolutions' alpha, lora_quarter_stratified from
     LoRA's only in how its timesteps are drawn, lora_quarter_dropout only in its dropout, lora_quarter_plus16
-    in its up matrices' ratio and a quarter of the rates, lora_quarter_flip in its mirrored pictures and
+    in its up matrices' ratio and a quarter of the rates, lora_quarter_flip in its mirrored pictures,
     lora_quarter_dora in DoRA and lora_quarter_noise_offset in its noise offset."""
     from dataclasses import asdict
 
