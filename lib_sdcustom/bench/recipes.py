@@ -202,11 +202,11 @@ RECIPES: tuple[Recipe, ...] = (
     # LoRA's and LoCon's rows with DoRA (`--dora`; docs/bench/dora): each layer's weight norm learnt apart from its
     # direction. On the held-out cross without class images DoRA drew 0.78 against LoRA's 0.69 (new_methods).
     Recipe("lora_quarter_dora", "lora", dora=True, **_LORA_QUARTER, **_NETWORK),
+    Recipe("locon_cosine_dora", "locon", dora=True, **_COSINE_VARIED, **_NETWORK),
     # LoRA's row with a noise offset of 0.1 (the top of the range kohya's users set; docs/bench/noise_offset): noise
     # that also shifts each channel's mean teaches the whole-picture colour the plain noise hides, and the new
     # combinations LoRA misses drop one of colour, outline and shape.
     Recipe("lora_quarter_noise_offset", "lora", noise_offset=0.1, **_LORA_QUARTER, **_NETWORK),
-    Recipe("locon_cosine_dora", "locon", dora=True, **_COSINE_VARIED, **_NETWORK),
     # Pivotal tuning as LoRA's row ships (a quarter of the class images for the class prompt, cosine, style mode on
     # a style): a new word beside the network, against the networks' seed-dependent new combinations.
     Recipe("pivotal_class_quarter", "pivotal", **_LORA_QUARTER, **_NETWORK),

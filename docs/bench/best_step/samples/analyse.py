@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lib_sdcustom.training import objectives
+
 TOLERANCE = 0.05
 REFERENCES = 16  # base class samples used as the class references; the rest measure the base's own share
 UNET_TIMESTEP = 250
@@ -75,29 +77,24 @@ class UnetFeatures:
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
         latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(7))
-        a = self.alphas[UNET_TIMESTEP]
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        timesteps = torch.full((len(images),), UNET_TIMESTEP)
+        noisy = objectives.add_noise(latents, noise, timesteps, self.alphas)
         self.captured.clear()
-        unet(noisy, torch.full((len(images),), UNET_TIMESTEP), encoder_hidden_states=self.context.expand(len(images), -1, -1))
+        unet(noisy, timesteps, encoder_hidden_states=self.context.expand(len(images), -1, -1))
         pooled = self.captured[0].mean(dim=(2, 3))
         return torch.nn.functional.normalize(pooled, dim=1).numpy()
 
 
 def distances(samples: np.ndarray, instances: np.ndarray, metric: str) -> np.ndarray:
-    """Each sample's distance to its nearest instance picture."""
+    """Each sample's distance to its nearest picture of `instances` (L1, or cosine on unit vectors)."""
     if metric == "l1":
         return np.abs(samples[:, None] - instances[None]).sum(-1).min(1)
     return 1 - (samples @ instances.T).max(1)
 
 
 def subject_share(samples: np.ndarray, instances: np.ndarray, references: np.ndarray, metric: str) -> float:
-    if metric == "l1":
-        to_instance = np.abs(samples[:, None] - instances[None]).sum(-1).min(1)
-        to_class = np.abs(samples[:, None] - references[None]).sum(-1).min(1)
-    else:  # cosine on unit vectors
-        to_instance = 1 - (samples @ instances.T).max(1)
-        to_class = 1 - (samples @ references.T).max(1)
-    return float(np.mean(to_instance < to_class))
+    """Share of samples nearer an instance picture than every class reference."""
+    return float(np.mean(distances(samples, instances, metric) < distances(samples, references, metric)))
 
 
 def main() -> None:
